@@ -1,0 +1,61 @@
+//! Command line: `roster serve | migrate | config`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Settings, ENV_VARS};
+use crate::pipeline::Hooks;
+use crate::startup::{self, Application, BoxError};
+
+#[derive(Parser)]
+#[command(name = "roster", version, about = "FHIR R4 server for large, fast-changing Groups (MongoDB + ClickHouse)")]
+#[command(after_help = env_help())]
+pub struct Cli {
+    /// TOML config file (default: $ROSTER_CONFIG, else ./roster.toml when present).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Apply migrations, then serve the FHIR API until SIGTERM/Ctrl-C.
+    Serve,
+    /// Apply ClickHouse and MongoDB migrations, then exit.
+    Migrate,
+    /// Print the effective configuration (password masked) and exit.
+    Config,
+}
+
+fn env_help() -> String {
+    let mut s = String::from("Environment (overrides the config file):\n");
+    for (var, what) in ENV_VARS {
+        s.push_str(&format!("  {var:<28} {what}\n"));
+    }
+    s
+}
+
+pub async fn run(cli: Cli) -> Result<(), BoxError> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    crate::telemetry::init(&settings.log);
+    match cli.command {
+        Command::Serve => Application::build(settings, Hooks::default()).await?.run_until_stopped().await?,
+        Command::Migrate => {
+            let db = startup::mongo_database(&settings).await?;
+            let ch = crate::migrate::clickhouse(&settings.clickhouse).await?;
+            let mg = crate::migrate::mongo(&db).await?;
+            println!("ClickHouse `{}`: applied {:?}", settings.clickhouse.database, ch);
+            println!("MongoDB `{}`: applied {:?}", settings.mongo.database, mg);
+        }
+        Command::Config => {
+            let mut shown = settings.clone();
+            if !shown.clickhouse.password.is_empty() {
+                shown.clickhouse.password = "****".into();
+            }
+            println!("{shown:#?}");
+        }
+    }
+    Ok(())
+}

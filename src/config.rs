@@ -1,0 +1,284 @@
+//! Configuration: built-in defaults, then an optional TOML file, then `ROSTER_*` variables.
+//!
+//! The environment wins so that one config file can serve several deployments and the test
+//! harness can point a server at its own databases without writing files.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Address the HTTP server binds to.
+    pub listen: SocketAddr,
+    /// Public base URL used in `Location`, `fullUrl` and Bundle links. Derived from `listen`
+    /// when absent.
+    pub base_url: Option<String>,
+    /// Largest accepted request body, in bytes (larger bodies get 413).
+    pub body_limit_bytes: usize,
+    pub mongo: MongoSettings,
+    pub clickhouse: ClickHouseSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MongoSettings {
+    pub uri: String,
+    pub database: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClickHouseSettings {
+    pub url: String,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `roster=debug,tower_http=info`.
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            base_url: None,
+            body_limit_bytes: 64 * 1024 * 1024,
+            mongo: MongoSettings::default(),
+            clickhouse: ClickHouseSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for MongoSettings {
+    fn default() -> Self {
+        MongoSettings {
+            uri: "mongodb://127.0.0.1:27117/?directConnection=true".into(),
+            database: "roster".into(),
+        }
+    }
+}
+
+impl Default for ClickHouseSettings {
+    fn default() -> Self {
+        ClickHouseSettings {
+            url: "http://127.0.0.1:18123".into(),
+            user: "default".into(),
+            password: String::new(),
+            database: "roster".into(),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings { format: LogFormat::Text, filter: "info".into() }
+    }
+}
+
+/// Every environment variable the server reads, with what it sets. Also printed by `--help`.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("ROSTER_CONFIG", "path of the TOML config file (default: ./roster.toml if present)"),
+    ("ROSTER_LISTEN", "listen address, e.g. 127.0.0.1:8080"),
+    ("ROSTER_BASE_URL", "public base URL, e.g. https://fhir.example.org"),
+    ("ROSTER_BODY_LIMIT_BYTES", "largest request body in bytes"),
+    ("ROSTER_MONGO_URI", "MongoDB connection string"),
+    ("ROSTER_MONGO_DATABASE", "MongoDB database name"),
+    ("ROSTER_CLICKHOUSE_URL", "ClickHouse HTTP URL"),
+    ("ROSTER_CLICKHOUSE_USER", "ClickHouse user"),
+    ("ROSTER_CLICKHOUSE_PASSWORD", "ClickHouse password"),
+    ("ROSTER_CLICKHOUSE_DATABASE", "ClickHouse database name"),
+    ("ROSTER_LOG_FORMAT", "text or json"),
+    ("ROSTER_LOG", "tracing filter, e.g. info or roster=debug"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid value for {var}: {message}")]
+    Env { var: &'static str, message: String },
+}
+
+impl Settings {
+    /// Loads settings: defaults, then `file` (or `$ROSTER_CONFIG`, or `./roster.toml` when it
+    /// exists), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let env = |k: &str| std::env::var(k).ok();
+        Self::load_from(file, env)
+    }
+
+    /// Like [`Settings::load`] with an explicit environment, so tests need not mutate the
+    /// process environment.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let explicit = file.map(Path::to_path_buf).or_else(|| env("ROSTER_CONFIG").map(Into::into));
+        let path = match explicit {
+            Some(p) => Some(p),
+            None => Some(std::path::PathBuf::from("roster.toml")).filter(|p| p.exists()),
+        };
+        let mut settings = match path {
+            Some(path) => {
+                let shown = path.display().to_string();
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+                toml::from_str(&text)
+                    .map_err(|e| ConfigError::Parse { path: shown, message: e.to_string() })?
+            }
+            None => Settings::default(),
+        };
+        settings.apply_env(env)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(var: &'static str, v: &str) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse().map_err(|e: T::Err| ConfigError::Env { var, message: e.to_string() })
+        }
+        if let Some(v) = env("ROSTER_LISTEN") {
+            self.listen = parse("ROSTER_LISTEN", &v)?;
+        }
+        if let Some(v) = env("ROSTER_BASE_URL") {
+            self.base_url = Some(v);
+        }
+        if let Some(v) = env("ROSTER_BODY_LIMIT_BYTES") {
+            self.body_limit_bytes = parse("ROSTER_BODY_LIMIT_BYTES", &v)?;
+        }
+        let strings: [(&str, &mut String); 7] = [
+            ("ROSTER_MONGO_URI", &mut self.mongo.uri),
+            ("ROSTER_MONGO_DATABASE", &mut self.mongo.database),
+            ("ROSTER_CLICKHOUSE_URL", &mut self.clickhouse.url),
+            ("ROSTER_CLICKHOUSE_USER", &mut self.clickhouse.user),
+            ("ROSTER_CLICKHOUSE_PASSWORD", &mut self.clickhouse.password),
+            ("ROSTER_CLICKHOUSE_DATABASE", &mut self.clickhouse.database),
+            ("ROSTER_LOG", &mut self.log.filter),
+        ];
+        for (var, slot) in strings {
+            if let Some(v) = env(var) {
+                *slot = v;
+            }
+        }
+        if let Some(v) = env("ROSTER_LOG_FORMAT") {
+            self.log.format = match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(ConfigError::Env {
+                        var: "ROSTER_LOG_FORMAT",
+                        message: format!("'{other}' is not text or json"),
+                    })
+                }
+            };
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        // Database names end up as identifiers in DDL (which cannot take bound parameters),
+        // so they are restricted to a safe alphabet here, once.
+        for (var, name) in [
+            ("ROSTER_MONGO_DATABASE", &self.mongo.database),
+            ("ROSTER_CLICKHOUSE_DATABASE", &self.clickhouse.database),
+        ] {
+            if !is_safe_identifier(name) {
+                return Err(ConfigError::Env {
+                    var,
+                    message: format!("'{name}' must match [A-Za-z_][A-Za-z0-9_]{{0,62}}"),
+                });
+            }
+        }
+        if self.body_limit_bytes == 0 {
+            return Err(ConfigError::Env {
+                var: "ROSTER_BODY_LIMIT_BYTES",
+                message: "must be greater than 0".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The base URL clients see, without a trailing slash.
+    pub fn public_base_url(&self) -> String {
+        match &self.base_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.listen),
+        }
+    }
+}
+
+pub fn is_safe_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && name.len() <= 63
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let dir = std::env::temp_dir().join(format!("roster-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("roster.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9999\"\nbody_limit_bytes = 10\n[mongo]\ndatabase = \"fromfile\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&file), env(&[("ROSTER_MONGO_DATABASE", "fromenv")]))
+            .unwrap();
+        assert_eq!(s.listen.port(), 9999);
+        assert_eq!(s.body_limit_bytes, 10);
+        assert_eq!(s.mongo.database, "fromenv");
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_unsafe_names() {
+        let dir = std::env::temp_dir().join(format!("roster-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("roster.toml");
+        std::fs::write(&file, "lisen = \"127.0.0.1:1\"\n").unwrap();
+        let err = Settings::load_from(Some(&file), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+        let err = Settings::load_from(None, env(&[("ROSTER_CLICKHOUSE_DATABASE", "a;drop")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ROSTER_CLICKHOUSE_DATABASE"), "{err}");
+        let err = Settings::load_from(None, env(&[("ROSTER_LOG_FORMAT", "xml")])).unwrap_err();
+        assert!(err.to_string().contains("xml"));
+    }
+}

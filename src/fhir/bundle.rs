@@ -1,0 +1,95 @@
+//! Bundle assembly for search and history results.
+
+use serde_json::{json, Map, Value};
+
+use super::headers::etag;
+use crate::model::datetime::format_instant;
+use crate::store::Version;
+
+pub fn instant(t: bson::DateTime) -> String {
+    let ns = t.timestamp_millis() as i128 * 1_000_000;
+    format_instant(time::OffsetDateTime::from_unix_timestamp_nanos(ns).unwrap_or(time::OffsetDateTime::UNIX_EPOCH))
+}
+
+pub struct Links {
+    pub self_link: String,
+    pub next: Option<String>,
+}
+
+fn links(l: &Links) -> Value {
+    let mut out = vec![json!({ "relation": "self", "url": l.self_link })];
+    if let Some(next) = &l.next {
+        out.push(json!({ "relation": "next", "url": next }));
+    }
+    Value::Array(out)
+}
+
+/// A `searchset` Bundle. `entries` are current versions; `outcome` (warnings about the
+/// request, e.g. ignored parameters) becomes an entry with `search.mode = outcome`.
+pub fn searchset(fhir_base: &str, rt: &str, entries: &[Version], total: Option<u64>, l: &Links, outcome: Option<Value>) -> Value {
+    let mut items: Vec<Value> = entries
+        .iter()
+        .map(|v| {
+            json!({
+                "fullUrl": format!("{fhir_base}/{rt}/{}", v.id),
+                "resource": v.resource.clone().map(Value::Object).unwrap_or(Value::Null),
+                "search": { "mode": "match" },
+            })
+        })
+        .collect();
+    if let Some(outcome) = outcome {
+        items.push(json!({ "resource": outcome, "search": { "mode": "outcome" } }));
+    }
+    let mut bundle = Map::new();
+    bundle.insert("resourceType".into(), json!("Bundle"));
+    bundle.insert("id".into(), json!(uuid::Uuid::new_v4().to_string()));
+    bundle.insert("meta".into(), json!({ "lastUpdated": format_instant(time::OffsetDateTime::now_utc()) }));
+    bundle.insert("type".into(), json!("searchset"));
+    if let Some(total) = total {
+        bundle.insert("total".into(), json!(total));
+    }
+    bundle.insert("link".into(), links(l));
+    if !items.is_empty() {
+        bundle.insert("entry".into(), Value::Array(items));
+    }
+    Value::Object(bundle)
+}
+
+/// A `history` Bundle, newest first.
+pub fn history(fhir_base: &str, rt: &str, entries: &[Version], total: u64, l: &Links) -> Value {
+    let items: Vec<Value> = entries
+        .iter()
+        .map(|v| {
+            let (url, status) = match v.method.as_str() {
+                "POST" => (rt.to_string(), "201 Created"),
+                "DELETE" => (format!("{rt}/{}", v.id), "204 No Content"),
+                _ if v.version == 1 => (format!("{rt}/{}", v.id), "201 Created"),
+                _ => (format!("{rt}/{}", v.id), "200 OK"),
+            };
+            let mut entry = Map::new();
+            entry.insert("fullUrl".into(), json!(format!("{fhir_base}/{rt}/{}", v.id)));
+            if let Some(resource) = &v.resource {
+                entry.insert("resource".into(), Value::Object(resource.clone()));
+            }
+            entry.insert("request".into(), json!({ "method": v.method, "url": url }));
+            entry.insert(
+                "response".into(),
+                json!({ "status": status, "etag": etag(v.version), "lastModified": instant(v.last_updated) }),
+            );
+            Value::Object(entry)
+        })
+        .collect();
+    let mut bundle = json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "meta": { "lastUpdated": format_instant(time::OffsetDateTime::now_utc()) },
+        "type": "history",
+        "total": total,
+        "link": links(l),
+    });
+    if !items.is_empty() {
+        bundle["entry"] = Value::Array(items);
+    }
+    bundle
+}
+

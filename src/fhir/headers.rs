@@ -1,0 +1,208 @@
+//! Request/response header handling: content types, ETags, `Prefer`, body limits.
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bson::DateTime;
+use serde_json::Value;
+
+use crate::error::{operation_outcome, FhirError, IssueCode};
+use crate::fhir::FHIR_JSON;
+
+pub fn etag(version: i64) -> String {
+    format!("W/\"{version}\"")
+}
+
+/// Parses `W/"3"` (also `"3"` and `3`) to a version number.
+pub fn parse_etag(value: &str) -> Option<i64> {
+    let v = value.trim();
+    let v = v.strip_prefix("W/").unwrap_or(v);
+    let v = v.trim_matches('"');
+    v.parse().ok().filter(|n: &i64| *n > 0)
+}
+
+/// The version named by `If-Match`, if present (400 when it is not a version ETag).
+pub fn if_match(headers: &HeaderMap) -> Result<Option<i64>, FhirError> {
+    match headers.get(header::IF_MATCH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(parse_etag)
+            .map(Some)
+            .ok_or_else(|| FhirError::bad_request(format!("If-Match {v:?} is not a version ETag like W/\"3\""))),
+    }
+}
+
+/// Rejects a request whose `Content-Type` is not one of `allowed` (415).
+pub fn require_content_type(headers: &HeaderMap, allowed: &[&str]) -> Result<(), FhirError> {
+    let given = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = given.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if allowed.contains(&essence.as_str()) {
+        Ok(())
+    } else if essence.is_empty() {
+        Err(FhirError::unsupported_media_type(format!("missing Content-Type; expected one of {}", allowed.join(", "))))
+    } else {
+        Err(FhirError::unsupported_media_type(format!(
+            "Content-Type '{given}' is not supported here; expected one of {}",
+            allowed.join(", ")
+        )))
+    }
+}
+
+/// 406 unless the client accepts JSON (`Accept` and `_format`).
+pub fn require_json_acceptable(headers: &HeaderMap, format: Option<&str>) -> Result<(), FhirError> {
+    let json_like = |s: &str| {
+        let s = s.trim().split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        matches!(s.as_str(), "json" | "application/json" | "application/fhir+json" | "*/*" | "application/*" | "")
+    };
+    if let Some(f) = format {
+        if !json_like(f) {
+            return Err(FhirError::not_acceptable(format!("_format '{f}' is not supported; this server speaks JSON")));
+        }
+    }
+    if let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
+        if !accept.split(',').any(json_like) {
+            return Err(FhirError::not_acceptable(format!("Accept '{accept}' excludes JSON, the only format served")));
+        }
+    }
+    Ok(())
+}
+
+/// Reads the whole body, refusing more than `limit` bytes (413).
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, FhirError> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(FhirError::payload_too_large(limit));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // axum wraps http-body-util's `LengthLimitError`, which it does not re-export.
+        let mut source: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(s) = source {
+            if s.to_string().contains("length limit exceeded") {
+                return FhirError::payload_too_large(limit);
+            }
+            source = s.source();
+        }
+        FhirError::bad_request(format!("could not read the request body: {e}"))
+    })
+}
+
+/// Parses a JSON body (400 with the position of a syntax error).
+pub fn parse_json(bytes: &[u8]) -> Result<Value, FhirError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(FhirError::bad_request("the request body is empty"));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Structure, format!("the body is not valid JSON: {e}"))
+    })
+}
+
+/// `Prefer: return=…`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Return {
+    Minimal,
+    Representation,
+    OperationOutcome,
+}
+
+fn prefer_values(headers: &HeaderMap) -> impl Iterator<Item = (String, String)> + '_ {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| {
+        v.split([',', ';']).filter_map(|p| {
+            let (k, val) = p.split_once('=')?;
+            Some((k.trim().to_ascii_lowercase(), val.trim().trim_matches('"').to_string()))
+        })
+    })
+}
+
+pub fn prefer_return(headers: &HeaderMap) -> Return {
+    prefer_values(headers)
+        .find(|(k, _)| k == "return")
+        .map(|(_, v)| match v.as_str() {
+            "minimal" => Return::Minimal,
+            "OperationOutcome" => Return::OperationOutcome,
+            _ => Return::Representation,
+        })
+        .unwrap_or(Return::Representation)
+}
+
+/// `Prefer: handling=strict` makes unknown search parameters an error.
+pub fn prefer_strict(headers: &HeaderMap) -> bool {
+    prefer_values(headers).any(|(k, v)| k == "handling" && v == "strict")
+}
+
+pub fn http_date(t: DateTime) -> String {
+    let secs = t.timestamp_millis().div_euclid(1000);
+    httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64))
+}
+
+/// A JSON response with the FHIR content type.
+pub fn fhir_json(status: StatusCode, body: &Value) -> Response {
+    let mut response = (status, body.to_string()).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    response
+}
+
+/// The response to a write or read of one resource version.
+pub struct VersionResponse<'a> {
+    pub status: StatusCode,
+    pub version: i64,
+    pub last_updated: DateTime,
+    pub resource: Option<&'a Value>,
+    pub location: Option<String>,
+    pub prefer: Return,
+    /// What to say when `Prefer: return=OperationOutcome`.
+    pub outcome_message: &'a str,
+}
+
+impl IntoResponse for VersionResponse<'_> {
+    fn into_response(self) -> Response {
+        let mut response = match (self.prefer, self.resource) {
+            (Return::Minimal, _) | (_, None) => {
+                let mut r = self.status.into_response();
+                *r.body_mut() = Body::empty();
+                r
+            }
+            (Return::OperationOutcome, _) => fhir_json(
+                self.status,
+                &operation_outcome("information", IssueCode::Informational, self.outcome_message, None),
+            ),
+            (Return::Representation, Some(resource)) => fhir_json(self.status, resource),
+        };
+        let headers = response.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&etag(self.version)) {
+            headers.insert(header::ETAG, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&http_date(self.last_updated)) {
+            headers.insert(header::LAST_MODIFIED, v);
+        }
+        if let Some(v) = self.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+            headers.insert(header::LOCATION, v.clone());
+            if self.status == StatusCode::CREATED {
+                headers.insert(header::CONTENT_LOCATION, v);
+            }
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etags() {
+        assert_eq!(parse_etag("W/\"12\""), Some(12));
+        assert_eq!(parse_etag("\"3\""), Some(3));
+        assert_eq!(parse_etag("W/\"x\""), None);
+        assert_eq!(parse_etag("W/\"0\""), None);
+    }
+
+    #[test]
+    fn prefer_header() {
+        let mut h = HeaderMap::new();
+        h.insert("prefer", HeaderValue::from_static("return=minimal, handling=strict"));
+        assert_eq!(prefer_return(&h), Return::Minimal);
+        assert!(prefer_strict(&h));
+    }
+}

@@ -1,0 +1,126 @@
+//! `_history` at type and instance level: a `history` Bundle, newest first, paged by a
+//! cursor on `(lastUpdated, version key)` so pages stay stable while writes continue.
+//! A page holds at most `_count` entries (default 20, at most 1000), whatever the history
+//! length.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use bson::DateTime;
+
+use super::bundle::{history, Links};
+use super::headers::{self, fhir_json};
+use super::search::{param, DEFAULT_COUNT, MAX_COUNT};
+use super::{known_type, valid_id};
+use crate::error::FhirError;
+use crate::model::datetime::parse_instant;
+use crate::pipeline::save::store_error;
+use crate::state::AppState;
+use crate::store::mongo::history_key;
+
+struct HistoryParams {
+    count: i64,
+    since: Option<DateTime>,
+    since_raw: Option<String>,
+    cursor: Option<(DateTime, String)>,
+}
+
+fn parse(query: &str, strict: bool) -> Result<HistoryParams, FhirError> {
+    for (name, _) in form_urlencoded::parse(query.as_bytes()) {
+        match name.as_ref() {
+            "_count" | "_since" | "_cursor" | "_format" | "_pretty" => {}
+            "_at" | "_list" | "_sort" => {
+                return Err(FhirError::bad_request(format!("history parameter '{name}' is not supported")))
+            }
+            other if strict => return Err(FhirError::bad_request(format!("unknown history parameter '{other}'"))),
+            _ => {}
+        }
+    }
+    let count = match param(query, "_count") {
+        None => DEFAULT_COUNT,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| FhirError::bad_request(format!("_count: '{v}' is not a positive integer")))?
+            .min(MAX_COUNT),
+    };
+    let since_raw = param(query, "_since");
+    let since = match &since_raw {
+        None => None,
+        Some(v) => {
+            let t = parse_instant(v).ok_or_else(|| FhirError::bad_request(format!("_since: '{v}' is not a FHIR instant")))?;
+            Some(DateTime::from_millis((t.start.unix_timestamp_nanos() / 1_000_000) as i64))
+        }
+    };
+    let cursor = match param(query, "_cursor") {
+        None => None,
+        Some(c) => {
+            let bad = || FhirError::bad_request("_cursor: this paging cursor is not valid for this history");
+            let (ms, key) = c.strip_prefix("h:").and_then(|r| r.split_once(':')).ok_or_else(bad)?;
+            Some((DateTime::from_millis(ms.parse().map_err(|_| bad())?), key.to_string()))
+        }
+    };
+    Ok(HistoryParams { count, since, since_raw, cursor })
+}
+
+async fn respond(state: &AppState, rt: &str, id: Option<&str>, query: Option<String>, headers: &HeaderMap) -> Result<Response, FhirError> {
+    let query = query.unwrap_or_default();
+    let p = parse(&query, headers::prefer_strict(headers))?;
+    headers::require_json_acceptable(headers, param(&query, "_format").as_deref())?;
+    if let Some(id) = id {
+        if state.store.read(rt, id).await.map_err(store_error)?.is_none() {
+            return Err(FhirError::not_found(format!("{rt}/{id} does not exist")));
+        }
+    }
+    let (mut entries, total) = state
+        .store
+        .history_page(rt, id, p.since, p.cursor.clone(), p.count + 1)
+        .await
+        .map_err(store_error)?;
+    let more = entries.len() as i64 > p.count;
+    entries.truncate(p.count as usize);
+    let base = match id {
+        Some(id) => format!("{}/{rt}/{id}/_history", state.fhir_base()),
+        None => format!("{}/{rt}/_history", state.fhir_base()),
+    };
+    let link = |cursor: Option<String>| {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        if let Some(s) = &p.since_raw {
+            q.append_pair("_since", s);
+        }
+        q.append_pair("_count", &p.count.to_string());
+        if let Some(c) = cursor {
+            q.append_pair("_cursor", &c);
+        }
+        format!("{base}?{}", q.finish())
+    };
+    let next = entries
+        .last()
+        .filter(|_| more)
+        .map(|v| link(Some(format!("h:{}:{}", v.last_updated.timestamp_millis(), history_key(&v.id, v.version)))));
+    let current = p.cursor.as_ref().map(|(t, k)| format!("h:{}:{k}", t.timestamp_millis()));
+    let links = Links { self_link: link(current), next };
+    Ok(fhir_json(StatusCode::OK, &history(&state.fhir_base(), rt, &entries, total, &links)))
+}
+
+pub async fn type_history(
+    State(state): State<AppState>,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, FhirError> {
+    let rt = known_type(&rt)?;
+    respond(&state, rt, None, query, &headers).await
+}
+
+pub async fn instance_history(
+    State(state): State<AppState>,
+    Path((rt, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, FhirError> {
+    let rt = known_type(&rt)?;
+    let id = valid_id(&id)?;
+    respond(&state, rt, Some(id), query, &headers).await
+}

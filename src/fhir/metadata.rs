@@ -1,0 +1,76 @@
+//! `GET /4_0_0/metadata`: a CapabilityStatement built from what this server implements, so
+//! it cannot drift from the routes.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde_json::{json, Value};
+
+use super::headers::fhir_json;
+use super::search::{DEFAULT_COUNT, MAX_COUNT};
+use crate::model::datetime::format_instant;
+use crate::state::AppState;
+
+/// Interactions every resource type supports.
+pub const TYPE_INTERACTIONS: &[&str] =
+    &["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"];
+
+pub fn capability_statement_json(fhir_base: &str) -> Value {
+    let search_params = json!([
+        { "name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token",
+          "documentation": "Logical id; a comma-separated list matches any." },
+        { "name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated", "type": "date",
+          "documentation": "Prefixes eq, ne, lt, le, gt, ge, sa, eb; partial dates cover their whole range." },
+    ]);
+    let resources: Vec<Value> = fhir_model::RESOURCE_TYPES
+        .iter()
+        .map(|rt| {
+            json!({
+                "type": rt,
+                "interaction": TYPE_INTERACTIONS.iter().map(|c| json!({ "code": c })).collect::<Vec<_>>(),
+                "versioning": "versioned-update",
+                "readHistory": true,
+                "updateCreate": true,
+                "conditionalCreate": true,
+                "conditionalRead": "not-supported",
+                "conditionalUpdate": false,
+                "conditionalDelete": "not-supported",
+                "searchParam": search_params,
+            })
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": format_instant(time::OffsetDateTime::now_utc()),
+        "publisher": "roster",
+        "kind": "instance",
+        "software": { "name": "roster", "version": env!("CARGO_PKG_VERSION") },
+        "implementation": { "description": "roster FHIR R4 server", "url": fhir_base },
+        "fhirVersion": fhir_model::FHIR_VERSION,
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": format!(
+                "Search pages hold {DEFAULT_COUNT} entries by default and at most {MAX_COUNT}; paging links use a cursor. \
+                 Unknown search parameters are ignored (reported in an OperationOutcome entry) unless Prefer: handling=strict."
+            ),
+            "resource": resources,
+        }],
+    })
+}
+
+pub async fn capability_statement(State(state): State<AppState>) -> Response {
+    fhir_json(StatusCode::OK, &capability_statement_json(&state.fhir_base()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn capability_statement_is_valid_r4() {
+        let cs = super::capability_statement_json("http://localhost/4_0_0");
+        crate::model::validate::validate_resource("CapabilityStatement", &cs).unwrap();
+        assert_eq!(cs["rest"][0]["resource"].as_array().unwrap().len(), 146);
+    }
+}

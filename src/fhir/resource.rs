@@ -1,0 +1,231 @@
+//! Instance-level interactions: create, read, vread, update, patch, delete.
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use serde_json::Value;
+
+use super::headers::{self, VersionResponse};
+use super::{known_type, search, valid_id, PATCH_CONTENT_TYPES, RESOURCE_CONTENT_TYPES};
+use crate::error::FhirError;
+use crate::model::patch;
+use crate::pipeline::{save, Change, RequestContext, SaveOutcome, SaveRequest};
+use crate::state::AppState;
+use crate::store::Version;
+
+fn format_param(query: &Option<String>) -> Option<String> {
+    query.as_deref().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "_format").map(|(_, v)| v.into_owned())
+    })
+}
+
+pub async fn read(
+    State(state): State<AppState>,
+    Path((rt, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, FhirError> {
+    let rt = known_type(&rt)?;
+    let id = valid_id(&id)?;
+    headers::require_json_acceptable(&headers, format_param(&query).as_deref())?;
+    let current = state.store.read(rt, id).await.map_err(crate::pipeline::save::store_error)?;
+    match current {
+        None => Err(FhirError::not_found(format!("{rt}/{id} does not exist"))),
+        Some(v) if v.deleted => Err(FhirError::gone(format!("{rt}/{id} was deleted in version {}", v.version), v.version)),
+        Some(v) => Ok(version_response(StatusCode::OK, &v, None, headers::Return::Representation, "")),
+    }
+}
+
+pub async fn vread(
+    State(state): State<AppState>,
+    Path((rt, id, vid)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, FhirError> {
+    let rt = known_type(&rt)?;
+    let id = valid_id(&id)?;
+    headers::require_json_acceptable(&headers, None)?;
+    let version: i64 = vid
+        .parse()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| FhirError::bad_request(format!("'{vid}' is not a version id (a positive integer)")))?;
+    match state.store.read_version(rt, id, version).await.map_err(crate::pipeline::save::store_error)? {
+        None => Err(FhirError::not_found(format!("{rt}/{id} has no version {version}"))),
+        Some(v) if v.deleted => Err(FhirError::gone(format!("version {version} of {rt}/{id} is a deletion"), v.version)),
+        Some(v) => Ok(version_response(StatusCode::OK, &v, None, headers::Return::Representation, "")),
+    }
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Path(rt): Path<String>,
+    Extension(mut ctx): Extension<RequestContext>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, FhirError> {
+    let rt = known_type(&rt)?;
+    headers::require_content_type(&headers, RESOURCE_CONTENT_TYPES)?;
+    let bytes = headers::read_body(&headers, body, state.body_limit).await?;
+    let resource = headers::parse_json(&bytes)?;
+    let prefer = headers::prefer_return(&headers);
+    if let Some(condition) = headers.get("if-none-exist") {
+        let condition = condition
+            .to_str()
+            .map_err(|_| FhirError::bad_request("If-None-Exist must be a visible-ASCII query string"))?;
+        if let Some(existing) = search::conditional_match(&state, rt, condition).await? {
+            let location = format!("{}/{rt}/{}/_history/{}", state.fhir_base(), existing.id, existing.version);
+            return Ok(version_response(StatusCode::OK, &existing, Some(location), prefer, "the resource already exists; nothing was created"));
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let outcome = save(
+        &state.store,
+        &state.hooks,
+        &mut ctx,
+        SaveRequest { resource_type: rt, id: &id, change: Change::Create(resource), if_match: None },
+    )
+    .await?;
+    Ok(written(&state, rt, &outcome, StatusCode::CREATED, prefer))
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    Path((rt, id)): Path<(String, String)>,
+    Extension(mut ctx): Extension<RequestContext>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, FhirError> {
+    let rt = known_type(&rt)?;
+    let id = valid_id(&id)?;
+    headers::require_content_type(&headers, RESOURCE_CONTENT_TYPES)?;
+    let if_match = headers::if_match(&headers)?;
+    let bytes = headers::read_body(&headers, body, state.body_limit).await?;
+    let resource = headers::parse_json(&bytes)?;
+    match resource.get("id") {
+        Some(Value::String(body_id)) if body_id == id => {}
+        Some(body_id) => {
+            return Err(FhirError::bad_request(format!("the body's id {body_id} does not match the id '{id}' in the URL"))
+                .at(format!("{rt}.id")))
+        }
+        None => return Err(FhirError::bad_request("an update body must carry the resource id").at(format!("{rt}.id"))),
+    }
+    let outcome = save(
+        &state.store,
+        &state.hooks,
+        &mut ctx,
+        SaveRequest { resource_type: rt, id, change: Change::Update(resource), if_match },
+    )
+    .await?;
+    let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(written(&state, rt, &outcome, status, headers::prefer_return(&headers)))
+}
+
+pub async fn patch(
+    State(state): State<AppState>,
+    Path((rt, id)): Path<(String, String)>,
+    Extension(mut ctx): Extension<RequestContext>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, FhirError> {
+    let rt = known_type(&rt)?;
+    let id = valid_id(&id)?;
+    headers::require_content_type(&headers, PATCH_CONTENT_TYPES)?;
+    let if_match = headers::if_match(&headers)?;
+    let bytes = headers::read_body(&headers, body, state.body_limit).await?;
+    let doc = headers::parse_json(&bytes)?;
+    let ops = patch::parse(&doc).map_err(|e| FhirError::bad_request(format!("invalid JSON Patch: {e}")))?;
+    let outcome = save(
+        &state.store,
+        &state.hooks,
+        &mut ctx,
+        SaveRequest { resource_type: rt, id, change: Change::Patch(ops), if_match },
+    )
+    .await?;
+    Ok(written(&state, rt, &outcome, StatusCode::OK, headers::prefer_return(&headers)))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Path((rt, id)): Path<(String, String)>,
+    Extension(mut ctx): Extension<RequestContext>,
+    headers: HeaderMap,
+) -> Result<Response, FhirError> {
+    let rt = known_type(&rt)?;
+    let id = valid_id(&id)?;
+    let if_match = headers::if_match(&headers)?;
+    let outcome = save(
+        &state.store,
+        &state.hooks,
+        &mut ctx,
+        SaveRequest { resource_type: rt, id, change: Change::Delete, if_match },
+    )
+    .await?;
+    let v = &outcome.version;
+    let message = if outcome.changed {
+        format!("deleted {rt}/{id}; the tombstone is version {}", v.version)
+    } else {
+        format!("{rt}/{id} was already deleted (version {})", v.version)
+    };
+    Ok(VersionResponse {
+        status: match headers::prefer_return(&headers) {
+            headers::Return::OperationOutcome => StatusCode::OK,
+            _ => StatusCode::NO_CONTENT,
+        },
+        version: v.version,
+        last_updated: v.last_updated,
+        resource: None,
+        location: None,
+        prefer: headers::prefer_return(&headers),
+        outcome_message: &message,
+    }
+    .into_response_with_outcome())
+}
+
+impl VersionResponse<'_> {
+    /// A delete has no resource, but `Prefer: return=OperationOutcome` still gets one.
+    fn into_response_with_outcome(self) -> Response {
+        if self.prefer == headers::Return::OperationOutcome {
+            let outcome = crate::error::operation_outcome(
+                "information",
+                crate::error::IssueCode::Informational,
+                self.outcome_message,
+                None,
+            );
+            let mut r = headers::fhir_json(self.status, &outcome);
+            if let Ok(v) = axum::http::HeaderValue::from_str(&headers::etag(self.version)) {
+                r.headers_mut().insert(axum::http::header::ETAG, v);
+            }
+            return r;
+        }
+        self.into_response()
+    }
+}
+
+fn written(state: &AppState, rt: &str, outcome: &SaveOutcome, status: StatusCode, prefer: headers::Return) -> Response {
+    let v = &outcome.version;
+    let location = format!("{}/{rt}/{}/_history/{}", state.fhir_base(), v.id, v.version);
+    let message = format!("{rt}/{} is now version {}", v.id, v.version);
+    version_response(status, v, Some(location), prefer, &message)
+}
+
+fn version_response(
+    status: StatusCode,
+    v: &Version,
+    location: Option<String>,
+    prefer: headers::Return,
+    message: &str,
+) -> Response {
+    let resource = v.resource.clone().map(Value::Object);
+    VersionResponse {
+        status,
+        version: v.version,
+        last_updated: v.last_updated,
+        resource: resource.as_ref(),
+        location,
+        prefer,
+        outcome_message: message,
+    }
+    .into_response()
+}

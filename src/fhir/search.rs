@@ -1,0 +1,279 @@
+//! Type-level search: `_id`, `_lastUpdated`, `_count`, `_sort`, `_summary=count`, with
+//! cursor paging (`_cursor`) so a page boundary never shifts under concurrent inserts.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use bson::{doc, Bson, DateTime, Document};
+
+use super::bundle::{searchset, Links};
+use super::headers::{self, fhir_json};
+use super::known_type;
+use crate::error::{operation_outcome, FhirError, IssueCode};
+use crate::model::datetime::{parse_date_time, FhirDateTime};
+use crate::model::validate::is_valid_id;
+use crate::pipeline::save::store_error;
+use crate::state::AppState;
+use crate::store::mongo::Order;
+use crate::store::Version;
+
+pub const DEFAULT_COUNT: i64 = 20;
+pub const MAX_COUNT: i64 = 1000;
+
+/// Parameters that are accepted but change nothing in a JSON-only server.
+const IGNORED: &[&str] = &["_format", "_pretty"];
+
+#[derive(Debug, Default)]
+pub struct SearchParams {
+    /// Conditions ANDed together (each is an OR of one parameter's comma-separated values).
+    filter: Vec<Document>,
+    /// Canonical `name=value` pairs for self/next links.
+    canonical: Vec<(String, String)>,
+    count: Option<i64>,
+    sort: Sort,
+    summary_count: bool,
+    cursor: Option<String>,
+    /// Parameters ignored because this server does not support them.
+    unknown: Vec<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum Sort {
+    #[default]
+    Id,
+    LastUpdated { descending: bool },
+}
+
+fn parse_prefix(value: &str) -> (&str, &str) {
+    for p in ["eq", "ne", "lt", "le", "gt", "ge", "sa", "eb", "ap"] {
+        if let Some(rest) = value.strip_prefix(p) {
+            if rest.starts_with(|c: char| c.is_ascii_digit()) {
+                return (p, rest);
+            }
+        }
+    }
+    ("eq", value)
+}
+
+fn last_updated_condition(value: &str) -> Result<Document, FhirError> {
+    let (prefix, date) = parse_prefix(value);
+    let parsed: FhirDateTime = parse_date_time(date)
+        .ok_or_else(|| FhirError::bad_request(format!("_lastUpdated: '{date}' is not a FHIR date or dateTime")))?;
+    let (start, end) = parsed.range();
+    let ms = |t: time::OffsetDateTime| Bson::DateTime(DateTime::from_millis((t.unix_timestamp_nanos() / 1_000_000) as i64));
+    let (s, e) = (ms(start), ms(end));
+    Ok(match prefix {
+        "eq" => doc! { "lastUpdated": { "$gte": s, "$lt": e } },
+        "ne" => doc! { "$or": [ { "lastUpdated": { "$lt": s } }, { "lastUpdated": { "$gte": e } } ] },
+        "lt" | "eb" => doc! { "lastUpdated": { "$lt": s } },
+        "le" => doc! { "lastUpdated": { "$lt": e } },
+        "gt" | "sa" => doc! { "lastUpdated": { "$gte": e } },
+        "ge" => doc! { "lastUpdated": { "$gte": s } },
+        _ => return Err(FhirError::bad_request(format!("_lastUpdated: prefix '{prefix}' is not supported"))),
+    })
+}
+
+impl SearchParams {
+    pub fn parse(query: &str, strict: bool) -> Result<SearchParams, FhirError> {
+        let mut p = SearchParams::default();
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            let (name, value) = (name.into_owned(), value.into_owned());
+            match name.as_str() {
+                "_id" => {
+                    let ids: Vec<&str> = value.split(',').collect();
+                    if let Some(bad) = ids.iter().find(|i| !is_valid_id(i)) {
+                        return Err(FhirError::bad_request(format!("_id: '{bad}' is not a valid id")));
+                    }
+                    p.filter.push(doc! { "_id": { "$in": ids } });
+                }
+                "_lastUpdated" => {
+                    let any: Vec<Document> = value.split(',').map(last_updated_condition).collect::<Result<_, _>>()?;
+                    p.filter.push(if any.len() == 1 { any.into_iter().next().unwrap_or_default() } else { doc! { "$or": any } });
+                }
+                "_count" => {
+                    let n: i64 = value
+                        .parse()
+                        .ok()
+                        .filter(|n| *n >= 0)
+                        .ok_or_else(|| FhirError::bad_request(format!("_count: '{value}' is not a non-negative integer")))?;
+                    p.count = Some(n.min(MAX_COUNT));
+                    continue; // `_count` is re-added with the effective value
+                }
+                "_sort" => {
+                    p.sort = match value.as_str() {
+                        "_id" => Sort::Id,
+                        "_lastUpdated" => Sort::LastUpdated { descending: false },
+                        "-_lastUpdated" => Sort::LastUpdated { descending: true },
+                        other => {
+                            return Err(FhirError::bad_request(format!(
+                                "_sort: '{other}' is not supported (use _id, _lastUpdated or -_lastUpdated)"
+                            )))
+                        }
+                    };
+                }
+                "_summary" => match value.as_str() {
+                    "count" => p.summary_count = true,
+                    "false" => {}
+                    other => return Err(FhirError::bad_request(format!("_summary: '{other}' is not supported (count, false)"))),
+                },
+                "_cursor" => {
+                    p.cursor = Some(value);
+                    continue;
+                }
+                n if IGNORED.contains(&n) => continue,
+                _ if strict => {
+                    return Err(FhirError::bad_request(format!("unknown or unsupported search parameter '{name}'")))
+                }
+                _ => {
+                    p.unknown.push(name);
+                    continue;
+                }
+            }
+            p.canonical.push((name, value));
+        }
+        Ok(p)
+    }
+
+    fn filter(&self) -> Document {
+        match self.filter.len() {
+            0 => Document::new(),
+            _ => doc! { "$and": self.filter.clone() },
+        }
+    }
+
+    fn order(&self) -> Result<Order, FhirError> {
+        let bad = || FhirError::bad_request("_cursor: this paging cursor is not valid for this search");
+        Ok(match self.sort {
+            Sort::Id => Order::Id {
+                after: match &self.cursor {
+                    None => None,
+                    Some(c) => Some(c.strip_prefix("id:").filter(|i| is_valid_id(i)).ok_or_else(bad)?.to_string()),
+                },
+            },
+            Sort::LastUpdated { descending } => Order::LastUpdated {
+                descending,
+                after: match &self.cursor {
+                    None => None,
+                    Some(c) => {
+                        let rest = c.strip_prefix("lu:").ok_or_else(bad)?;
+                        let (ms, id) = rest.split_once(':').ok_or_else(bad)?;
+                        let ms: i64 = ms.parse().map_err(|_| bad())?;
+                        Some((DateTime::from_millis(ms), id.to_string()))
+                    }
+                },
+            },
+        })
+    }
+
+    fn cursor_after(&self, last: &Version) -> String {
+        match self.sort {
+            Sort::Id => format!("id:{}", last.id),
+            Sort::LastUpdated { .. } => format!("lu:{}:{}", last.last_updated.timestamp_millis(), last.id),
+        }
+    }
+
+    fn link(&self, base: &str, count: i64, cursor: Option<&str>) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &self.canonical {
+            q.append_pair(k, v);
+        }
+        q.append_pair("_count", &count.to_string());
+        if let Some(c) = cursor {
+            q.append_pair("_cursor", c);
+        }
+        format!("{base}?{}", q.finish())
+    }
+}
+
+pub async fn search_type(
+    State(state): State<AppState>,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, FhirError> {
+    let rt = known_type(&rt)?;
+    let query = query.unwrap_or_default();
+    let params = SearchParams::parse(&query, headers::prefer_strict(&headers))?;
+    let format = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "_format").map(|(_, v)| v.into_owned());
+    headers::require_json_acceptable(&headers, format.as_deref())?;
+    let base = format!("{}/{rt}", state.fhir_base());
+    let filter = params.filter();
+    let total = state.store.count(rt, filter.clone()).await.map_err(store_error)?;
+    let count = params.count.unwrap_or(DEFAULT_COUNT);
+    let outcome = (!params.unknown.is_empty()).then(|| {
+        operation_outcome(
+            "warning",
+            IssueCode::NotSupported,
+            &format!("ignored unsupported search parameters: {}", params.unknown.join(", ")),
+            None,
+        )
+    });
+    if params.summary_count || count == 0 {
+        let links = Links { self_link: params.link(&base, count, params.cursor.as_deref()), next: None };
+        return Ok(fhir_json(StatusCode::OK, &searchset(&state.fhir_base(), rt, &[], Some(total), &links, outcome)));
+    }
+    let mut page = state.store.search(rt, filter, &params.order()?, count + 1).await.map_err(store_error)?;
+    let more = page.len() as i64 > count;
+    page.truncate(count as usize);
+    let next = match page.last() {
+        Some(last) if more => Some(params.link(&base, count, Some(&params.cursor_after(last)))),
+        _ => None,
+    };
+    let links = Links { self_link: params.link(&base, count, params.cursor.as_deref()), next };
+    Ok(fhir_json(StatusCode::OK, &searchset(&state.fhir_base(), rt, &page, Some(total), &links, outcome)))
+}
+
+/// For `If-None-Exist`: the one existing match, `None` when there is none, 412 when
+/// several match.
+pub async fn conditional_match(state: &AppState, rt: &str, condition: &str) -> Result<Option<Version>, FhirError> {
+    let condition = condition.trim_start_matches('?');
+    let condition = condition.rsplit_once('?').map_or(condition, |(_, q)| q);
+    let params = SearchParams::parse(condition, true)?;
+    if params.filter.is_empty() {
+        return Err(FhirError::bad_request("If-None-Exist must contain at least one search parameter"));
+    }
+    let found = state.store.search(rt, params.filter(), &Order::Id { after: None }, 2).await.map_err(store_error)?;
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.into_iter().next()),
+        _ => Err(FhirError::precondition_failed(format!(
+            "If-None-Exist '{condition}' matches more than one {rt}; the create is ambiguous"
+        ))),
+    }
+}
+
+/// Value of a query parameter (first occurrence).
+pub fn param(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_params_are_reported_or_rejected() {
+        let p = SearchParams::parse("name=x&_count=5", false).unwrap();
+        assert_eq!(p.unknown, vec!["name".to_string()]);
+        assert_eq!(p.count, Some(5));
+        assert!(SearchParams::parse("name=x", true).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_400() {
+        for q in ["_count=-1", "_lastUpdated=yesterday", "_sort=name", "_id=a/b", "_lastUpdated=ap2020"] {
+            let e = SearchParams::parse(q, false).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{q}");
+        }
+    }
+
+    #[test]
+    fn last_updated_prefixes() {
+        let d = last_updated_condition("ge2024-01").unwrap();
+        assert!(d.get_document("lastUpdated").unwrap().contains_key("$gte"));
+        let d = last_updated_condition("2024").unwrap();
+        let inner = d.get_document("lastUpdated").unwrap();
+        assert!(inner.contains_key("$gte") && inner.contains_key("$lt"));
+    }
+}
+

@@ -1,0 +1,17 @@
+//! roster: a FHIR R4 server for large, fast-changing Groups, on MongoDB and ClickHouse.
+//!
+//! Request path: `fhir` (HTTP handlers) → `pipeline::save` (validate, version guard,
+//! hooks) → `store` (MongoDB). Schema lives in `clickhouse/` and `mongo/`, applied by
+//! `migrate`.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod fhir;
+pub mod migrate;
+pub mod model;
+pub mod pipeline;
+pub mod startup;
+pub mod state;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,10 @@
+use clap::Parser;
+
+#[tokio::main]
+async fn main() {
+    let cli = roster::cli::Cli::parse();
+    if let Err(e) = roster::cli::run(cli).await {
+        eprintln!("roster: {e}");
+        std::process::exit(1);
+    }
+}

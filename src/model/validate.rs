@@ -1,0 +1,362 @@
+//! Validation of an incoming resource, in two layers:
+//!
+//! 1. structure, via the `fhir-model` facade (fhirbolt, strict R4: unknown elements, wrong
+//!    JSON types, missing required elements);
+//! 2. what fhirbolt does not check: R4 primitive formats and the required code bindings of
+//!    elements this server interprets.
+//!
+//! Layer 2 works on JSON by element name, which FHIR's JSON rules make reliable for choice
+//! types (`effectiveDateTime` *is* a dateTime) and for the fixed names checked below.
+
+use serde_json::{Map, Value};
+
+use super::datetime::{parse_date_time, parse_instant, parse_time};
+use axum::http::StatusCode;
+
+use crate::error::{FhirError, IssueCode};
+
+/// `Resource.id` / `id` datatype: `[A-Za-z0-9\-\.]{1,64}`.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// Validates `resource` as an R4 resource of type `resource_type`.
+pub fn validate_resource(resource_type: &str, resource: &Value) -> Result<(), FhirError> {
+    let Some(object) = resource.as_object() else {
+        return Err(FhirError::bad_request("the body must be a JSON object (a FHIR resource)"));
+    };
+    match object.get("resourceType") {
+        Some(Value::String(t)) if t == resource_type => {}
+        Some(Value::String(t)) => {
+            return Err(FhirError::bad_request(format!(
+                "resourceType '{t}' does not match the type '{resource_type}' in the URL"
+            ))
+            .at(format!("{resource_type}.resourceType")))
+        }
+        _ => {
+            return Err(FhirError::bad_request("the body has no resourceType")
+                .at(format!("{resource_type}.resourceType")))
+        }
+    }
+    let mut checker = Checker { errors: Vec::new() };
+    checker.resource(resource_type, object, resource_type);
+    if let Some((path, msg)) = checker.errors.into_iter().next() {
+        return Err(FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Value, msg).at(path));
+    }
+    let typed = fhir_model::parse(resource)
+        .map_err(|message| structural_error(resource_type, resource, &message))?;
+    if let Some(path) = object_where_array_expected(resource, &typed, resource_type) {
+        return Err(FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Structure, "this element repeats in R4 and must be a JSON array")
+            .at(path));
+    }
+    Ok(())
+}
+
+/// fhirbolt accepts a single object where R4 has a repeating element; its own output then
+/// has an array there. Returns the path of the first such element.
+fn object_where_array_expected(input: &Value, typed: &Value, path: &str) -> Option<String> {
+    match (input, typed) {
+        (Value::Object(i), Value::Object(t)) => i.iter().find_map(|(k, v)| {
+            t.get(k).and_then(|tv| object_where_array_expected(v, tv, &format!("{path}.{k}")))
+        }),
+        (Value::Array(i), Value::Array(t)) => i.iter().zip(t).enumerate().find_map(|(n, (iv, tv))| {
+            object_where_array_expected(iv, tv, &format!("{path}[{n}]"))
+        }),
+        (other, Value::Array(_)) if !other.is_array() => Some(path.to_string()),
+        _ => None,
+    }
+}
+
+/// Turns a fhirbolt message (which has no location) into an error naming the element.
+fn structural_error(resource_type: &str, resource: &Value, message: &str) -> FhirError {
+    let (diagnostics, path) = if let Some(field) = between(message, "unknown field `", "`") {
+        (format!("unknown element '{field}'"), find_key(resource, field, resource_type))
+    } else {
+        let path = locate_by_pruning(resource, message).map(|p| render_path(resource_type, &p));
+        let diagnostics = match between(message, "missing field `", "`") {
+            Some(field) => format!("missing required element '{field}'"),
+            None => message.to_string(),
+        };
+        (diagnostics, path)
+    };
+    let err = FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Structure, diagnostics);
+    err.at(path.unwrap_or_else(|| resource_type.to_string()))
+}
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let from = s.find(start)? + start.len();
+    let len = s[from..].find(end)?;
+    Some(&s[from..from + len])
+}
+
+/// Path of the first (depth-first) occurrence of key `key`.
+fn find_key(v: &Value, key: &str, path: &str) -> Option<String> {
+    match v {
+        Value::Object(map) => map.iter().find_map(|(k, child)| {
+            let here = format!("{path}.{k}");
+            if k == key { Some(here) } else { find_key(child, key, &here) }
+        }),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, c)| find_key(c, key, &format!("{path}[{i}]"))),
+        _ => None,
+    }
+}
+
+#[derive(Clone)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+fn render_path(resource_type: &str, steps: &[Step]) -> String {
+    let mut out = resource_type.to_string();
+    for s in steps {
+        match s {
+            Step::Key(k) => {
+                out.push('.');
+                out.push_str(k);
+            }
+            Step::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// Locates the element a parse error is about by removing subtrees: the child whose
+/// removal changes the error contains the problem. Bounded (small documents, few parses)
+/// because this only runs on invalid input.
+fn locate_by_pruning(resource: &Value, message: &str) -> Option<Vec<Step>> {
+    const MAX_PARSES: usize = 200;
+    if resource.to_string().len() > 256 * 1024 {
+        return None;
+    }
+    let mut budget = MAX_PARSES;
+    let mut steps: Vec<Step> = Vec::new();
+    'descend: loop {
+        let node = get(resource, &steps)?;
+        let children: Vec<Step> = match node {
+            Value::Object(map) => map.keys().filter(|k| *k != "resourceType").map(|k| Step::Key(k.clone())).collect(),
+            Value::Array(items) => (0..items.len()).map(Step::Index).collect(),
+            _ => return Some(steps),
+        };
+        for child in children {
+            if budget == 0 {
+                return Some(steps);
+            }
+            budget -= 1;
+            let mut pruned = resource.clone();
+            remove(&mut pruned, &steps, &child);
+            if fhir_model::parse(&pruned).err().as_deref() != Some(message) {
+                steps.push(child);
+                continue 'descend;
+            }
+        }
+        return Some(steps);
+    }
+}
+
+fn get<'a>(v: &'a Value, steps: &[Step]) -> Option<&'a Value> {
+    steps.iter().try_fold(v, |v, s| match s {
+        Step::Key(k) => v.get(k),
+        Step::Index(i) => v.get(i),
+    })
+}
+
+fn remove(root: &mut Value, parent: &[Step], child: &Step) {
+    let mut v = root;
+    for s in parent {
+        v = match s {
+            Step::Key(k) => &mut v[k.as_str()],
+            Step::Index(i) => &mut v[*i],
+        };
+    }
+    match (v, child) {
+        (Value::Object(map), Step::Key(k)) => {
+            map.shift_remove(k);
+        }
+        (Value::Array(items), Step::Index(i)) => {
+            items.remove(*i);
+        }
+        _ => {}
+    }
+}
+
+struct Checker {
+    errors: Vec<(String, String)>,
+}
+
+/// Required bindings of coded elements this server reads (resource type, element, codes).
+const REQUIRED_CODES: &[(&str, &str, &[&str])] = &[
+    ("Group", "type", &["person", "animal", "practitioner", "device", "medication", "substance"]),
+    ("Patient", "gender", &["male", "female", "other", "unknown"]),
+];
+
+impl Checker {
+    fn fail(&mut self, path: &str, msg: String) {
+        self.errors.push((path.to_string(), msg));
+    }
+
+    fn resource(&mut self, resource_type: &str, obj: &Map<String, Value>, path: &str) {
+        if let Some(id) = obj.get("id") {
+            match id.as_str() {
+                Some(s) if is_valid_id(s) => {}
+                _ => self.fail(&format!("{path}.id"), format!("{id} is not a valid id ([A-Za-z0-9-.]{{1,64}})")),
+            }
+        }
+        if let Some(Value::Object(meta)) = obj.get("meta") {
+            let mpath = format!("{path}.meta");
+            if let Some(v) = meta.get("versionId") {
+                if !v.as_str().is_some_and(is_valid_id) {
+                    self.fail(&format!("{mpath}.versionId"), format!("{v} is not a valid id"));
+                }
+            }
+            if let Some(v) = meta.get("lastUpdated") {
+                if !v.as_str().is_some_and(|s| parse_instant(s).is_some()) {
+                    self.fail(&format!("{mpath}.lastUpdated"), format!("{v} is not a valid instant"));
+                }
+            }
+        }
+        for (rt, element, codes) in REQUIRED_CODES {
+            if *rt == resource_type {
+                if let Some(v) = obj.get(*element) {
+                    if !v.as_str().is_some_and(|s| codes.contains(&s)) {
+                        self.fail(
+                            &format!("{path}.{element}"),
+                            format!("{v} is not one of the required codes {}", codes.join(", ")),
+                        );
+                    }
+                }
+            }
+        }
+        self.walk_object(obj, path, true);
+    }
+
+    fn walk_object(&mut self, obj: &Map<String, Value>, path: &str, resource_level: bool) {
+        for (key, value) in obj {
+            if resource_level && (key == "resourceType" || key == "id") {
+                continue;
+            }
+            let child = format!("{path}.{key}");
+            // Contained and nested resources (Bundle.entry.resource, Parameters...).
+            if let Value::Object(inner) = value {
+                if let Some(Value::String(rt)) = inner.get("resourceType") {
+                    if fhir_model::is_resource_type(rt) {
+                        self.resource(rt, inner, &child);
+                        continue;
+                    }
+                }
+            }
+            self.primitive(key, value, &child);
+            match value {
+                Value::Object(inner) => self.walk_object(inner, &child, false),
+                Value::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let ipath = format!("{child}[{i}]");
+                        match item {
+                            Value::Object(inner) => {
+                                match inner.get("resourceType").and_then(Value::as_str) {
+                                    Some(rt) if fhir_model::is_resource_type(rt) => self.resource(rt, inner, &ipath),
+                                    _ => self.walk_object(inner, &ipath, false),
+                                }
+                            }
+                            other => self.primitive(key, other, &ipath),
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Checks a primitive by what its element name says its type is.
+    fn primitive(&mut self, key: &str, value: &Value, path: &str) {
+        let Value::String(s) = value else {
+            if let Value::Object(period) = value {
+                if key == "period" || key.ends_with("Period") {
+                    for bound in ["start", "end"] {
+                        if let Some(Value::String(b)) = period.get(bound) {
+                            if parse_date_time(b).is_none() {
+                                self.fail(&format!("{path}.{bound}"), format!("'{b}' is not a valid dateTime"));
+                            }
+                        }
+                    }
+                }
+            }
+            return;
+        };
+        let kind = if key.ends_with("DateTime") || key == "lastUpdated" {
+            Some(("dateTime", parse_date_time(s).is_some()))
+        } else if key.ends_with("Instant") {
+            Some(("instant", parse_instant(s).is_some()))
+        } else if key.ends_with("Date") {
+            // Some `*Date` elements are dateTime (Medication.batch.expirationDate), and every
+            // date is a valid dateTime, so accept either.
+            Some(("date or dateTime", parse_date_time(s).is_some()))
+        } else if key.ends_with("Time") && key.len() > 4 && key.as_bytes()[key.len() - 5].is_ascii_lowercase() && key.starts_with("value") {
+            Some(("time", parse_time(s).is_some()))
+        } else if key == "url" || key == "system" || key.ends_with("Uri") || key.ends_with("Url") || key.ends_with("Canonical") {
+            Some(("uri", !s.is_empty() && !s.chars().any(char::is_whitespace)))
+        } else if key.ends_with("Code") && key.starts_with("value") {
+            Some(("code", is_code(s)))
+        } else {
+            None
+        };
+        if let Some((type_name, false)) = kind {
+            self.fail(path, format!("'{s}' is not a valid {type_name}"));
+        }
+    }
+}
+
+/// FHIR `code`: `[^\s]+(\s[^\s]+)*`.
+fn is_code(s: &str) -> bool {
+    !s.is_empty() && !s.starts_with(char::is_whitespace) && !s.ends_with(char::is_whitespace) && !s.contains("  ")
+        && !s.chars().any(|c| c.is_whitespace() && c != ' ')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(rt: &str, v: Value) -> Result<(), (String, String)> {
+        let mut c = Checker { errors: vec![] };
+        c.resource(rt, v.as_object().unwrap(), rt);
+        c.errors.into_iter().next().map_or(Ok(()), Err)
+    }
+
+    #[test]
+    fn ids() {
+        assert!(is_valid_id("abc-1.2"));
+        assert!(!is_valid_id(""));
+        assert!(!is_valid_id("a/b"));
+        assert!(!is_valid_id(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn group_type_must_be_a_known_code() {
+        let err = check("Group", json!({"resourceType":"Group","type":"banana","actual":true})).unwrap_err();
+        assert_eq!(err.0, "Group.type");
+        assert!(check("Group", json!({"resourceType":"Group","type":"person","actual":true})).is_ok());
+    }
+
+    #[test]
+    fn primitive_formats_are_checked_with_paths() {
+        let err = check("Patient", json!({"resourceType":"Patient","meta":{"lastUpdated":"yesterday"}})).unwrap_err();
+        assert_eq!(err.0, "Patient.meta.lastUpdated");
+        let err = check("Observation", json!({"resourceType":"Observation","effectiveDateTime":"2023-02-30"})).unwrap_err();
+        assert_eq!(err.0, "Observation.effectiveDateTime");
+        let err = check("Patient", json!({"resourceType":"Patient","birthDate":"1990-1-1"})).unwrap_err();
+        assert_eq!(err.0, "Patient.birthDate");
+        let err = check("Group", json!({"resourceType":"Group","member":[{"period":{"start":"soon"}}]})).unwrap_err();
+        assert_eq!(err.0, "Group.member[0].period.start");
+        let err = check("Bundle", json!({"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient","gender":"x"}}]})).unwrap_err();
+        assert_eq!(err.0, "Bundle.entry[0].resource.gender");
+    }
+
+    #[test]
+    fn codes() {
+        assert!(is_code("a b"));
+        assert!(!is_code(" a"));
+        assert!(!is_code("a  b"));
+        assert!(!is_code(""));
+    }
+}

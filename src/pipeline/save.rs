@@ -1,0 +1,223 @@
+use axum::http::StatusCode;
+use bson::DateTime;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use super::{Hooks, Interaction, RequestContext, Saved};
+use crate::error::{FhirError, IssueCode};
+use crate::model::{datetime, json_bson, patch, validate};
+use crate::store::{Commit, ResourceStore, StoreError, Version};
+
+/// How often a write without `If-Match` re-reads and retries after losing a version race
+/// before answering 409.
+const MAX_ATTEMPTS: usize = 32;
+
+/// What a write does.
+#[derive(Debug)]
+pub enum Change {
+    /// `POST`: the id is server-assigned (the body's id is ignored, as FHIR says).
+    Create(Value),
+    /// `PUT`: update, or create at the client's id.
+    Update(Value),
+    /// `PATCH`: operations applied to the current version.
+    Patch(Vec<patch::Operation>),
+    Delete,
+}
+
+pub struct SaveRequest<'a> {
+    pub resource_type: &'a str,
+    pub id: &'a str,
+    pub change: Change,
+    /// The version named by `If-Match`.
+    pub if_match: Option<i64>,
+}
+
+#[derive(Debug)]
+pub struct SaveOutcome {
+    pub version: Version,
+    /// The resource did not exist (or was deleted) before this write.
+    pub created: bool,
+    /// False when nothing was written (deleting what is already deleted).
+    pub changed: bool,
+}
+
+/// Maps a store failure: unreachable MongoDB is 503 (retry), anything else 500.
+pub fn store_error(e: StoreError) -> FhirError {
+    if e.is_unavailable() {
+        FhirError::unavailable(format!("the resource store is unavailable: {e}"))
+    } else {
+        FhirError::internal(e)
+    }
+}
+
+pub async fn save(
+    store: &ResourceStore,
+    hooks: &Hooks,
+    ctx: &mut RequestContext,
+    req: SaveRequest<'_>,
+) -> Result<SaveOutcome, FhirError> {
+    let rt = req.resource_type;
+    // Bodies of POST and PUT do not depend on the current version: validate them once.
+    match &req.change {
+        Change::Create(body) | Change::Update(body) => {
+            let mut body = body.clone();
+            if let Some(obj) = body.as_object_mut() {
+                obj.insert("id".into(), Value::String(req.id.to_string()));
+            }
+            validate::validate_resource(rt, &body)?;
+        }
+        Change::Patch(_) | Change::Delete => {}
+    }
+    for _ in 0..MAX_ATTEMPTS {
+        let current = store.read(rt, req.id).await.map_err(store_error)?;
+        if let Some(expected) = req.if_match {
+            match &current {
+                Some(c) if c.version == expected => {}
+                Some(c) => {
+                    return Err(FhirError::precondition_failed(format!(
+                        "If-Match W/\"{expected}\" does not match the current version W/\"{}\"",
+                        c.version
+                    )))
+                }
+                None => {
+                    return Err(FhirError::precondition_failed(format!(
+                        "If-Match W/\"{expected}\" given, but {rt}/{} does not exist",
+                        req.id
+                    )))
+                }
+            }
+        }
+        let live = current.as_ref().filter(|c| !c.deleted);
+        let (interaction, resource) = match &req.change {
+            Change::Create(body) => (Interaction::Create, Some(body.clone())),
+            Change::Update(body) => {
+                if let (Some(c), Some(sent)) = (live, body.pointer("/meta/versionId").and_then(Value::as_str)) {
+                    if req.if_match.is_none() && sent != c.version.to_string() {
+                        return Err(FhirError::conflict(format!(
+                            "meta.versionId {sent} in the body is not the current version {}; \
+                             re-read the resource or send If-Match",
+                            c.version
+                        ))
+                        .at(format!("{rt}.meta.versionId")));
+                    }
+                }
+                (Interaction::Update, Some(body.clone()))
+            }
+            Change::Patch(ops) => {
+                let Some(c) = &current else {
+                    return Err(FhirError::not_found(format!("{rt}/{} does not exist", req.id)));
+                };
+                let Some(old) = live.and_then(|c| c.resource.clone()) else {
+                    return Err(FhirError::gone(format!("{rt}/{} is deleted", req.id), c.version));
+                };
+                (Interaction::Patch, Some(patched(rt, req.id, old, ops)?))
+            }
+            Change::Delete => match &current {
+                None => return Err(FhirError::not_found(format!("{rt}/{} does not exist", req.id))),
+                Some(c) if c.deleted => {
+                    return Ok(SaveOutcome { version: c.clone(), created: false, changed: false })
+                }
+                Some(_) => (Interaction::Delete, None),
+            },
+        };
+        let version = current.as_ref().map_or(1, |c| c.version + 1);
+        let last_updated = next_timestamp(current.as_ref());
+        let mut stored = None;
+        let mut document = None;
+        if let Some(Value::Object(mut obj)) = resource {
+            stamp(&mut obj, req.id, version, last_updated);
+            let status = if interaction == Interaction::Patch { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::BAD_REQUEST };
+            let doc = json_bson::to_document(&obj)
+                .map_err(|e| FhirError::new(status, IssueCode::Value, e.to_string()).at(format!("{rt}.{}", e.path)))?;
+            document = Some(doc);
+            stored = Some(obj);
+        }
+        let commit = Commit {
+            id: req.id,
+            base: current.as_ref().map(|c| c.version),
+            version,
+            last_updated,
+            method: interaction.method(),
+            resource: document,
+        };
+        match store.commit(rt, commit).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict) if req.if_match.is_some() => {
+                return Err(FhirError::precondition_failed(format!(
+                    "{rt}/{} changed concurrently; W/\"{}\" is no longer current",
+                    req.id,
+                    req.if_match.unwrap_or_default()
+                )))
+            }
+            Err(StoreError::Conflict) => continue,
+            Err(e) => return Err(store_error(e)),
+        }
+        let previous = live.and_then(|c| c.resource.as_ref());
+        hooks
+            .run(ctx, &Saved { interaction, resource_type: rt, id: req.id, version, resource: stored.as_ref(), previous })
+            .await;
+        return Ok(SaveOutcome {
+            created: live.is_none(),
+            changed: true,
+            version: Version {
+                id: req.id.to_string(),
+                version,
+                last_updated,
+                deleted: stored.is_none(),
+                method: interaction.method().to_string(),
+                resource: stored,
+            },
+        });
+    }
+    Err(FhirError::conflict(format!(
+        "{rt}/{} is being changed by many writers at once; gave up after {MAX_ATTEMPTS} attempts",
+        req.id
+    )))
+}
+
+/// Applies a patch and validates the result (422 when either fails).
+fn patched(rt: &str, id: &str, old: Map<String, Value>, ops: &[patch::Operation]) -> Result<Value, FhirError> {
+    let mut doc = Value::Object(old);
+    patch::apply(&mut doc, ops).map_err(|e| FhirError::unprocessable(format!("the patch cannot be applied: {e}")))?;
+    if doc.get("id").and_then(Value::as_str) != Some(id) {
+        return Err(FhirError::unprocessable("a patch may not change or remove the resource id").at(format!("{rt}.id")));
+    }
+    validate::validate_resource(rt, &doc).map_err(|mut e| {
+        e.status = StatusCode::UNPROCESSABLE_ENTITY;
+        e.diagnostics = format!("the patched resource is not valid: {}", e.diagnostics);
+        e
+    })?;
+    Ok(doc)
+}
+
+/// Now, at millisecond precision, and strictly after the previous version, so a resource's
+/// versions are ordered by `lastUpdated` even when the clock stalls or steps back.
+fn next_timestamp(previous: Option<&Version>) -> DateTime {
+    let now = DateTime::from_millis((OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64);
+    match previous {
+        Some(p) if p.last_updated >= now => DateTime::from_millis(p.last_updated.timestamp_millis() + 1),
+        _ => now,
+    }
+}
+
+/// Sets id and the server-owned `meta` elements, keeping the client's other `meta`
+/// elements, with `resourceType`, `id`, `meta` first.
+fn stamp(resource: &mut Map<String, Value>, id: &str, version: i64, last_updated: DateTime) {
+    let mut meta = match resource.shift_remove("meta") {
+        Some(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    meta.insert("versionId".into(), Value::String(version.to_string()));
+    let instant = OffsetDateTime::from_unix_timestamp_nanos(last_updated.timestamp_millis() as i128 * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    meta.insert("lastUpdated".into(), Value::String(datetime::format_instant(instant)));
+    let resource_type = resource.shift_remove("resourceType");
+    resource.shift_remove("id");
+    let rest = std::mem::take(resource);
+    if let Some(rt) = resource_type {
+        resource.insert("resourceType".into(), rt);
+    }
+    resource.insert("id".into(), Value::String(id.to_string()));
+    resource.insert("meta".into(), Value::Object(meta));
+    resource.extend(rest);
+}

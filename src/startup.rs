@@ -1,0 +1,192 @@
+//! Building and running the application: connect to both stores, apply migrations, wire
+//! routes and middleware, serve until SIGTERM/Ctrl-C.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::Value;
+use mongodb::options::ClientOptions;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Settings;
+use crate::error::FhirError;
+use crate::pipeline::{Hooks, RequestContext};
+use crate::state::AppState;
+use crate::store::ResourceStore;
+use crate::{fhir, migrate};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    address: SocketAddr,
+    state: AppState,
+}
+
+/// Connects to MongoDB. Server selection is bounded so an unreachable store becomes a
+/// quick 503, not a 30 s hang.
+pub async fn mongo_database(settings: &Settings) -> Result<mongodb::Database, BoxError> {
+    let mut options = ClientOptions::parse(&settings.mongo.uri).await?;
+    options.app_name.get_or_insert_with(|| "roster".to_string());
+    options.server_selection_timeout.get_or_insert(Duration::from_secs(5));
+    options.connect_timeout.get_or_insert(Duration::from_secs(5));
+    let client = mongodb::Client::with_options(options)?;
+    Ok(client.database(&settings.mongo.database))
+}
+
+/// Applies both stores' migrations.
+pub async fn run_migrations(settings: &Settings, db: &mongodb::Database) -> Result<(), BoxError> {
+    let ch = migrate::clickhouse(&settings.clickhouse).await?;
+    let mg = migrate::mongo(db).await?;
+    tracing::info!(clickhouse = ?ch, mongo = ?mg, "migrations applied");
+    Ok(())
+}
+
+impl Application {
+    /// Connects, migrates and binds. `hooks` are the post-save hooks to run.
+    pub async fn build(settings: Settings, hooks: Hooks) -> Result<Application, BoxError> {
+        let db = mongo_database(&settings).await?;
+        run_migrations(&settings, &db).await?;
+        let listener = TcpListener::bind(settings.listen).await?;
+        let address = listener.local_addr()?;
+        let base_url = settings.base_url.clone().map_or_else(|| format!("http://{address}"), |b| b.trim_end_matches('/').to_string());
+        let state = AppState {
+            store: ResourceStore::new(db),
+            clickhouse: migrate::clickhouse_client(&settings.clickhouse),
+            hooks,
+            base_url: Arc::from(base_url),
+            body_limit: settings.body_limit_bytes,
+        };
+        let router = router(state.clone());
+        Ok(Application { listener, router, address, state })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until SIGTERM or Ctrl-C, then finishes in-flight requests.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        tokio::spawn(repair_history(self.state.store.clone()));
+        tracing::info!(address = %self.address, "roster listening");
+        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown_signal()).await
+    }
+
+    /// Serves until `stop` resolves (tests).
+    pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router).with_graceful_shutdown(stop).await
+    }
+}
+
+/// Writes history copies left pending by a crash (see `store`).
+async fn repair_history(store: ResourceStore) {
+    let mut repaired = 0;
+    for rt in fhir_model::RESOURCE_TYPES {
+        match store.repair_history(rt).await {
+            Ok(n) => repaired += n,
+            Err(e) => {
+                tracing::warn!(error = %e, "history repair sweep stopped; it runs again at the next start");
+                return;
+            }
+        }
+    }
+    if repaired > 0 {
+        tracing::info!(repaired, "pending history copies written");
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(fhir::routes())
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .fallback(not_found)
+        .layer(middleware::from_fn(request_context))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path())
+        }))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Builds the [`RequestContext`] every write path receives.
+async fn request_context(mut request: Request, next: Next) -> Response {
+    let id = request
+        .extensions()
+        .get::<RequestId>()
+        .and_then(|r| r.header_value().to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let actor = request.headers().get("x-actor").and_then(|v| v.to_str().ok()).map(str::to_string);
+    request.extensions_mut().insert(RequestContext::new(id, actor));
+    next.run(request).await
+}
+
+async fn not_found(request: Request) -> FhirError {
+    FhirError::not_found(format!("no route for {} {}", request.method(), request.uri().path()))
+}
+
+/// A plain JSON response (operational endpoints are not FHIR).
+fn json_response(status: StatusCode, body: Value) -> Response {
+    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn health() -> Response {
+    json_response(StatusCode::OK, json!({ "status": "up" }))
+}
+
+/// Ready when both stores answer within 2 s.
+async fn ready(State(state): State<AppState>) -> Response {
+    let timeout = Duration::from_secs(2);
+    let mongo = match tokio::time::timeout(timeout, state.store.ping()).await {
+        Ok(Ok(())) => "up".to_string(),
+        Ok(Err(e)) => format!("down: {e}"),
+        Err(_) => "down: timed out".to_string(),
+    };
+    let ch = match tokio::time::timeout(timeout, state.clickhouse.query("SELECT 1").execute()).await {
+        Ok(Ok(())) => "up".to_string(),
+        Ok(Err(e)) => format!("down: {e}"),
+        Err(_) => "down: timed out".to_string(),
+    };
+    let ok = mongo == "up" && ch == "up";
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(status, json!({ "status": if ok { "ready" } else { "not ready" }, "mongo": mongo, "clickhouse": ch }))
+}

@@ -1,0 +1,28 @@
+//! Storage of FHIR resources in MongoDB: one collection per type for current versions, one
+//! for history (`Patient_4_0_0`, `Patient_4_0_0_History`).
+//!
+//! Document layout (the resource itself is nested, so internal fields can never collide
+//! with FHIR's `_element` primitive extensions):
+//!
+//! ```text
+//! current: { _id: <id>, versionId: Int64, lastUpdated: Date, deleted: bool,
+//!            historyPending?: true, resource?: { ...FHIR JSON... } }
+//! history: { _id: "<id>/<versionId>", id, versionId, lastUpdated, deleted, method,
+//!            resource? }
+//! ```
+//!
+//! Write protocol, without multi-document transactions:
+//! 1. the current document is written with a version guard (`insert` for version 1,
+//!    `replace where versionId = base` after): this is the commit point, and two writers
+//!    from the same base can never both succeed;
+//! 2. the history copy is inserted (idempotent: its `_id` is the version);
+//! 3. `historyPending` is cleared.
+//!
+//! If the process or MongoDB fails after 1, the current document still carries
+//! `historyPending`, and the copy is written by the next write of that resource, any
+//! history read of its type, or the sweep at start-up. Nothing acknowledged is lost and no
+//! version is written twice.
+
+pub mod mongo;
+
+pub use mongo::{Commit, ResourceStore, StoreError, Version};

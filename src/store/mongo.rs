@@ -1,0 +1,305 @@
+use bson::{doc, Bson, DateTime, Document};
+use futures_util::TryStreamExt;
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::FindOptions;
+use mongodb::{Collection, Database};
+use serde_json::{Map, Value};
+
+use crate::model::json_bson;
+
+/// A stored version of a resource (current or from history).
+#[derive(Debug, Clone)]
+pub struct Version {
+    pub id: String,
+    pub version: i64,
+    pub last_updated: DateTime,
+    pub deleted: bool,
+    /// The interaction that wrote this version (`POST`, `PUT`, `PATCH`, `DELETE`).
+    pub method: String,
+    pub resource: Option<Map<String, Value>>,
+}
+
+/// What a write stores; see the module docs for the protocol.
+pub struct Commit<'a> {
+    pub id: &'a str,
+    /// The version this write replaces; `None` creates the resource.
+    pub base: Option<i64>,
+    pub version: i64,
+    pub last_updated: DateTime,
+    pub method: &'a str,
+    /// The new content; `None` is a delete tombstone.
+    pub resource: Option<Document>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The version guard failed: another writer got there first.
+    #[error("version conflict")]
+    Conflict,
+    #[error("MongoDB: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    #[error("stored document is malformed: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// True when MongoDB could not be reached (as opposed to a rejected command).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Mongo(e) => matches!(
+                *e.kind,
+                ErrorKind::ServerSelection { .. } | ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Sort orders and paging positions for listing current resources.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Order {
+    /// By id ascending; the cursor is the last id seen.
+    Id { after: Option<String> },
+    /// By (lastUpdated, id), ascending or descending; the cursor is the last pair seen.
+    LastUpdated { descending: bool, after: Option<(DateTime, String)> },
+}
+
+#[derive(Clone)]
+pub struct ResourceStore {
+    db: Database,
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    match &*e.kind {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == 11000,
+        ErrorKind::Command(c) => c.code == 11000,
+        ErrorKind::InsertMany(m) => m.write_errors.iter().flatten().all(|w| w.code == 11000),
+        _ => false,
+    }
+}
+
+pub fn current_collection(resource_type: &str) -> String {
+    format!("{resource_type}_4_0_0")
+}
+
+pub fn history_collection(resource_type: &str) -> String {
+    format!("{resource_type}_4_0_0_History")
+}
+
+impl ResourceStore {
+    pub fn new(db: Database) -> Self {
+        ResourceStore { db }
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    fn current(&self, rt: &str) -> Collection<Document> {
+        self.db.collection(&current_collection(rt))
+    }
+
+    fn history(&self, rt: &str) -> Collection<Document> {
+        self.db.collection(&history_collection(rt))
+    }
+
+    /// The current version (possibly a tombstone), repairing a pending history copy first.
+    pub async fn read(&self, rt: &str, id: &str) -> Result<Option<Version>, StoreError> {
+        let Some(doc) = self.current(rt).find_one(doc! { "_id": id }).await? else {
+            return Ok(None);
+        };
+        if doc.get_bool("historyPending").unwrap_or(false) {
+            self.finish_history(rt, &doc).await?;
+        }
+        decode(&doc, None).map(Some)
+    }
+
+    /// A specific version.
+    pub async fn read_version(&self, rt: &str, id: &str, version: i64) -> Result<Option<Version>, StoreError> {
+        if let Some(current) = self.read(rt, id).await? {
+            if current.version == version {
+                return Ok(Some(current));
+            }
+        }
+        let doc = self.history(rt).find_one(doc! { "_id": format!("{id}/{version}") }).await?;
+        doc.map(|d| decode(&d, None)).transpose()
+    }
+
+    /// Writes a version under the version guard; `Err(Conflict)` when the guard fails.
+    pub async fn commit(&self, rt: &str, c: Commit<'_>) -> Result<(), StoreError> {
+        let mut current = doc! {
+            "_id": c.id,
+            "versionId": c.version,
+            "lastUpdated": c.last_updated,
+            "deleted": c.resource.is_none(),
+            "method": c.method,
+            "historyPending": true,
+        };
+        if let Some(resource) = &c.resource {
+            current.insert("resource", resource.clone());
+        }
+        match c.base {
+            None => match self.current(rt).insert_one(&current).await {
+                Err(e) if is_duplicate_key(&e) => return Err(StoreError::Conflict),
+                other => {
+                    other?;
+                }
+            },
+            Some(base) => {
+                let result = self
+                    .current(rt)
+                    .replace_one(doc! { "_id": c.id, "versionId": base }, &current)
+                    .await?;
+                if result.matched_count == 0 {
+                    return Err(StoreError::Conflict);
+                }
+            }
+        }
+        // Committed. The history copy is repairable from here on (module docs), so a
+        // failure now is logged, not reported as a failed write.
+        if let Err(e) = self.finish_history(rt, &current).await {
+            tracing::warn!(resource_type = rt, id = c.id, version = c.version, error = %e,
+                "history copy deferred; it will be written by the next repair");
+        }
+        Ok(())
+    }
+
+    /// Writes the history copy of a current document and clears its pending flag.
+    async fn finish_history(&self, rt: &str, current: &Document) -> Result<(), StoreError> {
+        let id = current.get_str("_id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let version = current.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut entry = current.clone();
+        entry.remove("historyPending");
+        entry.insert("_id", format!("{id}/{version}"));
+        entry.insert("id", id);
+        match self.history(rt).insert_one(&entry).await {
+            Err(e) if !is_duplicate_key(&e) => return Err(e.into()),
+            _ => {}
+        }
+        self.current(rt)
+            .update_one(doc! { "_id": id, "versionId": version }, doc! { "$unset": { "historyPending": "" } })
+            .await?;
+        Ok(())
+    }
+
+    /// Writes every pending history copy of a type (start-up sweep, type history reads).
+    pub async fn repair_history(&self, rt: &str) -> Result<usize, StoreError> {
+        let pending: Vec<Document> =
+            self.current(rt).find(doc! { "historyPending": true }).await?.try_collect().await?;
+        for doc in &pending {
+            self.finish_history(rt, doc).await?;
+        }
+        Ok(pending.len())
+    }
+
+    /// Lists current, non-deleted resources.
+    pub async fn search(
+        &self,
+        rt: &str,
+        filter: Document,
+        order: &Order,
+        limit: i64,
+    ) -> Result<Vec<Version>, StoreError> {
+        let mut query = doc! { "deleted": false };
+        query.extend(filter);
+        let (sort, after) = match order {
+            Order::Id { after } => (doc! { "_id": 1 }, after.as_ref().map(|a| doc! { "_id": { "$gt": a } })),
+            Order::LastUpdated { descending, after } => {
+                let dir = if *descending { -1 } else { 1 };
+                let op = if *descending { "$lt" } else { "$gt" };
+                let after = after.as_ref().map(|(t, id)| {
+                    doc! { "$or": [
+                        { "lastUpdated": { op: t } },
+                        { "lastUpdated": t, "_id": { op: id } },
+                    ] }
+                });
+                (doc! { "lastUpdated": dir, "_id": dir }, after)
+            }
+        };
+        if let Some(after) = after {
+            query = doc! { "$and": [query, after] };
+        }
+        let options = FindOptions::builder().sort(sort).limit(limit).build();
+        let docs: Vec<Document> = self.current(rt).find(query).with_options(options).await?.try_collect().await?;
+        docs.iter().map(|d| decode(d, None)).collect()
+    }
+
+    /// Counts current, non-deleted resources matching `filter`.
+    pub async fn count(&self, rt: &str, filter: Document) -> Result<u64, StoreError> {
+        let mut query = doc! { "deleted": false };
+        query.extend(filter);
+        Ok(self.current(rt).count_documents(query).await?)
+    }
+
+    /// History entries, newest first. `id` narrows to one resource; `since` keeps entries
+    /// at or after an instant; `before` is the paging cursor (`(lastUpdated, _id)` of the
+    /// last entry seen).
+    pub async fn history_page(
+        &self,
+        rt: &str,
+        id: Option<&str>,
+        since: Option<DateTime>,
+        before: Option<(DateTime, String)>,
+        limit: i64,
+    ) -> Result<(Vec<Version>, u64), StoreError> {
+        match id {
+            Some(id) => {
+                // Reading `current` repairs a pending copy for this resource.
+                self.read(rt, id).await?;
+            }
+            None => {
+                self.repair_history(rt).await?;
+            }
+        }
+        let mut base = Document::new();
+        if let Some(id) = id {
+            base.insert("id", id);
+        }
+        if let Some(since) = since {
+            base.insert("lastUpdated", doc! { "$gte": since });
+        }
+        let total = self.history(rt).count_documents(base.clone()).await?;
+        let query = match &before {
+            Some((t, key)) => doc! { "$and": [base, { "$or": [
+                { "lastUpdated": { "$lt": t } },
+                { "lastUpdated": t, "_id": { "$lt": key } },
+            ] }] },
+            None => base,
+        };
+        let options = FindOptions::builder().sort(doc! { "lastUpdated": -1, "_id": -1 }).limit(limit).build();
+        let docs: Vec<Document> = self.history(rt).find(query).with_options(options).await?.try_collect().await?;
+        let versions = docs.iter().map(|d| decode(d, d.get_str("id").ok())).collect::<Result<_, _>>()?;
+        Ok((versions, total))
+    }
+
+    /// Answers a `ping`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.run_command(doc! { "ping": 1 }).await?;
+        Ok(())
+    }
+}
+
+/// The `_id` a history entry is stored under, which is also its paging key.
+pub fn history_key(id: &str, version: i64) -> String {
+    format!("{id}/{version}")
+}
+
+fn decode(doc: &Document, id: Option<&str>) -> Result<Version, StoreError> {
+    let corrupt = |e: bson::error::Error| StoreError::Corrupt(e.to_string());
+    let id = match id {
+        Some(id) => id.to_string(),
+        None => doc.get_str("_id").map_err(corrupt)?.to_string(),
+    };
+    let resource = match doc.get("resource") {
+        Some(Bson::Document(d)) => Some(json_bson::to_json_object(d)),
+        _ => None,
+    };
+    Ok(Version {
+        id,
+        version: doc.get_i64("versionId").map_err(corrupt)?,
+        last_updated: *doc.get_datetime("lastUpdated").map_err(corrupt)?,
+        deleted: doc.get_bool("deleted").map_err(corrupt)?,
+        method: doc.get_str("method").unwrap_or("PUT").to_string(),
+        resource,
+    })
+}
