@@ -10,8 +10,8 @@
 //!   exponent (trailing zeros survive), up to 34 significant digits;
 //! * more digits than that is refused (FHIR asks servers for at least 18).
 //!
-//! Reading back, `Decimal128` prints in its canonical form, which for every number this
-//! mapping writes is the literal that was sent, up to the case and sign of the exponent.
+//! Reading back, `Decimal128` prints IEEE 754's canonical form: the same digits and exponent,
+//! in plain notation unless the number is below 1E-6 or has a positive exponent.
 
 use bson::{Bson, Decimal128, Document};
 use serde_json::{Map, Number, Value};
@@ -120,7 +120,8 @@ pub fn to_json(value: &Bson) -> Value {
 }
 
 fn decimal_to_json(text: &str) -> Value {
-    // Decimal128 prints exponents as `E+3`/`E-7`, which JSON accepts.
+    // Decimal128 prints IEEE 754's canonical form (`1.000E-245`, `70.50`): same digits and
+    // exponent as stored, in scientific notation only below 1E-6 or for a positive exponent.
     match text.parse::<Number>() {
         Ok(n) => Value::Number(n),
         Err(_) => Value::String(text.to_string()), // NaN/Infinity: never written by us
@@ -162,7 +163,10 @@ mod tests {
     fn decimals_keep_their_precision() {
         for text in [
             r#"{"v":70.50}"#,
-            r#"{"v":0.0000001}"#,
+            r#"{"v":0.000001}"#,
+            r#"{"v":1e-22}"#,
+            r#"{"v":1.000000000000000000e-245}"#,
+            r#"{"v":-1.000000000000000000e+245}"#,
             r#"{"v":-12.300}"#,
             r#"{"v":100}"#,
             r#"{"v":2147483648}"#,
@@ -175,10 +179,10 @@ mod tests {
     }
 
     #[test]
-    fn exponents_come_back_as_the_same_number() {
-        let out = round_trip(r#"{"v":1.5e3}"#);
-        let n: Value = serde_json::from_str(&out).unwrap();
-        assert!(same_number(&n["v"].to_string(), "1.5e3"), "{out}");
+    fn other_notations_come_back_canonical_with_the_same_digits() {
+        for (sent, back) in [(r#"{"v":1.5e3}"#, r#"{"v":1.5e+3}"#), (r#"{"v":0.0000001}"#, r#"{"v":1e-7}"#), (r#"{"v":12.5e-1}"#, r#"{"v":1.25}"#)] {
+            assert_eq!(round_trip(sent), back);
+        }
     }
 
     #[test]

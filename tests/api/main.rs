@@ -1,1 +1,11 @@
+//! Black-box tests over HTTP against real MongoDB and ClickHouse servers (see `make test`).
+//! One test binary (faster to link than one per file), one module per topic.
 
+mod crud;
+mod errors;
+mod helpers;
+mod hooks;
+mod ops;
+mod patch;
+mod roundtrip;
+mod search;

@@ -1,0 +1,35 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+# Builds share one target dir outside the clone, so CI and fresh clones reuse compiled
+# dependencies (fhirbolt takes minutes to build from scratch).
+CARGO_TARGET_DIR ?= $(HOME)/.cache/roster/target
+export CARGO_TARGET_DIR
+SERVICES := scripts/services.sh
+
+.PHONY: run test services-up services-down test-services-up test-services-down fmt lint
+
+## run: start the local services, apply migrations, serve on 127.0.0.1:8080
+run: services-up
+	cargo build --bin roster
+	eval "$$($(SERVICES) env dev)" && $(CARGO_TARGET_DIR)/debug/roster serve
+
+## test: start the test services (own ports and data), run the whole suite, stop them
+test:
+	cargo build --tests --bin roster
+	$(SERVICES) stop test
+	rm -rf .local/test
+	$(SERVICES) start test
+	eval "$$($(SERVICES) env test)" && cargo test --no-fail-fast -- --test-threads=$${TEST_THREADS:-8}; \
+	  status=$$?; [ -n "$$KEEP_SERVICES" ] || $(SERVICES) stop test; exit $$status
+
+services-up:
+	$(SERVICES) start dev
+
+services-down:
+	$(SERVICES) stop dev
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings

@@ -1,0 +1,186 @@
+//! Black-box test harness: each test starts its own server (in-process, random port) on
+//! the shared local services, with its own MongoDB and ClickHouse database names, so tests
+//! run in parallel and in any order.
+
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::BoxFuture;
+use roster::config::Settings;
+use roster::pipeline::{HookError, Hooks, Interaction, PostSaveHook, RequestContext, Saved};
+use roster::startup::Application;
+use serde_json::Value;
+
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`
+    pub address: String,
+    /// `http://127.0.0.1:PORT/4_0_0`
+    pub fhir: String,
+    pub client: reqwest::Client,
+    pub settings: Settings,
+    pub mongo: mongodb::Database,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Settings for the shared test services, with fresh database names.
+pub fn test_settings() -> Settings {
+    for var in ["ROSTER_MONGO_URI", "ROSTER_CLICKHOUSE_URL"] {
+        assert!(
+            std::env::var(var).is_ok(),
+            "{var} is not set: integration tests run against the real local services; use `make test` \
+             (or `eval \"$(scripts/services.sh env test)\"` after `scripts/services.sh start test`)"
+        );
+    }
+    let mut settings = Settings::load_from(None, |k| std::env::var(k).ok()).expect("settings");
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    settings.mongo.database = format!("t_{}", &unique[..16]);
+    settings.clickhouse.database = format!("t_{}", &unique[..16]);
+    settings.listen = "127.0.0.1:0".parse().unwrap();
+    settings.base_url = None;
+    settings
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_with(test_settings(), Hooks::default()).await
+}
+
+pub async fn spawn_with(settings: Settings, hooks: Hooks) -> TestApp {
+    let app = Application::build(settings.clone(), hooks).await.expect("application starts");
+    let address = format!("http://{}", app.address());
+    let mongo = app.state().store.database().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        fhir: format!("{address}/4_0_0"),
+        address,
+        client: reqwest::Client::new(),
+        settings,
+        mongo,
+        _stop: stop,
+    }
+}
+
+pub const FHIR_JSON: &str = "application/fhir+json";
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.fhir, path.trim_start_matches('/'))
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.expect("request")
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("content-type", FHIR_JSON)
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .put(self.url(path))
+            .header("content-type", FHIR_JSON)
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn patch(&self, path: &str, ops: &Value) -> reqwest::Response {
+        self.client
+            .patch(self.url(path))
+            .header("content-type", "application/json-patch+json")
+            .body(ops.to_string())
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client.delete(self.url(path)).send().await.expect("request")
+    }
+}
+
+/// Reads a body as JSON (keeping number text exactly).
+pub async fn json(response: reqwest::Response) -> Value {
+    let text = response.text().await.expect("body");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Asserts `response` is an OperationOutcome with `status`, and returns its first issue.
+pub async fn assert_outcome(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status().as_u16(), status, "status");
+    let ct = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    assert!(ct.starts_with("application/fhir+json"), "content-type {ct}");
+    let body = json(response).await;
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    let issue = body["issue"][0].clone();
+    assert!(issue["diagnostics"].as_str().is_some_and(|d| !d.is_empty()), "{body}");
+    issue
+}
+
+pub fn etag(r: &reqwest::Response) -> String {
+    r.headers().get("etag").expect("etag").to_str().unwrap().to_string()
+}
+
+pub fn patient(family: &str) -> Value {
+    serde_json::json!({
+        "resourceType": "Patient",
+        "name": [{ "family": family, "given": ["Ada"] }],
+        "gender": "female",
+        "birthDate": "1990-05-17"
+    })
+}
+
+/// What a hook saw, for assertions.
+#[derive(Debug, Clone)]
+pub struct SeenSave {
+    pub interaction: Interaction,
+    pub resource_type: String,
+    pub id: String,
+    pub version: i64,
+    pub request_id: String,
+    pub actor: Option<String>,
+    pub had_resource: bool,
+}
+
+#[derive(Default)]
+pub struct RecordingHook {
+    pub seen: Mutex<Vec<SeenSave>>,
+}
+
+impl PostSaveHook for RecordingHook {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+    fn after_save<'a>(&'a self, ctx: &'a RequestContext, saved: &'a Saved<'a>) -> BoxFuture<'a, Result<(), HookError>> {
+        Box::pin(async move {
+            self.seen.lock().unwrap().push(SeenSave {
+                interaction: saved.interaction,
+                resource_type: saved.resource_type.to_string(),
+                id: saved.id.to_string(),
+                version: saved.version,
+                request_id: ctx.request_id.clone(),
+                actor: ctx.actor.clone(),
+                had_resource: saved.resource.is_some(),
+            });
+            Ok(())
+        })
+    }
+}
+
+pub fn recording_hooks() -> (Hooks, Arc<RecordingHook>) {
+    let hook = Arc::new(RecordingHook::default());
+    (Hooks::default().with(hook.clone()), hook)
+}
+
+/// `../shared` beside the checkout.
+pub fn shared_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
+}

@@ -1,0 +1,52 @@
+use crate::helpers::*;
+
+#[tokio::test]
+async fn health_ready_and_metadata() {
+    let app = spawn_app().await;
+    let r = app.client.get(format!("{}/health", app.address)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app.client.get(format!("{}/ready", app.address)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = json(r).await;
+    assert_eq!(body["mongo"], "up");
+    assert_eq!(body["clickhouse"], "up");
+
+    let r = app.get("metadata").await;
+    assert_eq!(r.status(), 200);
+    let cs = json(r).await;
+    assert_eq!(cs["resourceType"], "CapabilityStatement");
+    assert_eq!(cs["fhirVersion"], "4.0.1");
+    assert_eq!(cs["implementation"]["url"], app.fhir);
+    let resources = cs["rest"][0]["resource"].as_array().unwrap();
+    assert_eq!(resources.len(), 146);
+    let group = resources.iter().find(|r| r["type"] == "Group").unwrap();
+    let interactions: Vec<&str> = group["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();
+    for needed in ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"] {
+        assert!(interactions.contains(&needed), "{needed}");
+    }
+}
+
+#[tokio::test]
+async fn migrations_are_recorded_and_idempotent() {
+    let app = spawn_app().await;
+    // The app applied everything at start; a second run applies nothing.
+    assert!(roster::migrate::clickhouse(&app.settings.clickhouse).await.unwrap().is_empty());
+    assert!(roster::migrate::mongo(&app.mongo).await.unwrap().is_empty());
+    let ch = roster::migrate::clickhouse_client(&app.settings.clickhouse);
+    let names: Vec<String> = ch.query("SELECT name FROM _migrations FINAL ORDER BY name").fetch_all().await.unwrap();
+    let expected: Vec<String> = roster::migrate::CLICKHOUSE_MIGRATIONS.iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(names, expected);
+    let version: String = ch.query("SELECT value FROM roster_info FINAL WHERE key = ?").bind("fhir_version").fetch_one().await.unwrap();
+    assert_eq!(version, "4.0.1");
+    let indexes = app.mongo.collection::<bson::Document>("Group_4_0_0_History").list_index_names().await.unwrap();
+    assert!(indexes.contains(&"by_resource_version".to_string()), "{indexes:?}");
+}
+
+#[tokio::test]
+async fn two_test_servers_do_not_see_each_other() {
+    let a = spawn_app().await;
+    let b = spawn_app().await;
+    a.post("Patient", &patient("OnlyInA")).await;
+    let count = json(b.get("Patient?_summary=count").await).await;
+    assert_eq!(count["total"], 0);
+}
