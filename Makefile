@@ -18,7 +18,7 @@ test:
 	$(SERVICES) stop test
 	rm -rf .local/test
 	$(SERVICES) start test
-	eval "$$($(SERVICES) env test)" && cargo test --no-fail-fast -- --test-threads=$${TEST_THREADS:-8}; \
+	eval "$$($(SERVICES) env test)" && cargo test --no-fail-fast -- --test-threads=$${TEST_THREADS:-8} --show-output; \
 	  status=$$?; [ -n "$$KEEP_SERVICES" ] || $(SERVICES) stop test; exit $$status
 
 services-up:

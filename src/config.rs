@@ -70,10 +70,7 @@ impl Default for Settings {
 
 impl Default for MongoSettings {
     fn default() -> Self {
-        MongoSettings {
-            uri: "mongodb://127.0.0.1:27117/?directConnection=true".into(),
-            database: "roster".into(),
-        }
+        MongoSettings { uri: "mongodb://127.0.0.1:27117/?directConnection=true".into(), database: "roster".into() }
     }
 }
 
@@ -130,10 +127,7 @@ impl Settings {
 
     /// Like [`Settings::load`] with an explicit environment, so tests need not mutate the
     /// process environment.
-    pub fn load_from(
-        file: Option<&Path>,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Settings, ConfigError> {
+    pub fn load_from(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
         let explicit = file.map(Path::to_path_buf).or_else(|| env("ROSTER_CONFIG").map(Into::into));
         let path = match explicit {
             Some(p) => Some(p),
@@ -144,8 +138,7 @@ impl Settings {
                 let shown = path.display().to_string();
                 let text = std::fs::read_to_string(&path)
                     .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-                toml::from_str(&text)
-                    .map_err(|e| ConfigError::Parse { path: shown, message: e.to_string() })?
+                toml::from_str(&text).map_err(|e| ConfigError::Parse { path: shown, message: e.to_string() })?
             }
             None => Settings::default(),
         };
@@ -202,10 +195,9 @@ impl Settings {
     fn validate(&self) -> Result<(), ConfigError> {
         // Database names end up as identifiers in DDL (which cannot take bound parameters),
         // so they are restricted to a safe alphabet here, once.
-        for (var, name) in [
-            ("ROSTER_MONGO_DATABASE", &self.mongo.database),
-            ("ROSTER_CLICKHOUSE_DATABASE", &self.clickhouse.database),
-        ] {
+        for (var, name) in
+            [("ROSTER_MONGO_DATABASE", &self.mongo.database), ("ROSTER_CLICKHOUSE_DATABASE", &self.clickhouse.database)]
+        {
             if !is_safe_identifier(name) {
                 return Err(ConfigError::Env {
                     var,
@@ -214,10 +206,7 @@ impl Settings {
             }
         }
         if self.body_limit_bytes == 0 {
-            return Err(ConfigError::Env {
-                var: "ROSTER_BODY_LIMIT_BYTES",
-                message: "must be greater than 0".into(),
-            });
+            return Err(ConfigError::Env { var: "ROSTER_BODY_LIMIT_BYTES", message: "must be greater than 0".into() });
         }
         Ok(())
     }
@@ -244,8 +233,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
     }
 
@@ -254,13 +242,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("roster-cfg-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("roster.toml");
-        std::fs::write(
-            &file,
-            "listen = \"127.0.0.1:9999\"\nbody_limit_bytes = 10\n[mongo]\ndatabase = \"fromfile\"\n",
-        )
-        .unwrap();
-        let s = Settings::load_from(Some(&file), env(&[("ROSTER_MONGO_DATABASE", "fromenv")]))
+        std::fs::write(&file, "listen = \"127.0.0.1:9999\"\nbody_limit_bytes = 10\n[mongo]\ndatabase = \"fromfile\"\n")
             .unwrap();
+        let s = Settings::load_from(Some(&file), env(&[("ROSTER_MONGO_DATABASE", "fromenv")])).unwrap();
         assert_eq!(s.listen.port(), 9999);
         assert_eq!(s.body_limit_bytes, 10);
         assert_eq!(s.mongo.database, "fromenv");
@@ -274,9 +258,7 @@ mod tests {
         std::fs::write(&file, "lisen = \"127.0.0.1:1\"\n").unwrap();
         let err = Settings::load_from(Some(&file), env(&[])).unwrap_err().to_string();
         assert!(err.contains("lisen"), "{err}");
-        let err = Settings::load_from(None, env(&[("ROSTER_CLICKHOUSE_DATABASE", "a;drop")]))
-            .unwrap_err()
-            .to_string();
+        let err = Settings::load_from(None, env(&[("ROSTER_CLICKHOUSE_DATABASE", "a;drop")])).unwrap_err().to_string();
         assert!(err.contains("ROSTER_CLICKHOUSE_DATABASE"), "{err}");
         let err = Settings::load_from(None, env(&[("ROSTER_LOG_FORMAT", "xml")])).unwrap_err();
         assert!(err.to_string().contains("xml"));

@@ -132,12 +132,7 @@ impl std::fmt::Display for FhirError {
 impl std::error::Error for FhirError {}
 
 /// Builds a one-issue `OperationOutcome`.
-pub fn operation_outcome(
-    severity: &str,
-    code: IssueCode,
-    diagnostics: &str,
-    expression: Option<&str>,
-) -> Value {
+pub fn operation_outcome(severity: &str, code: IssueCode, diagnostics: &str, expression: Option<&str>) -> Value {
     let mut issue = json!({ "severity": severity, "code": code.as_str(), "diagnostics": diagnostics });
     if let Some(expr) = expression {
         issue["expression"] = json!([expr]);
@@ -155,8 +150,7 @@ impl IntoResponse for FhirError {
         let mut body = self.to_operation_outcome();
         if self.status == StatusCode::INTERNAL_SERVER_ERROR {
             // Do not leak internals; the log line above carries the cause and request id.
-            body["issue"][0]["diagnostics"] =
-                json!("internal server error; see the server log for this request id");
+            body["issue"][0]["diagnostics"] = json!("internal server error; see the server log for this request id");
         }
         let mut response = (self.status, body.to_string()).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));

@@ -21,7 +21,9 @@ pub enum MigrationError {
     ClickHouse { name: String, source: clickhouse::error::Error },
     #[error("MongoDB migration {name}: {source}")]
     Mongo { name: String, source: mongodb::error::Error },
-    #[error("migration {name} was changed after it was applied (checksum {applied} → {now}); add a new migration instead")]
+    #[error(
+        "migration {name} was changed after it was applied (checksum {applied} → {now}); add a new migration instead"
+    )]
     Changed { name: String, applied: String, now: String },
     #[error("MongoDB migration {name} is not valid JSON: {message}")]
     Invalid { name: String, message: String },
@@ -76,7 +78,11 @@ pub async fn clickhouse(s: &ClickHouseSettings) -> Result<Vec<String>, Migration
     };
     // The database name is checked against a safe identifier alphabet when settings load.
     let server = clickhouse::Client::default().with_url(&s.url).with_user(&s.user).with_password(&s.password);
-    server.query(&format!("CREATE DATABASE IF NOT EXISTS `{}`", s.database)).execute().await.map_err(err("database"))?;
+    server
+        .query(&format!("CREATE DATABASE IF NOT EXISTS `{}`", s.database))
+        .execute()
+        .await
+        .map_err(err("database"))?;
     let client = clickhouse_client(s);
     client
         .query(
@@ -163,10 +169,8 @@ pub async fn mongo(db: &Database) -> Result<Vec<String>, MigrationError> {
                 .indexes
                 .iter()
                 .map(|i| {
-                    let keys = crate::model::json_bson::to_document(&i.keys).map_err(|e| MigrationError::Invalid {
-                        name: name.to_string(),
-                        message: e.to_string(),
-                    })?;
+                    let keys = crate::model::json_bson::to_document(&i.keys)
+                        .map_err(|e| MigrationError::Invalid { name: name.to_string(), message: e.to_string() })?;
                     let options = IndexOptions::builder()
                         .name(i.name.clone())
                         .unique(i.unique.then_some(true))

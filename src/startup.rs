@@ -11,12 +11,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use serde_json::Value;
 use mongodb::options::ClientOptions;
 use serde_json::json;
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::LatencyUnit;
+use tracing::Level;
 
 use crate::config::Settings;
 use crate::error::FhirError;
@@ -62,7 +64,10 @@ impl Application {
         run_migrations(&settings, &db).await?;
         let listener = TcpListener::bind(settings.listen).await?;
         let address = listener.local_addr()?;
-        let base_url = settings.base_url.clone().map_or_else(|| format!("http://{address}"), |b| b.trim_end_matches('/').to_string());
+        let base_url = settings
+            .base_url
+            .clone()
+            .map_or_else(|| format!("http://{address}"), |b| b.trim_end_matches('/').to_string());
         let state = AppState {
             store: ResourceStore::new(db),
             clickhouse: migrate::clickhouse_client(&settings.clickhouse),
@@ -139,10 +144,14 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn(request_context))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            let id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
-            tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path())
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request| {
+                    let id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+                    tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path())
+                })
+                .on_response(DefaultOnResponse::new().level(Level::INFO).latency_unit(LatencyUnit::Micros)),
+        )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
 }

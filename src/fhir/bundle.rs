@@ -26,7 +26,14 @@ fn links(l: &Links) -> Value {
 
 /// A `searchset` Bundle. `entries` are current versions; `outcome` (warnings about the
 /// request, e.g. ignored parameters) becomes an entry with `search.mode = outcome`.
-pub fn searchset(fhir_base: &str, rt: &str, entries: &[Version], total: Option<u64>, l: &Links, outcome: Option<Value>) -> Value {
+pub fn searchset(
+    fhir_base: &str,
+    rt: &str,
+    entries: &[Version],
+    total: Option<u64>,
+    l: &Links,
+    outcome: Option<Value>,
+) -> Value {
     let mut items: Vec<Value> = entries
         .iter()
         .map(|v| {
@@ -92,4 +99,3 @@ pub fn history(fhir_base: &str, rt: &str, entries: &[Version], total: u64, l: &L
     }
     bundle
 }
-

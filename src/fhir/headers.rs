@@ -71,7 +71,8 @@ pub fn require_json_acceptable(headers: &HeaderMap, format: Option<&str>) -> Res
 
 /// Reads the whole body, refusing more than `limit` bytes (413).
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, FhirError> {
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(FhirError::payload_too_large(limit));
     }

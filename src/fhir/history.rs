@@ -49,7 +49,8 @@ fn parse(query: &str, strict: bool) -> Result<HistoryParams, FhirError> {
     let since = match &since_raw {
         None => None,
         Some(v) => {
-            let t = parse_instant(v).ok_or_else(|| FhirError::bad_request(format!("_since: '{v}' is not a FHIR instant")))?;
+            let t = parse_instant(v)
+                .ok_or_else(|| FhirError::bad_request(format!("_since: '{v}' is not a FHIR instant")))?;
             Some(DateTime::from_millis((t.start.unix_timestamp_nanos() / 1_000_000) as i64))
         }
     };
@@ -64,7 +65,13 @@ fn parse(query: &str, strict: bool) -> Result<HistoryParams, FhirError> {
     Ok(HistoryParams { count, since, since_raw, cursor })
 }
 
-async fn respond(state: &AppState, rt: &str, id: Option<&str>, query: Option<String>, headers: &HeaderMap) -> Result<Response, FhirError> {
+async fn respond(
+    state: &AppState,
+    rt: &str,
+    id: Option<&str>,
+    query: Option<String>,
+    headers: &HeaderMap,
+) -> Result<Response, FhirError> {
     let query = query.unwrap_or_default();
     let p = parse(&query, headers::prefer_strict(headers))?;
     headers::require_json_acceptable(headers, param(&query, "_format").as_deref())?;
@@ -73,11 +80,8 @@ async fn respond(state: &AppState, rt: &str, id: Option<&str>, query: Option<Str
             return Err(FhirError::not_found(format!("{rt}/{id} does not exist")));
         }
     }
-    let (mut entries, total) = state
-        .store
-        .history_page(rt, id, p.since, p.cursor.clone(), p.count + 1)
-        .await
-        .map_err(store_error)?;
+    let (mut entries, total) =
+        state.store.history_page(rt, id, p.since, p.cursor.clone(), p.count + 1).await.map_err(store_error)?;
     let more = entries.len() as i64 > p.count;
     entries.truncate(p.count as usize);
     let base = match id {

@@ -16,9 +16,9 @@ use crate::state::AppState;
 use crate::store::Version;
 
 fn format_param(query: &Option<String>) -> Option<String> {
-    query.as_deref().and_then(|q| {
-        form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "_format").map(|(_, v)| v.into_owned())
-    })
+    query
+        .as_deref()
+        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "_format").map(|(_, v)| v.into_owned()))
 }
 
 pub async fn read(
@@ -33,7 +33,9 @@ pub async fn read(
     let current = state.store.read(rt, id).await.map_err(crate::pipeline::save::store_error)?;
     match current {
         None => Err(FhirError::not_found(format!("{rt}/{id} does not exist"))),
-        Some(v) if v.deleted => Err(FhirError::gone(format!("{rt}/{id} was deleted in version {}", v.version), v.version)),
+        Some(v) if v.deleted => {
+            Err(FhirError::gone(format!("{rt}/{id} was deleted in version {}", v.version), v.version))
+        }
         Some(v) => Ok(version_response(StatusCode::OK, &v, None, headers::Return::Representation, "")),
     }
 }
@@ -53,7 +55,9 @@ pub async fn vread(
         .ok_or_else(|| FhirError::bad_request(format!("'{vid}' is not a version id (a positive integer)")))?;
     match state.store.read_version(rt, id, version).await.map_err(crate::pipeline::save::store_error)? {
         None => Err(FhirError::not_found(format!("{rt}/{id} has no version {version}"))),
-        Some(v) if v.deleted => Err(FhirError::gone(format!("version {version} of {rt}/{id} is a deletion"), v.version)),
+        Some(v) if v.deleted => {
+            Err(FhirError::gone(format!("version {version} of {rt}/{id} is a deletion"), v.version))
+        }
         Some(v) => Ok(version_response(StatusCode::OK, &v, None, headers::Return::Representation, "")),
     }
 }
@@ -76,7 +80,13 @@ pub async fn create(
             .map_err(|_| FhirError::bad_request("If-None-Exist must be a visible-ASCII query string"))?;
         if let Some(existing) = search::conditional_match(&state, rt, condition).await? {
             let location = format!("{}/{rt}/{}/_history/{}", state.fhir_base(), existing.id, existing.version);
-            return Ok(version_response(StatusCode::OK, &existing, Some(location), prefer, "the resource already exists; nothing was created"));
+            return Ok(version_response(
+                StatusCode::OK,
+                &existing,
+                Some(location),
+                prefer,
+                "the resource already exists; nothing was created",
+            ));
         }
     }
     let id = uuid::Uuid::new_v4().to_string();
@@ -106,8 +116,10 @@ pub async fn update(
     match resource.get("id") {
         Some(Value::String(body_id)) if body_id == id => {}
         Some(body_id) => {
-            return Err(FhirError::bad_request(format!("the body's id {body_id} does not match the id '{id}' in the URL"))
-                .at(format!("{rt}.id")))
+            return Err(FhirError::bad_request(format!(
+                "the body's id {body_id} does not match the id '{id}' in the URL"
+            ))
+            .at(format!("{rt}.id")))
         }
         None => return Err(FhirError::bad_request("an update body must carry the resource id").at(format!("{rt}.id"))),
     }

@@ -41,7 +41,9 @@ pub struct SearchParams {
 enum Sort {
     #[default]
     Id,
-    LastUpdated { descending: bool },
+    LastUpdated {
+        descending: bool,
+    },
 }
 
 fn parse_prefix(value: &str) -> (&str, &str) {
@@ -60,7 +62,8 @@ fn last_updated_condition(value: &str) -> Result<Document, FhirError> {
     let parsed: FhirDateTime = parse_date_time(date)
         .ok_or_else(|| FhirError::bad_request(format!("_lastUpdated: '{date}' is not a FHIR date or dateTime")))?;
     let (start, end) = parsed.range();
-    let ms = |t: time::OffsetDateTime| Bson::DateTime(DateTime::from_millis((t.unix_timestamp_nanos() / 1_000_000) as i64));
+    let ms =
+        |t: time::OffsetDateTime| Bson::DateTime(DateTime::from_millis((t.unix_timestamp_nanos() / 1_000_000) as i64));
     let (s, e) = (ms(start), ms(end));
     Ok(match prefix {
         "eq" => doc! { "lastUpdated": { "$gte": s, "$lt": e } },
@@ -88,14 +91,16 @@ impl SearchParams {
                 }
                 "_lastUpdated" => {
                     let any: Vec<Document> = value.split(',').map(last_updated_condition).collect::<Result<_, _>>()?;
-                    p.filter.push(if any.len() == 1 { any.into_iter().next().unwrap_or_default() } else { doc! { "$or": any } });
+                    p.filter.push(if any.len() == 1 {
+                        any.into_iter().next().unwrap_or_default()
+                    } else {
+                        doc! { "$or": any }
+                    });
                 }
                 "_count" => {
-                    let n: i64 = value
-                        .parse()
-                        .ok()
-                        .filter(|n| *n >= 0)
-                        .ok_or_else(|| FhirError::bad_request(format!("_count: '{value}' is not a non-negative integer")))?;
+                    let n: i64 = value.parse().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                        FhirError::bad_request(format!("_count: '{value}' is not a non-negative integer"))
+                    })?;
                     p.count = Some(n.min(MAX_COUNT));
                     continue; // `_count` is re-added with the effective value
                 }
@@ -114,7 +119,11 @@ impl SearchParams {
                 "_summary" => match value.as_str() {
                     "count" => p.summary_count = true,
                     "false" => {}
-                    other => return Err(FhirError::bad_request(format!("_summary: '{other}' is not supported (count, false)"))),
+                    other => {
+                        return Err(FhirError::bad_request(format!(
+                            "_summary: '{other}' is not supported (count, false)"
+                        )))
+                    }
                 },
                 "_cursor" => {
                     p.cursor = Some(value);
@@ -276,4 +285,3 @@ mod tests {
         assert!(inner.contains_key("$gte") && inner.contains_key("$lt"));
     }
 }
-

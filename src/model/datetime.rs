@@ -12,7 +12,9 @@ pub enum Precision {
     Month,
     Day,
     /// Seconds, with `digits` digits of fraction (0 when absent).
-    Second { digits: u8 },
+    Second {
+        digits: u8,
+    },
 }
 
 /// A parsed FHIR date/dateTime/instant.
@@ -35,9 +37,7 @@ impl FhirDateTime {
                 self.start.replace_year(y).and_then(|d| d.replace_month(m)).unwrap_or(self.start)
             }
             Precision::Day => self.start + Duration::days(1),
-            Precision::Second { digits } => {
-                self.start + Duration::nanoseconds(10i64.pow(9 - digits.min(9) as u32))
-            }
+            Precision::Second { digits } => self.start + Duration::nanoseconds(10i64.pow(9 - digits.min(9) as u32)),
         };
         (self.start, end)
     }
@@ -155,7 +155,14 @@ mod tests {
 
     #[test]
     fn accepts_valid_forms() {
-        for s in ["2024", "2024-02", "2024-02-29", "2024-02-29T10:11:12Z", "2024-02-29T10:11:12.5+05:30", "2016-12-31T23:59:60Z"] {
+        for s in [
+            "2024",
+            "2024-02",
+            "2024-02-29",
+            "2024-02-29T10:11:12Z",
+            "2024-02-29T10:11:12.5+05:30",
+            "2016-12-31T23:59:60Z",
+        ] {
             assert!(parse_date_time(s).is_some(), "{s}");
         }
         assert!(parse_instant("2024-02-29T10:11:12.123-14:00").is_some());
@@ -164,7 +171,19 @@ mod tests {
 
     #[test]
     fn rejects_invalid_forms() {
-        for s in ["yesterday", "2023-02-29", "2024-13", "2024-1-01", "0000", "2024-01-01T10:00Z", "2024-01-01T10:00:00", "2024-01-01T25:00:00Z", "2024-01-01T10:00:00+15:00", "2024-01-01T10:00:00.Z", " 2024"] {
+        for s in [
+            "yesterday",
+            "2023-02-29",
+            "2024-13",
+            "2024-1-01",
+            "0000",
+            "2024-01-01T10:00Z",
+            "2024-01-01T10:00:00",
+            "2024-01-01T25:00:00Z",
+            "2024-01-01T10:00:00+15:00",
+            "2024-01-01T10:00:00.Z",
+            " 2024",
+        ] {
             assert!(parse_date_time(s).is_none(), "{s}");
         }
         assert!(parse_instant("2024-01-01").is_none());

@@ -75,13 +75,8 @@ fn number_to_bson(n: &Number, path: &str) -> Result<Bson, NumberError> {
             return Ok(Bson::Int64(i));
         }
     }
-    let digits = literal
-        .split(['e', 'E'])
-        .next()
-        .unwrap_or("")
-        .chars()
-        .filter(char::is_ascii_digit)
-        .collect::<String>();
+    let digits =
+        literal.split(['e', 'E']).next().unwrap_or("").chars().filter(char::is_ascii_digit).collect::<String>();
     let significant = digits.trim_start_matches('0').len();
     let err = |reason| NumberError { path: path.to_string(), literal: literal.clone(), reason };
     if significant > 34 {
@@ -180,7 +175,11 @@ mod tests {
 
     #[test]
     fn other_notations_come_back_canonical_with_the_same_digits() {
-        for (sent, back) in [(r#"{"v":1.5e3}"#, r#"{"v":1.5e+3}"#), (r#"{"v":0.0000001}"#, r#"{"v":1e-7}"#), (r#"{"v":12.5e-1}"#, r#"{"v":1.25}"#)] {
+        for (sent, back) in [
+            (r#"{"v":1.5e3}"#, r#"{"v":1.5e+3}"#),
+            (r#"{"v":0.0000001}"#, r#"{"v":1e-7}"#),
+            (r#"{"v":12.5e-1}"#, r#"{"v":1.25}"#),
+        ] {
             assert_eq!(round_trip(sent), back);
         }
     }
@@ -192,8 +191,7 @@ mod tests {
 
     #[test]
     fn too_many_digits_is_an_error_naming_the_path() {
-        let value: Value =
-            serde_json::from_str(r#"{"x":{"y":[1, 0.12345678901234567890123456789012345]}}"#).unwrap();
+        let value: Value = serde_json::from_str(r#"{"x":{"y":[1, 0.12345678901234567890123456789012345]}}"#).unwrap();
         let err = to_document(value.as_object().unwrap()).unwrap_err();
         assert_eq!(err.path, "x.y[1]");
     }

@@ -174,10 +174,11 @@ fn parse_index(token: &str, len: usize, allow_end: bool) -> Result<usize, String
     if allow_end && token == "-" {
         return Ok(len);
     }
-    let valid = !token.is_empty()
-        && token.bytes().all(|b| b.is_ascii_digit())
-        && (token == "0" || !token.starts_with('0'));
-    let index: usize = if valid { token.parse().map_err(|_| format!("array index '{token}' is too large"))? } else {
+    let valid =
+        !token.is_empty() && token.bytes().all(|b| b.is_ascii_digit()) && (token == "0" || !token.starts_with('0'));
+    let index: usize = if valid {
+        token.parse().map_err(|_| format!("array index '{token}' is too large"))?
+    } else {
         return Err(format!("'{token}' is not an array index"));
     };
     let max = if allow_end { len } else { len.saturating_sub(1) };
@@ -303,7 +304,8 @@ mod tests {
     #[test]
     fn failure_is_atomic_and_names_the_operation() {
         let doc = json!({"a": 1});
-        let err = run(doc.clone(), json!([{"op":"add","path":"/b","value":2},{"op":"test","path":"/a","value":3}])).unwrap_err();
+        let err = run(doc.clone(), json!([{"op":"add","path":"/b","value":2},{"op":"test","path":"/a","value":3}]))
+            .unwrap_err();
         assert_eq!(err.index, 1);
         assert_eq!(err.op, "test");
         let mut d = doc.clone();

@@ -34,8 +34,9 @@ pub fn validate_resource(resource_type: &str, resource: &Value) -> Result<(), Fh
             .at(format!("{resource_type}.resourceType")))
         }
         _ => {
-            return Err(FhirError::bad_request("the body has no resourceType")
-                .at(format!("{resource_type}.resourceType")))
+            return Err(
+                FhirError::bad_request("the body has no resourceType").at(format!("{resource_type}.resourceType"))
+            )
         }
     }
     let mut checker = Checker { errors: Vec::new() };
@@ -43,11 +44,14 @@ pub fn validate_resource(resource_type: &str, resource: &Value) -> Result<(), Fh
     if let Some((path, msg)) = checker.errors.into_iter().next() {
         return Err(FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Value, msg).at(path));
     }
-    let typed = fhir_model::parse(resource)
-        .map_err(|message| structural_error(resource_type, resource, &message))?;
+    let typed = fhir_model::parse(resource).map_err(|message| structural_error(resource_type, resource, &message))?;
     if let Some(path) = object_where_array_expected(resource, &typed, resource_type) {
-        return Err(FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Structure, "this element repeats in R4 and must be a JSON array")
-            .at(path));
+        return Err(FhirError::new(
+            StatusCode::BAD_REQUEST,
+            IssueCode::Structure,
+            "this element repeats in R4 and must be a JSON array",
+        )
+        .at(path));
     }
     Ok(())
 }
@@ -56,12 +60,14 @@ pub fn validate_resource(resource_type: &str, resource: &Value) -> Result<(), Fh
 /// has an array there. Returns the path of the first such element.
 fn object_where_array_expected(input: &Value, typed: &Value, path: &str) -> Option<String> {
     match (input, typed) {
-        (Value::Object(i), Value::Object(t)) => i.iter().find_map(|(k, v)| {
-            t.get(k).and_then(|tv| object_where_array_expected(v, tv, &format!("{path}.{k}")))
-        }),
-        (Value::Array(i), Value::Array(t)) => i.iter().zip(t).enumerate().find_map(|(n, (iv, tv))| {
-            object_where_array_expected(iv, tv, &format!("{path}[{n}]"))
-        }),
+        (Value::Object(i), Value::Object(t)) => i
+            .iter()
+            .find_map(|(k, v)| t.get(k).and_then(|tv| object_where_array_expected(v, tv, &format!("{path}.{k}")))),
+        (Value::Array(i), Value::Array(t)) => i
+            .iter()
+            .zip(t)
+            .enumerate()
+            .find_map(|(n, (iv, tv))| object_where_array_expected(iv, tv, &format!("{path}[{n}]"))),
         (other, Value::Array(_)) if !other.is_array() => Some(path.to_string()),
         _ => None,
     }
@@ -94,7 +100,11 @@ fn find_key(v: &Value, key: &str, path: &str) -> Option<String> {
     match v {
         Value::Object(map) => map.iter().find_map(|(k, child)| {
             let here = format!("{path}.{k}");
-            if k == key { Some(here) } else { find_key(child, key, &here) }
+            if k == key {
+                Some(here)
+            } else {
+                find_key(child, key, &here)
+            }
         }),
         Value::Array(items) => items.iter().enumerate().find_map(|(i, c)| find_key(c, key, &format!("{path}[{i}]"))),
         _ => None,
@@ -210,7 +220,7 @@ impl Checker {
                 }
             }
             if let Some(v) = meta.get("lastUpdated") {
-                if !v.as_str().is_some_and(|s| parse_instant(s).is_some()) {
+                if v.as_str().is_none_or(|s| parse_instant(s).is_none()) {
                     self.fail(&format!("{mpath}.lastUpdated"), format!("{v} is not a valid instant"));
                 }
             }
@@ -252,12 +262,10 @@ impl Checker {
                     for (i, item) in items.iter().enumerate() {
                         let ipath = format!("{child}[{i}]");
                         match item {
-                            Value::Object(inner) => {
-                                match inner.get("resourceType").and_then(Value::as_str) {
-                                    Some(rt) if fhir_model::is_resource_type(rt) => self.resource(rt, inner, &ipath),
-                                    _ => self.walk_object(inner, &ipath, false),
-                                }
-                            }
+                            Value::Object(inner) => match inner.get("resourceType").and_then(Value::as_str) {
+                                Some(rt) if fhir_model::is_resource_type(rt) => self.resource(rt, inner, &ipath),
+                                _ => self.walk_object(inner, &ipath, false),
+                            },
                             other => self.primitive(key, other, &ipath),
                         }
                     }
@@ -291,9 +299,18 @@ impl Checker {
             // Some `*Date` elements are dateTime (Medication.batch.expirationDate), and every
             // date is a valid dateTime, so accept either.
             Some(("date or dateTime", parse_date_time(s).is_some()))
-        } else if key.ends_with("Time") && key.len() > 4 && key.as_bytes()[key.len() - 5].is_ascii_lowercase() && key.starts_with("value") {
+        } else if key.ends_with("Time")
+            && key.len() > 4
+            && key.as_bytes()[key.len() - 5].is_ascii_lowercase()
+            && key.starts_with("value")
+        {
             Some(("time", parse_time(s).is_some()))
-        } else if key == "url" || key == "system" || key.ends_with("Uri") || key.ends_with("Url") || key.ends_with("Canonical") {
+        } else if key == "url"
+            || key == "system"
+            || key.ends_with("Uri")
+            || key.ends_with("Url")
+            || key.ends_with("Canonical")
+        {
             Some(("uri", !s.is_empty() && !s.chars().any(char::is_whitespace)))
         } else if key.ends_with("Code") && key.starts_with("value") {
             Some(("code", is_code(s)))
@@ -308,7 +325,10 @@ impl Checker {
 
 /// FHIR `code`: `[^\s]+(\s[^\s]+)*`.
 fn is_code(s: &str) -> bool {
-    !s.is_empty() && !s.starts_with(char::is_whitespace) && !s.ends_with(char::is_whitespace) && !s.contains("  ")
+    !s.is_empty()
+        && !s.starts_with(char::is_whitespace)
+        && !s.ends_with(char::is_whitespace)
+        && !s.contains("  ")
         && !s.chars().any(|c| c.is_whitespace() && c != ' ')
 }
 
@@ -342,13 +362,18 @@ mod tests {
     fn primitive_formats_are_checked_with_paths() {
         let err = check("Patient", json!({"resourceType":"Patient","meta":{"lastUpdated":"yesterday"}})).unwrap_err();
         assert_eq!(err.0, "Patient.meta.lastUpdated");
-        let err = check("Observation", json!({"resourceType":"Observation","effectiveDateTime":"2023-02-30"})).unwrap_err();
+        let err =
+            check("Observation", json!({"resourceType":"Observation","effectiveDateTime":"2023-02-30"})).unwrap_err();
         assert_eq!(err.0, "Observation.effectiveDateTime");
         let err = check("Patient", json!({"resourceType":"Patient","birthDate":"1990-1-1"})).unwrap_err();
         assert_eq!(err.0, "Patient.birthDate");
         let err = check("Group", json!({"resourceType":"Group","member":[{"period":{"start":"soon"}}]})).unwrap_err();
         assert_eq!(err.0, "Group.member[0].period.start");
-        let err = check("Bundle", json!({"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient","gender":"x"}}]})).unwrap_err();
+        let err = check(
+            "Bundle",
+            json!({"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient","gender":"x"}}]}),
+        )
+        .unwrap_err();
         assert_eq!(err.0, "Bundle.entry[0].resource.gender");
     }
 

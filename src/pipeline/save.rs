@@ -114,9 +114,7 @@ pub async fn save(
             }
             Change::Delete => match &current {
                 None => return Err(FhirError::not_found(format!("{rt}/{} does not exist", req.id))),
-                Some(c) if c.deleted => {
-                    return Ok(SaveOutcome { version: c.clone(), created: false, changed: false })
-                }
+                Some(c) if c.deleted => return Ok(SaveOutcome { version: c.clone(), created: false, changed: false }),
                 Some(_) => (Interaction::Delete, None),
             },
         };
@@ -126,7 +124,11 @@ pub async fn save(
         let mut document = None;
         if let Some(Value::Object(mut obj)) = resource {
             stamp(&mut obj, req.id, version, last_updated);
-            let status = if interaction == Interaction::Patch { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::BAD_REQUEST };
+            let status = if interaction == Interaction::Patch {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::BAD_REQUEST
+            };
             let doc = json_bson::to_document(&obj)
                 .map_err(|e| FhirError::new(status, IssueCode::Value, e.to_string()).at(format!("{rt}.{}", e.path)))?;
             document = Some(doc);
@@ -154,7 +156,10 @@ pub async fn save(
         }
         let previous = live.and_then(|c| c.resource.as_ref());
         hooks
-            .run(ctx, &Saved { interaction, resource_type: rt, id: req.id, version, resource: stored.as_ref(), previous })
+            .run(
+                ctx,
+                &Saved { interaction, resource_type: rt, id: req.id, version, resource: stored.as_ref(), previous },
+            )
             .await;
         return Ok(SaveOutcome {
             created: live.is_none(),

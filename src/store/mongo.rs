@@ -146,10 +146,7 @@ impl ResourceStore {
                 }
             },
             Some(base) => {
-                let result = self
-                    .current(rt)
-                    .replace_one(doc! { "_id": c.id, "versionId": base }, &current)
-                    .await?;
+                let result = self.current(rt).replace_one(doc! { "_id": c.id, "versionId": base }, &current).await?;
                 if result.matched_count == 0 {
                     return Err(StoreError::Conflict);
                 }

@@ -95,11 +95,25 @@ async fn if_match_guards_updates_and_deletes() {
     let id = body["id"].as_str().unwrap();
     let path = format!("Patient/{id}");
 
-    let stale = app.client.put(app.url(&path)).header("content-type", FHIR_JSON).header("if-match", "W/\"7\"")
-        .body(body.to_string()).send().await.unwrap();
+    let stale = app
+        .client
+        .put(app.url(&path))
+        .header("content-type", FHIR_JSON)
+        .header("if-match", "W/\"7\"")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_outcome(stale, 412).await;
-    let ok = app.client.put(app.url(&path)).header("content-type", FHIR_JSON).header("if-match", "W/\"1\"")
-        .body(body.to_string()).send().await.unwrap();
+    let ok = app
+        .client
+        .put(app.url(&path))
+        .header("content-type", FHIR_JSON)
+        .header("if-match", "W/\"1\"")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
     assert_eq!(etag(&ok), "W/\"2\"");
     let stale_delete = app.client.delete(app.url(&path)).header("if-match", "W/\"1\"").send().await.unwrap();
@@ -121,8 +135,16 @@ async fn concurrent_updates_from_one_base_version_have_exactly_one_winner() {
         let mut b = body.clone();
         b["name"][0]["family"] = json!(format!("Writer{i}"));
         tasks.push(tokio::spawn(async move {
-            client.put(url).header("content-type", FHIR_JSON).header("if-match", "W/\"1\"").body(b.to_string())
-                .send().await.unwrap().status().as_u16()
+            client
+                .put(url)
+                .header("content-type", FHIR_JSON)
+                .header("if-match", "W/\"1\"")
+                .body(b.to_string())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
         }));
     }
     let mut statuses = Vec::new();
@@ -173,8 +195,12 @@ async fn conditional_create_with_if_none_exist() {
     assert_eq!(app.put("Patient/only-one", &p).await.status(), 201);
 
     let send = |condition: &'static str| {
-        app.client.post(app.url("Patient")).header("content-type", FHIR_JSON).header("if-none-exist", condition)
-            .body(patient("Cond").to_string()).send()
+        app.client
+            .post(app.url("Patient"))
+            .header("content-type", FHIR_JSON)
+            .header("if-none-exist", condition)
+            .body(patient("Cond").to_string())
+            .send()
     };
     let existing = send("_id=only-one").await.unwrap();
     assert_eq!(existing.status(), 200, "a match returns the existing resource");
@@ -195,14 +221,28 @@ async fn conditional_create_with_if_none_exist() {
 #[tokio::test]
 async fn prefer_return_controls_the_body() {
     let app = spawn_app().await;
-    let minimal = app.client.post(app.url("Patient")).header("content-type", FHIR_JSON).header("prefer", "return=minimal")
-        .body(patient("Min").to_string()).send().await.unwrap();
+    let minimal = app
+        .client
+        .post(app.url("Patient"))
+        .header("content-type", FHIR_JSON)
+        .header("prefer", "return=minimal")
+        .body(patient("Min").to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(minimal.status(), 201);
     assert!(minimal.headers().get("location").is_some());
     assert!(minimal.text().await.unwrap().is_empty());
 
-    let outcome = app.client.post(app.url("Patient")).header("content-type", FHIR_JSON)
-        .header("prefer", "return=OperationOutcome").body(patient("Oo").to_string()).send().await.unwrap();
+    let outcome = app
+        .client
+        .post(app.url("Patient"))
+        .header("content-type", FHIR_JSON)
+        .header("prefer", "return=OperationOutcome")
+        .body(patient("Oo").to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(outcome.status(), 201);
     let body: Value = json(outcome).await;
     assert_eq!(body["resourceType"], "OperationOutcome");
@@ -227,7 +267,12 @@ async fn history_is_repaired_after_a_crash_between_commit_and_copy() {
     let bundle = json(app.get("Patient/_history").await).await;
     assert_eq!(bundle["total"], 2, "{bundle}");
     assert_eq!(bundle["entry"][0]["response"]["etag"], "W/\"2\"");
-    let current = app.mongo.collection::<bson::Document>("Patient_4_0_0")
-        .find_one(bson::doc! { "_id": &id }).await.unwrap().unwrap();
+    let current = app
+        .mongo
+        .collection::<bson::Document>("Patient_4_0_0")
+        .find_one(bson::doc! { "_id": &id })
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!current.contains_key("historyPending"));
 }

@@ -10,11 +10,21 @@ async fn bad_request_cases_name_the_problem() {
     let app = spawn_app().await;
     let cases: Vec<(&str, serde_json::Value, &str, &str)> = vec![
         ("unknown element", json!({"resourceType":"Patient","foo":1}), "Patient.foo", "foo"),
-        ("nested unknown element", json!({"resourceType":"Patient","name":[{"famly":"x"}]}), "Patient.name[0].famly", "famly"),
+        (
+            "nested unknown element",
+            json!({"resourceType":"Patient","name":[{"famly":"x"}]}),
+            "Patient.name[0].famly",
+            "famly",
+        ),
         ("wrong JSON type", json!({"resourceType":"Patient","active":"yes"}), "Patient.active", "boolean"),
         ("wrong resourceType", json!({"resourceType":"Observation"}), "Patient.resourceType", "Observation"),
         ("bad date", json!({"resourceType":"Patient","birthDate":"yesterday"}), "Patient.birthDate", "yesterday"),
-        ("bad instant", json!({"resourceType":"Patient","meta":{"lastUpdated":"yesterday"}}), "Patient.meta.lastUpdated", "instant"),
+        (
+            "bad instant",
+            json!({"resourceType":"Patient","meta":{"lastUpdated":"yesterday"}}),
+            "Patient.meta.lastUpdated",
+            "instant",
+        ),
         ("object where array", json!({"resourceType":"Patient","name":{"family":"x"}}), "Patient.name", "array"),
         ("bad code", json!({"resourceType":"Patient","gender":"banana"}), "Patient.gender", "banana"),
     ];
@@ -37,7 +47,14 @@ async fn bad_request_cases_name_the_problem() {
 #[tokio::test]
 async fn malformed_json_ids_and_bodies() {
     let app = spawn_app().await;
-    let r = app.client.post(app.url("Patient")).header("content-type", FHIR_JSON).body("{\"resourceType\":").send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("Patient"))
+        .header("content-type", FHIR_JSON)
+        .body("{\"resourceType\":")
+        .send()
+        .await
+        .unwrap();
     let issue = assert_outcome(r, 400).await;
     assert!(issue["diagnostics"].as_str().unwrap().contains("not valid JSON"));
     let r = app.client.post(app.url("Patient")).header("content-type", FHIR_JSON).body("").send().await.unwrap();
@@ -87,7 +104,14 @@ async fn media_types_and_body_limit() {
     let mut settings = test_settings();
     settings.body_limit_bytes = 2048;
     let app = spawn_with(settings, Default::default()).await;
-    let r = app.client.post(app.url("Patient")).header("content-type", "text/plain").body(patient("x").to_string()).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("Patient"))
+        .header("content-type", "text/plain")
+        .body(patient("x").to_string())
+        .send()
+        .await
+        .unwrap();
     let issue = assert_outcome(r, 415).await;
     assert!(issue["diagnostics"].as_str().unwrap().contains("text/plain"));
     let r = app.client.post(app.url("Patient")).body(patient("x").to_string()).send().await.unwrap();
@@ -95,8 +119,14 @@ async fn media_types_and_body_limit() {
     let r = app.client.patch(app.url("Patient/x")).header("content-type", FHIR_JSON).body("[]").send().await.unwrap();
     assert_outcome(r, 415).await;
     // application/json is accepted for resources.
-    let r = app.client.post(app.url("Patient")).header("content-type", "application/json; charset=utf-8")
-        .body(patient("x").to_string()).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("Patient"))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(patient("x").to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
 
     let mut big = patient("Big");
@@ -104,8 +134,14 @@ async fn media_types_and_body_limit() {
     assert_outcome(app.post("Patient", &big).await, 413).await;
     // Without Content-Length (chunked) the limit still holds.
     let chunks: Vec<Result<String, std::io::Error>> = vec![Ok(big.to_string())];
-    let r = app.client.post(app.url("Patient")).header("content-type", FHIR_JSON)
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks))).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("Patient"))
+        .header("content-type", FHIR_JSON)
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
     assert_outcome(r, 413).await;
     let r = app.client.get(app.url("Patient")).header("accept", "application/fhir+xml").send().await.unwrap();
     assert_outcome(r, 406).await;
@@ -149,8 +185,13 @@ async fn an_unreachable_store_is_a_503() {
     let client = reqwest::Client::new();
     let r = client.get(format!("http://{address}/4_0_0/Patient/x")).send().await.unwrap();
     assert_outcome(r, 503).await;
-    let r = client.post(format!("http://{address}/4_0_0/Patient")).header("content-type", FHIR_JSON)
-        .body(patient("x").to_string()).send().await.unwrap();
+    let r = client
+        .post(format!("http://{address}/4_0_0/Patient"))
+        .header("content-type", FHIR_JSON)
+        .body(patient("x").to_string())
+        .send()
+        .await
+        .unwrap();
     assert_outcome(r, 503).await;
     let r = client.get(format!("http://{address}/ready")).send().await.unwrap();
     assert_eq!(r.status(), 503);

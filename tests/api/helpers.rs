@@ -51,14 +51,7 @@ pub async fn spawn_with(settings: Settings, hooks: Hooks) -> TestApp {
     tokio::spawn(app.run_until(async move {
         let _ = stopped.await;
     }));
-    TestApp {
-        fhir: format!("{address}/4_0_0"),
-        address,
-        client: reqwest::Client::new(),
-        settings,
-        mongo,
-        _stop: stop,
-    }
+    TestApp { fhir: format!("{address}/4_0_0"), address, client: reqwest::Client::new(), settings, mongo, _stop: stop }
 }
 
 pub const FHIR_JSON: &str = "application/fhir+json";

@@ -8,8 +8,16 @@ async fn post_save_hooks_see_every_write_with_its_request_context() {
     let (hooks, recorder) = recording_hooks();
     let app = spawn_with(test_settings(), hooks).await;
 
-    let created = app.client.post(app.url("Patient")).header("content-type", FHIR_JSON).header("x-actor", "nurse-7")
-        .header("x-request-id", "req-create-1").body(patient("Hook").to_string()).send().await.unwrap();
+    let created = app
+        .client
+        .post(app.url("Patient"))
+        .header("content-type", FHIR_JSON)
+        .header("x-actor", "nurse-7")
+        .header("x-request-id", "req-create-1")
+        .body(patient("Hook").to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(created.headers()["x-request-id"], "req-create-1", "the request id is echoed");
     let body = json(created).await;
     let id = body["id"].as_str().unwrap().to_string();

@@ -20,8 +20,11 @@ async fn health_ready_and_metadata() {
     let resources = cs["rest"][0]["resource"].as_array().unwrap();
     assert_eq!(resources.len(), 146);
     let group = resources.iter().find(|r| r["type"] == "Group").unwrap();
-    let interactions: Vec<&str> = group["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();
-    for needed in ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"] {
+    let interactions: Vec<&str> =
+        group["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();
+    for needed in
+        ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
+    {
         assert!(interactions.contains(&needed), "{needed}");
     }
 }
@@ -36,7 +39,8 @@ async fn migrations_are_recorded_and_idempotent() {
     let names: Vec<String> = ch.query("SELECT name FROM _migrations FINAL ORDER BY name").fetch_all().await.unwrap();
     let expected: Vec<String> = roster::migrate::CLICKHOUSE_MIGRATIONS.iter().map(|(n, _)| n.to_string()).collect();
     assert_eq!(names, expected);
-    let version: String = ch.query("SELECT value FROM roster_info FINAL WHERE key = ?").bind("fhir_version").fetch_one().await.unwrap();
+    let version: String =
+        ch.query("SELECT value FROM roster_info FINAL WHERE key = ?").bind("fhir_version").fetch_one().await.unwrap();
     assert_eq!(version, "4.0.1");
     let indexes = app.mongo.collection::<bson::Document>("Group_4_0_0_History").list_index_names().await.unwrap();
     assert!(indexes.contains(&"by_resource_version".to_string()), "{indexes:?}");

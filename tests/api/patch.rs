@@ -42,7 +42,10 @@ fn rfc6902_conformance_suite() {
     let mut all_failures = Vec::new();
     for file in ["tests.json", "spec_tests.json"] {
         let (passed, disabled, failures) = run_suite(file);
-        println!("json-patch-tests {file}: {passed} passed, {} failed, {disabled} skipped (disabled by the suite)", failures.len());
+        println!(
+            "json-patch-tests {file}: {passed} passed, {} failed, {disabled} skipped (disabled by the suite)",
+            failures.len()
+        );
         total_passed += passed;
         all_failures.extend(failures);
     }
@@ -95,17 +98,28 @@ async fn a_failing_or_invalidating_patch_stores_nothing() {
     let path = format!("Patient/{id}");
     // `test` fails: 422, atomic.
     let issue = assert_outcome(
-        app.patch(&path, &json!([
-            { "op": "replace", "path": "/gender", "value": "male" },
-            { "op": "test", "path": "/name/0/family", "value": "Nope" }
-        ])).await,
+        app.patch(
+            &path,
+            &json!([
+                { "op": "replace", "path": "/gender", "value": "male" },
+                { "op": "test", "path": "/name/0/family", "value": "Nope" }
+            ]),
+        )
+        .await,
         422,
-    ).await;
+    )
+    .await;
     assert!(issue["diagnostics"].as_str().unwrap().contains("operation 1"), "{issue}");
     // The result is not a valid Patient: 422 naming the element.
-    let issue = assert_outcome(app.patch(&path, &json!([{ "op": "add", "path": "/colour", "value": "blue" }])).await, 422).await;
+    let issue =
+        assert_outcome(app.patch(&path, &json!([{ "op": "add", "path": "/colour", "value": "blue" }])).await, 422)
+            .await;
     assert_eq!(issue["expression"][0], "Patient.colour");
-    let issue = assert_outcome(app.patch(&path, &json!([{ "op": "replace", "path": "/gender", "value": "banana" }])).await, 422).await;
+    let issue = assert_outcome(
+        app.patch(&path, &json!([{ "op": "replace", "path": "/gender", "value": "banana" }])).await,
+        422,
+    )
+    .await;
     assert_eq!(issue["expression"][0], "Patient.gender");
     assert_outcome(app.patch(&path, &json!([{ "op": "remove", "path": "/id" }])).await, 422).await;
     // A Group patch removing a required element.
@@ -129,11 +143,25 @@ async fn patch_honours_if_match() {
     let id = new_patient(&app).await;
     let url = app.url(&format!("Patient/{id}"));
     let ops = json!([{ "op": "replace", "path": "/gender", "value": "other" }]).to_string();
-    let stale = app.client.patch(&url).header("content-type", "application/json-patch+json").header("if-match", "W/\"9\"")
-        .body(ops.clone()).send().await.unwrap();
+    let stale = app
+        .client
+        .patch(&url)
+        .header("content-type", "application/json-patch+json")
+        .header("if-match", "W/\"9\"")
+        .body(ops.clone())
+        .send()
+        .await
+        .unwrap();
     assert_outcome(stale, 412).await;
-    let ok = app.client.patch(&url).header("content-type", "application/json-patch+json").header("if-match", "W/\"1\"")
-        .body(ops).send().await.unwrap();
+    let ok = app
+        .client
+        .patch(&url)
+        .header("content-type", "application/json-patch+json")
+        .header("if-match", "W/\"1\"")
+        .body(ops)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
 }
 
@@ -147,7 +175,15 @@ async fn concurrent_patches_without_if_match_all_apply() {
         let url = app.url(&format!("Patient/{id}"));
         let ops = json!([{ "op": "add", "path": "/name/0/given/-", "value": format!("G{i}") }]).to_string();
         tasks.push(tokio::spawn(async move {
-            client.patch(url).header("content-type", "application/json-patch+json").body(ops).send().await.unwrap().status().as_u16()
+            client
+                .patch(url)
+                .header("content-type", "application/json-patch+json")
+                .body(ops)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
         }));
     }
     for t in tasks {

@@ -83,7 +83,11 @@ async fn every_hl7_example_round_trips() {
     let ok = results.iter().filter(|(_, r)| r.is_ok()).count();
     let mut rejected: Vec<&(String, Result<(), String>)> = results.iter().filter(|(_, r)| r.is_err()).collect();
     rejected.sort_by(|a, b| a.0.cmp(&b.0));
-    println!("round trip: {ok} of {} HL7 R4 examples stored and read back equal; {} rejected:", results.len(), rejected.len());
+    println!(
+        "round trip: {ok} of {} HL7 R4 examples stored and read back equal; {} rejected:",
+        results.len(),
+        rejected.len()
+    );
     for (name, reason) in &rejected {
         println!("  {name}: {}", reason.as_ref().unwrap_err());
     }

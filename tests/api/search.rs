@@ -130,7 +130,8 @@ async fn type_history_pages_newest_first() {
     assert_eq!(b["type"], "history");
     assert_eq!(b["total"], 5);
     let mut url = next(&b).expect("next page");
-    let mut fulls: Vec<String> = b["entry"].as_array().unwrap().iter().map(|e| e["fullUrl"].as_str().unwrap().to_string()).collect();
+    let mut fulls: Vec<String> =
+        b["entry"].as_array().unwrap().iter().map(|e| e["fullUrl"].as_str().unwrap().to_string()).collect();
     loop {
         let page = json(app.client.get(&url).send().await.unwrap()).await;
         fulls.extend(page["entry"].as_array().unwrap().iter().map(|e| e["fullUrl"].as_str().unwrap().to_string()));

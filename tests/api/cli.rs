@@ -1,0 +1,96 @@
+//! The `roster` binary itself: help, migrate, and serve with a graceful SIGTERM stop.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::helpers::test_settings;
+
+fn roster() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_roster"))
+}
+
+fn with_test_env(cmd: &mut Command) -> (String, String) {
+    let s = test_settings();
+    cmd.env("ROSTER_MONGO_DATABASE", &s.mongo.database).env("ROSTER_CLICKHOUSE_DATABASE", &s.clickhouse.database);
+    (s.mongo.database, s.clickhouse.database)
+}
+
+#[test]
+fn help_documents_subcommands_and_environment() {
+    let out = roster().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for needle in ["serve", "migrate", "config", "ROSTER_MONGO_URI", "ROSTER_CLICKHOUSE_URL", "ROSTER_BODY_LIMIT_BYTES"]
+    {
+        assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
+    }
+}
+
+#[test]
+fn migrate_applies_once() {
+    let mut first = roster();
+    first.arg("migrate");
+    let (mongo_db, clickhouse_db) = with_test_env(&mut first);
+    let out = first.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("001_server_info") && text.contains("001_resource_indexes"), "{text}");
+
+    let second = roster()
+        .arg("migrate")
+        .env("ROSTER_MONGO_DATABASE", &mongo_db)
+        .env("ROSTER_CLICKHOUSE_DATABASE", &clickhouse_db)
+        .output()
+        .unwrap();
+    assert!(second.status.success());
+    let text = String::from_utf8(second.stdout).unwrap();
+    assert!(text.contains("applied []"), "nothing left to apply: {text}");
+}
+
+#[test]
+fn bad_configuration_is_reported_and_exits_non_zero() {
+    let out = roster().arg("config").env("ROSTER_LISTEN", "not-an-address").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ROSTER_LISTEN"));
+}
+
+#[test]
+fn serve_answers_and_stops_gracefully_on_sigterm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cmd = roster();
+    cmd.arg("serve").env("ROSTER_LISTEN", format!("127.0.0.1:{port}")).env("ROSTER_LOG_FORMAT", "json");
+    with_test_env(&mut cmd);
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    let health = loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            s.write_all(b"GET /4_0_0/metadata HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+            let mut response = String::new();
+            s.read_to_string(&mut response).unwrap();
+            break response;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("CapabilityStatement"));
+    assert!(health.to_ascii_lowercase().contains("x-request-id"));
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "server ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+    let mut logs = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut logs).unwrap();
+    let request_line =
+        logs.lines().find(|l| l.contains("/4_0_0/metadata")).unwrap_or_else(|| panic!("no request log line:\n{logs}"));
+    let parsed: serde_json::Value = serde_json::from_str(request_line).expect("JSON log line");
+    assert!(parsed["span"]["request_id"].as_str().is_some_and(|id| id.len() == 36), "{request_line}");
+}
