@@ -2,7 +2,6 @@
 //! routes and middleware, serve until SIGTERM/Ctrl-C.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -68,13 +67,13 @@ impl Application {
             .base_url
             .clone()
             .map_or_else(|| format!("http://{address}"), |b| b.trim_end_matches('/').to_string());
-        let state = AppState {
-            store: ResourceStore::new(db),
-            clickhouse: migrate::clickhouse_client(&settings.clickhouse),
+        let state = AppState::new(
+            ResourceStore::new(db),
+            migrate::clickhouse_client(&settings.clickhouse),
             hooks,
-            base_url: Arc::from(base_url),
-            body_limit: settings.body_limit_bytes,
-        };
+            &base_url,
+            settings.body_limit_bytes,
+        );
         let router = router(state.clone());
         Ok(Application { listener, router, address, state })
     }

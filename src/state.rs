@@ -12,9 +12,24 @@ pub struct AppState {
     /// Public base URL, no trailing slash (e.g. `http://127.0.0.1:8080`).
     pub base_url: Arc<str>,
     pub body_limit: usize,
+    /// The CapabilityStatement, rendered once: it only changes with the code.
+    pub capability_statement: Arc<str>,
 }
 
 impl AppState {
+    pub fn new(
+        store: ResourceStore,
+        clickhouse: clickhouse::Client,
+        hooks: Hooks,
+        base_url: &str,
+        body_limit: usize,
+    ) -> AppState {
+        let base_url: Arc<str> = Arc::from(base_url.trim_end_matches('/'));
+        let fhir_base = format!("{base_url}/4_0_0");
+        let capability_statement = crate::fhir::metadata::capability_statement_json(&fhir_base).to_string().into();
+        AppState { store, clickhouse, hooks, base_url, body_limit, capability_statement }
+    }
+
     /// `{base}/4_0_0`.
     pub fn fhir_base(&self) -> String {
         format!("{}/4_0_0", self.base_url)

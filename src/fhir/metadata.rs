@@ -2,12 +2,12 @@
 //! it cannot drift from the routes.
 
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::Response;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use super::headers::fhir_json;
 use super::search::{DEFAULT_COUNT, MAX_COUNT};
+use super::FHIR_JSON;
 use crate::model::datetime::format_instant;
 use crate::state::AppState;
 
@@ -62,7 +62,9 @@ pub fn capability_statement_json(fhir_base: &str) -> Value {
 }
 
 pub async fn capability_statement(State(state): State<AppState>) -> Response {
-    fhir_json(StatusCode::OK, &capability_statement_json(&state.fhir_base()))
+    let mut response = (StatusCode::OK, state.capability_statement.to_string()).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    response
 }
 
 #[cfg(test)]

@@ -15,10 +15,16 @@ use crate::pipeline::{save, Change, RequestContext, SaveOutcome, SaveRequest};
 use crate::state::AppState;
 use crate::store::Version;
 
-fn format_param(query: &Option<String>) -> Option<String> {
-    query
-        .as_deref()
-        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "_format").map(|(_, v)| v.into_owned()))
+/// Reads a JSON body of one of `content_types` (415 otherwise), within the body limit.
+async fn json_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    content_types: &[&str],
+) -> Result<Value, FhirError> {
+    headers::require_content_type(headers, content_types)?;
+    let bytes = headers::read_body(headers, body, state.body_limit).await?;
+    headers::parse_json(&bytes)
 }
 
 pub async fn read(
@@ -29,7 +35,7 @@ pub async fn read(
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
     let id = valid_id(&id)?;
-    headers::require_json_acceptable(&headers, format_param(&query).as_deref())?;
+    headers::require_json_acceptable(&headers, query.as_deref().and_then(|q| search::param(q, "_format")).as_deref())?;
     let current = state.store.read(rt, id).await.map_err(crate::pipeline::save::store_error)?;
     match current {
         None => Err(FhirError::not_found(format!("{rt}/{id} does not exist"))),
@@ -70,9 +76,7 @@ pub async fn create(
     body: Body,
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
-    headers::require_content_type(&headers, RESOURCE_CONTENT_TYPES)?;
-    let bytes = headers::read_body(&headers, body, state.body_limit).await?;
-    let resource = headers::parse_json(&bytes)?;
+    let resource = json_body(&state, &headers, body, RESOURCE_CONTENT_TYPES).await?;
     let prefer = headers::prefer_return(&headers);
     if let Some(condition) = headers.get("if-none-exist") {
         let condition = condition
@@ -109,10 +113,8 @@ pub async fn update(
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
     let id = valid_id(&id)?;
-    headers::require_content_type(&headers, RESOURCE_CONTENT_TYPES)?;
     let if_match = headers::if_match(&headers)?;
-    let bytes = headers::read_body(&headers, body, state.body_limit).await?;
-    let resource = headers::parse_json(&bytes)?;
+    let resource = json_body(&state, &headers, body, RESOURCE_CONTENT_TYPES).await?;
     match resource.get("id") {
         Some(Value::String(body_id)) if body_id == id => {}
         Some(body_id) => {
@@ -143,10 +145,8 @@ pub async fn patch(
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
     let id = valid_id(&id)?;
-    headers::require_content_type(&headers, PATCH_CONTENT_TYPES)?;
     let if_match = headers::if_match(&headers)?;
-    let bytes = headers::read_body(&headers, body, state.body_limit).await?;
-    let doc = headers::parse_json(&bytes)?;
+    let doc = json_body(&state, &headers, body, PATCH_CONTENT_TYPES).await?;
     let ops = patch::parse(&doc).map_err(|e| FhirError::bad_request(format!("invalid JSON Patch: {e}")))?;
     let outcome = save(
         &state.store,

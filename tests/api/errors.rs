@@ -172,13 +172,13 @@ async fn an_unreachable_store_is_a_503() {
         .direct_connection(true)
         .build();
     let db = mongodb::Client::with_options(options).unwrap().database("nowhere");
-    let state = roster::state::AppState {
-        store: roster::store::ResourceStore::new(db),
-        clickhouse: roster::migrate::clickhouse_client(&settings.clickhouse),
-        hooks: Default::default(),
-        base_url: "http://test".into(),
-        body_limit: 1 << 20,
-    };
+    let state = roster::state::AppState::new(
+        roster::store::ResourceStore::new(db),
+        roster::migrate::clickhouse_client(&settings.clickhouse),
+        Default::default(),
+        "http://test",
+        1 << 20,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, roster::startup::router(state)).await });
