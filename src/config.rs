@@ -20,7 +20,24 @@ pub struct Settings {
     pub body_limit_bytes: usize,
     pub mongo: MongoSettings,
     pub clickhouse: ClickHouseSettings,
+    pub groups: GroupSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupSettings {
+    /// `events` (members as ClickHouse events, the product) or `embedded` (members in the
+    /// MongoDB document: the benchmark baseline).
+    pub members: crate::group::MemberStorage,
+    /// Most operations one Group PATCH may carry (more: 413).
+    pub max_patch_ops: usize,
+}
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        GroupSettings { members: crate::group::MemberStorage::Events, max_patch_ops: 100_000 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -63,6 +80,7 @@ impl Default for Settings {
             body_limit_bytes: 64 * 1024 * 1024,
             mongo: MongoSettings::default(),
             clickhouse: ClickHouseSettings::default(),
+            groups: GroupSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -103,6 +121,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ROSTER_CLICKHOUSE_USER", "ClickHouse user"),
     ("ROSTER_CLICKHOUSE_PASSWORD", "ClickHouse password"),
     ("ROSTER_CLICKHOUSE_DATABASE", "ClickHouse database name"),
+    ("ROSTER_GROUP_MEMBERS", "events (ClickHouse member events) or embedded (members in MongoDB)"),
+    ("ROSTER_GROUP_MAX_PATCH_OPS", "most operations in one Group PATCH (default 100000)"),
     ("ROSTER_LOG_FORMAT", "text or json"),
     ("ROSTER_LOG", "tracing filter, e.g. info or roster=debug"),
 ];
@@ -176,6 +196,21 @@ impl Settings {
             if let Some(v) = env(var) {
                 *slot = v;
             }
+        }
+        if let Some(v) = env("ROSTER_GROUP_MAX_PATCH_OPS") {
+            self.groups.max_patch_ops = parse("ROSTER_GROUP_MAX_PATCH_OPS", &v)?;
+        }
+        if let Some(v) = env("ROSTER_GROUP_MEMBERS") {
+            self.groups.members = match v.as_str() {
+                "events" => crate::group::MemberStorage::Events,
+                "embedded" => crate::group::MemberStorage::Embedded,
+                other => {
+                    return Err(ConfigError::Env {
+                        var: "ROSTER_GROUP_MEMBERS",
+                        message: format!("'{other}' is not events or embedded"),
+                    })
+                }
+            };
         }
         if let Some(v) = env("ROSTER_LOG_FORMAT") {
             self.log.format = match v.as_str() {

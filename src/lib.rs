@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fhir;
+pub mod group;
 pub mod migrate;
 pub mod model;
 pub mod pipeline;

@@ -19,8 +19,11 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tower_http::LatencyUnit;
 use tracing::Level;
 
+use std::sync::Arc;
+
 use crate::config::Settings;
 use crate::error::FhirError;
+use crate::group::hook::GroupMemberSync;
 use crate::pipeline::{Hooks, RequestContext};
 use crate::state::AppState;
 use crate::store::ResourceStore;
@@ -67,12 +70,16 @@ impl Application {
             .base_url
             .clone()
             .map_or_else(|| format!("http://{address}"), |b| b.trim_end_matches('/').to_string());
+        let clickhouse = migrate::clickhouse_client(&settings.clickhouse);
+        // Member arrays of POST/PUT are synced by this hook, first in line.
+        let hooks = Hooks::default().with(Arc::new(GroupMemberSync::new(db.clone(), clickhouse.clone()))).extend(hooks);
         let state = AppState::new(
             ResourceStore::new(db),
-            migrate::clickhouse_client(&settings.clickhouse),
+            clickhouse,
             hooks,
             &base_url,
             settings.body_limit_bytes,
+            &settings.groups,
         );
         let router = router(state.clone());
         Ok(Application { listener, router, address, state })
@@ -88,7 +95,7 @@ impl Application {
 
     /// Serves until SIGTERM or Ctrl-C, then finishes in-flight requests.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        tokio::spawn(repair_history(self.state.store.clone()));
+        tokio::spawn(repair_history(self.state.store.clone(), self.state.clickhouse.clone()));
         tracing::info!(address = %self.address, "roster listening");
         axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown_signal()).await
     }
@@ -99,8 +106,14 @@ impl Application {
     }
 }
 
-/// Writes history copies left pending by a crash (see `store`).
-async fn repair_history(store: ResourceStore) {
+/// Writes history copies and member batches left pending by a crash (see `store` and
+/// `group::outbox`).
+async fn repair_history(store: ResourceStore, clickhouse: clickhouse::Client) {
+    match crate::group::outbox::recover_all(store.database(), &clickhouse).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(batches = n, "pending member event batches inserted"),
+        Err(e) => tracing::warn!(error = %e, "member batch recovery failed; reads retry it, and the next start"),
+    }
     let mut repaired = 0;
     for rt in fhir_model::RESOURCE_TYPES {
         match store.repair_history(rt).await {

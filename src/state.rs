@@ -1,5 +1,7 @@
 use std::sync::Arc;
 
+use crate::config::GroupSettings;
+use crate::group::MemberStorage;
 use crate::pipeline::Hooks;
 use crate::store::ResourceStore;
 
@@ -14,6 +16,8 @@ pub struct AppState {
     pub body_limit: usize,
     /// The CapabilityStatement, rendered once: it only changes with the code.
     pub capability_statement: Arc<str>,
+    pub group_members: MemberStorage,
+    pub group_max_patch_ops: usize,
 }
 
 impl AppState {
@@ -23,11 +27,21 @@ impl AppState {
         hooks: Hooks,
         base_url: &str,
         body_limit: usize,
+        groups: &GroupSettings,
     ) -> AppState {
         let base_url: Arc<str> = Arc::from(base_url.trim_end_matches('/'));
         let fhir_base = format!("{base_url}/4_0_0");
         let capability_statement = crate::fhir::metadata::capability_statement_json(&fhir_base).to_string().into();
-        AppState { store, clickhouse, hooks, base_url, body_limit, capability_statement }
+        AppState {
+            store,
+            clickhouse,
+            hooks,
+            base_url,
+            body_limit,
+            capability_statement,
+            group_members: groups.members,
+            group_max_patch_ops: groups.max_patch_ops,
+        }
     }
 
     /// `{base}/4_0_0`.

@@ -1,6 +1,7 @@
 //! FHIR R4 REST API under `/4_0_0`.
 
 pub mod bundle;
+pub mod group;
 pub mod headers;
 pub mod history;
 pub mod metadata;

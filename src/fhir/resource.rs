@@ -8,9 +8,11 @@ use axum::Extension;
 use serde_json::Value;
 
 use super::headers::{self, VersionResponse};
-use super::{known_type, search, valid_id, PATCH_CONTENT_TYPES, RESOURCE_CONTENT_TYPES};
+use super::{group, known_type, search, valid_id, PATCH_CONTENT_TYPES, RESOURCE_CONTENT_TYPES};
 use crate::error::FhirError;
+use crate::group::MemberStorage;
 use crate::model::patch;
+use crate::pipeline::save::finish_pending;
 use crate::pipeline::{save, Change, RequestContext, SaveOutcome, SaveRequest};
 use crate::state::AppState;
 use crate::store::Version;
@@ -42,6 +44,10 @@ pub async fn read(
         Some(v) if v.deleted => {
             Err(FhirError::gone(format!("{rt}/{id} was deleted in version {}", v.version), v.version))
         }
+        Some(v) if members_are_events(&state, rt) => {
+            finish_pending(&state, id, &v).await?;
+            group::read_response(&state, &v, None, group::wants_summary(query.as_deref())?).await
+        }
         Some(v) => Ok(version_response(StatusCode::OK, &v, None, headers::Return::Representation, "")),
     }
 }
@@ -49,6 +55,7 @@ pub async fn read(
 pub async fn vread(
     State(state): State<AppState>,
     Path((rt, id, vid)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
@@ -59,10 +66,20 @@ pub async fn vread(
         .ok()
         .filter(|v| *v > 0)
         .ok_or_else(|| FhirError::bad_request(format!("'{vid}' is not a version id (a positive integer)")))?;
+    if members_are_events(&state, rt) {
+        // Every version up to the current one must have its member events in place.
+        if let Some(current) = state.store.read(rt, id).await.map_err(crate::pipeline::save::store_error)? {
+            finish_pending(&state, id, &current).await?;
+        }
+    }
     match state.store.read_version(rt, id, version).await.map_err(crate::pipeline::save::store_error)? {
         None => Err(FhirError::not_found(format!("{rt}/{id} has no version {version}"))),
         Some(v) if v.deleted => {
             Err(FhirError::gone(format!("version {version} of {rt}/{id} is a deletion"), v.version))
+        }
+        Some(v) if members_are_events(&state, rt) => {
+            let as_of = u32::try_from(version).map_err(|_| FhirError::bad_request("version id out of range"))?;
+            group::read_response(&state, &v, Some(as_of), group::wants_summary(query.as_deref())?).await
         }
         Some(v) => Ok(version_response(StatusCode::OK, &v, None, headers::Return::Representation, "")),
     }
@@ -95,8 +112,7 @@ pub async fn create(
     }
     let id = uuid::Uuid::new_v4().to_string();
     let outcome = save(
-        &state.store,
-        &state.hooks,
+        &state,
         &mut ctx,
         SaveRequest { resource_type: rt, id: &id, change: Change::Create(resource), if_match: None },
     )
@@ -125,13 +141,9 @@ pub async fn update(
         }
         None => return Err(FhirError::bad_request("an update body must carry the resource id").at(format!("{rt}.id"))),
     }
-    let outcome = save(
-        &state.store,
-        &state.hooks,
-        &mut ctx,
-        SaveRequest { resource_type: rt, id, change: Change::Update(resource), if_match },
-    )
-    .await?;
+    let outcome =
+        save(&state, &mut ctx, SaveRequest { resource_type: rt, id, change: Change::Update(resource), if_match })
+            .await?;
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok(written(&state, rt, &outcome, status, headers::prefer_return(&headers)))
 }
@@ -148,13 +160,19 @@ pub async fn patch(
     let if_match = headers::if_match(&headers)?;
     let doc = json_body(&state, &headers, body, PATCH_CONTENT_TYPES).await?;
     let ops = patch::parse(&doc).map_err(|e| FhirError::bad_request(format!("invalid JSON Patch: {e}")))?;
-    let outcome = save(
-        &state.store,
-        &state.hooks,
-        &mut ctx,
-        SaveRequest { resource_type: rt, id, change: Change::Patch(ops), if_match },
-    )
-    .await?;
+    if ops.len() > state.group_max_patch_ops {
+        return Err(FhirError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            crate::error::IssueCode::TooCostly,
+            format!(
+                "the patch has {} operations; at most {} are accepted in one PATCH (split it)",
+                ops.len(),
+                state.group_max_patch_ops
+            ),
+        ));
+    }
+    let outcome =
+        save(&state, &mut ctx, SaveRequest { resource_type: rt, id, change: Change::Patch(ops), if_match }).await?;
     Ok(written(&state, rt, &outcome, StatusCode::OK, headers::prefer_return(&headers)))
 }
 
@@ -167,13 +185,8 @@ pub async fn delete(
     let rt = known_type(&rt)?;
     let id = valid_id(&id)?;
     let if_match = headers::if_match(&headers)?;
-    let outcome = save(
-        &state.store,
-        &state.hooks,
-        &mut ctx,
-        SaveRequest { resource_type: rt, id, change: Change::Delete, if_match },
-    )
-    .await?;
+    let outcome =
+        save(&state, &mut ctx, SaveRequest { resource_type: rt, id, change: Change::Delete, if_match }).await?;
     let v = &outcome.version;
     let message = if outcome.changed {
         format!("deleted {rt}/{id}; the tombstone is version {}", v.version)
@@ -215,11 +228,23 @@ impl VersionResponse<'_> {
     }
 }
 
+/// Whether `rt`'s reads and writes go through the event-sourced member path.
+fn members_are_events(state: &AppState, rt: &str) -> bool {
+    rt == "Group" && state.group_members == MemberStorage::Events
+}
+
 fn written(state: &AppState, rt: &str, outcome: &SaveOutcome, status: StatusCode, prefer: headers::Return) -> Response {
-    let v = &outcome.version;
-    let location = format!("{}/{rt}/{}/_history/{}", state.fhir_base(), v.id, v.version);
-    let message = format!("{rt}/{} is now version {}", v.id, v.version);
-    version_response(status, v, Some(location), prefer, &message)
+    let location = format!("{}/{rt}/{}/_history/{}", state.fhir_base(), outcome.version.id, outcome.version.version);
+    let message = format!("{rt}/{} is now version {}", outcome.version.id, outcome.version.version);
+    if let (true, Some(resource)) = (members_are_events(state, rt), &outcome.version.resource) {
+        // A Group write answers without its (possibly huge) member array: read it with GET.
+        let mut v = outcome.version.clone();
+        let mut shown = resource.clone();
+        group::subsetted(&mut shown, outcome.member_count);
+        v.resource = Some(shown);
+        return version_response(status, &v, Some(location), prefer, &message);
+    }
+    version_response(status, &outcome.version, Some(location), prefer, &message)
 }
 
 fn version_response(

@@ -11,19 +11,39 @@ use serde_json::{Map, Value};
 /// One parsed operation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Operation {
-    Add { path: String, value: Value },
-    Remove { path: String },
-    Replace { path: String, value: Value },
-    Move { from: String, path: String },
-    Copy { from: String, path: String },
-    Test { path: String, value: Value },
+    Add {
+        path: String,
+        value: Value,
+    },
+    /// `value` is not part of RFC 6902 (and is ignored when applying); the Group member
+    /// path reads it for the remove-by-entity extension.
+    Remove {
+        path: String,
+        value: Option<Value>,
+    },
+    Replace {
+        path: String,
+        value: Value,
+    },
+    Move {
+        from: String,
+        path: String,
+    },
+    Copy {
+        from: String,
+        path: String,
+    },
+    Test {
+        path: String,
+        value: Value,
+    },
 }
 
 impl Operation {
     pub fn path(&self) -> &str {
         match self {
             Operation::Add { path, .. }
-            | Operation::Remove { path }
+            | Operation::Remove { path, .. }
             | Operation::Replace { path, .. }
             | Operation::Move { path, .. }
             | Operation::Copy { path, .. }
@@ -78,7 +98,7 @@ pub fn parse(doc: &Value) -> Result<Vec<Operation>, PatchError> {
             let value = || obj.get("value").cloned().ok_or_else(|| err(i, op, &path, "missing 'value'".into()));
             Ok(match op {
                 "add" => Operation::Add { value: value()?, path },
-                "remove" => Operation::Remove { path },
+                "remove" => Operation::Remove { value: obj.get("value").cloned(), path },
                 "replace" => Operation::Replace { value: value()?, path },
                 "move" => Operation::Move { from: string("from")?, path },
                 "copy" => Operation::Copy { from: string("from")?, path },
@@ -139,7 +159,7 @@ fn op_name(op: &Operation) -> &'static str {
 fn apply_one(doc: &mut Value, op: &Operation) -> Result<(), String> {
     match op {
         Operation::Add { path, value } => add(doc, path, value.clone()),
-        Operation::Remove { path } => remove(doc, path).map(drop),
+        Operation::Remove { path, .. } => remove(doc, path).map(drop),
         Operation::Replace { path, value } => {
             let target = get_mut(doc, path)?;
             *target = value.clone();

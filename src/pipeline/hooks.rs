@@ -64,6 +64,13 @@ impl Hooks {
         Hooks(Arc::new(hooks))
     }
 
+    /// These hooks followed by `other`'s.
+    pub fn extend(self, other: Hooks) -> Self {
+        let mut hooks: Vec<_> = self.0.iter().cloned().collect();
+        hooks.extend(other.0.iter().cloned());
+        Hooks(Arc::new(hooks))
+    }
+
     pub fn names(&self) -> Vec<&'static str> {
         self.0.iter().map(|h| h.name()).collect()
     }

@@ -3,10 +3,13 @@ use bson::DateTime;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use super::{Hooks, Interaction, RequestContext, Saved};
+use super::{Flag, Interaction, RequestContext, Saved};
 use crate::error::{FhirError, IssueCode};
+use crate::group::plan::{Origin, Planner};
+use crate::group::{outbox, split, MemberStorage};
 use crate::model::{datetime, json_bson, patch, validate};
-use crate::store::{Commit, ResourceStore, StoreError, Version};
+use crate::state::AppState;
+use crate::store::{Commit, StoreError, Version};
 
 /// How often a write without `If-Match` re-reads and retries after losing a version race
 /// before answering 409.
@@ -39,6 +42,29 @@ pub struct SaveOutcome {
     pub created: bool,
     /// False when nothing was written (deleting what is already deleted).
     pub changed: bool,
+    /// For a Group with event-sourced members: the active member count after the write.
+    pub member_count: Option<u64>,
+}
+
+/// Changes to `Group.member` carried by a write, when members are event-sourced.
+enum MemberChange {
+    /// A PATCH's member operations, with their index in the patch.
+    Ops(Vec<(usize, patch::Operation)>),
+    /// A full member array (POST, PUT): the membership becomes exactly this.
+    Replace(Vec<Value>),
+}
+
+fn outbox_error(e: outbox::OutboxError) -> FhirError {
+    FhirError::unavailable(format!("could not finish the group's pending member events: {e}"))
+}
+
+/// Finishes a pending member batch before the group is read or written again, so nobody
+/// sees or builds on a version whose events are missing (503 while ClickHouse is down).
+pub async fn finish_pending(state: &AppState, id: &str, current: &Version) -> Result<(), FhirError> {
+    if let Some(batch) = &current.outbox {
+        outbox::flush(state.store.database(), &state.clickhouse, id, batch, true).await.map_err(outbox_error)?;
+    }
+    Ok(())
 }
 
 /// Maps a store failure: unreachable MongoDB is 503 (retry), anything else 500.
@@ -50,13 +76,10 @@ pub fn store_error(e: StoreError) -> FhirError {
     }
 }
 
-pub async fn save(
-    store: &ResourceStore,
-    hooks: &Hooks,
-    ctx: &mut RequestContext,
-    req: SaveRequest<'_>,
-) -> Result<SaveOutcome, FhirError> {
+pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'_>) -> Result<SaveOutcome, FhirError> {
+    let store = &state.store;
     let rt = req.resource_type;
+    let member_events = rt == "Group" && state.group_members == MemberStorage::Events;
     // Bodies of POST and PUT do not depend on the current version: validate them once.
     match &req.change {
         Change::Create(body) | Change::Update(body) => {
@@ -70,6 +93,9 @@ pub async fn save(
     }
     for _ in 0..MAX_ATTEMPTS {
         let current = store.read(rt, req.id).await.map_err(store_error)?;
+        if let (true, Some(c)) = (member_events, &current) {
+            finish_pending(state, req.id, c).await?;
+        }
         if let Some(expected) = req.if_match {
             match &current {
                 Some(c) if c.version == expected => {}
@@ -88,8 +114,8 @@ pub async fn save(
             }
         }
         let live = current.as_ref().filter(|c| !c.deleted);
-        let (interaction, resource) = match &req.change {
-            Change::Create(body) => (Interaction::Create, Some(body.clone())),
+        let (interaction, mut resource, members) = match &req.change {
+            Change::Create(body) => (Interaction::Create, Some(body.clone()), None),
             Change::Update(body) => {
                 if let (Some(c), Some(sent)) = (live, body.pointer("/meta/versionId").and_then(Value::as_str)) {
                     if req.if_match.is_none() && sent != c.version.to_string() {
@@ -101,7 +127,7 @@ pub async fn save(
                         .at(format!("{rt}.meta.versionId")));
                     }
                 }
-                (Interaction::Update, Some(body.clone()))
+                (Interaction::Update, Some(body.clone()), None)
             }
             Change::Patch(ops) => {
                 let Some(c) = &current else {
@@ -110,13 +136,32 @@ pub async fn save(
                 let Some(old) = live.and_then(|c| c.resource.clone()) else {
                     return Err(FhirError::gone(format!("{rt}/{} is deleted", req.id), c.version));
                 };
-                (Interaction::Patch, Some(patched(rt, req.id, old, ops)?))
+                if member_events {
+                    let (member_ops, other_ops) = split::split(ops);
+                    let members = (!member_ops.is_empty()).then_some(MemberChange::Ops(member_ops));
+                    (Interaction::Patch, Some(patched(rt, req.id, old, &other_ops)?), members)
+                } else {
+                    (Interaction::Patch, Some(patched(rt, req.id, old, ops)?), None)
+                }
             }
             Change::Delete => match &current {
                 None => return Err(FhirError::not_found(format!("{rt}/{} does not exist", req.id))),
-                Some(c) if c.deleted => return Ok(SaveOutcome { version: c.clone(), created: false, changed: false }),
-                Some(_) => (Interaction::Delete, None),
+                Some(c) if c.deleted => {
+                    return Ok(SaveOutcome { version: c.clone(), created: false, changed: false, member_count: None })
+                }
+                Some(_) => (Interaction::Delete, None, None),
             },
+        };
+        // POST and PUT carry the whole member array: it becomes events, not a stored element.
+        let members = match (member_events, &mut resource, members) {
+            (true, Some(Value::Object(body)), None) if interaction != Interaction::Patch => {
+                let array = match body.shift_remove("member") {
+                    Some(Value::Array(items)) => items,
+                    _ => Vec::new(),
+                };
+                Some(MemberChange::Replace(array))
+            }
+            (_, _, members) => members,
         };
         let version = current.as_ref().map_or(1, |c| c.version + 1);
         let last_updated = next_timestamp(current.as_ref());
@@ -134,6 +179,44 @@ pub async fn save(
             document = Some(doc);
             stored = Some(obj);
         }
+        let mut staged = None;
+        let mut member_count = None;
+        if let Some(change) = members {
+            let origin = Origin {
+                group_id: req.id.to_string(),
+                version: version as u32,
+                actor: ctx.actor.clone().unwrap_or_default(),
+                request_id: ctx.request_id.clone(),
+                source: match interaction {
+                    Interaction::Create => "create",
+                    Interaction::Update => "update",
+                    _ => "patch",
+                },
+                event_time: last_updated.timestamp_millis(),
+            };
+            let mut planner = Planner::new(&state.clickhouse, origin, live.is_none()).await?;
+            match change {
+                MemberChange::Ops(ops) => {
+                    for (index, op) in &ops {
+                        planner.apply(*index, op).await?;
+                    }
+                }
+                MemberChange::Replace(array) => {
+                    // The whole body, members included, was validated above.
+                    planner.members_validated();
+                    planner.replace_all(0, array).await?;
+                }
+            }
+            let (events, count) = planner.finish()?;
+            member_count = count;
+            if !events.is_empty() {
+                staged = Some(outbox::stage(store.database(), &events).await.map_err(outbox_error)?);
+            }
+        } else if member_events && interaction != Interaction::Delete {
+            member_count = crate::group::read::enumerated_count(&state.clickhouse, req.id, None)
+                .await
+                .map_err(|e| FhirError::unavailable(format!("the member store is unavailable: {e}")))?;
+        }
         let commit = Commit {
             id: req.id,
             base: current.as_ref().map(|c| c.version),
@@ -141,21 +224,38 @@ pub async fn save(
             last_updated,
             method: interaction.method(),
             resource: document,
+            outbox: staged.clone(),
         };
         match store.commit(rt, commit).await {
             Ok(()) => {}
-            Err(StoreError::Conflict) if req.if_match.is_some() => {
-                return Err(FhirError::precondition_failed(format!(
-                    "{rt}/{} changed concurrently; W/\"{}\" is no longer current",
-                    req.id,
-                    req.if_match.unwrap_or_default()
-                )))
+            Err(e) => {
+                if let Some(batch) = &staged {
+                    outbox::discard(store.database(), batch).await;
+                }
+                match e {
+                    StoreError::Conflict if req.if_match.is_some() => {
+                        return Err(FhirError::precondition_failed(format!(
+                            "{rt}/{} changed concurrently; W/\"{}\" is no longer current",
+                            req.id,
+                            req.if_match.unwrap_or_default()
+                        )))
+                    }
+                    StoreError::Conflict => continue,
+                    e => return Err(store_error(e)),
+                }
             }
-            Err(StoreError::Conflict) => continue,
-            Err(e) => return Err(store_error(e)),
+        }
+        if let (Interaction::Patch, Some(batch)) = (interaction, &staged) {
+            // The PATCH path writes its own member events; hooks must not process members.
+            ctx.set(Flag::MemberEventsWritten);
+            if let Err(e) = outbox::flush(store.database(), &state.clickhouse, req.id, batch, false).await {
+                tracing::warn!(group = req.id, version, error = %e,
+                    "member events committed but not yet in ClickHouse; the next read or the sweep inserts them");
+            }
         }
         let previous = live.and_then(|c| c.resource.as_ref());
-        hooks
+        state
+            .hooks
             .run(
                 ctx,
                 &Saved { interaction, resource_type: rt, id: req.id, version, resource: stored.as_ref(), previous },
@@ -164,6 +264,7 @@ pub async fn save(
         return Ok(SaveOutcome {
             created: live.is_none(),
             changed: true,
+            member_count,
             version: Version {
                 id: req.id.to_string(),
                 version,
@@ -171,6 +272,7 @@ pub async fn save(
                 deleted: stored.is_none(),
                 method: interaction.method().to_string(),
                 resource: stored,
+                outbox: None,
             },
         });
     }

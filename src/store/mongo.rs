@@ -17,6 +17,8 @@ pub struct Version {
     /// The interaction that wrote this version (`POST`, `PUT`, `PATCH`, `DELETE`).
     pub method: String,
     pub resource: Option<Map<String, Value>>,
+    /// Work committed with this version that is not finished yet (Group member events).
+    pub outbox: Option<Document>,
 }
 
 /// What a write stores; see the module docs for the protocol.
@@ -29,6 +31,8 @@ pub struct Commit<'a> {
     pub method: &'a str,
     /// The new content; `None` is a delete tombstone.
     pub resource: Option<Document>,
+    /// Stored atomically with the version as `outbox` (see `group::outbox`).
+    pub outbox: Option<Document>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,8 +139,11 @@ impl ResourceStore {
             "method": c.method,
             "historyPending": true,
         };
-        if let Some(resource) = &c.resource {
-            current.insert("resource", resource.clone());
+        if let Some(resource) = c.resource {
+            current.insert("resource", resource);
+        }
+        if let Some(outbox) = c.outbox {
+            current.insert("outbox", outbox);
         }
         match c.base {
             None => match self.current(rt).insert_one(&current).await {
@@ -167,6 +174,7 @@ impl ResourceStore {
         let version = current.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut entry = current.clone();
         entry.remove("historyPending");
+        entry.remove("outbox");
         entry.insert("_id", format!("{id}/{version}"));
         entry.insert("id", id);
         match self.history(rt).insert_one(&entry).await {
@@ -298,5 +306,6 @@ fn decode(doc: &Document, id: Option<&str>) -> Result<Version, StoreError> {
         deleted: doc.get_bool("deleted").map_err(corrupt)?,
         method: doc.get_str("method").unwrap_or("PUT").to_string(),
         resource,
+        outbox: doc.get_document("outbox").ok().cloned(),
     })
 }

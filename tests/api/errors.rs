@@ -178,6 +178,7 @@ async fn an_unreachable_store_is_a_503() {
         Default::default(),
         "http://test",
         1 << 20,
+        &settings.groups,
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();

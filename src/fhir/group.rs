@@ -1,0 +1,161 @@
+//! HTTP responses for Groups whose members are event-sourced: the MongoDB document plus
+//! `quantity` and `member` from ClickHouse. The member array is streamed row by row, so a
+//! read of a million-member Group holds one 64 KiB chunk in memory, not the group.
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use clickhouse::query::RowCursor;
+use serde_json::{json, Map, Value};
+
+use super::headers::{etag, http_date};
+use super::FHIR_JSON;
+use crate::error::FhirError;
+use crate::group::read::{self, MemberRow};
+use crate::state::AppState;
+use crate::store::Version;
+
+const CHUNK: usize = 64 * 1024;
+
+fn unavailable(e: clickhouse::error::Error) -> FhirError {
+    FhirError::unavailable(format!("the member store is unavailable: {e}"))
+}
+
+/// Marks a Group shown without its members (FHIR's `SUBSETTED` tag) and sets `quantity`.
+pub fn subsetted(resource: &mut Map<String, Value>, quantity: Option<u64>) {
+    if let Some(q) = quantity {
+        resource.insert("quantity".into(), json!(q));
+    }
+    let meta = resource.entry("meta").or_insert_with(|| json!({}));
+    if let Some(meta) = meta.as_object_mut() {
+        let tags = meta.entry("tag").or_insert_with(|| json!([]));
+        if let Some(tags) = tags.as_array_mut() {
+            tags.push(json!({
+                "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+                "code": "SUBSETTED",
+                "display": "subsetted"
+            }));
+        }
+    }
+}
+
+/// Whether a read asked to leave `member` out (`_summary=true|count`, or `_elements`
+/// without `member`).
+pub fn wants_summary(query: Option<&str>) -> Result<bool, FhirError> {
+    let Some(q) = query else { return Ok(false) };
+    let mut summary = false;
+    for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+        match (k.as_ref(), v.as_ref()) {
+            ("_summary", "true" | "count") => summary = true,
+            ("_summary", "false") => {}
+            ("_summary", other) => {
+                return Err(FhirError::bad_request(format!(
+                    "_summary '{other}' is not supported on read (true, false)"
+                )))
+            }
+            ("_elements", list) => summary |= !list.split(',').any(|e| e.trim() == "member"),
+            _ => {}
+        }
+    }
+    Ok(summary)
+}
+
+/// The response to a read or vread of a Group version. `as_of` = an older version.
+pub async fn read_response(
+    state: &AppState,
+    v: &Version,
+    as_of: Option<u32>,
+    summary: bool,
+) -> Result<Response, FhirError> {
+    let mut resource = v.resource.clone().unwrap_or_default();
+    let count = read::enumerated_count(&state.clickhouse, &v.id, as_of).await.map_err(unavailable)?;
+    if let Some(count) = count {
+        resource.insert("quantity".into(), json!(count));
+    }
+    let body = if summary {
+        subsetted(&mut resource, None);
+        Body::from(Value::Object(resource).to_string())
+    } else {
+        let cursor = read::members(&state.clickhouse, &v.id, as_of).map_err(unavailable)?;
+        let mut prefix = Value::Object(resource).to_string();
+        prefix.pop(); // the closing brace: members may follow
+        Body::from_stream(member_stream(prefix, cursor, v.id.clone()))
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = StatusCode::OK;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    if let Ok(e) = HeaderValue::from_str(&etag(v.version)) {
+        headers.insert(header::ETAG, e);
+    }
+    if let Ok(d) = HeaderValue::from_str(&http_date(v.last_updated)) {
+        headers.insert(header::LAST_MODIFIED, d);
+    }
+    Ok(response)
+}
+
+enum Stage {
+    Prefix(String, RowCursor<MemberRow>),
+    Rows(RowCursor<MemberRow>, bool),
+    Done,
+}
+
+fn member_stream(
+    prefix: String,
+    cursor: RowCursor<MemberRow>,
+    group: String,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    futures_util::stream::unfold(Stage::Prefix(prefix, cursor), move |stage| {
+        let group = group.clone();
+        async move {
+            match stage {
+                Stage::Prefix(p, c) => Some((Ok(Bytes::from(p)), Stage::Rows(c, true))),
+                Stage::Rows(mut c, mut first) => {
+                    let mut buf = Vec::with_capacity(CHUNK + 1024);
+                    loop {
+                        match c.next().await {
+                            Ok(Some(row)) => {
+                                // The array opens with its first member: FHIR JSON has no empty arrays.
+                                buf.extend_from_slice(if first { b",\"member\":[" } else { b"," });
+                                first = false;
+                                buf.extend_from_slice(row.member_json.as_bytes());
+                                if buf.len() >= CHUNK {
+                                    return Some((Ok(Bytes::from(buf)), Stage::Rows(c, first)));
+                                }
+                            }
+                            Ok(None) => {
+                                buf.extend_from_slice(if first { b"}" } else { b"]}" });
+                                return Some((Ok(Bytes::from(buf)), Stage::Done));
+                            }
+                            Err(e) => {
+                                // Headers are gone already: the only honest signal left is to
+                                // cut the body, which no JSON parser will accept.
+                                tracing::error!(group, error = %e, "member stream failed mid-response");
+                                return Some((Err(std::io::Error::other(e)), Stage::Done));
+                            }
+                        }
+                    }
+                }
+                Stage::Done => None,
+            }
+        }
+    })
+}
+
+/// `quantity` of several groups in one query (search results).
+pub async fn quantities(state: &AppState, ids: &[String]) -> Result<std::collections::HashMap<String, u64>, FhirError> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let rows: Vec<(String, u64)> = state
+        .clickhouse
+        .query(
+            "SELECT group_id, argMax(active_count, ver) FROM Group_4_0_0_MemberCounts \
+             WHERE group_id IN {ids:Array(String)} GROUP BY group_id",
+        )
+        .param("ids", ids)
+        .fetch_all()
+        .await
+        .map_err(unavailable)?;
+    Ok(rows.into_iter().collect())
+}

@@ -1,0 +1,34 @@
+//! Event-sourced Group membership.
+//!
+//! `Group.member` never lives in MongoDB (unless `group_members = "embedded"`, the baseline
+//! mode). Every change to membership is a [`events::MemberEvent`] in ClickHouse; views
+//! keep current members by group, groups by member, and the active count.
+//!
+//! The write path, in the files named for their jobs:
+//! 1. [`plan`] turns PATCH operations on `/member` (or a PUT/POST member array) into
+//!    events, resolved against the group's state at the version being changed;
+//! 2. [`outbox`] stores the events with the Group's version bump in one MongoDB document
+//!    write (the commit point), then inserts them into ClickHouse and clears the marker;
+//! 3. [`read`] answers reads from the views, first finishing any pending batch so that no
+//!    reader sees a version whose events are missing;
+//! 4. [`hook`] is the post-save hook that syncs member arrays of full-resource writes; it
+//!    skips writes whose context says member events were already written.
+
+pub mod events;
+pub mod hook;
+pub mod outbox;
+pub mod plan;
+pub mod read;
+pub mod split;
+
+/// How Group members are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberStorage {
+    /// Member events in ClickHouse (the product).
+    #[default]
+    Events,
+    /// Members embedded in the MongoDB document like any other element (the baseline the
+    /// benchmark compares against).
+    Embedded,
+}

@@ -1,0 +1,135 @@
+//! Member events travel from a committed Group version to ClickHouse through an outbox.
+//!
+//! MongoDB and ClickHouse share no transaction, so:
+//! 1. the events of a write are staged as the `outbox` field of the Group's current
+//!    document, written by the same version-guarded replace that bumps `meta.versionId`:
+//!    the version and its events commit together or not at all (a batch over 4 MiB goes to
+//!    `Group_4_0_0_MemberOutbox` chunks first, and the commit records their batch id;
+//!    chunks of a commit that lost its version race are never referenced and are deleted);
+//! 2. after the commit the writer inserts them into ClickHouse with a deduplication token;
+//! 3. then clears the `outbox` field (guarded by the batch id) and deletes the chunks.
+//!
+//! If anything fails after 1, the batch stays in MongoDB. Every read of the group, every
+//! later write of it, the sweep at start-up and a background task finish it ([`flush`] in
+//! recovery mode inserts only the rows ClickHouse does not have). Events therefore reach
+//! ClickHouse only for committed versions (no phantom) and always do (no loss), and a
+//! reader that finds a pending batch finishes it before answering, or answers 503.
+
+use bson::{doc, Document};
+use futures_util::TryStreamExt;
+use mongodb::Database;
+
+use super::events::{self, MemberEvent};
+use crate::store::mongo::current_collection;
+
+/// Largest batch kept inline in the Group document (MongoDB documents stop at 16 MiB).
+pub const INLINE_LIMIT: usize = 4 * 1024 * 1024;
+/// Rows per ClickHouse insert (and per outbox chunk when not inline).
+pub const CHUNK_ROWS: usize = 50_000;
+
+pub const OUTBOX_COLLECTION: &str = "Group_4_0_0_MemberOutbox";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("MongoDB: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    #[error("ClickHouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    #[error("outbox batch is malformed: {0}")]
+    Corrupt(String),
+}
+
+/// Prepares `events` for the commit; returns the `outbox` field to store with it.
+pub async fn stage(db: &Database, events: &[MemberEvent]) -> Result<Document, OutboxError> {
+    let batch_id = uuid::Uuid::new_v4().to_string();
+    let json = serde_json::to_string(events).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
+    let version = events.first().map_or(0, |e| e.group_version) as i64;
+    if json.len() <= INLINE_LIMIT {
+        return Ok(doc! { "batchId": batch_id, "version": version, "count": events.len() as i64, "events": json });
+    }
+    let chunks = db.collection::<Document>(OUTBOX_COLLECTION);
+    let mut n = 0i32;
+    for chunk in events.chunks(CHUNK_ROWS) {
+        let json = serde_json::to_string(chunk).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
+        chunks
+            .insert_one(doc! { "_id": format!("{batch_id}/{n}"), "batchId": &batch_id, "chunk": n, "events": json })
+            .await?;
+        n += 1;
+    }
+    Ok(doc! { "batchId": batch_id, "version": version, "count": events.len() as i64, "chunks": n })
+}
+
+/// Deletes the chunks of a staged batch whose commit failed.
+pub async fn discard(db: &Database, outbox: &Document) {
+    if let Ok(id) = outbox.get_str("batchId") {
+        let _ = db.collection::<Document>(OUTBOX_COLLECTION).delete_many(doc! { "batchId": id }).await;
+    }
+}
+
+async fn load(db: &Database, outbox: &Document) -> Result<Vec<Vec<MemberEvent>>, OutboxError> {
+    let parse = |s: &str| serde_json::from_str::<Vec<MemberEvent>>(s).map_err(|e| OutboxError::Corrupt(e.to_string()));
+    if let Ok(inline) = outbox.get_str("events") {
+        return Ok(parse(inline)?.chunks(CHUNK_ROWS).map(<[MemberEvent]>::to_vec).collect());
+    }
+    let id = outbox.get_str("batchId").map_err(|e| OutboxError::Corrupt(e.to_string()))?;
+    let expected = outbox.get_i32("chunks").map_err(|e| OutboxError::Corrupt(e.to_string()))?;
+    let docs: Vec<Document> = db
+        .collection::<Document>(OUTBOX_COLLECTION)
+        .find(doc! { "batchId": id })
+        .sort(doc! { "chunk": 1 })
+        .await?
+        .try_collect()
+        .await?;
+    if docs.len() != expected as usize {
+        return Err(OutboxError::Corrupt(format!("batch {id} has {} of {expected} chunks", docs.len())));
+    }
+    docs.iter().map(|d| parse(d.get_str("events").unwrap_or("[]"))).collect()
+}
+
+/// Inserts a committed batch into ClickHouse and clears it from the Group document.
+///
+/// `recovering` = the batch may be partly inserted already (a crash, a concurrent
+/// flusher): only missing rows are inserted. The writer's own first flush skips that check.
+pub async fn flush(
+    db: &Database,
+    ch: &clickhouse::Client,
+    group_id: &str,
+    outbox: &Document,
+    recovering: bool,
+) -> Result<(), OutboxError> {
+    for chunk in load(db, outbox).await? {
+        if recovering {
+            let Some(first) = chunk.first() else { continue };
+            let have = events::stored_seqs(ch, group_id, first.group_version).await?;
+            let missing: Vec<MemberEvent> = chunk.into_iter().filter(|e| !have.contains(&e.seq)).collect();
+            events::insert(ch, &missing).await?;
+        } else {
+            events::insert(ch, &chunk).await?;
+        }
+    }
+    let batch_id = outbox.get_str("batchId").unwrap_or_default();
+    db.collection::<Document>(&current_collection("Group"))
+        .update_one(doc! { "_id": group_id, "outbox.batchId": batch_id }, doc! { "$unset": { "outbox": "" } })
+        .await?;
+    if outbox.contains_key("chunks") {
+        db.collection::<Document>(OUTBOX_COLLECTION).delete_many(doc! { "batchId": batch_id }).await?;
+    }
+    Ok(())
+}
+
+/// Finishes every pending batch (start-up and the background sweep). Returns how many.
+pub async fn recover_all(db: &Database, ch: &clickhouse::Client) -> Result<usize, OutboxError> {
+    let pending: Vec<Document> = db
+        .collection::<Document>(&current_collection("Group"))
+        .find(doc! { "outbox": { "$exists": true } })
+        .projection(doc! { "outbox": 1 })
+        .await?
+        .try_collect()
+        .await?;
+    for d in &pending {
+        let id = d.get_str("_id").map_err(|e| OutboxError::Corrupt(e.to_string()))?;
+        let outbox = d.get_document("outbox").map_err(|e| OutboxError::Corrupt(e.to_string()))?;
+        flush(db, ch, id, outbox, true).await?;
+    }
+    Ok(pending.len())
+}

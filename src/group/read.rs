@@ -1,0 +1,125 @@
+//! Reads of membership from the ClickHouse views. Every query aggregates with `argMax(…,
+//! ver)` (not `FINAL`), so the answer is exact whatever the state of background merges.
+
+use std::collections::HashMap;
+
+use clickhouse::Row;
+use serde::Deserialize;
+
+/// A member as the group's state has it.
+#[derive(Debug, Clone, Row, Deserialize)]
+pub struct MemberRow {
+    pub member_reference: String,
+    pub position: u64,
+    pub active: bool,
+    pub member_json: String,
+}
+
+const STATE_BY_MEMBER: &str =
+    "SELECT member_reference, argMax(position, ver) AS position, argMax(active, ver) AS active, \
+     argMax(member_json, ver) AS member_json FROM Group_4_0_0_MemberState WHERE group_id = {g:String}";
+
+/// Active members right now (0 for a group that never had a member event).
+pub async fn active_count(ch: &clickhouse::Client, group_id: &str) -> Result<u64, clickhouse::error::Error> {
+    Ok(enumerated_count(ch, group_id, None).await?.unwrap_or(0))
+}
+
+/// Active members now, or as of a group version; `None` when the group has no member
+/// events (its membership is not enumerated, so `quantity` is whatever the client said).
+pub async fn enumerated_count(
+    ch: &clickhouse::Client,
+    group_id: &str,
+    as_of: Option<u32>,
+) -> Result<Option<u64>, clickhouse::error::Error> {
+    let (count, rows): (u64, u64) = match as_of {
+        None => {
+            ch.query(
+                "SELECT argMax(active_count, ver), count() FROM Group_4_0_0_MemberCounts WHERE group_id = {g:String}",
+            )
+            .param("g", group_id)
+            .fetch_one()
+            .await?
+        }
+        Some(v) => {
+            ch.query(
+                "SELECT argMax(active_count, ver), count() FROM Group_4_0_0_MemberEvents \
+                 WHERE group_id = {g:String} AND group_version <= {v:UInt32}",
+            )
+            .param("g", group_id)
+            .param("v", v)
+            .fetch_one()
+            .await?
+        }
+    };
+    Ok((rows > 0).then_some(count))
+}
+
+/// The state of the given members (absent: never a member).
+pub async fn lookup(
+    ch: &clickhouse::Client,
+    group_id: &str,
+    references: &[String],
+) -> Result<HashMap<String, MemberRow>, clickhouse::error::Error> {
+    if references.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<MemberRow> = ch
+        .query(&format!("{STATE_BY_MEMBER} AND member_reference IN {{refs:Array(String)}} GROUP BY member_reference"))
+        .param("g", group_id)
+        .param("refs", references)
+        .fetch_all()
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.member_reference.clone(), r)).collect())
+}
+
+/// The active member at `index` in stable order.
+pub async fn at_index(
+    ch: &clickhouse::Client,
+    group_id: &str,
+    index: u64,
+) -> Result<Option<MemberRow>, clickhouse::error::Error> {
+    ch.query(&format!(
+        "SELECT * FROM ({STATE_BY_MEMBER} GROUP BY member_reference) WHERE active ORDER BY position LIMIT 1 OFFSET {{n:UInt64}}"
+    ))
+    .param("g", group_id)
+    .param("n", index)
+    .fetch_optional()
+    .await
+}
+
+/// All active members in stable order, streamed. `as_of` reads from the events up to
+/// that group version instead of the current state.
+pub fn members(
+    ch: &clickhouse::Client,
+    group_id: &str,
+    as_of: Option<u32>,
+) -> Result<clickhouse::query::RowCursor<MemberRow>, clickhouse::error::Error> {
+    let query = match as_of {
+        None => ch.query(&format!(
+            "SELECT * FROM ({STATE_BY_MEMBER} GROUP BY member_reference) WHERE active ORDER BY position"
+        )),
+        Some(v) => ch
+            .query(
+                "SELECT * FROM (SELECT member_reference, argMax(position, ver) AS position, \
+                 argMax(event_type != 'removed', ver) AS active, argMax(member_json, ver) AS member_json \
+                 FROM Group_4_0_0_MemberEvents WHERE group_id = {g:String} AND group_version <= {v:UInt32} \
+                 GROUP BY member_reference) WHERE active ORDER BY position",
+            )
+            .param("v", v),
+    };
+    query.param("g", group_id).fetch()
+}
+
+/// Ids of the groups a member currently belongs to, sorted.
+pub async fn groups_of(
+    ch: &clickhouse::Client,
+    member_reference: &str,
+) -> Result<Vec<String>, clickhouse::error::Error> {
+    ch.query(
+        "SELECT group_id FROM (SELECT group_id, argMax(active, ver) AS active FROM Group_4_0_0_MemberGroups \
+         WHERE member_reference = {m:String} GROUP BY group_id) WHERE active ORDER BY group_id",
+    )
+    .param("m", member_reference)
+    .fetch_all()
+    .await
+}

@@ -1,0 +1,49 @@
+//! Splitting a Group PATCH: operations on `/member…` become member events; the rest apply
+//! to the MongoDB document as for any resource.
+
+use crate::model::patch::{tokens, Operation};
+
+/// True when an operation reads or writes `Group.member`.
+pub fn is_member_op(op: &Operation) -> bool {
+    let touches = |path: &str| tokens(path).first().is_some_and(|t| t == "member");
+    match op {
+        Operation::Move { from, path } | Operation::Copy { from, path } => touches(from) || touches(path),
+        other => touches(other.path()),
+    }
+}
+
+/// (member operations with their index in the patch, the other operations).
+pub fn split(ops: &[Operation]) -> (Vec<(usize, Operation)>, Vec<Operation>) {
+    let mut member = Vec::new();
+    let mut other = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        if is_member_op(op) {
+            member.push((i, op.clone()));
+        } else {
+            other.push(op.clone());
+        }
+    }
+    (member, other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::patch::parse;
+    use serde_json::json;
+
+    #[test]
+    fn splits_by_path() {
+        let ops = parse(&json!([
+            {"op":"add","path":"/member/-","value":{}},
+            {"op":"replace","path":"/name","value":"x"},
+            {"op":"remove","path":"/member/3/period"},
+            {"op":"copy","from":"/member/0","path":"/extension/0"},
+            {"op":"add","path":"/memberX","value":1}
+        ]))
+        .unwrap();
+        let (member, other) = split(&ops);
+        assert_eq!(member.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 2, 3]);
+        assert_eq!(other.len(), 2);
+    }
+}
