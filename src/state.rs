@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use crate::config::GroupSettings;
 use crate::group::MemberStorage;
-use crate::pipeline::Hooks;
+use crate::pipeline::{Hooks, WriteLocks};
 use crate::store::ResourceStore;
 
 /// What every handler can reach. Cheap to clone.
@@ -18,6 +18,7 @@ pub struct AppState {
     pub capability_statement: Arc<str>,
     pub group_members: MemberStorage,
     pub group_max_patch_ops: usize,
+    pub write_locks: WriteLocks,
 }
 
 impl AppState {
@@ -41,6 +42,7 @@ impl AppState {
             capability_statement,
             group_members: groups.members,
             group_max_patch_ops: groups.max_patch_ops,
+            write_locks: WriteLocks::default(),
         }
     }
 

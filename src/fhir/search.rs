@@ -35,6 +35,54 @@ pub struct SearchParams {
     cursor: Option<String>,
     /// Parameters ignored because this server does not support them.
     unknown: Vec<String>,
+    /// `Group?member=`: answered from the ClickHouse reverse index.
+    member: Option<String>,
+}
+
+/// Escapes a string for a MongoDB regular expression.
+fn regex_escape(s: &str) -> String {
+    s.chars().fold(String::new(), |mut out, c| {
+        if "\\^$.|?*+()[]{}".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+        out
+    })
+}
+
+/// `identifier=[system]|[value]` on `resource.identifier`.
+fn identifier_condition(value: &str) -> Document {
+    match value.split_once('|') {
+        None => doc! { "resource.identifier.value": value },
+        Some(("", v)) => {
+            doc! { "resource.identifier": { "$elemMatch": { "system": { "$exists": false }, "value": v } } }
+        }
+        Some((sys, "")) => doc! { "resource.identifier.system": sys },
+        Some((sys, v)) => doc! { "resource.identifier": { "$elemMatch": { "system": sys, "value": v } } },
+    }
+}
+
+/// Parameters of one resource type beyond the common ones: (name, modifier, value) →
+/// condition. `None` = not a parameter of this type.
+fn type_condition(rt: &str, name: &str, modifier: Option<&str>, value: &str) -> Result<Option<Document>, FhirError> {
+    let code = |v: &str| v.rsplit('|').next().unwrap_or(v).to_string();
+    Ok(Some(match (rt, name, modifier) {
+        (_, "identifier", None) => identifier_condition(value),
+        ("Group", "type", None) => doc! { "resource.type": code(value) },
+        ("Group", "actual", None) => match value {
+            "true" => doc! { "resource.actual": true },
+            "false" => doc! { "resource.actual": false },
+            other => return Err(FhirError::bad_request(format!("actual: '{other}' is not true or false"))),
+        },
+        ("Group", "name", None) => {
+            doc! { "resource.name": { "$regex": format!("^{}", regex_escape(value)), "$options": "i" } }
+        }
+        ("Group", "name", Some("contains")) => {
+            doc! { "resource.name": { "$regex": regex_escape(value), "$options": "i" } }
+        }
+        ("Group", "name", Some("exact")) => doc! { "resource.name": value },
+        _ => return Ok(None),
+    }))
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -77,10 +125,31 @@ fn last_updated_condition(value: &str) -> Result<Document, FhirError> {
 }
 
 impl SearchParams {
-    pub fn parse(query: &str, strict: bool) -> Result<SearchParams, FhirError> {
+    pub fn parse(rt: &str, query: &str, strict: bool) -> Result<SearchParams, FhirError> {
         let mut p = SearchParams::default();
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
             let (name, value) = (name.into_owned(), value.into_owned());
+            let (base, modifier) = match name.split_once(':') {
+                Some((b, m)) => (b, Some(m)),
+                None => (name.as_str(), None),
+            };
+            if rt == "Group" && base == "member" && modifier.is_none() {
+                p.member = Some(value.clone());
+                p.canonical.push((name, value));
+                continue;
+            }
+            let any: Vec<Option<Document>> =
+                value.split(',').map(|v| type_condition(rt, base, modifier, v)).collect::<Result<_, _>>()?;
+            if any.iter().all(Option::is_some) && !any.is_empty() {
+                let mut any: Vec<Document> = any.into_iter().flatten().collect();
+                p.filter.push(if any.len() == 1 {
+                    any.remove(0)
+                } else {
+                    doc! { "$or": any }
+                });
+                p.canonical.push((name, value));
+                continue;
+            }
             match name.as_str() {
                 "_id" => {
                     let ids: Vec<&str> = value.split(',').collect();
@@ -202,7 +271,15 @@ pub async fn search_type(
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
     let query = query.unwrap_or_default();
-    let params = SearchParams::parse(&query, headers::prefer_strict(&headers))?;
+    let mut params = SearchParams::parse(rt, &query, headers::prefer_strict(&headers))?;
+    if let Some(member) = &params.member {
+        // The reverse index answers which groups hold the member; MongoDB then applies the
+        // other parameters, hides deleted groups, sorts and pages.
+        let ids = crate::group::read::groups_of(&state.clickhouse, member)
+            .await
+            .map_err(|e| FhirError::unavailable(format!("the member store is unavailable: {e}")))?;
+        params.filter.push(doc! { "_id": { "$in": ids } });
+    }
     let format = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "_format").map(|(_, v)| v.into_owned());
     headers::require_json_acceptable(&headers, format.as_deref())?;
     let base = format!("{}/{rt}", state.fhir_base());
@@ -228,6 +305,17 @@ pub async fn search_type(
         Some(last) if more => Some(params.link(&base, count, Some(&params.cursor_after(last)))),
         _ => None,
     };
+    if rt == "Group" && state.group_members == crate::group::MemberStorage::Events {
+        // Members are never inlined in a searchset (a page could hold millions): each Group
+        // carries its quantity and the SUBSETTED tag; read one for its members.
+        let ids: Vec<String> = page.iter().map(|v| v.id.clone()).collect();
+        let quantities = super::group::quantities(&state, &ids).await?;
+        for v in &mut page {
+            if let Some(resource) = v.resource.as_mut() {
+                super::group::subsetted(resource, quantities.get(&v.id).copied());
+            }
+        }
+    }
     let links = Links { self_link: params.link(&base, count, params.cursor.as_deref()), next };
     Ok(fhir_json(StatusCode::OK, &searchset(&state.fhir_base(), rt, &page, Some(total), &links, outcome)))
 }
@@ -237,7 +325,10 @@ pub async fn search_type(
 pub async fn conditional_match(state: &AppState, rt: &str, condition: &str) -> Result<Option<Version>, FhirError> {
     let condition = condition.trim_start_matches('?');
     let condition = condition.rsplit_once('?').map_or(condition, |(_, q)| q);
-    let params = SearchParams::parse(condition, true)?;
+    let params = SearchParams::parse(rt, condition, true)?;
+    if params.member.is_some() {
+        return Err(FhirError::bad_request("If-None-Exist does not support the member parameter"));
+    }
     if params.filter.is_empty() {
         return Err(FhirError::bad_request("If-None-Exist must contain at least one search parameter"));
     }
@@ -262,16 +353,16 @@ mod tests {
 
     #[test]
     fn unknown_params_are_reported_or_rejected() {
-        let p = SearchParams::parse("name=x&_count=5", false).unwrap();
+        let p = SearchParams::parse("Patient", "name=x&_count=5", false).unwrap();
         assert_eq!(p.unknown, vec!["name".to_string()]);
         assert_eq!(p.count, Some(5));
-        assert!(SearchParams::parse("name=x", true).is_err());
+        assert!(SearchParams::parse("Patient", "name=x", true).is_err());
     }
 
     #[test]
     fn bad_values_are_400() {
         for q in ["_count=-1", "_lastUpdated=yesterday", "_sort=name", "_id=a/b", "_lastUpdated=ap2020"] {
-            let e = SearchParams::parse(q, false).unwrap_err();
+            let e = SearchParams::parse("Patient", q, false).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{q}");
         }
     }

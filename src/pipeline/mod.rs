@@ -4,8 +4,10 @@
 
 pub mod context;
 pub mod hooks;
+pub mod locks;
 pub mod save;
 
 pub use context::{Flag, RequestContext};
 pub use hooks::{HookError, Hooks, Interaction, PostSaveHook, Saved};
+pub use locks::WriteLocks;
 pub use save::{save, Change, SaveOutcome, SaveRequest};

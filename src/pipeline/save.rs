@@ -91,7 +91,15 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         }
         Change::Patch(_) | Change::Delete => {}
     }
-    for _ in 0..MAX_ATTEMPTS {
+    // A POST's fresh id has no other writer; everything else queues per resource.
+    let _queued = match req.change {
+        Change::Create(_) => None,
+        _ => Some(state.write_locks.lock(format!("{rt}/{}", req.id)).await),
+    };
+    for attempt in 0..MAX_ATTEMPTS {
+        if attempt > 0 {
+            backoff(attempt).await;
+        }
         let current = store.read(rt, req.id).await.map_err(store_error)?;
         if let (true, Some(c)) = (member_events, &current) {
             finish_pending(state, req.id, c).await?;
@@ -280,6 +288,14 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         "{rt}/{} is being changed by many writers at once; gave up after {MAX_ATTEMPTS} attempts",
         req.id
     )))
+}
+
+/// After losing a version race to another process: wait a random 0..2^attempt ms (at most
+/// 50 ms) so the writers spread out.
+async fn backoff(attempt: usize) {
+    let cap = (1u64 << attempt.min(6)).min(50);
+    let jitter = (uuid::Uuid::new_v4().as_u128() % (cap as u128 + 1)) as u64;
+    tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;
 }
 
 /// Applies a patch and validates the result (422 when either fails).

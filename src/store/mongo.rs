@@ -125,8 +125,8 @@ impl ResourceStore {
                 return Ok(Some(current));
             }
         }
-        let doc = self.history(rt).find_one(doc! { "_id": format!("{id}/{version}") }).await?;
-        doc.map(|d| decode(&d, None)).transpose()
+        let doc = self.history(rt).find_one(doc! { "_id": history_key(id, version) }).await?;
+        doc.map(|d| decode(&d, Some(id))).transpose()
     }
 
     /// Writes a version under the version guard; `Err(Conflict)` when the guard fails.

@@ -141,6 +141,7 @@ pub struct SeenSave {
     pub request_id: String,
     pub actor: Option<String>,
     pub had_resource: bool,
+    pub member_events_written: bool,
 }
 
 #[derive(Default)]
@@ -162,6 +163,7 @@ impl PostSaveHook for RecordingHook {
                 request_id: ctx.request_id.clone(),
                 actor: ctx.actor.clone(),
                 had_resource: saved.resource.is_some(),
+                member_events_written: ctx.has(roster::pipeline::Flag::MemberEventsWritten),
             });
             Ok(())
         })

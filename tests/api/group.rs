@@ -1,0 +1,308 @@
+//! Event-sourced Group membership over HTTP.
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+fn member(reference: &str) -> Value {
+    json!({ "entity": { "reference": reference } })
+}
+
+fn group(id: &str, members: &[&str]) -> Value {
+    let mut g =
+        json!({ "resourceType": "Group", "id": id, "type": "person", "actual": true, "name": format!("Cohort {id}") });
+    if !members.is_empty() {
+        g["member"] = Value::Array(members.iter().map(|m| member(m)).collect());
+    }
+    g
+}
+
+async fn members_of(app: &TestApp, path: &str) -> Vec<String> {
+    let body = json(app.get(path).await).await;
+    body["member"]
+        .as_array()
+        .map(|m| m.iter().map(|x| x["entity"]["reference"].as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+async fn patch_ok(app: &TestApp, path: &str, ops: Value) -> reqwest::Response {
+    let r = app.patch(path, &ops).await;
+    assert_eq!(r.status(), 200, "{ops}");
+    r
+}
+
+#[tokio::test]
+async fn member_patch_operations_in_order() {
+    let app = spawn_app().await;
+    assert_eq!(app.put("Group/g1", &group("g1", &["Patient/a", "Patient/b"])).await.status(), 201);
+    assert_eq!(members_of(&app, "Group/g1").await, ["Patient/a", "Patient/b"]);
+
+    // Add two, one of them already active (a no-op: no duplicate).
+    patch_ok(
+        &app,
+        "Group/g1",
+        json!([
+            { "op": "add", "path": "/member/-", "value": member("Patient/c") },
+            { "op": "add", "path": "/member/-", "value": member("Patient/a") }
+        ]),
+    )
+    .await;
+    assert_eq!(members_of(&app, "Group/g1").await, ["Patient/a", "Patient/b", "Patient/c"]);
+    let body = json(app.get("Group/g1").await).await;
+    assert_eq!(body["quantity"], 3);
+
+    // remove by index, resolved against the list as earlier ops left it.
+    patch_ok(
+        &app,
+        "Group/g1",
+        json!([
+            { "op": "remove", "path": "/member/0" },
+            { "op": "remove", "path": "/member/0" }
+        ]),
+    )
+    .await;
+    assert_eq!(members_of(&app, "Group/g1").await, ["Patient/c"]);
+
+    // The peer's extension: remove by entity reference.
+    patch_ok(
+        &app,
+        "Group/g1",
+        json!([
+            { "op": "add", "path": "/member/-", "value": member("Patient/d") },
+            { "op": "remove", "path": "/member", "value": { "entity": { "reference": "Patient/c" } } }
+        ]),
+    )
+    .await;
+    assert_eq!(members_of(&app, "Group/g1").await, ["Patient/d"]);
+
+    // add + remove of one member in one PATCH resolve in op order.
+    patch_ok(
+        &app,
+        "Group/g1",
+        json!([
+            { "op": "add", "path": "/member/-", "value": member("Patient/e") },
+            { "op": "remove", "path": "/member", "value": { "entity": { "reference": "Patient/e" } } },
+            { "op": "remove", "path": "/member", "value": { "entity": { "reference": "Patient/d" } } },
+            { "op": "add", "path": "/member/-", "value": member("Patient/d") }
+        ]),
+    )
+    .await;
+    assert_eq!(members_of(&app, "Group/g1").await, ["Patient/d"]);
+
+    // Update a member's period and inactive flag; test ops check current state.
+    patch_ok(
+        &app,
+        "Group/g1",
+        json!([
+            { "op": "test", "path": "/member/0/entity/reference", "value": "Patient/d" },
+            { "op": "add", "path": "/member/0/period", "value": { "start": "2024-01-01" } },
+            { "op": "add", "path": "/member/0/inactive", "value": true }
+        ]),
+    )
+    .await;
+    let body = json(app.get("Group/g1").await).await;
+    assert_eq!(body["member"][0]["period"]["start"], "2024-01-01");
+    assert_eq!(body["member"][0]["inactive"], true);
+    assert_eq!(body["quantity"], 1);
+    assert_eq!(body["meta"]["versionId"], "6");
+}
+
+#[tokio::test]
+async fn failing_member_patches_write_nothing() {
+    let app = spawn_app().await;
+    app.put("Group/g2", &group("g2", &["Patient/a"])).await;
+    let cases = [
+        (
+            json!([{ "op": "add", "path": "/member/-", "value": member("Patient/x") },
+                { "op": "test", "path": "/member/0/entity/reference", "value": "Patient/zzz" }]),
+            "test failed",
+        ),
+        (json!([{ "op": "remove", "path": "/member/5" }]), "out of bounds"),
+        (
+            json!([{ "op": "add", "path": "/member/-", "value": { "entity": { "display": "no reference" } } }]),
+            "entity.reference",
+        ),
+        (
+            json!([{ "op": "add", "path": "/member/-", "value": { "entity": { "reference": "Patient/y" }, "colour": "red" } }]),
+            "colour",
+        ),
+        (
+            json!([{ "op": "replace", "path": "/member/0/entity/reference", "value": "Patient/q" }]),
+            "entity cannot change",
+        ),
+        (
+            json!([{ "op": "add", "path": "/member/-", "value": { "entity": { "reference": "Patient/y" }, "period": { "start": "soon" } } }]),
+            "soon",
+        ),
+        (json!([{ "op": "move", "from": "/member/0", "path": "/member/1" }]), "not supported"),
+    ];
+    for (ops, mentions) in cases {
+        let issue = assert_outcome(app.patch("Group/g2", &ops).await, 422).await;
+        let d = issue["diagnostics"].as_str().unwrap();
+        assert!(d.contains(mentions), "'{d}' should mention '{mentions}'");
+    }
+    let r = app.get("Group/g2").await;
+    assert_eq!(etag(&r), "W/\"1\"");
+    let body = json(r).await;
+    assert_eq!(body["member"], json!([member("Patient/a")]));
+}
+
+#[tokio::test]
+async fn a_member_only_patch_changes_only_meta_in_mongo_and_sets_the_context_flag() {
+    let (hooks, recorder) = recording_hooks();
+    let app = spawn_with(test_settings(), hooks).await;
+    assert_eq!(app.post("Group", &group("ignored", &["Patient/a"])).await.status(), 201);
+    let id = recorder.seen.lock().unwrap()[0].id.clone();
+    let path = format!("Group/{id}");
+    let doc_before = app
+        .mongo
+        .collection::<bson::Document>("Group_4_0_0")
+        .find_one(bson::doc! { "_id": &id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!doc_before.contains_key("outbox"), "the sync hook flushed the POST's member batch");
+    patch_ok(&app, &path, json!([{ "op": "add", "path": "/member/-", "value": member("Patient/b") }])).await;
+    app.put(&path, &group(&id, &["Patient/c"])).await;
+
+    let doc = app
+        .mongo
+        .collection::<bson::Document>("Group_4_0_0")
+        .find_one(bson::doc! { "_id": &id })
+        .await
+        .unwrap()
+        .unwrap();
+    let resource = doc.get_document("resource").unwrap();
+    assert!(!resource.contains_key("member"), "members never live in MongoDB");
+    let v2 = app
+        .mongo
+        .collection::<bson::Document>("Group_4_0_0_History")
+        .find_one(bson::doc! { "_id": format!("{id}/2") })
+        .await
+        .unwrap()
+        .unwrap();
+    let mut before = doc_before.get_document("resource").unwrap().clone();
+    let mut after = v2.get_document("resource").unwrap().clone();
+    for d in [&mut before, &mut after] {
+        d.remove("meta");
+    }
+    assert_eq!(before, after, "a member-only PATCH changes nothing but meta");
+    assert_eq!(v2.get_document("resource").unwrap().get_document("meta").unwrap().get_str("versionId").unwrap(), "2");
+
+    let seen = recorder.seen.lock().unwrap().clone();
+    let flags: Vec<bool> = seen.iter().map(|s| s.member_events_written).collect();
+    assert_eq!(flags, [false, true, false], "flag set for the PATCH only (POST, PATCH, PUT)");
+    assert_eq!(members_of(&app, &path).await, ["Patient/c"], "PUT replaced the membership");
+}
+
+#[tokio::test]
+async fn concurrent_single_member_patches_all_land() {
+    let app = spawn_app().await;
+    app.put("Group/busy", &group("busy", &[])).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let client = app.client.clone();
+        let url = app.url("Group/busy");
+        let ops = json!([{ "op": "add", "path": "/member/-", "value": member(&format!("Patient/p{i}")) }]).to_string();
+        tasks.push(tokio::spawn(async move {
+            client
+                .patch(url)
+                .header("content-type", "application/json-patch+json")
+                .body(ops)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let body = json(app.get("Group/busy").await).await;
+    assert_eq!(body["quantity"], 50);
+    assert_eq!(body["member"].as_array().unwrap().len(), 50);
+    assert_eq!(body["meta"]["versionId"], "51");
+}
+
+#[tokio::test]
+async fn vread_returns_the_members_of_that_version() {
+    let app = spawn_app().await;
+    app.put("Group/h", &group("h", &["Patient/a", "Patient/b"])).await;
+    patch_ok(&app, "Group/h", json!([{ "op": "remove", "path": "/member/0" }])).await;
+    patch_ok(&app, "Group/h", json!([{ "op": "add", "path": "/member/-", "value": member("Patient/c") }])).await;
+    assert_eq!(members_of(&app, "Group/h/_history/1").await, ["Patient/a", "Patient/b"]);
+    assert_eq!(members_of(&app, "Group/h/_history/2").await, ["Patient/b"]);
+    assert_eq!(members_of(&app, "Group/h/_history/3").await, ["Patient/b", "Patient/c"]);
+    assert_eq!(json(app.get("Group/h/_history/2").await).await["quantity"], 1);
+    // _summary leaves the members out and says so.
+    let summary = json(app.get("Group/h?_summary=true").await).await;
+    assert!(summary.get("member").is_none());
+    assert_eq!(summary["quantity"], 2);
+    assert_eq!(summary["meta"]["tag"][0]["code"], "SUBSETTED");
+}
+
+#[tokio::test]
+async fn search_by_member_uses_current_membership() {
+    let app = spawn_app().await;
+    app.put("Group/s1", &group("s1", &["Patient/1", "Patient/2"])).await;
+    app.put("Group/s2", &group("s2", &["Patient/2"])).await;
+    let ids = |b: Value| -> Vec<String> {
+        b["entry"]
+            .as_array()
+            .map(|e| e.iter().map(|x| x["resource"]["id"].as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(ids(json(app.get("Group?member=Patient/2").await).await), ["s1", "s2"]);
+    assert_eq!(ids(json(app.get("Group?member=Patient/1").await).await), ["s1"]);
+    patch_ok(&app, "Group/s1", json!([{ "op": "remove", "path": "/member", "value": member("Patient/2") }])).await;
+    assert_eq!(ids(json(app.get("Group?member=Patient/2").await).await), ["s2"]);
+    let b = json(app.get("Group?member=Patient/2&name=cohort%20s").await).await;
+    assert_eq!(b["entry"][0]["resource"]["quantity"], 1);
+    assert!(b["entry"][0]["resource"].get("member").is_none(), "search results never inline members");
+    assert_eq!(ids(json(app.get("Group?type=person&actual=true&_count=1").await).await).len(), 1);
+    // DELETE hides the group from search but keeps its events.
+    assert_eq!(app.delete("Group/s2").await.status(), 204);
+    assert!(ids(json(app.get("Group?member=Patient/2").await).await).is_empty());
+    let ch = roster::migrate::clickhouse_client(&app.settings.clickhouse);
+    let events: u64 =
+        ch.query("SELECT count() FROM Group_4_0_0_MemberEvents WHERE group_id = 's2'").fetch_one().await.unwrap();
+    assert_eq!(events, 1, "the audit trail stays");
+}
+
+#[tokio::test]
+async fn put_rules_and_limits() {
+    let mut settings = test_settings();
+    settings.groups.max_patch_ops = 3;
+    let app = spawn_with(settings, Default::default()).await;
+    app.put("Group/p", &group("p", &["Patient/a", "Patient/b"])).await;
+    // PUT is a full replacement: a body without `member` empties the group.
+    let r = app.put("Group/p", &group("p", &[])).await;
+    assert_eq!(r.status(), 200);
+    assert!(json(app.get("Group/p").await).await.get("member").is_none());
+    assert_eq!(json(app.get("Group/p").await).await["quantity"], 0);
+    // One entity twice is refused.
+    let issue = assert_outcome(app.put("Group/p", &group("p", &["Patient/a", "Patient/a"])).await, 400).await;
+    assert_eq!(issue["expression"][0], "Group.member[1]");
+    // The operation cap.
+    let ops: Vec<Value> =
+        (0..4).map(|i| json!({ "op": "add", "path": "/member/-", "value": member(&format!("Patient/{i}")) })).collect();
+    let issue = assert_outcome(app.patch("Group/p", &Value::Array(ops)).await, 413).await;
+    assert!(issue["diagnostics"].as_str().unwrap().contains("at most 3"));
+    // If-Match on a member PATCH.
+    let stale = app
+        .client
+        .patch(app.url("Group/p"))
+        .header("content-type", "application/json-patch+json")
+        .header("if-match", "W/\"1\"")
+        .body(json!([{ "op": "add", "path": "/member/-", "value": member("Patient/z") }]).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_outcome(stale, 412).await;
+    // A descriptive group (no member list) keeps the quantity its author gave.
+    let mut herd = group("herd", &[]);
+    herd["quantity"] = json!(25);
+    app.put("Group/herd", &herd).await;
+    assert_eq!(json(app.get("Group/herd").await).await["quantity"], 25);
+}
