@@ -95,25 +95,39 @@ impl Application {
 
     /// Serves until SIGTERM or Ctrl-C, then finishes in-flight requests.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        tokio::spawn(repair_history(self.state.store.clone(), self.state.clickhouse.clone()));
         tracing::info!(address = %self.address, "roster listening");
-        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown_signal()).await
+        self.run_until(shutdown_signal()).await
     }
 
-    /// Serves until `stop` resolves (tests).
+    /// Serves until `stop` resolves, with the background recovery running meanwhile.
     pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router).with_graceful_shutdown(stop).await
+        let recovery = tokio::spawn(background_recovery(self.state.store.clone(), self.state.clickhouse.clone()));
+        let served = axum::serve(self.listener, self.router).with_graceful_shutdown(stop).await;
+        recovery.abort();
+        served
     }
 }
 
-/// Writes history copies and member batches left pending by a crash (see `store` and
-/// `group::outbox`).
-async fn repair_history(store: ResourceStore, clickhouse: clickhouse::Client) {
-    match crate::group::outbox::recover_all(store.database(), &clickhouse).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(batches = n, "pending member event batches inserted"),
-        Err(e) => tracing::warn!(error = %e, "member batch recovery failed; reads retry it, and the next start"),
+/// How often pending member batches are looked for while serving (reads and writes of a
+/// group finish its batch at once; this catches groups nobody touches).
+const OUTBOX_SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Finishes work a crash left half-done: history copies once at start-up, member event
+/// batches at start-up and then periodically.
+async fn background_recovery(store: ResourceStore, clickhouse: clickhouse::Client) {
+    repair_history(store.clone()).await;
+    loop {
+        match crate::group::outbox::recover_all(store.database(), &clickhouse).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(batches = n, "pending member event batches inserted"),
+            Err(e) => tracing::warn!(error = %e, "member batch recovery failed; retrying later"),
+        }
+        tokio::time::sleep(OUTBOX_SWEEP_EVERY).await;
     }
+}
+
+/// Writes history copies left pending by a crash (see `store`).
+async fn repair_history(store: ResourceStore) {
     let mut repaired = 0;
     for rt in fhir_model::RESOURCE_TYPES {
         match store.repair_history(rt).await {

@@ -4,6 +4,7 @@
 mod cli;
 mod crud;
 mod errors;
+mod faults;
 mod group;
 mod helpers;
 mod hooks;

@@ -1,0 +1,254 @@
+//! Faults between the two stores, made real with a TCP proxy in front of ClickHouse or
+//! MongoDB that the test cuts: the server sees refused and dropped connections, exactly as
+//! when a store dies. After every fault the membership must be exactly what the
+//! acknowledged writes say: nothing lost, duplicated or phantom.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::helpers::*;
+
+const PASS: u8 = 0;
+/// Refuse new connections and drop open ones.
+const DOWN: u8 = 1;
+/// Drop any connection that sends an `INSERT` (ClickHouse dies mid-write).
+const NO_INSERTS: u8 = 2;
+
+struct Proxy {
+    port: u16,
+    mode: Arc<AtomicU8>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(AtomicU8::new(PASS));
+        let m = mode.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else { return };
+                if m.load(Ordering::SeqCst) == DOWN {
+                    drop(client);
+                    continue;
+                }
+                let (m, target) = (m.clone(), target.clone());
+                tokio::spawn(async move {
+                    if let Ok(server) = TcpStream::connect(&target).await {
+                        pipe(client, server, m).await;
+                    }
+                });
+            }
+        });
+        Proxy { port, mode }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+}
+
+async fn pipe(client: TcpStream, server: TcpStream, mode: Arc<AtomicU8>) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let m = mode.clone();
+    let upstream = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut tail: Vec<u8> = Vec::new();
+        loop {
+            let n = match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mode = m.load(Ordering::SeqCst);
+            let mut window = std::mem::take(&mut tail);
+            window.extend_from_slice(&buf[..n]);
+            if mode == DOWN || (mode == NO_INSERTS && window.windows(6).any(|w| w == b"INSERT")) {
+                return;
+            }
+            tail = window[window.len().saturating_sub(5)..].to_vec();
+            if sw.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let m = mode.clone();
+    let downstream = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if m.load(Ordering::SeqCst) == DOWN || cw.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    // Either direction ending closes both: the peer sees the connection drop.
+    tokio::select! { _ = upstream => {}, _ = downstream => {} }
+}
+
+fn host_port(url: &str) -> String {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let rest = rest.split(['/', '?']).next().unwrap();
+    rest.rsplit('@').next().unwrap().to_string()
+}
+
+fn member(reference: &str) -> Value {
+    json!({ "entity": { "reference": reference } })
+}
+
+async fn members(app: &TestApp, id: &str) -> (u16, Vec<String>) {
+    let r = app.get(&format!("Group/{id}")).await;
+    let status = r.status().as_u16();
+    let body = json(r).await;
+    let refs = body["member"]
+        .as_array()
+        .map(|m| m.iter().map(|x| x["entity"]["reference"].as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    (status, refs)
+}
+
+async fn event_rows(app: &TestApp, id: &str) -> u64 {
+    let ch = roster::migrate::clickhouse_client(&test_settings_for(app).clickhouse);
+    ch.query("SELECT count() FROM Group_4_0_0_MemberEvents WHERE group_id = ?").bind(id).fetch_one().await.unwrap()
+}
+
+/// The app's settings, but pointing straight at ClickHouse (not through the proxy).
+fn test_settings_for(app: &TestApp) -> roster::config::Settings {
+    let mut s = app.settings.clone();
+    s.clickhouse.url = std::env::var("ROSTER_CLICKHOUSE_URL").unwrap();
+    s
+}
+
+#[tokio::test]
+async fn clickhouse_dies_between_the_mongo_commit_and_the_event_insert() {
+    let mut settings = test_settings();
+    let proxy = Proxy::start(host_port(&settings.clickhouse.url)).await;
+    settings.clickhouse.url = format!("http://127.0.0.1:{}", proxy.port);
+    let app = spawn_with(settings, Default::default()).await;
+    let group = json!({ "resourceType": "Group", "id": "f1", "type": "person", "actual": true,
+                        "member": [member("Patient/a"), member("Patient/b")] });
+    assert_eq!(app.put("Group/f1", &group).await.status(), 201);
+
+    // ClickHouse answers the planning reads but dies on the insert: the version is
+    // committed with its events in the outbox, so the client is told the truth (200).
+    proxy.set(NO_INSERTS);
+    let r = app.patch("Group/f1", &json!([{ "op": "add", "path": "/member/-", "value": member("Patient/c") }])).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(etag(&r), "W/\"2\"");
+    // While the events cannot be inserted, no reader sees version 2 without them.
+    let (status, _) = members(&app, "f1").await;
+    assert_eq!(status, 503);
+    let r = app.patch("Group/f1", &json!([{ "op": "add", "path": "/member/-", "value": member("Patient/d") }])).await;
+    assert_eq!(r.status(), 503, "no write builds on a version whose events are missing");
+
+    // ClickHouse is back: the next read finishes the batch; exactly a, b, c.
+    proxy.set(PASS);
+    let (status, refs) = members(&app, "f1").await;
+    assert_eq!(status, 200);
+    assert_eq!(refs, ["Patient/a", "Patient/b", "Patient/c"]);
+    assert_eq!(event_rows(&app, "f1").await, 3, "no event written twice");
+    assert_eq!(etag(&app.get("Group/f1").await), "W/\"2\"", "the refused PATCH wrote nothing");
+}
+
+#[tokio::test]
+async fn clickhouse_down_before_the_write_changes_nothing() {
+    let mut settings = test_settings();
+    let proxy = Proxy::start(host_port(&settings.clickhouse.url)).await;
+    settings.clickhouse.url = format!("http://127.0.0.1:{}", proxy.port);
+    let app = spawn_with(settings, Default::default()).await;
+    let group = json!({ "resourceType": "Group", "id": "f2", "type": "person", "actual": true, "member": [member("Patient/a")] });
+    app.put("Group/f2", &group).await;
+    proxy.set(DOWN);
+    let r = app.patch("Group/f2", &json!([{ "op": "add", "path": "/member/-", "value": member("Patient/b") }])).await;
+    assert_outcome(r, 503).await;
+    proxy.set(PASS);
+    let (_, refs) = members(&app, "f2").await;
+    assert_eq!(refs, ["Patient/a"]);
+    assert_eq!(etag(&app.get("Group/f2").await), "W/\"1\"");
+}
+
+#[tokio::test]
+async fn a_pending_batch_is_finished_by_the_start_up_sweep_and_never_duplicated() {
+    let mut settings = test_settings();
+    let direct = settings.clickhouse.url.clone();
+    let proxy = Proxy::start(host_port(&settings.clickhouse.url)).await;
+    settings.clickhouse.url = format!("http://127.0.0.1:{}", proxy.port);
+    let app = spawn_with(settings.clone(), Default::default()).await;
+    app.put("Group/f3", &json!({ "resourceType": "Group", "id": "f3", "type": "person", "actual": true })).await;
+    proxy.set(NO_INSERTS);
+    let ops: Vec<Value> = (0..100)
+        .map(|i| json!({ "op": "add", "path": "/member/-", "value": member(&format!("Patient/{i}")) }))
+        .collect();
+    assert_eq!(app.patch("Group/f3", &Value::Array(ops)).await.status(), 200);
+    let pending = app
+        .mongo
+        .collection::<bson::Document>("Group_4_0_0")
+        .find_one(bson::doc! { "_id": "f3" })
+        .await
+        .unwrap()
+        .unwrap();
+    let batch = pending.get_document("outbox").expect("batch pending in MongoDB").clone();
+
+    // Half of a flush happened before a crash: some rows are in ClickHouse, the marker is
+    // still in MongoDB (as when MongoDB dies before the marker is cleared).
+    let ch = roster::migrate::clickhouse_client(&test_settings_for(&app).clickhouse);
+    let events: Vec<roster::group::events::MemberEvent> =
+        serde_json::from_str(batch.get_str("events").unwrap()).unwrap();
+    roster::group::events::insert(&ch, &events[..40]).await.unwrap();
+
+    // A new server process starts on the same databases: its sweep finishes the batch.
+    settings.clickhouse.url = direct;
+    let restarted = spawn_with(settings, Default::default()).await;
+    let mut done = false;
+    for _ in 0..100 {
+        let doc = restarted
+            .mongo
+            .collection::<bson::Document>("Group_4_0_0")
+            .find_one(bson::doc! { "_id": "f3" })
+            .await
+            .unwrap()
+            .unwrap();
+        if !doc.contains_key("outbox") {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(done, "the start-up sweep cleared the batch");
+    assert_eq!(event_rows(&restarted, "f3").await, 100, "the 40 rows already there were not inserted again");
+    let (_, refs) = members(&restarted, "f3").await;
+    assert_eq!(refs.len(), 100);
+    assert_eq!(json(restarted.get("Group/f3").await).await["quantity"], 100);
+}
+
+#[tokio::test]
+async fn mongo_down_at_the_commit_writes_no_events() {
+    let mut settings = test_settings();
+    let proxy = Proxy::start(host_port(&settings.mongo.uri)).await;
+    settings.mongo.uri =
+        format!("mongodb://127.0.0.1:{}/?directConnection=true&serverSelectionTimeoutMS=1500", proxy.port);
+    let app = spawn_with(settings, Default::default()).await;
+    app.put("Group/f4", &json!({ "resourceType": "Group", "id": "f4", "type": "person", "actual": true, "member": [member("Patient/a")] })).await;
+    proxy.set(DOWN);
+    let r = app.patch("Group/f4", &json!([{ "op": "add", "path": "/member/-", "value": member("Patient/b") }])).await;
+    assert!(r.status().is_server_error(), "{}", r.status());
+    assert_eq!(event_rows(&app, "f4").await, 1, "no event of an uncommitted write");
+    proxy.set(PASS);
+    let mut refs = Vec::new();
+    for _ in 0..50 {
+        let (status, r) = members(&app, "f4").await;
+        if status == 200 {
+            refs = r;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(refs, ["Patient/a"]);
+}
