@@ -5,7 +5,7 @@ CARGO_TARGET_DIR ?= $(HOME)/.cache/roster/target
 export CARGO_TARGET_DIR
 SERVICES := scripts/services.sh
 
-.PHONY: run test services-up services-down test-services-up test-services-down fmt lint
+.PHONY: run test bench services-up services-down fmt lint
 
 ## run: start the local services, apply migrations, serve on 127.0.0.1:8080
 run: services-up
@@ -20,6 +20,16 @@ test:
 	$(SERVICES) start test
 	eval "$$($(SERVICES) env test)" && cargo test --no-fail-fast -- --test-threads=$${TEST_THREADS:-8} --show-output; \
 	  status=$$?; [ -n "$$KEEP_SERVICES" ] || $(SERVICES) stop test; exit $$status
+
+## bench: release build, fresh services (the test profile's ports and data), results in docs/benchmarks.md
+BENCH_TARGET_DIR ?= $(HOME)/.cache/roster/target-bench
+bench:
+	CARGO_TARGET_DIR=$(BENCH_TARGET_DIR) cargo build --release --bin roster --example bench
+	$(SERVICES) stop test
+	rm -rf .local/test
+	$(SERVICES) start test
+	eval "$$($(SERVICES) env test)" && $(BENCH_TARGET_DIR)/release/examples/bench $(BENCH_ARGS); \
+	  status=$$?; $(SERVICES) stop test; exit $$status
 
 services-up:
 	$(SERVICES) start dev

@@ -1,7 +1,7 @@
 //! `_history` at type and instance level: a `history` Bundle, newest first, paged by a
 //! cursor on `(lastUpdated, version key)` so pages stay stable while writes continue.
 //! A page holds at most `_count` entries (default 20, at most 1000), whatever the history
-//! length.
+//! length; Group entries leave their members out (vread a version for them).
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -84,6 +84,15 @@ async fn respond(
         state.store.history_page(rt, id, p.since, p.cursor.clone(), p.count + 1).await.map_err(store_error)?;
     let more = entries.len() as i64 > p.count;
     entries.truncate(p.count as usize);
+    if rt == "Group" && state.group_members == crate::group::MemberStorage::Events {
+        // History pages stay small whatever the group size: an entry carries the Group
+        // without members (tagged SUBSETTED); vread a version for its members.
+        for v in &mut entries {
+            if let Some(resource) = v.resource.as_mut() {
+                super::group::subsetted(resource, None);
+            }
+        }
+    }
     let base = match id {
         Some(id) => format!("{}/{rt}/{id}/_history", state.fhir_base()),
         None => format!("{}/{rt}/_history", state.fhir_base()),

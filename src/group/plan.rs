@@ -130,6 +130,11 @@ impl<'a> Planner<'a> {
     /// Loads the base state of many members in one round trip (before a batch of adds).
     pub async fn prefetch(&mut self, references: Vec<String>) -> Result<(), FhirError> {
         let wanted: Vec<String> = references.into_iter().filter(|r| !self.base.contains_key(r)).collect();
+        if !self.enumerated {
+            // No member events yet: nobody is a member.
+            self.base.extend(wanted.into_iter().map(|r| (r, None)));
+            return Ok(());
+        }
         for chunk in wanted.chunks(5_000) {
             let found = read::lookup(self.ch, &self.origin.group_id, chunk).await.map_err(ch_error)?;
             for r in chunk {
@@ -137,6 +142,26 @@ impl<'a> Planner<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Loads, in batched round trips, every member a patch names by reference, so adding
+    /// 10,000 members costs two queries, not 10,000.
+    pub async fn prefetch_ops(&mut self, ops: &[(usize, Operation)]) -> Result<(), FhirError> {
+        let mut refs = Vec::new();
+        for (_, op) in ops {
+            match op {
+                Operation::Add { value, .. }
+                | Operation::Replace { value, .. }
+                | Operation::Remove { value: Some(value), .. } => match value {
+                    Value::Array(items) => refs.extend(items.iter().filter_map(member_reference).map(str::to_string)),
+                    other => refs.extend(member_reference(other).map(str::to_string)),
+                },
+                _ => {}
+            }
+        }
+        refs.sort_unstable();
+        refs.dedup();
+        self.prefetch(refs).await
     }
 
     /// The member's current state in the virtual list: (member, position) when active.
@@ -270,6 +295,7 @@ impl<'a> Planner<'a> {
         let mut base = Vec::new();
         while let Some(row) = cursor.next().await.map_err(ch_error)? {
             base.push(row.member_reference.clone());
+            self.base.insert(row.member_reference.clone(), Some(row));
         }
         let mut out = Vec::new();
         for reference in base.into_iter().chain(self.appended.clone()) {
@@ -306,8 +332,8 @@ impl<'a> Planner<'a> {
                     self.remove(&reference).await?;
                 }
             }
-            self.prefetch(wanted.iter().map(|(r, _)| r.clone()).collect()).await?;
         }
+        self.prefetch(wanted.iter().map(|(r, _)| r.clone()).collect()).await?;
         for (reference, member) in wanted {
             match self.current(&reference).await? {
                 Some((old, _)) if patch::json_equal(&old, &member) => {}

@@ -205,6 +205,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             let mut planner = Planner::new(&state.clickhouse, origin, live.is_none()).await?;
             match change {
                 MemberChange::Ops(ops) => {
+                    planner.prefetch_ops(&ops).await?;
                     for (index, op) in &ops {
                         planner.apply(*index, op).await?;
                     }

@@ -1,0 +1,334 @@
+//! Group membership benchmark: roster's event-sourced members against the same server with
+//! members embedded in the MongoDB document (`ROSTER_GROUP_MEMBERS=embedded`).
+//!
+//! Run with `make bench` (services up, release build). It starts two `roster serve`
+//! processes on fresh databases, drives them over HTTP from one client (sequential requests:
+//! latency, not throughput), and writes `docs/benchmarks.md`.
+//!
+//! `--quick` shrinks every size by 10× for a smoke run.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start(mode: &str, tag: &str) -> Server {
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.parent().unwrap().parent().unwrap().join("roster");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let db = format!("bench_{tag}_{}", std::process::id());
+        let child = Command::new(&bin)
+            .arg("serve")
+            .env("ROSTER_LISTEN", format!("127.0.0.1:{port}"))
+            .env("ROSTER_MONGO_DATABASE", &db)
+            .env("ROSTER_CLICKHOUSE_DATABASE", &db)
+            .env("ROSTER_GROUP_MEMBERS", mode)
+            .env("ROSTER_GROUP_MAX_PATCH_OPS", "100000")
+            .env("ROSTER_BODY_LIMIT_BYTES", "1073741824")
+            .env("ROSTER_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let base = format!("http://127.0.0.1:{port}");
+        for _ in 0..600 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Server { child, base };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{mode} server did not start");
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+fn member(i: u64) -> Value {
+    json!({ "entity": { "reference": format!("Patient/p{i}") }, "period": { "start": "2024-01-01" } })
+}
+
+impl Client {
+    /// Creates a group with one seed member (RFC 6902 `add /member/-` needs the array to
+    /// exist in the embedded baseline; both modes get the same seed).
+    async fn put_group(&self, id: &str) {
+        let body = json!({ "resourceType": "Group", "id": id, "type": "person", "actual": true, "name": id,
+                           "member": [{ "entity": { "reference": "Patient/seed" } }] });
+        let r = self
+            .http
+            .put(format!("{}/4_0_0/Group/{id}", self.base))
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "create {id}: {}", r.status());
+    }
+
+    /// Adds members `from..to` in one PATCH; returns its latency.
+    async fn add(&self, id: &str, from: u64, to: u64) -> Duration {
+        let ops: Vec<Value> =
+            (from..to).map(|i| json!({ "op": "add", "path": "/member/-", "value": member(i) })).collect();
+        let body = Value::Array(ops).to_string();
+        let start = Instant::now();
+        let r = self
+            .http
+            .patch(format!("{}/4_0_0/Group/{id}", self.base))
+            .header("content-type", "application/json-patch+json")
+            .header("prefer", "return=minimal")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert!(status.is_success(), "PATCH {id} +{}: {status} {text}", to - from);
+        start.elapsed()
+    }
+
+    async fn get(&self, path: &str) -> (Duration, usize) {
+        let start = Instant::now();
+        let r = self.http.get(format!("{}/4_0_0/{path}", self.base)).send().await.unwrap();
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        let bytes = r.bytes().await.unwrap();
+        (start.elapsed(), bytes.len())
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn pct(samples: &mut [Duration], p: f64) -> f64 {
+    samples.sort();
+    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    ms(samples[i])
+}
+
+/// `n` single-member PATCHes adding new members from `next`; returns (p50, p99) ms.
+async fn singles(c: &Client, id: &str, next: &mut u64, n: usize) -> (f64, f64) {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        samples.push(c.add(id, *next, *next + 1).await);
+        *next += 1;
+    }
+    (pct(&mut samples, 0.5), pct(&mut samples, 0.99))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok()))
+        .map(|k| format!("{:.0} GiB", k as f64 / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    format!("{} cores ({cpu}), {mem} RAM", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0))
+}
+
+#[tokio::main]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let scale = if quick { 10 } else { 1 };
+    let out = std::env::args().skip_while(|a| a != "--out").nth(1).unwrap_or_else(|| "docs/benchmarks.md".into());
+    let (k1, k10, k100, m1) = (1_000 / scale, 10_000 / scale, 100_000 / scale, 1_000_000 / scale);
+    let single_n = if quick { 50 } else { 200 };
+    let http = reqwest::Client::builder().pool_max_idle_per_host(4).build().unwrap();
+    let mut rows: Vec<(String, String, String, String)> = Vec::new();
+
+    // ---- events (the product) ----
+    let events = Server::start("events", "events");
+    let c = Client { http: http.clone(), base: events.base.clone() };
+    eprintln!("events: 1k and 10k PATCH");
+    let mut t1k = Vec::new();
+    let mut t10k = Vec::new();
+    for g in 0..5 {
+        let id = format!("small{g}");
+        c.put_group(&id).await;
+        t1k.push(c.add(&id, 0, k1).await);
+        t10k.push(c.add(&id, k1, k1 + k10).await);
+    }
+    eprintln!("events: growing to {m1} members by {}-member PATCHes", k10);
+    c.put_group("big").await;
+    let mut next = 0u64;
+    let mut load = Duration::ZERO;
+    let mut at = Vec::new();
+    let checkpoints = [k1, k100, m1];
+    let mut size = 0u64;
+    for target in checkpoints {
+        while size < target {
+            let step = (target - size).min(k10);
+            load += c.add("big", next, next + step).await;
+            next += step;
+            size += step;
+        }
+        eprintln!("events: single-member PATCHes at {size}");
+        let (p50, p99) = singles(&c, "big", &mut next, single_n).await;
+        size += single_n as u64;
+        at.push((target, p50, p99));
+    }
+    eprintln!("events: Group?member= and full GET");
+    let mut lookups = Vec::new();
+    for i in 0..500u64 {
+        let p = (i * 7919) % m1;
+        lookups.push(c.get(&format!("Group?member=Patient/p{p}&_count=10")).await.0);
+    }
+    let rss_before = events.rss_kib();
+    let sampler = {
+        let pid = events.child.id();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                if let Some(v) =
+                    status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1))
+                {
+                    peak = peak.max(v.parse().unwrap_or(0));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        });
+        (stop, handle)
+    };
+    let (get_time, get_bytes) = c.get("Group/big").await;
+    sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rss_peak = sampler.1.join().unwrap();
+    let rss_growth_mib = rss_peak.saturating_sub(rss_before) as f64 / 1024.0;
+
+    // ---- embedded baseline ----
+    let embedded = Server::start("embedded", "embedded");
+    let b = Client { http: http.clone(), base: embedded.base.clone() };
+    eprintln!("embedded: 1k and 10k PATCH");
+    let mut b1k = Vec::new();
+    let mut b10k = Vec::new();
+    for g in 0..3 {
+        let id = format!("small{g}");
+        b.put_group(&id).await;
+        b1k.push(b.add(&id, 0, k1).await);
+        b10k.push(b.add(&id, k1, k1 + k10).await);
+    }
+    b.put_group("big").await;
+    let mut bnext = 0u64;
+    b.add("big", 0, k1).await;
+    bnext += k1;
+    eprintln!("embedded: single-member PATCHes at {k1}");
+    let (b_p50_1k, b_p99_1k) = singles(&b, "big", &mut bnext, single_n / 4).await;
+    eprintln!("embedded: growing to {k100}");
+    let mut bsize = k1 + (single_n / 4) as u64;
+    while bsize < k100 {
+        let step = (k100 - bsize).min(k10);
+        b.add("big", bnext, bnext + step).await;
+        bnext += step;
+        bsize += step;
+    }
+    eprintln!("embedded: single-member PATCHes at {bsize}");
+    let (b_p50_100k, b_p99_100k) = singles(&b, "big", &mut bnext, 20).await;
+    let (b_get_100k, _) = b.get("Group/big").await;
+
+    let f = |x: f64| format!("{x:.1}");
+    let avg = |v: &[Duration]| v.iter().map(|d| ms(*d)).sum::<f64>() / v.len() as f64;
+    let (p50_1k, p99_1k) = (at[0].1, at[0].2);
+    let (p50_100k, p99_100k) = (at[1].1, at[1].2);
+    let (p50_1m, p99_1m) = (at[2].1, at[2].2);
+    let mut lk = lookups.clone();
+    let n = |x: u64| {
+        if x >= 1_000_000 {
+            format!("{}M", x / 1_000_000)
+        } else if x >= 1000 {
+            format!("{}k", x / 1000)
+        } else {
+            x.to_string()
+        }
+    };
+    rows.push((
+        format!("single-member PATCH p50 / p99 at {} members (ms)", n(k1)),
+        "≤ 5 (p50)".into(),
+        format!("{} / {}", f(p50_1k), f(p99_1k)),
+        format!("{} / {}", f(b_p50_1k), f(b_p99_1k)),
+    ));
+    rows.push((
+        format!("single-member PATCH p50 / p99 at {} members (ms)", n(k100)),
+        "≤ 5 (p50), ≥ 100× baseline".into(),
+        format!("{} / {}", f(p50_100k), f(p99_100k)),
+        format!("{} / {} ({:.0}× slower)", f(b_p50_100k), f(b_p99_100k), b_p50_100k / p50_100k),
+    ));
+    rows.push((
+        format!("single-member PATCH p50 / p99 at {} members (ms)", n(m1)),
+        "≤ 5 (p50), flat".into(),
+        format!("{} / {}", f(p50_1m), f(p99_1m)),
+        "n/a: 1M members exceed MongoDB's 16 MiB document".into(),
+    ));
+    rows.push((format!("one PATCH of {} adds (ms, mean)", n(k1)), "".into(), f(avg(&t1k)), f(avg(&b1k))));
+    rows.push((format!("one PATCH of {} adds (ms, mean)", n(k10)), "≤ 150".into(), f(avg(&t10k)), f(avg(&b10k))));
+    rows.push((
+        format!("{} members via {}-member PATCHes (s)", m1, k10),
+        "≤ 20".into(),
+        format!("{:.1}", load.as_secs_f64()),
+        "n/a".into(),
+    ));
+    rows.push((
+        format!("Group?member= p50 / p99 at {} member rows (ms)", next),
+        "≤ 10 (p99)".into(),
+        format!("{} / {}", f(pct(&mut lk, 0.5)), f(pct(&mut lk, 0.99))),
+        "n/a (no member index)".into(),
+    ));
+    rows.push((
+        format!("full GET of a {}-member Group: time (s), body (MiB), server RSS growth (MiB)", size),
+        "≤ 3 s, ≤ 50 MiB".into(),
+        format!("{:.2} s, {:.0} MiB, {:.1} MiB", get_time.as_secs_f64(), get_bytes as f64 / 1048576.0, rss_growth_mib),
+        format!("{:.2} s at {} members", b_get_100k.as_secs_f64(), bsize),
+    ));
+
+    let mut md = String::new();
+    md.push_str("# Benchmarks\n\n");
+    md.push_str(&format!(
+        "Group membership, measured by `make bench` (`examples/bench.rs`) on {}; release build; local services \
+         from `scripts/services.sh` (ClickHouse 26.9 via chdb-core, SecantusDB for MongoDB); one client, sequential requests, \
+         `Prefer: return=minimal`. Each single-member PATCH adds a new member (`add /member/-` with a period).\n\n",
+        machine()
+    ));
+    if quick {
+        md.push_str("**Quick run: every size divided by 10.**\n\n");
+    }
+    md.push_str("| measure | target | roster (member events) | embedded baseline |\n|---|---|---|---|\n");
+    for (a, b, c, d) in &rows {
+        md.push_str(&format!("| {a} | {b} | {c} | {d} |\n"));
+    }
+    std::fs::create_dir_all(std::path::Path::new(&out).parent().unwrap()).ok();
+    std::fs::write(&out, &md).unwrap();
+    println!("{md}");
+}
