@@ -30,7 +30,7 @@ impl Server {
         let bin = exe.parent().unwrap().parent().unwrap().join("roster");
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let db = format!("bench_{tag}_{}", std::process::id());
-        let child = Command::new(&bin)
+        let mut child = Command::new(&bin)
             .arg("serve")
             .env("ROSTER_LISTEN", format!("127.0.0.1:{port}"))
             .env("ROSTER_MONGO_DATABASE", &db)
@@ -50,6 +50,8 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("{mode} server did not start");
     }
 
