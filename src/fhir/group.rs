@@ -68,7 +68,11 @@ pub async fn read_response(
     summary: bool,
 ) -> Result<Response, FhirError> {
     let mut resource = v.resource.clone().unwrap_or_default();
-    let count = read::enumerated_count(&state.clickhouse, &v.id, as_of).await.map_err(unavailable)?;
+    // Each version records its member count; older data is counted in ClickHouse.
+    let count = match v.member_count {
+        Some(known) => known,
+        None => read::enumerated_count(&state.clickhouse, &v.id, as_of).await.map_err(unavailable)?,
+    };
     if let Some(count) = count {
         resource.insert("quantity".into(), json!(count));
     }

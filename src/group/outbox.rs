@@ -97,6 +97,22 @@ pub async fn flush(
     outbox: &Document,
     recovering: bool,
 ) -> Result<(), OutboxError> {
+    insert(db, ch, group_id, outbox, recovering).await?;
+    let batch_id = outbox.get_str("batchId").unwrap_or_default();
+    db.collection::<Document>(&current_collection("Group"))
+        .update_one(doc! { "_id": group_id, "outbox.batchId": batch_id }, doc! { "$unset": { "outbox": "" } })
+        .await?;
+    forget_chunks(db, outbox).await
+}
+
+/// Inserts a committed batch's events into ClickHouse (without clearing the marker).
+pub async fn insert(
+    db: &Database,
+    ch: &clickhouse::Client,
+    group_id: &str,
+    outbox: &Document,
+    recovering: bool,
+) -> Result<(), OutboxError> {
     for chunk in load(db, outbox).await? {
         if recovering {
             let Some(first) = chunk.first() else { continue };
@@ -107,11 +123,13 @@ pub async fn flush(
             events::insert(ch, &chunk).await?;
         }
     }
-    let batch_id = outbox.get_str("batchId").unwrap_or_default();
-    db.collection::<Document>(&current_collection("Group"))
-        .update_one(doc! { "_id": group_id, "outbox.batchId": batch_id }, doc! { "$unset": { "outbox": "" } })
-        .await?;
+    Ok(())
+}
+
+/// Deletes the chunk documents of a batch whose marker is cleared.
+pub async fn forget_chunks(db: &Database, outbox: &Document) -> Result<(), OutboxError> {
     if outbox.contains_key("chunks") {
+        let batch_id = outbox.get_str("batchId").unwrap_or_default();
         db.collection::<Document>(OUTBOX_COLLECTION).delete_many(doc! { "batchId": batch_id }).await?;
     }
     Ok(())

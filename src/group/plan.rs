@@ -101,11 +101,16 @@ fn member_type(member: &Value, reference: &str) -> String {
 }
 
 impl<'a> Planner<'a> {
-    pub async fn new(ch: &'a clickhouse::Client, origin: Origin, is_new_group: bool) -> Result<Planner<'a>, FhirError> {
-        let base = if is_new_group {
-            None
-        } else {
-            read::enumerated_count(ch, &origin.group_id, None).await.map_err(ch_error)?
+    /// `known` = the group's member count at the base version when the caller knows it
+    /// (`Some(None)`: never enumerated); otherwise it is read from ClickHouse.
+    pub async fn new(
+        ch: &'a clickhouse::Client,
+        origin: Origin,
+        known: Option<Option<u64>>,
+    ) -> Result<Planner<'a>, FhirError> {
+        let base = match known {
+            Some(known) => known,
+            None => read::enumerated_count(ch, &origin.group_id, None).await.map_err(ch_error)?,
         };
         Ok(Planner {
             ch,

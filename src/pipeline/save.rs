@@ -189,6 +189,13 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         }
         let mut staged = None;
         let mut member_count = None;
+        // What is known of the membership at the base version: a new group has none; an
+        // existing one carries its count in its document (unknown only for data written
+        // before counts were recorded, then ClickHouse is asked).
+        let known_count = match &current {
+            None => Some(None),
+            Some(c) => c.member_count,
+        };
         if let Some(change) = members {
             let origin = Origin {
                 group_id: req.id.to_string(),
@@ -202,7 +209,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 },
                 event_time: last_updated.timestamp_millis(),
             };
-            let mut planner = Planner::new(&state.clickhouse, origin, live.is_none()).await?;
+            let mut planner = Planner::new(&state.clickhouse, origin, known_count).await?;
             match change {
                 MemberChange::Ops(ops) => {
                     planner.prefetch_ops(&ops).await?;
@@ -222,9 +229,12 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 staged = Some(outbox::stage(store.database(), &events).await.map_err(outbox_error)?);
             }
         } else if member_events && interaction != Interaction::Delete {
-            member_count = crate::group::read::enumerated_count(&state.clickhouse, req.id, None)
-                .await
-                .map_err(|e| FhirError::unavailable(format!("the member store is unavailable: {e}")))?;
+            member_count = match known_count {
+                Some(known) => known,
+                None => crate::group::read::enumerated_count(&state.clickhouse, req.id, None)
+                    .await
+                    .map_err(|e| FhirError::unavailable(format!("the member store is unavailable: {e}")))?,
+            };
         }
         let commit = Commit {
             id: req.id,
@@ -234,9 +244,10 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             method: interaction.method(),
             resource: document,
             outbox: staged.clone(),
+            member_count: (member_events && interaction != Interaction::Delete).then_some(member_count),
         };
-        match store.commit(rt, commit).await {
-            Ok(()) => {}
+        let committed = match store.commit(rt, commit).await {
+            Ok(committed) => committed,
             Err(e) => {
                 if let Some(batch) = &staged {
                     outbox::discard(store.database(), batch).await;
@@ -253,14 +264,25 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                     e => return Err(store_error(e)),
                 }
             }
-        }
-        if let (Interaction::Patch, Some(batch)) = (interaction, &staged) {
-            // The PATCH path writes its own member events; hooks must not process members.
-            ctx.set(Flag::MemberEventsWritten);
-            if let Err(e) = outbox::flush(store.database(), &state.clickhouse, req.id, batch, false).await {
-                tracing::warn!(group = req.id, version, error = %e,
-                    "member events committed but not yet in ClickHouse; the next read or the sweep inserts them");
+        };
+        match (interaction, &staged) {
+            (Interaction::Patch, Some(batch)) => {
+                // The PATCH path writes its own member events, then clears the outbox with
+                // the history flag in one update; hooks must not process members again.
+                ctx.set(Flag::MemberEventsWritten);
+                match outbox::insert(store.database(), &state.clickhouse, req.id, batch, false).await {
+                    Ok(()) => {
+                        store.finish(rt, &committed, &["outbox"]).await;
+                        let _ = outbox::forget_chunks(store.database(), batch).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(group = req.id, version, error = %e,
+                            "member events committed but not yet in ClickHouse; the next read or the sweep inserts them");
+                        store.finish(rt, &committed, &[]).await;
+                    }
+                }
             }
+            _ => store.finish(rt, &committed, &[]).await,
         }
         let previous = live.and_then(|c| c.resource.as_ref());
         state
@@ -282,6 +304,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 method: interaction.method().to_string(),
                 resource: stored,
                 outbox: None,
+                member_count: Some(member_count),
             },
         });
     }

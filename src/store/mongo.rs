@@ -19,6 +19,9 @@ pub struct Version {
     pub resource: Option<Map<String, Value>>,
     /// Work committed with this version that is not finished yet (Group member events).
     pub outbox: Option<Document>,
+    /// A Group's active member count at this version: `None` unknown (not recorded),
+    /// `Some(None)` members never enumerated, `Some(Some(n))` n members.
+    pub member_count: Option<Option<u64>>,
 }
 
 /// What a write stores; see the module docs for the protocol.
@@ -33,6 +36,8 @@ pub struct Commit<'a> {
     pub resource: Option<Document>,
     /// Stored atomically with the version as `outbox` (see `group::outbox`).
     pub outbox: Option<Document>,
+    /// Stored as `memberCount` (see [`Version::member_count`]); `None` writes nothing.
+    pub member_count: Option<Option<u64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +118,7 @@ impl ResourceStore {
             return Ok(None);
         };
         if doc.get_bool("historyPending").unwrap_or(false) {
-            self.finish_history(rt, &doc).await?;
+            self.finish_history(rt, &doc, &[]).await?;
         }
         decode(&doc, None).map(Some)
     }
@@ -130,7 +135,9 @@ impl ResourceStore {
     }
 
     /// Writes a version under the version guard; `Err(Conflict)` when the guard fails.
-    pub async fn commit(&self, rt: &str, c: Commit<'_>) -> Result<(), StoreError> {
+    /// Returns the committed document, which the caller passes to [`Self::finish`] once
+    /// any work tied to the commit is done (see the module docs).
+    pub async fn commit(&self, rt: &str, c: Commit<'_>) -> Result<Document, StoreError> {
         let mut current = doc! {
             "_id": c.id,
             "versionId": c.version,
@@ -144,6 +151,15 @@ impl ResourceStore {
         }
         if let Some(outbox) = c.outbox {
             current.insert("outbox", outbox);
+        }
+        match c.member_count {
+            None => {}
+            Some(None) => {
+                current.insert("memberCount", Bson::Null);
+            }
+            Some(Some(n)) => {
+                current.insert("memberCount", n as i64);
+            }
         }
         match c.base {
             None => match self.current(rt).insert_one(&current).await {
@@ -159,17 +175,21 @@ impl ResourceStore {
                 }
             }
         }
-        // Committed. The history copy is repairable from here on (module docs), so a
-        // failure now is logged, not reported as a failed write.
-        if let Err(e) = self.finish_history(rt, &current).await {
-            tracing::warn!(resource_type = rt, id = c.id, version = c.version, error = %e,
+        Ok(current)
+    }
+
+    /// Writes the history copy of a committed document and clears `historyPending` (and
+    /// the `also_clear` fields) in one update. The version is committed whatever happens
+    /// here, and everything is repairable, so a failure is logged rather than returned.
+    pub async fn finish(&self, rt: &str, committed: &Document, also_clear: &[&str]) {
+        if let Err(e) = self.finish_history(rt, committed, also_clear).await {
+            tracing::warn!(resource_type = rt, id = committed.get_str("_id").unwrap_or_default(), error = %e,
                 "history copy deferred; it will be written by the next repair");
         }
-        Ok(())
     }
 
     /// Writes the history copy of a current document and clears its pending flag.
-    async fn finish_history(&self, rt: &str, current: &Document) -> Result<(), StoreError> {
+    async fn finish_history(&self, rt: &str, current: &Document, also_clear: &[&str]) -> Result<(), StoreError> {
         let id = current.get_str("_id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let version = current.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut entry = current.clone();
@@ -181,9 +201,11 @@ impl ResourceStore {
             Err(e) if !is_duplicate_key(&e) => return Err(e.into()),
             _ => {}
         }
-        self.current(rt)
-            .update_one(doc! { "_id": id, "versionId": version }, doc! { "$unset": { "historyPending": "" } })
-            .await?;
+        let mut unset = doc! { "historyPending": "" };
+        for field in also_clear {
+            unset.insert(*field, "");
+        }
+        self.current(rt).update_one(doc! { "_id": id, "versionId": version }, doc! { "$unset": unset }).await?;
         Ok(())
     }
 
@@ -192,7 +214,7 @@ impl ResourceStore {
         let pending: Vec<Document> =
             self.current(rt).find(doc! { "historyPending": true }).await?.try_collect().await?;
         for doc in &pending {
-            self.finish_history(rt, doc).await?;
+            self.finish_history(rt, doc, &[]).await?;
         }
         Ok(pending.len())
     }
@@ -307,5 +329,11 @@ fn decode(doc: &Document, id: Option<&str>) -> Result<Version, StoreError> {
         method: doc.get_str("method").unwrap_or("PUT").to_string(),
         resource,
         outbox: doc.get_document("outbox").ok().cloned(),
+        member_count: match doc.get("memberCount") {
+            None => None,
+            Some(Bson::Int64(n)) => Some(Some(*n as u64)),
+            Some(Bson::Int32(n)) => Some(Some(*n as u64)),
+            Some(_) => Some(None),
+        },
     })
 }
