@@ -199,26 +199,10 @@ async fn a_member_only_patch_changes_only_meta_in_mongo_and_sets_the_context_fla
 async fn concurrent_single_member_patches_all_land() {
     let app = spawn_app().await;
     app.put("Group/busy", &group("busy", &[])).await;
-    let mut tasks = Vec::new();
-    for i in 0..50 {
-        let client = app.client.clone();
-        let url = app.url("Group/busy");
-        let ops = json!([{ "op": "add", "path": "/member/-", "value": member(&format!("Patient/p{i}")) }]).to_string();
-        tasks.push(tokio::spawn(async move {
-            client
-                .patch(url)
-                .header("content-type", "application/json-patch+json")
-                .body(ops)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    let patches = (0..50)
+        .map(|i| json!([{ "op": "add", "path": "/member/-", "value": member(&format!("Patient/p{i}")) }]))
+        .collect();
+    assert_eq!(app.concurrent_patches("Group/busy", patches).await, vec![200; 50]);
     let body = json(app.get("Group/busy").await).await;
     assert_eq!(body["quantity"], 50);
     assert_eq!(body["member"].as_array().unwrap().len(), 50);

@@ -95,6 +95,26 @@ impl TestApp {
             .expect("request")
     }
 
+    /// Sends every patch to `path` at once; returns the statuses in order.
+    pub async fn concurrent_patches(&self, path: &str, patches: Vec<Value>) -> Vec<u16> {
+        let tasks: Vec<_> = patches
+            .into_iter()
+            .map(|ops| {
+                let request = self
+                    .client
+                    .patch(self.url(path))
+                    .header("content-type", "application/json-patch+json")
+                    .body(ops.to_string());
+                tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await.unwrap());
+        }
+        statuses
+    }
+
     pub async fn delete(&self, path: &str) -> reqwest::Response {
         self.client.delete(self.url(path)).send().await.expect("request")
     }
