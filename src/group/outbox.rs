@@ -22,9 +22,10 @@ use mongodb::Database;
 use super::events::{self, MemberEvent};
 use crate::store::mongo::current_collection;
 
-/// Largest batch kept inline in the Group document (MongoDB documents stop at 16 MiB).
+/// Largest batch kept inline in the Group document, and largest outbox chunk (MongoDB
+/// documents stop at 16 MiB).
 pub const INLINE_LIMIT: usize = 4 * 1024 * 1024;
-/// Rows per ClickHouse insert (and per outbox chunk when not inline).
+/// Most rows per ClickHouse insert.
 pub const CHUNK_ROWS: usize = 50_000;
 
 pub const OUTBOX_COLLECTION: &str = "Group_4_0_0_MemberOutbox";
@@ -49,14 +50,37 @@ pub async fn stage(db: &Database, events: &[MemberEvent]) -> Result<Document, Ou
     }
     let chunks = db.collection::<Document>(OUTBOX_COLLECTION);
     let mut n = 0i32;
-    for chunk in events.chunks(CHUNK_ROWS) {
-        let json = serde_json::to_string(chunk).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
+    for chunk in byte_chunks(events)? {
         chunks
-            .insert_one(doc! { "_id": format!("{batch_id}/{n}"), "batchId": &batch_id, "chunk": n, "events": json })
+            .insert_one(doc! { "_id": format!("{batch_id}/{n}"), "batchId": &batch_id, "chunk": n, "events": chunk })
             .await?;
         n += 1;
     }
     Ok(doc! { "batchId": batch_id, "version": version, "count": events.len() as i64, "chunks": n })
+}
+
+/// Splits events into JSON arrays of at most [`INLINE_LIMIT`] bytes and [`CHUNK_ROWS`]
+/// rows each.
+fn byte_chunks(events: &[MemberEvent]) -> Result<Vec<String>, OutboxError> {
+    let mut out = Vec::new();
+    let mut current = String::from("[");
+    let mut rows = 0;
+    for event in events {
+        let json = serde_json::to_string(event).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
+        if rows > 0 && (current.len() + json.len() + 2 > INLINE_LIMIT || rows == CHUNK_ROWS) {
+            current.push(']');
+            out.push(std::mem::replace(&mut current, String::from("[")));
+            rows = 0;
+        }
+        if rows > 0 {
+            current.push(',');
+        }
+        current.push_str(&json);
+        rows += 1;
+    }
+    current.push(']');
+    out.push(current);
+    Ok(out)
 }
 
 /// Deletes the chunks of a staged batch whose commit failed.
@@ -150,4 +174,44 @@ pub async fn recover_all(db: &Database, ch: &clickhouse::Client) -> Result<usize
         flush(db, ch, id, outbox, true).await?;
     }
     Ok(pending.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::group::events::EventType;
+
+    fn event(seq: u32, json_len: usize) -> MemberEvent {
+        MemberEvent {
+            group_id: "g".into(),
+            group_version: 1,
+            seq,
+            ver: seq as u64,
+            event_id: format!("g/1/{seq}"),
+            event_type: EventType::Added,
+            member_reference: format!("Patient/{seq}"),
+            member_type: "Patient".into(),
+            position: seq as u64,
+            period_start: String::new(),
+            period_end: String::new(),
+            inactive: false,
+            member_json: "x".repeat(json_len),
+            active_count: seq as u64,
+            actor: String::new(),
+            request_id: String::new(),
+            source: "patch".into(),
+            event_time: 0,
+        }
+    }
+
+    #[test]
+    fn chunks_stay_under_the_document_limit_and_keep_every_event_in_order() {
+        let events: Vec<MemberEvent> = (0..3000).map(|i| event(i, 4000)).collect();
+        let chunks = byte_chunks(&events).unwrap();
+        assert!(chunks.len() > 1);
+        assert!(chunks.iter().all(|c| c.len() <= INLINE_LIMIT));
+        let back: Vec<MemberEvent> =
+            chunks.iter().flat_map(|c| serde_json::from_str::<Vec<MemberEvent>>(c).unwrap()).collect();
+        assert_eq!(back, events);
+    }
 }

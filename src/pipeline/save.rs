@@ -55,7 +55,18 @@ enum MemberChange {
 }
 
 fn outbox_error(e: outbox::OutboxError) -> FhirError {
-    FhirError::unavailable(format!("could not finish the group's pending member events: {e}"))
+    match e {
+        outbox::OutboxError::Corrupt(_) => FhirError::internal(e),
+        outbox::OutboxError::Mongo(ref m)
+            if !matches!(
+                *m.kind,
+                mongodb::error::ErrorKind::Io(_) | mongodb::error::ErrorKind::ServerSelection { .. }
+            ) =>
+        {
+            FhirError::internal(e)
+        }
+        _ => FhirError::unavailable(format!("could not finish the group's pending member events: {e}")),
+    }
 }
 
 /// Finishes a pending member batch before the group is read or written again, so nobody
