@@ -122,6 +122,30 @@ impl Client {
     }
 }
 
+/// Runs `f` while sampling the server's RSS every 5 ms; returns (f's output, peak growth in MiB).
+async fn with_rss<T>(server: &Server, f: impl std::future::Future<Output = T>) -> (T, f64) {
+    let before = server.rss_kib();
+    let pid = server.child.id();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0u64;
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            if let Some(v) = status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1))
+            {
+                peak = peak.max(v.parse().unwrap_or(0));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        peak
+    });
+    let out = f.await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    (out, peak.saturating_sub(before) as f64 / 1024.0)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -206,30 +230,27 @@ async fn main() {
         let p = (i * 7919) % m1;
         lookups.push(c.get(&format!("Group?member=Patient/p{p}&_count=10")).await.0);
     }
-    let rss_before = events.rss_kib();
-    let sampler = {
-        let pid = events.child.id();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let mut peak = 0u64;
-            while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                if let Some(v) =
-                    status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1))
-                {
-                    peak = peak.max(v.parse().unwrap_or(0));
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            peak
-        });
-        (stop, handle)
-    };
-    let (get_time, get_bytes) = c.get("Group/big").await;
-    sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    let rss_peak = sampler.1.join().unwrap();
-    let rss_growth_mib = rss_peak.saturating_sub(rss_before) as f64 / 1024.0;
+    let ((get_time, get_bytes), rss_growth_mib) = with_rss(&events, c.get("Group/big")).await;
+
+    eprintln!("events: POST of a {m1}-member Group");
+    let post_body = json!({ "resourceType": "Group", "type": "person", "actual": true,
+                            "member": (0..m1).map(member).collect::<Vec<_>>() })
+    .to_string();
+    let post_len = post_body.len();
+    let ((post_time, post_status), post_growth_mib) = with_rss(&events, async {
+        let start = Instant::now();
+        let r = http
+            .post(format!("{}/4_0_0/Group", events.base))
+            .header("content-type", "application/fhir+json")
+            .header("prefer", "return=minimal")
+            .body(post_body)
+            .send()
+            .await
+            .unwrap();
+        (start.elapsed(), r.status())
+    })
+    .await;
+    assert!(post_status.is_success(), "POST {m1} members: {post_status}");
 
     // ---- embedded baseline ----
     let embedded = Server::start("embedded", "embedded");
@@ -315,6 +336,18 @@ async fn main() {
         format!("{:.2} s at {} members", b_get_100k.as_secs_f64(), bsize),
     ));
 
+    rows.push((
+        format!("POST of a {}-member Group: time (s), server RSS growth (MiB) vs body (MiB)", n(m1)),
+        "growth < 10× body".into(),
+        format!(
+            "{:.1} s, {:.0} MiB vs {:.0} MiB ({:.1}×)",
+            post_time.as_secs_f64(),
+            post_growth_mib,
+            post_len as f64 / 1048576.0,
+            post_growth_mib * 1048576.0 / post_len as f64
+        ),
+        "n/a".into(),
+    ));
     let mut md = String::new();
     md.push_str("# Benchmarks\n\n");
     md.push_str(&format!(

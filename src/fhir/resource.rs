@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::headers::{self, VersionResponse};
 use super::{group, known_type, search, valid_id, PATCH_CONTENT_TYPES, RESOURCE_CONTENT_TYPES};
 use crate::error::FhirError;
+use crate::group::body::CompactMember;
 use crate::group::MemberStorage;
 use crate::model::patch;
 use crate::pipeline::save::finish_pending;
@@ -27,6 +28,26 @@ async fn json_body(
     headers::require_content_type(headers, content_types)?;
     let bytes = headers::read_body(headers, body, state.body_limit).await?;
     headers::parse_json(&bytes)
+}
+
+/// A POST/PUT body. A Group whose members are events is read by `group::body`, which
+/// keeps a huge member array compact; every other body is plain JSON.
+async fn resource_body(
+    state: &AppState,
+    rt: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Value, Option<Vec<CompactMember>>), FhirError> {
+    if !members_are_events(state, rt) {
+        return Ok((json_body(state, headers, body, RESOURCE_CONTENT_TYPES).await?, None));
+    }
+    headers::require_content_type(headers, RESOURCE_CONTENT_TYPES)?;
+    let bytes = headers::read_body(headers, body, state.body_limit).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(FhirError::bad_request("the request body is empty"));
+    }
+    let parsed = crate::group::body::parse(&bytes)?;
+    Ok((parsed.rest, parsed.members))
 }
 
 pub async fn read(
@@ -93,7 +114,7 @@ pub async fn create(
     body: Body,
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
-    let resource = json_body(&state, &headers, body, RESOURCE_CONTENT_TYPES).await?;
+    let (resource, members) = resource_body(&state, rt, &headers, body).await?;
     let prefer = headers::prefer_return(&headers);
     if let Some(condition) = headers.get("if-none-exist") {
         let condition = condition
@@ -114,7 +135,7 @@ pub async fn create(
     let outcome = save(
         &state,
         &mut ctx,
-        SaveRequest { resource_type: rt, id: &id, change: Change::Create(resource), if_match: None },
+        SaveRequest { resource_type: rt, id: &id, change: Change::Create(resource), if_match: None, members },
     )
     .await?;
     Ok(written(&state, rt, &outcome, StatusCode::CREATED, prefer))
@@ -130,7 +151,7 @@ pub async fn update(
     let rt = known_type(&rt)?;
     let id = valid_id(&id)?;
     let if_match = headers::if_match(&headers)?;
-    let resource = json_body(&state, &headers, body, RESOURCE_CONTENT_TYPES).await?;
+    let (resource, members) = resource_body(&state, rt, &headers, body).await?;
     match resource.get("id") {
         Some(Value::String(body_id)) if body_id == id => {}
         Some(body_id) => {
@@ -141,9 +162,12 @@ pub async fn update(
         }
         None => return Err(FhirError::bad_request("an update body must carry the resource id").at(format!("{rt}.id"))),
     }
-    let outcome =
-        save(&state, &mut ctx, SaveRequest { resource_type: rt, id, change: Change::Update(resource), if_match })
-            .await?;
+    let outcome = save(
+        &state,
+        &mut ctx,
+        SaveRequest { resource_type: rt, id, change: Change::Update(resource), if_match, members },
+    )
+    .await?;
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok(written(&state, rt, &outcome, status, headers::prefer_return(&headers)))
 }
@@ -171,8 +195,12 @@ pub async fn patch(
             ),
         ));
     }
-    let outcome =
-        save(&state, &mut ctx, SaveRequest { resource_type: rt, id, change: Change::Patch(ops), if_match }).await?;
+    let outcome = save(
+        &state,
+        &mut ctx,
+        SaveRequest { resource_type: rt, id, change: Change::Patch(ops), if_match, members: None },
+    )
+    .await?;
     Ok(written(&state, rt, &outcome, StatusCode::OK, headers::prefer_return(&headers)))
 }
 
@@ -186,7 +214,8 @@ pub async fn delete(
     let id = valid_id(&id)?;
     let if_match = headers::if_match(&headers)?;
     let outcome =
-        save(&state, &mut ctx, SaveRequest { resource_type: rt, id, change: Change::Delete, if_match }).await?;
+        save(&state, &mut ctx, SaveRequest { resource_type: rt, id, change: Change::Delete, if_match, members: None })
+            .await?;
     let v = &outcome.version;
     let message = if outcome.changed {
         format!("deleted {rt}/{id}; the tombstone is version {}", v.version)

@@ -14,6 +14,7 @@
 //! 4. [`hook`] is the post-save hook that syncs member arrays of full-resource writes; it
 //!    skips writes whose context says member events were already written.
 
+pub mod body;
 pub mod events;
 pub mod hook;
 pub mod outbox;

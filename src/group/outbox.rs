@@ -20,13 +20,14 @@ use futures_util::TryStreamExt;
 use mongodb::Database;
 
 use super::events::{self, MemberEvent};
+use super::plan::Planned;
 use crate::store::mongo::current_collection;
 
 /// Largest batch kept inline in the Group document, and largest outbox chunk (MongoDB
 /// documents stop at 16 MiB).
 pub const INLINE_LIMIT: usize = 4 * 1024 * 1024;
-/// Most rows per ClickHouse insert.
-pub const CHUNK_ROWS: usize = 50_000;
+/// Most rows per ClickHouse insert and per events chunk built in memory.
+pub const CHUNK_ROWS: usize = 10_000;
 
 pub const OUTBOX_COLLECTION: &str = "Group_4_0_0_MemberOutbox";
 
@@ -40,47 +41,68 @@ pub enum OutboxError {
     Corrupt(String),
 }
 
-/// Prepares `events` for the commit; returns the `outbox` field to store with it.
-pub async fn stage(db: &Database, events: &[MemberEvent]) -> Result<Document, OutboxError> {
+/// Batches up to this many events are kept inline in the Group document.
+const INLINE_ROWS: usize = 2_000;
+
+/// Prepares a planned batch for the commit; returns the `outbox` field to store with it.
+pub async fn stage(db: &Database, planned: &Planned<'_>) -> Result<Document, OutboxError> {
     let batch_id = uuid::Uuid::new_v4().to_string();
-    let json = serde_json::to_string(events).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
-    let version = events.first().map_or(0, |e| e.group_version) as i64;
-    if json.len() <= INLINE_LIMIT {
-        return Ok(doc! { "batchId": batch_id, "version": version, "count": events.len() as i64, "events": json });
+    let count = planned.len() as i64;
+    if planned.len() <= INLINE_ROWS {
+        let events: Vec<MemberEvent> = planned.chunks(INLINE_ROWS).flatten().collect();
+        let json = serde_json::to_string(&events).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
+        if json.len() <= INLINE_LIMIT {
+            let version = events.first().map_or(0, |e| e.group_version) as i64;
+            return Ok(doc! { "batchId": batch_id, "version": version, "count": count, "events": json });
+        }
     }
+    // Built, serialized and written one chunk at a time.
     let chunks = db.collection::<Document>(OUTBOX_COLLECTION);
     let mut n = 0i32;
-    for chunk in byte_chunks(events)? {
-        chunks
-            .insert_one(doc! { "_id": format!("{batch_id}/{n}"), "batchId": &batch_id, "chunk": n, "events": chunk })
-            .await?;
-        n += 1;
+    let mut version = 0i64;
+    for events in planned.chunks(CHUNK_ROWS) {
+        version = events.first().map_or(version, |e| e.group_version as i64);
+        let mut rest = &events[..];
+        while !rest.is_empty() {
+            let (chunk, taken) = next_chunk(rest)?;
+            rest = &rest[taken..];
+            chunks
+                .insert_one(
+                    doc! { "_id": format!("{batch_id}/{n}"), "batchId": &batch_id, "chunk": n, "events": chunk },
+                )
+                .await?;
+            n += 1;
+        }
     }
-    Ok(doc! { "batchId": batch_id, "version": version, "count": events.len() as i64, "chunks": n })
+    Ok(doc! { "batchId": batch_id, "version": version, "count": count, "chunks": n })
 }
 
-/// Splits events into JSON arrays of at most [`INLINE_LIMIT`] bytes and [`CHUNK_ROWS`]
-/// rows each.
-fn byte_chunks(events: &[MemberEvent]) -> Result<Vec<String>, OutboxError> {
-    let mut out = Vec::new();
-    let mut current = String::from("[");
+/// Inserts a freshly committed batch from memory (the writer's fast path).
+pub async fn insert_planned(ch: &clickhouse::Client, planned: &Planned<'_>) -> Result<(), OutboxError> {
+    for events in planned.chunks(CHUNK_ROWS) {
+        events::insert(ch, &events).await?;
+    }
+    Ok(())
+}
+
+/// The JSON array of the first events that fit in [`INLINE_LIMIT`] bytes and
+/// [`CHUNK_ROWS`] rows, and how many it holds.
+fn next_chunk(events: &[MemberEvent]) -> Result<(String, usize), OutboxError> {
+    let mut out = String::from("[");
     let mut rows = 0;
     for event in events {
         let json = serde_json::to_string(event).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
-        if rows > 0 && (current.len() + json.len() + 2 > INLINE_LIMIT || rows == CHUNK_ROWS) {
-            current.push(']');
-            out.push(std::mem::replace(&mut current, String::from("[")));
-            rows = 0;
+        if rows > 0 && (out.len() + json.len() + 2 > INLINE_LIMIT || rows == CHUNK_ROWS) {
+            break;
         }
         if rows > 0 {
-            current.push(',');
+            out.push(',');
         }
-        current.push_str(&json);
+        out.push_str(&json);
         rows += 1;
     }
-    current.push(']');
-    out.push(current);
-    Ok(out)
+    out.push(']');
+    Ok((out, rows))
 }
 
 /// Deletes the chunks of a staged batch whose commit failed.
@@ -90,24 +112,34 @@ pub async fn discard(db: &Database, outbox: &Document) {
     }
 }
 
-async fn load(db: &Database, outbox: &Document) -> Result<Vec<Vec<MemberEvent>>, OutboxError> {
-    let parse = |s: &str| serde_json::from_str::<Vec<MemberEvent>>(s).map_err(|e| OutboxError::Corrupt(e.to_string()));
+fn parse_events(s: &str) -> Result<Vec<MemberEvent>, OutboxError> {
+    serde_json::from_str::<Vec<MemberEvent>>(s).map_err(|e| OutboxError::Corrupt(e.to_string()))
+}
+
+/// Calls `each` with the batch's events, one chunk at a time (never all in memory).
+async fn for_each_chunk<F, Fut>(db: &Database, outbox: &Document, mut each: F) -> Result<(), OutboxError>
+where
+    F: FnMut(Vec<MemberEvent>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), OutboxError>>,
+{
     if let Ok(inline) = outbox.get_str("events") {
-        return Ok(parse(inline)?.chunks(CHUNK_ROWS).map(<[MemberEvent]>::to_vec).collect());
+        let events = parse_events(inline)?;
+        for chunk in events.chunks(CHUNK_ROWS) {
+            each(chunk.to_vec()).await?;
+        }
+        return Ok(());
     }
     let id = outbox.get_str("batchId").map_err(|e| OutboxError::Corrupt(e.to_string()))?;
     let expected = outbox.get_i32("chunks").map_err(|e| OutboxError::Corrupt(e.to_string()))?;
-    let docs: Vec<Document> = db
-        .collection::<Document>(OUTBOX_COLLECTION)
-        .find(doc! { "batchId": id })
-        .sort(doc! { "chunk": 1 })
-        .await?
-        .try_collect()
-        .await?;
-    if docs.len() != expected as usize {
-        return Err(OutboxError::Corrupt(format!("batch {id} has {} of {expected} chunks", docs.len())));
+    let collection = db.collection::<Document>(OUTBOX_COLLECTION);
+    for n in 0..expected {
+        let chunk = collection
+            .find_one(doc! { "_id": format!("{id}/{n}") })
+            .await?
+            .ok_or_else(|| OutboxError::Corrupt(format!("batch {id} lacks chunk {n} of {expected}")))?;
+        each(parse_events(chunk.get_str("events").unwrap_or("[]"))?).await?;
     }
-    docs.iter().map(|d| parse(d.get_str("events").unwrap_or("[]"))).collect()
+    Ok(())
 }
 
 /// Inserts a committed batch into ClickHouse and clears it from the Group document.
@@ -137,17 +169,18 @@ pub async fn insert(
     outbox: &Document,
     recovering: bool,
 ) -> Result<(), OutboxError> {
-    for chunk in load(db, outbox).await? {
+    for_each_chunk(db, outbox, |chunk| async move {
         if recovering {
-            let Some(first) = chunk.first() else { continue };
+            let Some(first) = chunk.first() else { return Ok(()) };
             let have = events::stored_seqs(ch, group_id, first.group_version).await?;
             let missing: Vec<MemberEvent> = chunk.into_iter().filter(|e| !have.contains(&e.seq)).collect();
             events::insert(ch, &missing).await?;
         } else {
             events::insert(ch, &chunk).await?;
         }
-    }
-    Ok(())
+        Ok(())
+    })
+    .await
 }
 
 /// Deletes the chunk documents of a batch whose marker is cleared.
@@ -207,7 +240,13 @@ mod tests {
     #[test]
     fn chunks_stay_under_the_document_limit_and_keep_every_event_in_order() {
         let events: Vec<MemberEvent> = (0..3000).map(|i| event(i, 4000)).collect();
-        let chunks = byte_chunks(&events).unwrap();
+        let mut chunks = Vec::new();
+        let mut rest = &events[..];
+        while !rest.is_empty() {
+            let (chunk, taken) = next_chunk(rest).unwrap();
+            chunks.push(chunk);
+            rest = &rest[taken..];
+        }
         assert!(chunks.len() > 1);
         assert!(chunks.iter().all(|c| c.len() <= INLINE_LIMIT));
         let back: Vec<MemberEvent> =

@@ -20,11 +20,13 @@
 //!   an array replaces the whole membership (like PUT).
 //! * A member's identity is `entity.reference`; a body listing one entity twice is refused.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
+use super::body::CompactMember;
 use super::events::{ver, EventType, MemberEvent};
 use super::read::{self, MemberRow};
 use crate::error::{FhirError, IssueCode};
@@ -43,17 +45,27 @@ pub struct Origin {
     pub event_time: i64,
 }
 
-struct Draft {
+struct Draft<'a> {
     event_type: EventType,
-    reference: String,
-    member: Value,
+    /// For `removed`: the reference only (empty JSON). Borrowed from a POST/PUT body's
+    /// parsed members when it comes from there, so a big body is not held twice.
+    member: Cow<'a, CompactMember>,
     position: u64,
 }
 
 /// What the virtual list knows about a member this patch touched.
 #[derive(Clone)]
 enum Touched {
-    Active { member: Value, position: u64 },
+    /// Active with this member and position.
+    Active {
+        member: Box<CompactMember>,
+        position: u64,
+    },
+    /// Activated by this patch: the member lives in `drafts[draft]` (not copied twice).
+    Added {
+        draft: usize,
+        position: u64,
+    },
     Removed,
 }
 
@@ -69,11 +81,9 @@ pub struct Planner<'a> {
     removed_base: BTreeSet<u64>,
     /// Members activated by this patch, in order, still active.
     appended: Vec<String>,
-    drafts: Vec<Draft>,
-    /// (operation index, member) pairs to validate.
+    drafts: Vec<Draft<'a>>,
+    /// (operation index, member) pairs from PATCH operations, validated at the end.
     to_validate: Vec<(usize, Value)>,
-    /// Members arrive already validated (a whole POST/PUT body).
-    validated: bool,
 }
 
 fn ch_error(e: clickhouse::error::Error) -> FhirError {
@@ -87,17 +97,6 @@ fn op_error(index: usize, path: &str, message: impl std::fmt::Display) -> FhirEr
 /// The identity of a member element: its `entity.reference`.
 pub fn member_reference(member: &Value) -> Option<&str> {
     member.pointer("/entity/reference").and_then(Value::as_str).filter(|r| !r.is_empty())
-}
-
-fn member_type(member: &Value, reference: &str) -> String {
-    if let Some(t) = member.pointer("/entity/type").and_then(Value::as_str) {
-        return t.to_string();
-    }
-    let parts: Vec<&str> = reference.rsplitn(3, '/').collect();
-    match parts.as_slice() {
-        [_, t, ..] if fhir_model::is_resource_type(t) => t.to_string(),
-        _ => String::new(),
-    }
 }
 
 impl<'a> Planner<'a> {
@@ -123,22 +122,14 @@ impl<'a> Planner<'a> {
             appended: Vec::new(),
             drafts: Vec::new(),
             to_validate: Vec::new(),
-            validated: false,
         })
-    }
-
-    /// The members given to this planner were validated with their resource already.
-    pub fn members_validated(&mut self) {
-        self.validated = true;
     }
 
     /// Loads the base state of many members in one round trip (before a batch of adds).
     pub async fn prefetch(&mut self, references: Vec<String>) -> Result<(), FhirError> {
         let wanted: Vec<String> = references.into_iter().filter(|r| !self.base.contains_key(r)).collect();
         if !self.enumerated {
-            // No member events yet: nobody is a member.
-            self.base.extend(wanted.into_iter().map(|r| (r, None)));
-            return Ok(());
+            return Ok(()); // no member events yet: nobody is a member
         }
         for chunk in wanted.chunks(5_000) {
             let found = read::lookup(self.ch, &self.origin.group_id, chunk).await.map_err(ch_error)?;
@@ -170,17 +161,25 @@ impl<'a> Planner<'a> {
     }
 
     /// The member's current state in the virtual list: (member, position) when active.
-    async fn current(&mut self, reference: &str) -> Result<Option<(Value, u64)>, FhirError> {
+    async fn current(&mut self, reference: &str) -> Result<Option<(CompactMember, u64)>, FhirError> {
         match self.touched.get(reference) {
-            Some(Touched::Active { member, position }) => return Ok(Some((member.clone(), *position))),
+            Some(Touched::Active { member, position }) => return Ok(Some(((**member).clone(), *position))),
+            Some(Touched::Added { draft, position }) => {
+                return Ok(Some((self.drafts[*draft].member.clone().into_owned(), *position)))
+            }
             Some(Touched::Removed) => return Ok(None),
             None => {}
+        }
+        if !self.enumerated {
+            return Ok(None); // no member events yet: nobody is a member
         }
         if !self.base.contains_key(reference) {
             self.prefetch(vec![reference.to_string()]).await?;
         }
         Ok(self.base.get(reference).cloned().flatten().filter(|row| row.active).map(|row| {
-            let member = serde_json::from_str(&row.member_json).unwrap_or(Value::Null);
+            let value: Value = serde_json::from_str(&row.member_json).unwrap_or(Value::Null);
+            let member = CompactMember::from_value(&value)
+                .unwrap_or(CompactMember { reference: row.member_reference.clone(), json: row.member_json.clone() });
             (member, row.position)
         }))
     }
@@ -190,7 +189,7 @@ impl<'a> Planner<'a> {
     }
 
     /// The member at index `n` of the virtual list: (reference, member, position).
-    async fn at(&mut self, n: u64) -> Result<Option<(String, Value, u64)>, FhirError> {
+    async fn at(&mut self, n: u64) -> Result<Option<(String, CompactMember, u64)>, FhirError> {
         let base_visible = self.base_count - self.removed_base.len() as u64;
         if n >= base_visible {
             let Some(reference) = self.appended.get((n - base_visible) as usize).cloned() else {
@@ -235,40 +234,50 @@ impl<'a> Planner<'a> {
         Ok(n)
     }
 
-    async fn resolve(&mut self, index: usize, path: &str, token: &str) -> Result<(String, Value, u64), FhirError> {
+    async fn resolve(
+        &mut self,
+        index: usize,
+        path: &str,
+        token: &str,
+    ) -> Result<(String, CompactMember, u64), FhirError> {
         let n = self.parse_index(index, path, token)?;
         self.at(n).await?.ok_or_else(|| op_error(index, path, format!("no member at index {n}")))
     }
 
-    fn draft(&mut self, event_type: EventType, reference: &str, member: Value, position: Option<u64>) -> u64 {
+    fn draft(&mut self, event_type: EventType, member: Cow<'a, CompactMember>, position: Option<u64>) -> u64 {
         let position = position.unwrap_or_else(|| ver(self.origin.version, self.drafts.len() as u32));
-        self.drafts.push(Draft { event_type, reference: reference.to_string(), member, position });
+        self.drafts.push(Draft { event_type, member, position });
         position
     }
 
-    /// Adds a member at the end unless it is already active.
+    /// Adds a member given in a PATCH (validated at [`Self::finish`]).
     pub async fn add(&mut self, index: usize, member: Value) -> Result<(), FhirError> {
-        let reference = member_reference(&member)
-            .ok_or_else(|| {
-                FhirError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    IssueCode::Required,
-                    format!(
+        let compact = CompactMember::from_value(&member).ok_or_else(|| {
+            FhirError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                IssueCode::Required,
+                format!(
                     "operation {index}: a member needs entity.reference (this server identifies members by reference)"
                 ),
-                )
-            })?
-            .to_string();
-        if self.current(&reference).await?.is_some() {
-            return Ok(());
+            )
+        })?;
+        if self.add_compact(Cow::Owned(compact)).await? {
+            self.to_validate.push((index, member));
         }
-        if !self.validated {
-            self.to_validate.push((index, member.clone()));
-        }
-        let position = self.draft(EventType::Added, &reference, member.clone(), None);
-        self.touched.insert(reference.clone(), Touched::Active { member, position });
-        self.appended.push(reference);
         Ok(())
+    }
+
+    /// Adds a member at the end unless it is already active; true when it was added.
+    async fn add_compact(&mut self, member: Cow<'a, CompactMember>) -> Result<bool, FhirError> {
+        if self.current(&member.reference).await?.is_some() {
+            return Ok(false);
+        }
+        let reference = member.reference.clone();
+        let draft = self.drafts.len();
+        let position = self.draft(EventType::Added, member, None);
+        self.touched.insert(reference.clone(), Touched::Added { draft, position });
+        self.appended.push(reference);
+        Ok(true)
     }
 
     /// Removes a member if it is active.
@@ -281,21 +290,20 @@ impl<'a> Planner<'a> {
         } else {
             self.removed_base.insert(position);
         }
-        self.draft(EventType::Removed, reference, Value::Null, Some(position));
+        self.draft(EventType::Removed, Cow::Owned(CompactMember::gone(reference)), Some(position));
         self.touched.insert(reference.to_string(), Touched::Removed);
         Ok(())
     }
 
-    fn update(&mut self, index: usize, reference: &str, member: Value, position: u64) {
-        if !self.validated {
-            self.to_validate.push((index, member.clone()));
-        }
-        self.draft(EventType::Updated, reference, member.clone(), Some(position));
-        self.touched.insert(reference.to_string(), Touched::Active { member, position });
+    fn update(&mut self, index: usize, member: Value, position: u64) {
+        let Some(compact) = CompactMember::from_value(&member) else { return };
+        self.to_validate.push((index, member));
+        self.draft(EventType::Updated, Cow::Owned(compact.clone()), Some(position));
+        self.touched.insert(compact.reference.clone(), Touched::Active { member: Box::new(compact), position });
     }
 
-    /// Every active member (for remove-all and whole-array replacement).
-    async fn all_active(&mut self) -> Result<Vec<(String, Value)>, FhirError> {
+    /// Every active member's reference (for remove-all and whole-array replacement).
+    async fn all_active(&mut self) -> Result<Vec<String>, FhirError> {
         let mut cursor = read::members(self.ch, &self.origin.group_id, None).map_err(ch_error)?;
         let mut base = Vec::new();
         while let Some(row) = cursor.next().await.map_err(ch_error)? {
@@ -304,46 +312,86 @@ impl<'a> Planner<'a> {
         }
         let mut out = Vec::new();
         for reference in base.into_iter().chain(self.appended.clone()) {
-            if let Some((member, _)) = self.current(&reference).await? {
-                out.push((reference, member));
+            if self.current(&reference).await?.is_some() {
+                out.push(reference);
             }
         }
         Ok(out)
     }
 
-    /// Makes the membership exactly `members` (PUT, or replacing `/member`).
-    pub async fn replace_all(&mut self, index: usize, members: Vec<Value>) -> Result<(), FhirError> {
-        let mut wanted = Vec::with_capacity(members.len());
-        let mut seen = HashSet::with_capacity(members.len());
-        for (i, member) in members.into_iter().enumerate() {
-            let reference = member_reference(&member)
-                .ok_or_else(|| {
-                    FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Required, "a member needs entity.reference")
-                        .at(format!("Group.member[{i}].entity.reference"))
-                })?
-                .to_string();
-            if !seen.insert(reference.clone()) {
-                return Err(FhirError::bad_request(format!(
-                    "{reference} is listed twice; this server keeps one member entry per entity"
-                ))
-                .at(format!("Group.member[{i}]")));
+    /// Makes the membership exactly `members` (PUT, POST, or replacing `/member`).
+    /// Members must have distinct references (see `group::body`).
+    pub async fn replace_all(&mut self, members: &'a [CompactMember]) -> Result<(), FhirError> {
+        if !self.enumerated && self.drafts.is_empty() {
+            // A group with no members yet (POST, first PUT): every member is an add, and
+            // this is the write's only member change, so no per-member bookkeeping is
+            // needed; each event borrows its member from the parsed body.
+            for member in members {
+                self.draft(EventType::Added, Cow::Borrowed(member), None);
             }
-            wanted.push((reference, member));
+            return Ok(());
         }
         if self.virtual_len() > 0 {
-            let keep: HashSet<&String> = seen.iter().collect();
-            for (reference, _) in self.all_active().await? {
-                if !keep.contains(&reference) {
+            let keep: HashSet<&str> = members.iter().map(|m| m.reference.as_str()).collect();
+            for reference in self.all_active().await? {
+                if !keep.contains(reference.as_str()) {
                     self.remove(&reference).await?;
                 }
             }
         }
-        self.prefetch(wanted.iter().map(|(r, _)| r.clone()).collect()).await?;
-        for (reference, member) in wanted {
-            match self.current(&reference).await? {
-                Some((old, _)) if patch::json_equal(&old, &member) => {}
-                Some((_, position)) => self.update(index, &reference, member, position),
-                None => self.add(index, member).await?,
+        self.prefetch(members.iter().map(|m| m.reference.clone()).collect()).await?;
+        for member in members {
+            match self.current(&member.reference).await? {
+                Some((old, _)) if old.json == member.json || patch::json_equal(&old.value(), &member.value()) => {}
+                Some((_, position)) => {
+                    self.draft(EventType::Updated, Cow::Borrowed(member), Some(position));
+                    self.touched.insert(
+                        member.reference.clone(),
+                        Touched::Active { member: Box::new(member.clone()), position },
+                    );
+                }
+                None => {
+                    self.add_compact(Cow::Borrowed(member)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `add`/`replace /member` with an array from a PATCH.
+    async fn replace_from_patch(&mut self, index: usize, path: &str, values: &[Value]) -> Result<(), FhirError> {
+        let mut members = Vec::with_capacity(values.len());
+        let mut seen = HashSet::new();
+        for (i, value) in values.iter().enumerate() {
+            let member = CompactMember::from_value(value)
+                .ok_or_else(|| op_error(index, path, format!("member {i} needs entity.reference")))?;
+            if !seen.insert(member.reference.clone()) {
+                return Err(op_error(index, path, format!("{} is listed twice", member.reference)));
+            }
+            self.to_validate.push((index, value.clone()));
+            members.push(member);
+        }
+        // Same as `replace_all`, with owned members (they come from the patch document).
+        if self.virtual_len() > 0 {
+            let keep: HashSet<&str> = members.iter().map(|m| m.reference.as_str()).collect();
+            let gone: Vec<String> =
+                self.all_active().await?.into_iter().filter(|r| !keep.contains(r.as_str())).collect();
+            for reference in gone {
+                self.remove(&reference).await?;
+            }
+        }
+        self.prefetch(members.iter().map(|m| m.reference.clone()).collect()).await?;
+        for member in members {
+            match self.current(&member.reference).await? {
+                Some((old, _)) if patch::json_equal(&old.value(), &member.value()) => {}
+                Some((_, position)) => {
+                    self.draft(EventType::Updated, Cow::Owned(member.clone()), Some(position));
+                    self.touched
+                        .insert(member.reference.clone(), Touched::Active { member: Box::new(member), position });
+                }
+                None => {
+                    self.add_compact(Cow::Owned(member)).await?;
+                }
             }
         }
         Ok(())
@@ -358,7 +406,7 @@ impl<'a> Planner<'a> {
                 let Value::Array(members) = value else {
                     return Err(op_error(index, &path, "the member array must be a JSON array"));
                 };
-                self.replace_all(index, members.clone()).await
+                self.replace_from_patch(index, &path, members).await
             }
             (Operation::Remove { value: Some(value), .. }, 1) => {
                 let reference = member_reference(value)
@@ -367,7 +415,7 @@ impl<'a> Planner<'a> {
                 self.remove(&reference).await
             }
             (Operation::Remove { value: None, .. }, 1) => {
-                for (reference, _) in self.all_active().await? {
+                for reference in self.all_active().await? {
                     self.remove(&reference).await?;
                 }
                 Ok(())
@@ -393,8 +441,8 @@ impl<'a> Planner<'a> {
                 let (reference, old, position) = self.resolve(index, &path, &tokens[1]).await?;
                 match member_reference(value) {
                     Some(r) if r == reference => {
-                        if !patch::json_equal(&old, value) {
-                            self.update(index, &reference, value.clone(), position);
+                        if !patch::json_equal(&old.value(), value) {
+                            self.update(index, value.clone(), position);
                         }
                         Ok(())
                     }
@@ -406,10 +454,10 @@ impl<'a> Planner<'a> {
             }
             (Operation::Test { value, .. }, 2) => {
                 let (_, current, _) = self.resolve(index, &path, &tokens[1]).await?;
-                if patch::json_equal(&current, value) {
+                if patch::json_equal(&current.value(), value) {
                     Ok(())
                 } else {
-                    Err(op_error(index, &path, format!("test failed: the member is {current}")))
+                    Err(op_error(index, &path, format!("test failed: the member is {}", current.json)))
                 }
             }
             (Operation::Move { .. } | Operation::Copy { .. }, _) => {
@@ -423,7 +471,8 @@ impl<'a> Planner<'a> {
     /// An operation below `/member/N/`: applied to that member alone.
     async fn apply_inside(&mut self, index: usize, op: &Operation, tokens: &[String]) -> Result<(), FhirError> {
         let path = op.path().to_string();
-        let (reference, current, position) = self.resolve(index, &path, &tokens[1]).await?;
+        let (_, current, position) = self.resolve(index, &path, &tokens[1]).await?;
+        let current = current.value();
         let inner: String =
             tokens[2..].iter().map(|t| format!("/{}", t.replace('~', "~0").replace('/', "~1"))).collect();
         if tokens[2] == "entity" && !matches!(op, Operation::Test { .. }) {
@@ -443,52 +492,88 @@ impl<'a> Planner<'a> {
         let mut member = current.clone();
         patch::apply(&mut member, std::slice::from_ref(&relative)).map_err(|e| op_error(index, &path, e.reason))?;
         if member != current {
-            self.update(index, &reference, member, position);
+            self.update(index, member, position);
         }
         Ok(())
     }
 
-    /// Validates the added and changed members; returns the events, in order, and the
-    /// active member count after them (`None`: the membership was never enumerated).
-    pub fn finish(self) -> Result<(Vec<MemberEvent>, Option<u64>), FhirError> {
-        let enumerated = self.enumerated || !self.drafts.is_empty();
+    /// Validates the added and changed members and returns the planned batch.
+    pub fn finish(self) -> Result<Planned<'a>, FhirError> {
         validate_members(&self.to_validate)?;
-        let o = &self.origin;
+        let count = self.drafts.iter().fold(self.base_count, |c, d| match d.event_type {
+            EventType::Added => c + 1,
+            EventType::Removed => c - 1,
+            EventType::Updated => c,
+        });
+        let enumerated = self.enumerated || !self.drafts.is_empty();
+        Ok(Planned {
+            origin: self.origin,
+            base_count: self.base_count,
+            drafts: self.drafts,
+            count: enumerated.then_some(count),
+        })
+    }
+}
+
+/// The events of one write, built on demand a chunk at a time: a million-member batch
+/// never exists as a million `MemberEvent`s.
+pub struct Planned<'a> {
+    origin: Origin,
+    base_count: u64,
+    drafts: Vec<Draft<'a>>,
+    /// Active members after the write; `None` when the membership was never enumerated.
+    pub count: Option<u64>,
+}
+
+impl Planned<'_> {
+    pub fn len(&self) -> usize {
+        self.drafts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.drafts.is_empty()
+    }
+
+    /// The events, in order, `size` at a time.
+    pub fn chunks(&self, size: usize) -> impl Iterator<Item = Vec<MemberEvent>> + '_ {
         let mut count = self.base_count;
-        let events = self
-            .drafts
-            .into_iter()
-            .enumerate()
-            .map(|(seq, d)| {
-                match d.event_type {
-                    EventType::Added => count += 1,
-                    EventType::Removed => count -= 1,
-                    EventType::Updated => {}
-                }
-                let text = |p: &str| d.member.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
-                MemberEvent {
-                    group_id: o.group_id.clone(),
-                    group_version: o.version,
-                    seq: seq as u32,
-                    ver: ver(o.version, seq as u32),
-                    event_id: format!("{}/{}/{seq}", o.group_id, o.version),
-                    event_type: d.event_type,
-                    member_type: member_type(&d.member, &d.reference),
-                    period_start: text("/period/start"),
-                    period_end: text("/period/end"),
-                    inactive: d.member.pointer("/inactive").and_then(Value::as_bool).unwrap_or(false),
-                    member_json: if d.member.is_null() { String::new() } else { d.member.to_string() },
-                    member_reference: d.reference,
-                    position: d.position,
-                    active_count: count,
-                    actor: o.actor.clone(),
-                    request_id: o.request_id.clone(),
-                    source: o.source.to_string(),
-                    event_time: o.event_time,
-                }
-            })
-            .collect();
-        Ok((events, enumerated.then_some(count)))
+        let o = &self.origin;
+        self.drafts.chunks(size.max(1)).enumerate().map(move |(c, drafts)| {
+            drafts
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let seq = (c * size.max(1) + i) as u32;
+                    match d.event_type {
+                        EventType::Added => count += 1,
+                        EventType::Removed => count -= 1,
+                        EventType::Updated => {}
+                    }
+                    let m = &*d.member;
+                    let f = m.fields();
+                    MemberEvent {
+                        group_id: o.group_id.clone(),
+                        group_version: o.version,
+                        seq,
+                        ver: ver(o.version, seq),
+                        event_id: format!("{}/{}/{seq}", o.group_id, o.version),
+                        event_type: d.event_type,
+                        member_type: f.member_type,
+                        period_start: f.period_start,
+                        period_end: f.period_end,
+                        inactive: f.inactive,
+                        member_json: m.json.clone(),
+                        member_reference: m.reference.clone(),
+                        position: d.position,
+                        active_count: count,
+                        actor: o.actor.clone(),
+                        request_id: o.request_id.clone(),
+                        source: o.source.to_string(),
+                        event_time: o.event_time,
+                    }
+                })
+                .collect()
+        })
     }
 }
 

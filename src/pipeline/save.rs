@@ -5,6 +5,7 @@ use time::OffsetDateTime;
 
 use super::{Flag, Interaction, RequestContext, Saved};
 use crate::error::{FhirError, IssueCode};
+use crate::group::body::CompactMember;
 use crate::group::plan::{Origin, Planner};
 use crate::group::{outbox, split, MemberStorage};
 use crate::model::{datetime, json_bson, patch, validate};
@@ -33,6 +34,9 @@ pub struct SaveRequest<'a> {
     pub change: Change,
     /// The version named by `If-Match`.
     pub if_match: Option<i64>,
+    /// POST/PUT of a Group whose members are events: the members, parsed and checked by
+    /// `group::body` (the body itself then has no `member`). `None`: no `member` element.
+    pub members: Option<Vec<CompactMember>>,
 }
 
 #[derive(Debug)]
@@ -47,11 +51,11 @@ pub struct SaveOutcome {
 }
 
 /// Changes to `Group.member` carried by a write, when members are event-sourced.
-enum MemberChange {
+enum MemberChange<'a> {
     /// A PATCH's member operations, with their index in the patch.
     Ops(Vec<(usize, patch::Operation)>),
     /// A full member array (POST, PUT): the membership becomes exactly this.
-    Replace(Vec<Value>),
+    Replace(&'a [CompactMember]),
 }
 
 fn outbox_error(e: outbox::OutboxError) -> FhirError {
@@ -133,7 +137,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             }
         }
         let live = current.as_ref().filter(|c| !c.deleted);
-        let (interaction, mut resource, members) = match &req.change {
+        let (interaction, resource, members) = match &req.change {
             Change::Create(body) => (Interaction::Create, Some(body.clone()), None),
             Change::Update(body) => {
                 if let (Some(c), Some(sent)) = (live, body.pointer("/meta/versionId").and_then(Value::as_str)) {
@@ -172,15 +176,11 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             },
         };
         // POST and PUT carry the whole member array: it becomes events, not a stored element.
-        let members = match (member_events, &mut resource, members) {
-            (true, Some(Value::Object(body)), None) if interaction != Interaction::Patch => {
-                let array = match body.shift_remove("member") {
-                    Some(Value::Array(items)) => items,
-                    _ => Vec::new(),
-                };
-                Some(MemberChange::Replace(array))
+        let members = match members {
+            None if member_events && matches!(interaction, Interaction::Create | Interaction::Update) => {
+                Some(MemberChange::Replace(req.members.as_deref().unwrap_or_default()))
             }
-            (_, _, members) => members,
+            other => other,
         };
         let version = current.as_ref().map_or(1, |c| c.version + 1);
         let last_updated = next_timestamp(current.as_ref());
@@ -199,6 +199,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             stored = Some(obj);
         }
         let mut staged = None;
+        let mut planned_events = None;
         let mut member_count = None;
         // What is known of the membership at the base version: a new group has none; an
         // existing one carries its count in its document (unknown only for data written
@@ -228,16 +229,13 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                         planner.apply(*index, op).await?;
                     }
                 }
-                MemberChange::Replace(array) => {
-                    // The whole body, members included, was validated above.
-                    planner.members_validated();
-                    planner.replace_all(0, array).await?;
-                }
+                MemberChange::Replace(members) => planner.replace_all(members).await?,
             }
-            let (events, count) = planner.finish()?;
-            member_count = count;
-            if !events.is_empty() {
-                staged = Some(outbox::stage(store.database(), &events).await.map_err(outbox_error)?);
+            let planned = planner.finish()?;
+            member_count = planned.count;
+            if !planned.is_empty() {
+                staged = Some(outbox::stage(store.database(), &planned).await.map_err(outbox_error)?);
+                planned_events = Some(planned);
             }
         } else if member_events && interaction != Interaction::Delete {
             member_count = match known_count {
@@ -276,12 +274,12 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 }
             }
         };
-        match (interaction, &staged) {
-            (Interaction::Patch, Some(batch)) => {
+        match (interaction, &staged, &planned_events) {
+            (Interaction::Patch, Some(batch), Some(planned)) => {
                 // The PATCH path writes its own member events, then clears the outbox with
                 // the history flag in one update; hooks must not process members again.
                 ctx.set(Flag::MemberEventsWritten);
-                match outbox::insert(store.database(), &state.clickhouse, req.id, batch, false).await {
+                match outbox::insert_planned(&state.clickhouse, planned).await {
                     Ok(()) => {
                         store.finish(rt, &committed, &["outbox"]).await;
                         let _ = outbox::forget_chunks(store.database(), batch).await;

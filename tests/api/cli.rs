@@ -58,7 +58,10 @@ fn bad_configuration_is_reported_and_exits_non_zero() {
 fn serve_answers_and_stops_gracefully_on_sigterm() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut cmd = roster();
-    cmd.arg("serve").env("ROSTER_LISTEN", format!("127.0.0.1:{port}")).env("ROSTER_LOG_FORMAT", "json");
+    cmd.arg("serve")
+        .env("ROSTER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("ROSTER_LOG_FORMAT", "json")
+        .env("ROSTER_LOG", "info");
     with_test_env(&mut cmd);
     let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let start = Instant::now();

@@ -1,0 +1,273 @@
+//! Reading a POST/PUT Group body without building its member array in memory.
+//!
+//! A million-member body parsed into `serde_json::Value` takes about 100× its size (and
+//! validation would copy it several times more). Here the body is parsed once, by a
+//! visitor: the Group's other elements become a small `Value`; each member is parsed
+//! alone, checked (identity, duplicates, R4 structure in batches), and kept only as its
+//! compact JSON text with the few fields the events need.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::BuildHasher;
+
+use axum::http::StatusCode;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{json, Map, Value};
+
+use crate::error::{FhirError, IssueCode};
+use crate::model::validate::validate_resource;
+
+/// Members validated per fhirbolt parse.
+const VALIDATE_BATCH: usize = 1000;
+
+/// One `Group.member` element, compact: its identity and its JSON text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompactMember {
+    pub reference: String,
+    /// The element's JSON text (empty for a removed member).
+    pub json: String,
+}
+
+/// The fields of a member that events carry in columns of their own.
+pub struct MemberFields {
+    pub member_type: String,
+    pub period_start: String,
+    pub period_end: String,
+    pub inactive: bool,
+}
+
+impl CompactMember {
+    /// `None` when the member has no `entity.reference` (its identity here).
+    pub fn from_value(member: &Value) -> Option<CompactMember> {
+        let reference = super::plan::member_reference(member)?.to_string();
+        Some(CompactMember { reference, json: member.to_string() })
+    }
+
+    /// A removed member: the reference alone.
+    pub fn gone(reference: &str) -> CompactMember {
+        CompactMember { reference: reference.to_string(), json: String::new() }
+    }
+
+    /// Reads the column fields back from the JSON (done chunk by chunk, when events are
+    /// built, so they are not held for every member of a big body).
+    pub fn fields(&self) -> MemberFields {
+        let value = if self.json.is_empty() { Value::Null } else { self.value() };
+        let text = |p: &str| value.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
+        let member_type = match value.pointer("/entity/type").and_then(Value::as_str) {
+            Some(t) => t.to_string(),
+            None => {
+                let parts: Vec<&str> = self.reference.rsplitn(3, '/').collect();
+                match parts.as_slice() {
+                    [_, t, ..] if fhir_model::is_resource_type(t) => t.to_string(),
+                    _ => String::new(),
+                }
+            }
+        };
+        MemberFields {
+            member_type,
+            period_start: text("/period/start"),
+            period_end: text("/period/end"),
+            inactive: value.pointer("/inactive").and_then(Value::as_bool).unwrap_or(false),
+        }
+    }
+
+    pub fn value(&self) -> Value {
+        serde_json::from_str(&self.json).unwrap_or(Value::Null)
+    }
+}
+
+/// A Group body split into its other elements and its members (`None`: no `member`).
+pub struct GroupBody {
+    pub rest: Value,
+    pub members: Option<Vec<CompactMember>>,
+}
+
+/// Parses and checks a Group body. Errors are 400s naming the element.
+pub fn parse(bytes: &[u8]) -> Result<GroupBody, FhirError> {
+    let failure = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let result = BodySeed { failure: &failure }.deserialize(&mut de).and_then(|body| de.end().map(|_| body));
+    match (result, failure.into_inner()) {
+        (_, Some(e)) => Err(e),
+        (Ok(body), None) => Ok(body),
+        (Err(e), None) if e.is_data() => {
+            Err(FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Structure, format!("the body is not a Group: {e}")))
+        }
+        (Err(e), None) => Err(FhirError::new(
+            StatusCode::BAD_REQUEST,
+            IssueCode::Structure,
+            format!("the body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+struct BodySeed<'a> {
+    failure: &'a RefCell<Option<FhirError>>,
+}
+
+impl<'de> DeserializeSeed<'de> for BodySeed<'_> {
+    type Value = GroupBody;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<GroupBody, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BodySeed<'_> {
+    type Value = GroupBody;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a Group resource (a JSON object)")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<GroupBody, A::Error> {
+        let mut rest = Map::new();
+        let mut members = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "member" {
+                members = Some(map.next_value_seed(MembersSeed { failure: self.failure })?);
+            } else {
+                let value: Value = map.next_value()?;
+                rest.insert(key, value);
+            }
+        }
+        Ok(GroupBody { rest: Value::Object(rest), members })
+    }
+}
+
+struct MembersSeed<'a> {
+    failure: &'a RefCell<Option<FhirError>>,
+}
+
+impl<'de> DeserializeSeed<'de> for MembersSeed<'_> {
+    type Value = Vec<CompactMember>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<CompactMember>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MembersSeed<'_> {
+    type Value = Vec<CompactMember>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("Group.member as a JSON array")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<CompactMember>, A::Error> {
+        let fail = |e: FhirError| {
+            *self.failure.borrow_mut() = Some(e);
+            serde::de::Error::custom("invalid member")
+        };
+        let mut out: Vec<CompactMember> = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        // Duplicate check by 64-bit hash (16 bytes a member, not a copy of every
+        // reference); a hash hit is confirmed against the stored reference.
+        let mut seen: HashMap<u64, Vec<usize>> = HashMap::new();
+        let mut batch: Vec<Value> = Vec::with_capacity(VALIDATE_BATCH);
+        let mut index = 0usize;
+        while let Some(member) = seq.next_element::<Value>()? {
+            let compact = CompactMember::from_value(&member).ok_or_else(|| {
+                fail(
+                    FhirError::new(
+                        StatusCode::BAD_REQUEST,
+                        IssueCode::Required,
+                        "a member needs entity.reference (this server identifies members by reference)",
+                    )
+                    .at(format!("Group.member[{index}].entity.reference")),
+                )
+            })?;
+            let slot = seen.entry(hash(&compact.reference)).or_default();
+            if slot.iter().any(|&i| out[i].reference == compact.reference) {
+                return Err(fail(
+                    FhirError::bad_request(format!(
+                        "{} is listed twice; this server keeps one member entry per entity",
+                        compact.reference
+                    ))
+                    .at(format!("Group.member[{index}]")),
+                ));
+            }
+            slot.push(out.len());
+            out.push(compact);
+            batch.push(member);
+            index += 1;
+            if batch.len() == VALIDATE_BATCH {
+                validate_batch(&mut batch, index - VALIDATE_BATCH).map_err(fail)?;
+            }
+        }
+        let first = index - batch.len();
+        validate_batch(&mut batch, first).map_err(fail)?;
+        if out.is_empty() {
+            return Err(fail(
+                FhirError::bad_request("Group.member must not be an empty array (omit it)").at("Group.member"),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+fn hash(s: &str) -> u64 {
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> = std::sync::OnceLock::new();
+    KEYS.get_or_init(Default::default).hash_one(s)
+}
+
+/// Validates members `first..` as elements of an R4 Group; paths name the real index.
+fn validate_batch(batch: &mut Vec<Value>, first: usize) -> Result<(), FhirError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let group = json!({ "resourceType": "Group", "type": "person", "actual": true, "member": std::mem::take(batch) });
+    validate_resource("Group", &group).map_err(|mut e| {
+        if let Some(expr) = e.expression.as_deref() {
+            if let Some(rest) = expr.strip_prefix("Group.member[") {
+                if let Some((k, tail)) = rest.split_once(']') {
+                    if let Ok(k) = k.parse::<usize>() {
+                        e.expression = Some(format!("Group.member[{}]{tail}", first + k));
+                    }
+                }
+            }
+        }
+        e
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_members_from_the_rest() {
+        let body = br#"{"resourceType":"Group","type":"person","actual":true,"member":[
+            {"entity":{"reference":"Patient/1"},"period":{"start":"2024-01-01"},"inactive":true},
+            {"entity":{"reference":"Patient/2"}}],"name":"x"}"#;
+        let parsed = parse(body).unwrap();
+        assert!(parsed.rest.get("member").is_none());
+        assert_eq!(parsed.rest["name"], "x");
+        let members = parsed.members.unwrap();
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[0].reference, "Patient/1");
+        let fields = members[0].fields();
+        assert_eq!(fields.period_start, "2024-01-01");
+        assert!(fields.inactive);
+        assert_eq!(fields.member_type, "Patient");
+        assert_eq!(members[1].value(), json!({"entity":{"reference":"Patient/2"}}));
+    }
+
+    #[test]
+    fn errors_name_the_member() {
+        let many: Vec<String> = (0..1500).map(|i| format!(r#"{{"entity":{{"reference":"Patient/{i}"}}}}"#)).collect();
+        let mut bad = many.clone();
+        bad[1203] = r#"{"entity":{"reference":"Patient/x"},"colour":"red"}"#.into();
+        let body = format!(r#"{{"resourceType":"Group","type":"person","actual":true,"member":[{}]}}"#, bad.join(","));
+        let e = parse(body.as_bytes()).err().unwrap();
+        assert_eq!(e.expression.as_deref(), Some("Group.member[1203].colour"));
+
+        let body = r#"{"resourceType":"Group","member":[{"entity":{"reference":"Patient/1"}},{"entity":{"reference":"Patient/1"}}]}"#;
+        assert_eq!(parse(body.as_bytes()).err().unwrap().expression.as_deref(), Some("Group.member[1]"));
+        let body = r#"{"resourceType":"Group","member":[{"entity":{"display":"x"}}]}"#;
+        assert_eq!(
+            parse(body.as_bytes()).err().unwrap().expression.as_deref(),
+            Some("Group.member[0].entity.reference")
+        );
+        assert_eq!(parse(b"{\"member\": 3}").err().unwrap().status, StatusCode::BAD_REQUEST);
+        assert_eq!(parse(b"{\"a\":1} x").err().unwrap().status, StatusCode::BAD_REQUEST);
+    }
+}
