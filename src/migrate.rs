@@ -61,8 +61,17 @@ pub fn statements(sql: &str) -> Vec<String> {
     out
 }
 
+/// A ClickHouse client whose connections set `TCP_NODELAY`. The crate's default
+/// connector leaves Nagle's algorithm on, which with delayed ACKs adds ~40 ms to
+/// small requests: fatal for a 5 ms write path.
 pub fn clickhouse_client(s: &ClickHouseSettings) -> clickhouse::Client {
-    clickhouse::Client::default()
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(2))
+        .build(connector);
+    clickhouse::Client::with_http_client(http)
         .with_url(&s.url)
         .with_user(&s.user)
         .with_password(&s.password)
@@ -77,7 +86,7 @@ pub async fn clickhouse(s: &ClickHouseSettings) -> Result<Vec<String>, Migration
         move |source| MigrationError::ClickHouse { name: name.clone(), source }
     };
     // The database name is checked against a safe identifier alphabet when settings load.
-    let server = clickhouse::Client::default().with_url(&s.url).with_user(&s.user).with_password(&s.password);
+    let server = clickhouse_client(s).with_database("default");
     server
         .query(&format!("CREATE DATABASE IF NOT EXISTS `{}`", s.database))
         .execute()

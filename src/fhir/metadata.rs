@@ -22,9 +22,24 @@ pub fn capability_statement_json(fhir_base: &str) -> Value {
         { "name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated", "type": "date",
           "documentation": "Prefixes eq, ne, lt, le, gt, ge, sa, eb; partial dates cover their whole range." },
     ]);
+    let group_params = json!([
+        { "name": "member", "definition": "http://hl7.org/fhir/SearchParameter/Group-member", "type": "reference",
+          "documentation": "Current members only, from the ClickHouse reverse index." },
+        { "name": "name", "definition": "http://hl7.org/fhir/SearchParameter/Group-name", "type": "string",
+          "documentation": "Starts with, case-insensitive; :exact and :contains." },
+        { "name": "type", "definition": "http://hl7.org/fhir/SearchParameter/Group-type", "type": "token" },
+        { "name": "actual", "definition": "http://hl7.org/fhir/SearchParameter/Group-actual", "type": "token" },
+    ]);
+    let identifier = json!({ "name": "identifier", "type": "token",
+        "documentation": "system|value on the resource's identifier element" });
     let resources: Vec<Value> = fhir_model::RESOURCE_TYPES
         .iter()
         .map(|rt| {
+            let mut params = search_params.as_array().cloned().unwrap_or_default();
+            params.push(identifier.clone());
+            if *rt == "Group" {
+                params.extend(group_params.as_array().cloned().unwrap_or_default());
+            }
             json!({
                 "type": rt,
                 "interaction": TYPE_INTERACTIONS.iter().map(|c| json!({ "code": c })).collect::<Vec<_>>(),
@@ -35,7 +50,7 @@ pub fn capability_statement_json(fhir_base: &str) -> Value {
                 "conditionalRead": "not-supported",
                 "conditionalUpdate": false,
                 "conditionalDelete": "not-supported",
-                "searchParam": search_params,
+                "searchParam": params,
             })
         })
         .collect();

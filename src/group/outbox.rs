@@ -39,6 +39,9 @@ pub enum OutboxError {
     ClickHouse(#[from] clickhouse::error::Error),
     #[error("outbox batch is malformed: {0}")]
     Corrupt(String),
+    /// A chunk vanished while being read: another flusher finished the batch.
+    #[error("outbox batch {0} was finished by another flusher")]
+    Finished(String),
 }
 
 /// Batches up to this many events are kept inline in the Group document.
@@ -75,14 +78,6 @@ pub async fn stage(db: &Database, planned: &Planned<'_>) -> Result<Document, Out
         }
     }
     Ok(doc! { "batchId": batch_id, "version": version, "count": count, "chunks": n })
-}
-
-/// Inserts a freshly committed batch from memory (the writer's fast path).
-pub async fn insert_planned(ch: &clickhouse::Client, planned: &Planned<'_>) -> Result<(), OutboxError> {
-    for events in planned.chunks(CHUNK_ROWS) {
-        events::insert(ch, &events).await?;
-    }
-    Ok(())
 }
 
 /// The JSON array of the first events that fit in [`INLINE_LIMIT`] bytes and
@@ -136,7 +131,7 @@ where
         let chunk = collection
             .find_one(doc! { "_id": format!("{id}/{n}") })
             .await?
-            .ok_or_else(|| OutboxError::Corrupt(format!("batch {id} lacks chunk {n} of {expected}")))?;
+            .ok_or_else(|| OutboxError::Finished(id.to_string()))?;
         each(parse_events(chunk.get_str("events").unwrap_or("[]"))?).await?;
     }
     Ok(())
@@ -153,8 +148,22 @@ pub async fn flush(
     outbox: &Document,
     recovering: bool,
 ) -> Result<(), OutboxError> {
-    insert(db, ch, group_id, outbox, recovering).await?;
     let batch_id = outbox.get_str("batchId").unwrap_or_default();
+    match insert(db, ch, group_id, outbox, recovering).await {
+        Err(OutboxError::Finished(_)) => {
+            // Its chunks are deleted only after its marker is cleared: if the marker is
+            // gone too, the batch is done; otherwise it really is damaged.
+            let marked = db
+                .collection::<Document>(&current_collection("Group"))
+                .find_one(doc! { "_id": group_id, "outbox.batchId": batch_id })
+                .await?;
+            return match marked {
+                None => Ok(()),
+                Some(_) => Err(OutboxError::Corrupt(format!("batch {batch_id} lacks chunks"))),
+            };
+        }
+        other => other?,
+    }
     db.collection::<Document>(&current_collection("Group"))
         .update_one(doc! { "_id": group_id, "outbox.batchId": batch_id }, doc! { "$unset": { "outbox": "" } })
         .await?;
@@ -162,6 +171,10 @@ pub async fn flush(
 }
 
 /// Inserts a committed batch's events into ClickHouse (without clearing the marker).
+///
+/// Every flusher (the writer, a reader, the sweep) inserts the same blocks, the batch's
+/// stored chunks, each with the same deduplication token, so flushers racing on one batch
+/// cannot insert a row twice: ClickHouse drops the repeated block.
 pub async fn insert(
     db: &Database,
     ch: &clickhouse::Client,

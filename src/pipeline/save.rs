@@ -199,7 +199,6 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             stored = Some(obj);
         }
         let mut staged = None;
-        let mut planned_events = None;
         let mut member_count = None;
         // What is known of the membership at the base version: a new group has none; an
         // existing one carries its count in its document (unknown only for data written
@@ -235,7 +234,6 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             member_count = planned.count;
             if !planned.is_empty() {
                 staged = Some(outbox::stage(store.database(), &planned).await.map_err(outbox_error)?);
-                planned_events = Some(planned);
             }
         } else if member_events && interaction != Interaction::Delete {
             member_count = match known_count {
@@ -274,12 +272,12 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 }
             }
         };
-        match (interaction, &staged, &planned_events) {
-            (Interaction::Patch, Some(batch), Some(planned)) => {
+        match (interaction, &staged) {
+            (Interaction::Patch, Some(batch)) => {
                 // The PATCH path writes its own member events, then clears the outbox with
                 // the history flag in one update; hooks must not process members again.
                 ctx.set(Flag::MemberEventsWritten);
-                match outbox::insert_planned(&state.clickhouse, planned).await {
+                match outbox::insert(store.database(), &state.clickhouse, req.id, batch, false).await {
                     Ok(()) => {
                         store.finish(rt, &committed, &["outbox"]).await;
                         let _ = outbox::forget_chunks(store.database(), batch).await;
