@@ -145,21 +145,3 @@ fn member_stream(
         }
     })
 }
-
-/// `quantity` of several groups in one query (search results).
-pub async fn quantities(state: &AppState, ids: &[String]) -> Result<std::collections::HashMap<String, u64>, FhirError> {
-    if ids.is_empty() {
-        return Ok(Default::default());
-    }
-    let rows: Vec<(String, u64)> = state
-        .clickhouse
-        .query(
-            "SELECT group_id, argMax(active_count, ver) FROM Group_4_0_0_MemberCounts \
-             WHERE group_id IN {ids:Array(String)} GROUP BY group_id",
-        )
-        .param("ids", ids)
-        .fetch_all()
-        .await
-        .map_err(unavailable)?;
-    Ok(rows.into_iter().collect())
-}

@@ -307,12 +307,11 @@ pub async fn search_type(
     };
     if rt == "Group" && state.group_members == crate::group::MemberStorage::Events {
         // Members are never inlined in a searchset (a page could hold millions): each Group
-        // carries its quantity and the SUBSETTED tag; read one for its members.
-        let ids: Vec<String> = page.iter().map(|v| v.id.clone()).collect();
-        let quantities = super::group::quantities(&state, &ids).await?;
+        // carries its quantity (recorded with its version) and the SUBSETTED tag.
         for v in &mut page {
+            let quantity = v.member_count.flatten();
             if let Some(resource) = v.resource.as_mut() {
-                super::group::subsetted(resource, quantities.get(&v.id).copied());
+                super::group::subsetted(resource, quantity);
             }
         }
     }

@@ -44,8 +44,9 @@ pub enum OutboxError {
     Finished(String),
 }
 
-/// Batches up to this many events are kept inline in the Group document.
-const INLINE_ROWS: usize = 2_000;
+/// Batches up to this many events are kept inline in the Group document when they fit
+/// in [`INLINE_LIMIT`] (one chunk: built in memory at once).
+const INLINE_ROWS: usize = CHUNK_ROWS;
 
 /// Prepares a planned batch for the commit; returns the `outbox` field to store with it.
 pub async fn stage(db: &Database, planned: &Planned<'_>) -> Result<Document, OutboxError> {

@@ -26,6 +26,8 @@ pub async fn active_count(ch: &clickhouse::Client, group_id: &str) -> Result<u64
 
 /// Active members now, or as of a group version; `None` when the group has no member
 /// events (its membership is not enumerated, so `quantity` is whatever the client said).
+/// Each Group version records this count in MongoDB; this is the fallback for data
+/// written without it.
 pub async fn enumerated_count(
     ch: &clickhouse::Client,
     group_id: &str,
@@ -34,7 +36,7 @@ pub async fn enumerated_count(
     let (count, rows): (u64, u64) = match as_of {
         None => {
             ch.query(
-                "SELECT argMax(active_count, ver), count() FROM Group_4_0_0_MemberCounts WHERE group_id = {g:String}",
+                "SELECT argMax(active_count, ver), count() FROM Group_4_0_0_MemberEvents WHERE group_id = {g:String}",
             )
             .param("g", group_id)
             .fetch_one()

@@ -277,16 +277,28 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 // The PATCH path writes its own member events, then clears the outbox with
                 // the history flag in one update; hooks must not process members again.
                 ctx.set(Flag::MemberEventsWritten);
-                match outbox::insert(store.database(), &state.clickhouse, req.id, batch, false).await {
-                    Ok(()) => {
-                        store.finish(rt, &committed, &["outbox"]).await;
-                        let _ = outbox::forget_chunks(store.database(), batch).await;
-                    }
+                // The event insert and the history copy are independent: run them together,
+                // then clear the markers of whatever finished, in one update.
+                let (inserted, copied) = tokio::join!(
+                    outbox::insert(store.database(), &state.clickhouse, req.id, batch, false),
+                    store.copy_to_history(rt, &committed)
+                );
+                let mut done = Vec::new();
+                match &copied {
+                    Ok(()) => done.push("historyPending"),
                     Err(e) => {
-                        tracing::warn!(group = req.id, version, error = %e,
-                            "member events committed but not yet in ClickHouse; the next read or the sweep inserts them");
-                        store.finish(rt, &committed, &[]).await;
+                        tracing::warn!(group = req.id, version, error = %e, "history copy deferred to the next repair")
                     }
+                }
+                match &inserted {
+                    Ok(()) => done.push("outbox"),
+                    Err(e) => tracing::warn!(group = req.id, version, error = %e,
+                        "member events committed but not yet in ClickHouse; the next read or the sweep inserts them"),
+                }
+                if let Err(e) = store.clear(rt, &committed, &done).await {
+                    tracing::warn!(group = req.id, version, error = %e, "markers stay; the next read or sweep clears them");
+                } else if inserted.is_ok() {
+                    let _ = outbox::forget_chunks(store.database(), batch).await;
                 }
             }
             _ => store.finish(rt, &committed, &[]).await,

@@ -190,6 +190,14 @@ impl ResourceStore {
 
     /// Writes the history copy of a current document and clears its pending flag.
     async fn finish_history(&self, rt: &str, current: &Document, also_clear: &[&str]) -> Result<(), StoreError> {
+        self.copy_to_history(rt, current).await?;
+        let mut fields = vec!["historyPending"];
+        fields.extend_from_slice(also_clear);
+        self.clear(rt, current, &fields).await
+    }
+
+    /// Inserts the history copy of a committed document (idempotent).
+    pub async fn copy_to_history(&self, rt: &str, current: &Document) -> Result<(), StoreError> {
         let id = current.get_str("_id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let version = current.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut entry = current.clone();
@@ -198,13 +206,20 @@ impl ResourceStore {
         entry.insert("_id", format!("{id}/{version}"));
         entry.insert("id", id);
         match self.history(rt).insert_one(&entry).await {
-            Err(e) if !is_duplicate_key(&e) => return Err(e.into()),
-            _ => {}
+            Err(e) if !is_duplicate_key(&e) => Err(e.into()),
+            _ => Ok(()),
         }
-        let mut unset = doc! { "historyPending": "" };
-        for field in also_clear {
-            unset.insert(*field, "");
+    }
+
+    /// Removes finished-work markers (`historyPending`, `outbox`) from a committed version,
+    /// in one update guarded by that version.
+    pub async fn clear(&self, rt: &str, current: &Document, fields: &[&str]) -> Result<(), StoreError> {
+        if fields.is_empty() {
+            return Ok(());
         }
+        let id = current.get_str("_id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let version = current.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let unset: Document = fields.iter().map(|f| (f.to_string(), Bson::String(String::new()))).collect();
         self.current(rt).update_one(doc! { "_id": id, "versionId": version }, doc! { "$unset": unset }).await?;
         Ok(())
     }

@@ -253,7 +253,9 @@ async fn search_by_member_uses_current_membership() {
         ch.query("SELECT count() FROM Group_4_0_0_MemberEvents WHERE group_id = 's2'").fetch_one().await.unwrap();
     assert_eq!(events, 1, "the audit trail stays");
     // Brought back by PUT: the membership is exactly the new body's.
-    assert_eq!(app.put("Group/s2", &group("s2", &["Patient/9"])).await.status(), 201);
+    let back = app.put("Group/s2", &group("s2", &["Patient/9"])).await;
+    let status = back.status();
+    assert_eq!(status, 201, "{}", back.text().await.unwrap());
     assert_eq!(members_of(&app, "Group/s2").await, ["Patient/9"]);
     assert!(ids(json(app.get("Group?member=Patient/2").await).await).is_empty());
     assert_eq!(ids(json(app.get("Group?member=Patient/9").await).await), ["s2"]);
