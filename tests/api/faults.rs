@@ -119,6 +119,11 @@ async fn event_rows(app: &TestApp, id: &str) -> u64 {
     ch.query("SELECT count() FROM Group_4_0_0_MemberEvents WHERE group_id = ?").bind(id).fetch_one().await.unwrap()
 }
 
+/// The Group's current-version document in MongoDB.
+async fn group_doc(app: &TestApp, id: &str) -> bson::Document {
+    app.mongo.collection::<bson::Document>("Group_4_0_0").find_one(bson::doc! { "_id": id }).await.unwrap().unwrap()
+}
+
 /// The app's settings, but pointing straight at ClickHouse (not through the proxy).
 fn test_settings_for(app: &TestApp) -> roster::config::Settings {
     let mut s = app.settings.clone();
@@ -187,13 +192,7 @@ async fn a_pending_batch_is_finished_by_the_start_up_sweep_and_never_duplicated(
         .map(|i| json!({ "op": "add", "path": "/member/-", "value": member(&format!("Patient/{i}")) }))
         .collect();
     assert_eq!(app.patch("Group/f3", &Value::Array(ops)).await.status(), 200);
-    let pending = app
-        .mongo
-        .collection::<bson::Document>("Group_4_0_0")
-        .find_one(bson::doc! { "_id": "f3" })
-        .await
-        .unwrap()
-        .unwrap();
+    let pending = group_doc(&app, "f3").await;
     let batch = pending.get_document("outbox").expect("batch pending in MongoDB").clone();
 
     // Half of a flush happened before a crash: some rows are in ClickHouse, the marker is
@@ -208,14 +207,7 @@ async fn a_pending_batch_is_finished_by_the_start_up_sweep_and_never_duplicated(
     let restarted = spawn_with(settings, Default::default()).await;
     let mut done = false;
     for _ in 0..100 {
-        let doc = restarted
-            .mongo
-            .collection::<bson::Document>("Group_4_0_0")
-            .find_one(bson::doc! { "_id": "f3" })
-            .await
-            .unwrap()
-            .unwrap();
-        if !doc.contains_key("outbox") {
+        if !group_doc(&restarted, "f3").await.contains_key("outbox") {
             done = true;
             break;
         }
