@@ -115,7 +115,9 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         if attempt > 0 {
             backoff(attempt).await;
         }
+        let started = std::time::Instant::now();
         let current = store.read(rt, req.id).await.map_err(store_error)?;
+        let read_at = started.elapsed();
         if let (true, Some(c)) = (member_events, &current) {
             finish_pending(state, req.id, c).await?;
         }
@@ -253,6 +255,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             outbox: staged.clone(),
             member_count: (member_events && interaction != Interaction::Delete).then_some(member_count),
         };
+        let planned_at = started.elapsed();
         let committed = match store.commit(rt, commit).await {
             Ok(committed) => committed,
             Err(e) => {
@@ -303,6 +306,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             }
             _ => store.finish(rt, &committed, &[]).await,
         }
+        let finished_at = started.elapsed();
         let previous = live.and_then(|c| c.resource.as_ref());
         state
             .hooks
@@ -311,6 +315,15 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 &Saved { interaction, resource_type: rt, id: req.id, version, resource: stored.as_ref(), previous },
             )
             .await;
+        // Where a write's time goes (`ROSTER_LOG=roster::pipeline=debug`), cumulative.
+        tracing::debug!(
+            resource_type = rt,
+            read_us = read_at.as_micros() as u64,
+            planned_us = planned_at.as_micros() as u64,
+            finished_us = finished_at.as_micros() as u64,
+            hooks_us = started.elapsed().as_micros() as u64,
+            "write timings"
+        );
         return Ok(SaveOutcome {
             created: live.is_none(),
             changed: true,
