@@ -87,13 +87,17 @@ pub async fn vread(
         .ok()
         .filter(|v| *v > 0)
         .ok_or_else(|| FhirError::bad_request(format!("'{vid}' is not a version id (a positive integer)")))?;
-    if members_are_events(&state, rt) {
-        // Every version up to the current one must have its member events in place.
-        if let Some(current) = state.store.read(rt, id).await.map_err(crate::pipeline::save::store_error)? {
-            finish_pending(&state, id, &current).await?;
-        }
+    // One read of the current version serves both: it may be the version asked for, and a
+    // Group's pending member events must be in place before any version is shown.
+    let current = state.store.read(rt, id).await.map_err(crate::pipeline::save::store_error)?;
+    if let (true, Some(c)) = (members_are_events(&state, rt), &current) {
+        finish_pending(&state, id, c).await?;
     }
-    match state.store.read_version(rt, id, version).await.map_err(crate::pipeline::save::store_error)? {
+    let found = match current {
+        Some(c) if c.version == version => Some(c),
+        _ => state.store.history_version(rt, id, version).await.map_err(crate::pipeline::save::store_error)?,
+    };
+    match found {
         None => Err(FhirError::not_found(format!("{rt}/{id} has no version {version}"))),
         Some(v) if v.deleted => {
             Err(FhirError::gone(format!("version {version} of {rt}/{id} is a deletion"), v.version))

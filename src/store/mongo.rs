@@ -123,13 +123,9 @@ impl ResourceStore {
         decode(&doc, None).map(Some)
     }
 
-    /// A specific version.
-    pub async fn read_version(&self, rt: &str, id: &str, version: i64) -> Result<Option<Version>, StoreError> {
-        if let Some(current) = self.read(rt, id).await? {
-            if current.version == version {
-                return Ok(Some(current));
-            }
-        }
+    /// A version from history. The current version may not be there yet (its copy can be
+    /// pending): callers check [`Self::read`] first.
+    pub async fn history_version(&self, rt: &str, id: &str, version: i64) -> Result<Option<Version>, StoreError> {
         let doc = self.history(rt).find_one(doc! { "_id": history_key(id, version) }).await?;
         doc.map(|d| decode(&d, Some(id))).transpose()
     }
