@@ -54,16 +54,17 @@ impl Server {
         let _ = child.wait();
         panic!("{mode} server did not start");
     }
+}
 
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
+/// Resident memory of a process, in KiB (0 when unreadable).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 struct Client {
@@ -124,8 +125,8 @@ impl Client {
 
 /// Runs `f` while sampling the server's RSS every 5 ms; returns (f's output, peak growth in MiB).
 async fn with_rss<T>(server: &Server, f: impl std::future::Future<Output = T>) -> (T, f64) {
-    let before = server.rss_kib();
     let pid = server.child.id();
+    let before = rss_kib(pid);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s = stop.clone();
     let sampler = std::thread::spawn(move || {
@@ -154,6 +155,19 @@ fn pct(samples: &mut [Duration], p: f64) -> f64 {
     samples.sort();
     let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
     ms(samples[i])
+}
+
+/// On `groups` fresh groups: one PATCH of `k1` adds, then one of `k10` adds; returns
+/// the latencies of each kind.
+async fn bulk_patches(c: &Client, groups: usize, k1: u64, k10: u64) -> (Vec<Duration>, Vec<Duration>) {
+    let (mut t1, mut t10) = (Vec::new(), Vec::new());
+    for g in 0..groups {
+        let id = format!("small{g}");
+        c.put_group(&id).await;
+        t1.push(c.add(&id, 0, k1).await);
+        t10.push(c.add(&id, k1, k1 + k10).await);
+    }
+    (t1, t10)
 }
 
 /// `n` single-member PATCHes adding new members from `next`; returns (p50, p99) ms.
@@ -197,14 +211,7 @@ async fn main() {
     let events = Server::start("events", "events");
     let c = Client { http: http.clone(), base: events.base.clone() };
     eprintln!("events: 1k and 10k PATCH");
-    let mut t1k = Vec::new();
-    let mut t10k = Vec::new();
-    for g in 0..5 {
-        let id = format!("small{g}");
-        c.put_group(&id).await;
-        t1k.push(c.add(&id, 0, k1).await);
-        t10k.push(c.add(&id, k1, k1 + k10).await);
-    }
+    let (t1k, t10k) = bulk_patches(&c, 5, k1, k10).await;
     eprintln!("events: growing to {m1} members by {}-member PATCHes", k10);
     c.put_group("big").await;
     let mut next = 0u64;
@@ -256,14 +263,7 @@ async fn main() {
     let embedded = Server::start("embedded", "embedded");
     let b = Client { http: http.clone(), base: embedded.base.clone() };
     eprintln!("embedded: 1k and 10k PATCH");
-    let mut b1k = Vec::new();
-    let mut b10k = Vec::new();
-    for g in 0..3 {
-        let id = format!("small{g}");
-        b.put_group(&id).await;
-        b1k.push(b.add(&id, 0, k1).await);
-        b10k.push(b.add(&id, k1, k1 + k10).await);
-    }
+    let (b1k, b10k) = bulk_patches(&b, 3, k1, k10).await;
     b.put_group("big").await;
     let mut bnext = 0u64;
     b.add("big", 0, k1).await;
