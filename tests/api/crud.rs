@@ -95,25 +95,8 @@ async fn if_match_guards_updates_and_deletes() {
     let id = body["id"].as_str().unwrap();
     let path = format!("Patient/{id}");
 
-    let stale = app
-        .client
-        .put(app.url(&path))
-        .header("content-type", FHIR_JSON)
-        .header("if-match", "W/\"7\"")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_outcome(stale, 412).await;
-    let ok = app
-        .client
-        .put(app.url(&path))
-        .header("content-type", FHIR_JSON)
-        .header("if-match", "W/\"1\"")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
+    assert_outcome(app.put_if_match(&path, &body, "W/\"7\"").await, 412).await;
+    let ok = app.put_if_match(&path, &body, "W/\"1\"").await;
     assert_eq!(ok.status(), 200);
     assert_eq!(etag(&ok), "W/\"2\"");
     let stale_delete = app.client.delete(app.url(&path)).header("if-match", "W/\"1\"").send().await.unwrap();

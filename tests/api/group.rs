@@ -281,16 +281,8 @@ async fn put_rules_and_limits() {
     let issue = assert_outcome(app.patch("Group/p", &Value::Array(ops)).await, 413).await;
     assert!(issue["diagnostics"].as_str().unwrap().contains("at most 3"));
     // If-Match on a member PATCH.
-    let stale = app
-        .client
-        .patch(app.url("Group/p"))
-        .header("content-type", "application/json-patch+json")
-        .header("if-match", "W/\"1\"")
-        .body(json!([{ "op": "add", "path": "/member/-", "value": member("Patient/z") }]).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_outcome(stale, 412).await;
+    let add_z = json!([{ "op": "add", "path": "/member/-", "value": member("Patient/z") }]);
+    assert_outcome(app.patch_if_match("Group/p", &add_z, "W/\"1\"").await, 412).await;
     // A descriptive group (no member list) keeps the quantity its author gave.
     let mut herd = group("herd", &[]);
     herd["quantity"] = json!(25);

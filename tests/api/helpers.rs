@@ -55,6 +55,7 @@ pub async fn spawn_with(settings: Settings, hooks: Hooks) -> TestApp {
 }
 
 pub const FHIR_JSON: &str = "application/fhir+json";
+pub const JSON_PATCH: &str = "application/json-patch+json";
 
 impl TestApp {
     pub fn url(&self, path: &str) -> String {
@@ -65,34 +66,41 @@ impl TestApp {
         self.client.get(self.url(path)).send().await.expect("request")
     }
 
+    /// Sends a JSON body with `method`, optionally with `If-Match`.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: &str,
+        body: &Value,
+        if_match: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request =
+            self.client.request(method, self.url(path)).header("content-type", content_type).body(body.to_string());
+        if let Some(etag) = if_match {
+            request = request.header("if-match", etag);
+        }
+        request.send().await.expect("request")
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.client
-            .post(self.url(path))
-            .header("content-type", FHIR_JSON)
-            .body(body.to_string())
-            .send()
-            .await
-            .expect("request")
+        self.send(reqwest::Method::POST, path, FHIR_JSON, body, None).await
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.client
-            .put(self.url(path))
-            .header("content-type", FHIR_JSON)
-            .body(body.to_string())
-            .send()
-            .await
-            .expect("request")
+        self.send(reqwest::Method::PUT, path, FHIR_JSON, body, None).await
+    }
+
+    pub async fn put_if_match(&self, path: &str, body: &Value, etag: &str) -> reqwest::Response {
+        self.send(reqwest::Method::PUT, path, FHIR_JSON, body, Some(etag)).await
     }
 
     pub async fn patch(&self, path: &str, ops: &Value) -> reqwest::Response {
-        self.client
-            .patch(self.url(path))
-            .header("content-type", "application/json-patch+json")
-            .body(ops.to_string())
-            .send()
-            .await
-            .expect("request")
+        self.send(reqwest::Method::PATCH, path, JSON_PATCH, ops, None).await
+    }
+
+    pub async fn patch_if_match(&self, path: &str, ops: &Value, etag: &str) -> reqwest::Response {
+        self.send(reqwest::Method::PATCH, path, JSON_PATCH, ops, Some(etag)).await
     }
 
     /// Sends every patch to `path` at once; returns the statuses in order.

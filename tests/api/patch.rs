@@ -141,28 +141,10 @@ async fn a_failing_or_invalidating_patch_stores_nothing() {
 async fn patch_honours_if_match() {
     let app = spawn_app().await;
     let id = new_patient(&app).await;
-    let url = app.url(&format!("Patient/{id}"));
-    let ops = json!([{ "op": "replace", "path": "/gender", "value": "other" }]).to_string();
-    let stale = app
-        .client
-        .patch(&url)
-        .header("content-type", "application/json-patch+json")
-        .header("if-match", "W/\"9\"")
-        .body(ops.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_outcome(stale, 412).await;
-    let ok = app
-        .client
-        .patch(&url)
-        .header("content-type", "application/json-patch+json")
-        .header("if-match", "W/\"1\"")
-        .body(ops)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), 200);
+    let path = format!("Patient/{id}");
+    let ops = json!([{ "op": "replace", "path": "/gender", "value": "other" }]);
+    assert_outcome(app.patch_if_match(&path, &ops, "W/\"9\"").await, 412).await;
+    assert_eq!(app.patch_if_match(&path, &ops, "W/\"1\"").await.status(), 200);
 }
 
 #[tokio::test]
