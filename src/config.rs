@@ -32,11 +32,18 @@ pub struct GroupSettings {
     pub members: crate::group::MemberStorage,
     /// Most operations one Group PATCH may carry (more: 413).
     pub max_patch_ops: usize,
+    /// Most members the in-process member index holds over all groups (about 26 bytes
+    /// each; 0 turns it off and every membership check asks ClickHouse).
+    pub index_capacity: usize,
 }
 
 impl Default for GroupSettings {
     fn default() -> Self {
-        GroupSettings { members: crate::group::MemberStorage::Events, max_patch_ops: 100_000 }
+        GroupSettings {
+            members: crate::group::MemberStorage::Events,
+            max_patch_ops: 100_000,
+            index_capacity: 5_000_000,
+        }
     }
 }
 
@@ -123,6 +130,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ROSTER_CLICKHOUSE_DATABASE", "ClickHouse database name"),
     ("ROSTER_GROUP_MEMBERS", "events (ClickHouse member events) or embedded (members in MongoDB)"),
     ("ROSTER_GROUP_MAX_PATCH_OPS", "most operations in one Group PATCH (default 100000)"),
+    ("ROSTER_GROUP_INDEX_CAPACITY", "most members in the in-process member index (default 5000000; 0 = off)"),
     ("ROSTER_LOG_FORMAT", "text or json"),
     ("ROSTER_LOG", "tracing filter, e.g. info or roster=debug"),
 ];
@@ -196,6 +204,9 @@ impl Settings {
             if let Some(v) = env(var) {
                 *slot = v;
             }
+        }
+        if let Some(v) = env("ROSTER_GROUP_INDEX_CAPACITY") {
+            self.groups.index_capacity = parse("ROSTER_GROUP_INDEX_CAPACITY", &v)?;
         }
         if let Some(v) = env("ROSTER_GROUP_MAX_PATCH_OPS") {
             self.groups.max_patch_ops = parse("ROSTER_GROUP_MAX_PATCH_OPS", &v)?;

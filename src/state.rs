@@ -1,6 +1,7 @@
 use std::sync::Arc;
 
 use crate::config::GroupSettings;
+use crate::group::index::MemberIndex;
 use crate::group::MemberStorage;
 use crate::pipeline::{Hooks, WriteLocks};
 use crate::store::ResourceStore;
@@ -19,6 +20,8 @@ pub struct AppState {
     pub group_members: MemberStorage,
     pub group_max_patch_ops: usize,
     pub write_locks: WriteLocks,
+    /// Who is an active member of recently written groups (see `group::index`).
+    pub member_index: Arc<MemberIndex>,
 }
 
 impl AppState {
@@ -43,6 +46,7 @@ impl AppState {
             group_members: groups.members,
             group_max_patch_ops: groups.max_patch_ops,
             write_locks: WriteLocks::default(),
+            member_index: Arc::new(MemberIndex::new(groups.index_capacity)),
         }
     }
 

@@ -275,9 +275,18 @@ pub async fn search_type(
     if let Some(member) = &params.member {
         // The reverse index answers which groups hold the member; MongoDB then applies the
         // other parameters, hides deleted groups, sorts and pages.
-        let ids = crate::group::read::groups_of(&state.clickhouse, member)
-            .await
-            .map_err(|e| FhirError::unavailable(format!("the member store is unavailable: {e}")))?;
+        // Batches still pending are finished first (in parallel with the query, which is
+        // asked again only if some were), so an acknowledged PATCH is always visible.
+        let unavailable =
+            |e: &dyn std::fmt::Display| FhirError::unavailable(format!("the member store is unavailable: {e}"));
+        let (finished, ids) = tokio::join!(
+            crate::group::outbox::recover_all(state.store.database(), &state.clickhouse),
+            crate::group::read::groups_of(&state.clickhouse, member)
+        );
+        let ids = match finished.map_err(|e| unavailable(&e))? {
+            0 => ids.map_err(|e| unavailable(&e))?,
+            _ => crate::group::read::groups_of(&state.clickhouse, member).await.map_err(|e| unavailable(&e))?,
+        };
         params.filter.push(doc! { "_id": { "$in": ids } });
     }
     let format = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "_format").map(|(_, v)| v.into_owned());

@@ -37,6 +37,29 @@ pub struct MemberFields {
     pub inactive: bool,
 }
 
+impl MemberFields {
+    /// The column fields of a member element (`Value::Null` for a removed member).
+    pub fn of(reference: &str, value: &Value) -> MemberFields {
+        let text = |p: &str| value.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
+        let member_type = match value.pointer("/entity/type").and_then(Value::as_str) {
+            Some(t) => t.to_string(),
+            None => {
+                let parts: Vec<&str> = reference.rsplitn(3, '/').collect();
+                match parts.as_slice() {
+                    [_, t, ..] if fhir_model::is_resource_type(t) => t.to_string(),
+                    _ => String::new(),
+                }
+            }
+        };
+        MemberFields {
+            member_type,
+            period_start: text("/period/start"),
+            period_end: text("/period/end"),
+            inactive: value.pointer("/inactive").and_then(Value::as_bool).unwrap_or(false),
+        }
+    }
+}
+
 impl CompactMember {
     /// `None` when the member has no `entity.reference` (its identity here).
     pub fn from_value(member: &Value) -> Option<CompactMember> {
@@ -53,23 +76,7 @@ impl CompactMember {
     /// built, so they are not held for every member of a big body).
     pub fn fields(&self) -> MemberFields {
         let value = if self.json.is_empty() { Value::Null } else { self.value() };
-        let text = |p: &str| value.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
-        let member_type = match value.pointer("/entity/type").and_then(Value::as_str) {
-            Some(t) => t.to_string(),
-            None => {
-                let parts: Vec<&str> = self.reference.rsplitn(3, '/').collect();
-                match parts.as_slice() {
-                    [_, t, ..] if fhir_model::is_resource_type(t) => t.to_string(),
-                    _ => String::new(),
-                }
-            }
-        };
-        MemberFields {
-            member_type,
-            period_start: text("/period/start"),
-            period_end: text("/period/end"),
-            inactive: value.pointer("/inactive").and_then(Value::as_bool).unwrap_or(false),
-        }
+        MemberFields::of(&self.reference, &value)
     }
 
     pub fn value(&self) -> Value {

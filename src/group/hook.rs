@@ -48,9 +48,18 @@ impl PostSaveHook for GroupMemberSync {
                 .projection(doc! { "outbox": 1 })
                 .await
                 .map_err(|e| HookError(e.to_string()))?;
-            if let Some(batch) = current.as_ref().and_then(|d| d.get_document("outbox").ok()) {
+            // This write's batch (earlier ones may still be pending: their own flushers or
+            // the next reader finish them).
+            let mine: Vec<Document> = current
+                .as_ref()
+                .map(outbox::pending_in)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|b| b.get_i64("version").ok() == Some(saved.version))
+                .collect();
+            if !mine.is_empty() {
                 // The batch stays in MongoDB if this fails; a read or the sweep finishes it.
-                outbox::flush(&self.db, &self.ch, saved.id, batch, false)
+                outbox::flush(&self.db, &self.ch, saved.id, &mine, false)
                     .await
                     .map_err(|e| HookError(e.to_string()))?;
                 self.synced.fetch_add(1, Ordering::Relaxed);

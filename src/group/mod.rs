@@ -7,8 +7,11 @@
 //! The write path, in the files named for their jobs:
 //! 1. [`plan`] turns PATCH operations on `/member` (or a PUT/POST member array) into
 //!    events, resolved against the group's state at the version being changed;
+//!    [`index`] (an in-process hash index of active members at a known version) spares
+//!    the planner a ClickHouse query for members that are certainly not active;
 //! 2. [`outbox`] stores the events with the Group's version bump in one MongoDB document
-//!    write (the commit point), then inserts them into ClickHouse and clears the marker;
+//!    write (the commit point); after the answer, they are inserted into ClickHouse and
+//!    the batch is cleared;
 //! 3. [`read`] answers reads from the views, first finishing any pending batch so that no
 //!    reader sees a version whose events are missing;
 //! 4. [`hook`] is the post-save hook that syncs member arrays of full-resource writes; it
@@ -17,6 +20,7 @@
 pub mod body;
 pub mod events;
 pub mod hook;
+pub mod index;
 pub mod outbox;
 pub mod plan;
 pub mod read;

@@ -1,33 +1,49 @@
 //! Member events travel from a committed Group version to ClickHouse through an outbox.
 //!
 //! MongoDB and ClickHouse share no transaction, so:
-//! 1. the events of a write are staged as the `outbox` field of the Group's current
-//!    document, written by the same version-guarded replace that bumps `meta.versionId`:
-//!    the version and its events commit together or not at all (a batch over 4 MiB goes to
-//!    `Group_4_0_0_MemberOutbox` chunks first, and the commit records their batch id;
-//!    chunks of a commit that lost its version race are never referenced and are deleted);
-//! 2. after the commit the writer inserts them into ClickHouse with a deduplication token;
-//! 3. then clears the `outbox` field (guarded by the batch id) and deletes the chunks.
+//! 1. the events of a write are staged as one *batch* pushed onto the `outbox` array of the
+//!    Group's current document, by the same version-guarded update that bumps
+//!    `meta.versionId`: the version and its events commit together or not at all (a batch
+//!    over 4 MiB goes to `Group_4_0_0_MemberOutbox` chunks first, and the commit records
+//!    their batch id; chunks of a commit that lost its version race are deleted);
+//! 2. after the commit the batch is inserted into ClickHouse with deduplication tokens,
+//!    off the request path (the client's answer does not wait for it);
+//! 3. then the batch is pulled from the `outbox` array (by its id) and its chunks deleted.
 //!
-//! If anything fails after 1, the batch stays in MongoDB. Every read of the group, every
-//! later write of it, the sweep at start-up and a background task finish it ([`flush`] in
-//! recovery mode inserts only the rows ClickHouse does not have). Events therefore reach
-//! ClickHouse only for committed versions (no phantom) and always do (no loss), and a
-//! reader that finds a pending batch finishes it before answering, or answers 503.
+//! Until 3, the batch is *pending*. Every reader of the group's members finishes the
+//! pending batches first (or answers 503), and so does `Group?member=`, so no reader sees
+//! a version whose events are missing. A later writer need not wait: it lays the pending
+//! events over what ClickHouse has (see `plan`). The sweep at start-up and every few
+//! seconds finishes batches whose writer died. Events therefore reach ClickHouse only for
+//! committed versions (no phantom) and always do (no loss); every flusher inserts the same
+//! blocks with the same tokens, and a recovering flusher inserts only the rows ClickHouse
+//! lacks (no duplicate).
+//!
+//! A batch is compact: its origin once, then per event only `[type, position, text]`
+//! (text = the member's JSON, or a removed member's reference); the columns are derived
+//! when the rows are built for ClickHouse.
 
-use bson::{doc, Document};
+use bson::{doc, Bson, Document};
 use futures_util::TryStreamExt;
 use mongodb::Database;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::events::{self, MemberEvent};
-use super::plan::Planned;
+use super::body::MemberFields;
+use super::events::{self, ver, EventType, MemberEvent};
+use super::plan::{member_reference, Planned};
 use crate::store::mongo::current_collection;
 
 /// Largest batch kept inline in the Group document, and largest outbox chunk (MongoDB
 /// documents stop at 16 MiB).
 pub const INLINE_LIMIT: usize = 4 * 1024 * 1024;
-/// Most rows per ClickHouse insert and per events chunk built in memory.
+/// Most rows per ClickHouse insert (one block) and per outbox chunk.
 pub const CHUNK_ROWS: usize = 10_000;
+/// Pending inline bytes beyond which a writer finishes the pending batches itself before
+/// adding one (back-pressure, and the Group document stays far below 16 MiB).
+pub const PENDING_LIMIT: usize = 6 * 1024 * 1024;
+/// Pending batches beyond which a writer finishes them itself.
+pub const PENDING_BATCHES: usize = 32;
 
 pub const OUTBOX_COLLECTION: &str = "Group_4_0_0_MemberOutbox";
 
@@ -44,181 +60,350 @@ pub enum OutboxError {
     Finished(String),
 }
 
-/// Batches up to this many events are kept inline in the Group document when they fit
-/// in [`INLINE_LIMIT`] (one chunk: built in memory at once).
-const INLINE_ROWS: usize = CHUNK_ROWS;
-
-/// Prepares a planned batch for the commit; returns the `outbox` field to store with it.
-pub async fn stage(db: &Database, planned: &Planned<'_>) -> Result<Document, OutboxError> {
-    let batch_id = uuid::Uuid::new_v4().to_string();
-    let count = planned.len() as i64;
-    if planned.len() <= INLINE_ROWS {
-        let events: Vec<MemberEvent> = planned.chunks(INLINE_ROWS).flatten().collect();
-        let json = serde_json::to_string(&events).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
-        if json.len() <= INLINE_LIMIT {
-            let version = events.first().map_or(0, |e| e.group_version) as i64;
-            return Ok(doc! { "batchId": batch_id, "version": version, "count": count, "events": json });
-        }
-    }
-    // Built, serialized and written one chunk at a time.
-    let chunks = db.collection::<Document>(OUTBOX_COLLECTION);
-    let mut n = 0i32;
-    let mut version = 0i64;
-    for events in planned.chunks(CHUNK_ROWS) {
-        version = events.first().map_or(version, |e| e.group_version as i64);
-        let mut rest = &events[..];
-        while !rest.is_empty() {
-            let (chunk, taken) = next_chunk(rest)?;
-            rest = &rest[taken..];
-            chunks
-                .insert_one(
-                    doc! { "_id": format!("{batch_id}/{n}"), "batchId": &batch_id, "chunk": n, "events": chunk },
-                )
-                .await?;
-            n += 1;
-        }
-    }
-    Ok(doc! { "batchId": batch_id, "version": version, "count": count, "chunks": n })
+fn corrupt(e: impl std::fmt::Display) -> OutboxError {
+    OutboxError::Corrupt(e.to_string())
 }
 
-/// The JSON array of the first events that fit in [`INLINE_LIMIT`] bytes and
-/// [`CHUNK_ROWS`] rows, and how many it holds.
-fn next_chunk(events: &[MemberEvent]) -> Result<(String, usize), OutboxError> {
-    let mut out = String::from("[");
-    let mut rows = 0;
-    for event in events {
-        let json = serde_json::to_string(event).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
-        if rows > 0 && (out.len() + json.len() + 2 > INLINE_LIMIT || rows == CHUNK_ROWS) {
-            break;
-        }
-        if rows > 0 {
-            out.push(',');
-        }
-        out.push_str(&json);
-        rows += 1;
+/// One event as the outbox keeps it: type, position, and the member's JSON (for a
+/// removed member, its reference).
+#[derive(Serialize)]
+struct RowRef<'a>(EventType, u64, &'a str);
+
+#[derive(Deserialize)]
+struct Row(EventType, u64, String);
+
+/// A staged batch, ready to be pushed onto the Group's `outbox` by the commit.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    pub doc: Document,
+}
+
+impl Staged {
+    pub fn batch_id(&self) -> &str {
+        self.doc.get_str("batchId").unwrap_or_default()
     }
-    out.push(']');
-    Ok((out, rows))
+}
+
+/// Serializes the batch's rows into JSON arrays of at most [`INLINE_LIMIT`] bytes and
+/// [`CHUNK_ROWS`] rows.
+fn pieces<'p>(planned: &'p Planned<'_>) -> impl Iterator<Item = Result<(String, usize), OutboxError>> + 'p {
+    let mut rows = planned.rows().peekable();
+    std::iter::from_fn(move || {
+        rows.peek()?;
+        let mut out = String::from("[");
+        let mut n = 0;
+        while let Some((t, position, text)) = rows.peek() {
+            let json = match serde_json::to_string(&RowRef(*t, *position, text)) {
+                Ok(j) => j,
+                Err(e) => return Some(Err(corrupt(e))),
+            };
+            if n > 0 && (out.len() + json.len() + 2 > INLINE_LIMIT || n == CHUNK_ROWS) {
+                break;
+            }
+            if n > 0 {
+                out.push(',');
+            }
+            out.push_str(&json);
+            n += 1;
+            rows.next();
+        }
+        out.push(']');
+        Some(Ok((out, n)))
+    })
+}
+
+/// Prepares a planned batch for the commit: inline when it fits one piece, else its
+/// chunks are written to [`OUTBOX_COLLECTION`] first.
+pub async fn stage(db: &Database, planned: &Planned<'_>) -> Result<Staged, OutboxError> {
+    let o = planned.origin();
+    let batch_id = uuid::Uuid::new_v4().to_string();
+    let mut header = doc! {
+        "batchId": &batch_id,
+        "version": o.version as i64,
+        "baseCount": planned.base_count() as i64,
+        "count": planned.len() as i64,
+        "actor": &o.actor,
+        "requestId": &o.request_id,
+        "source": o.source,
+        "eventTime": o.event_time,
+    };
+    let mut pieces = pieces(planned);
+    let first = pieces.next().transpose()?.unwrap_or_else(|| ("[]".into(), 0));
+    if first.1 == planned.len() {
+        header.insert("events", first.0);
+        return Ok(Staged { doc: header });
+    }
+    let chunks = db.collection::<Document>(OUTBOX_COLLECTION);
+    let mut n = 0i32;
+    for piece in std::iter::once(Ok(first)).chain(pieces) {
+        let (events, _) = piece?;
+        chunks
+            .insert_one(doc! { "_id": format!("{batch_id}/{n}"), "batchId": &batch_id, "chunk": n, "events": events })
+            .await?;
+        n += 1;
+    }
+    header.insert("chunks", n);
+    Ok(Staged { doc: header })
 }
 
 /// Deletes the chunks of a staged batch whose commit failed.
-pub async fn discard(db: &Database, outbox: &Document) {
-    if let Ok(id) = outbox.get_str("batchId") {
-        let _ = db.collection::<Document>(OUTBOX_COLLECTION).delete_many(doc! { "batchId": id }).await;
+pub async fn discard(db: &Database, staged: &Staged) {
+    if staged.doc.contains_key("chunks") {
+        let _ = db.collection::<Document>(OUTBOX_COLLECTION).delete_many(doc! { "batchId": staged.batch_id() }).await;
     }
 }
 
-fn parse_events(s: &str) -> Result<Vec<MemberEvent>, OutboxError> {
-    serde_json::from_str::<Vec<MemberEvent>>(s).map_err(|e| OutboxError::Corrupt(e.to_string()))
+/// The origin of a stored batch, needed to build its ClickHouse rows.
+struct Header<'d> {
+    group_id: &'d str,
+    batch_id: &'d str,
+    version: u32,
+    base_count: u64,
+    actor: &'d str,
+    request_id: &'d str,
+    source: &'d str,
+    event_time: i64,
 }
 
-/// Calls `each` with the batch's events, one chunk at a time (never all in memory).
-async fn for_each_chunk<F, Fut>(db: &Database, outbox: &Document, mut each: F) -> Result<(), OutboxError>
+impl<'d> Header<'d> {
+    fn of(group_id: &'d str, batch: &'d Document) -> Result<Header<'d>, OutboxError> {
+        Ok(Header {
+            group_id,
+            batch_id: batch.get_str("batchId").map_err(corrupt)?,
+            version: batch.get_i64("version").map_err(corrupt)? as u32,
+            base_count: batch.get_i64("baseCount").map_err(corrupt)? as u64,
+            actor: batch.get_str("actor").unwrap_or_default(),
+            request_id: batch.get_str("requestId").unwrap_or_default(),
+            source: batch.get_str("source").unwrap_or("patch"),
+            event_time: batch.get_i64("eventTime").unwrap_or_default(),
+        })
+    }
+
+    /// Builds the ClickHouse rows of stored rows starting at `seq`; `count` is the active
+    /// count before them and is carried forward.
+    fn events(&self, rows: Vec<Row>, seq: u32, count: &mut u64) -> Result<Vec<MemberEvent>, OutboxError> {
+        rows.into_iter()
+            .enumerate()
+            .map(|(i, Row(event_type, position, text))| {
+                let seq = seq + i as u32;
+                let (reference, value, member_json) = match event_type {
+                    EventType::Removed => (text, Value::Null, String::new()),
+                    _ => {
+                        let value: Value = serde_json::from_str(&text).map_err(corrupt)?;
+                        let reference = member_reference(&value)
+                            .ok_or_else(|| corrupt("a member without entity.reference"))?
+                            .to_string();
+                        (reference, value, text)
+                    }
+                };
+                match event_type {
+                    EventType::Added => *count += 1,
+                    EventType::Removed => *count = count.saturating_sub(1),
+                    EventType::Updated => {}
+                }
+                let f = MemberFields::of(&reference, &value);
+                Ok(MemberEvent {
+                    group_id: self.group_id.to_string(),
+                    group_version: self.version,
+                    seq,
+                    ver: ver(self.version, seq),
+                    event_id: format!("{}/{}/{seq}", self.group_id, self.version),
+                    event_type,
+                    member_reference: reference,
+                    member_type: f.member_type,
+                    position,
+                    period_start: f.period_start,
+                    period_end: f.period_end,
+                    inactive: f.inactive,
+                    member_json,
+                    active_count: *count,
+                    actor: self.actor.to_string(),
+                    request_id: self.request_id.to_string(),
+                    source: self.source.to_string(),
+                    event_time: self.event_time,
+                })
+            })
+            .collect()
+    }
+}
+
+fn parse_rows(s: &str) -> Result<Vec<Row>, OutboxError> {
+    serde_json::from_str(s).map_err(corrupt)
+}
+
+/// Calls `each` with the batch's ClickHouse rows, one block at a time (never all in
+/// memory). Blocks are the same for every flusher, so their tokens are too.
+async fn for_each_block<F, Fut>(db: &Database, group_id: &str, batch: &Document, mut each: F) -> Result<(), OutboxError>
 where
     F: FnMut(Vec<MemberEvent>) -> Fut,
     Fut: std::future::Future<Output = Result<(), OutboxError>>,
 {
-    if let Ok(inline) = outbox.get_str("events") {
-        let events = parse_events(inline)?;
-        for chunk in events.chunks(CHUNK_ROWS) {
-            each(chunk.to_vec()).await?;
+    let header = Header::of(group_id, batch)?;
+    let mut count = header.base_count;
+    let mut seq = 0u32;
+    if let Ok(inline) = batch.get_str("events") {
+        let mut rows = parse_rows(inline)?;
+        while !rows.is_empty() {
+            let rest = rows.split_off(rows.len().min(CHUNK_ROWS));
+            let n = rows.len() as u32;
+            each(header.events(rows, seq, &mut count)?).await?;
+            seq += n;
+            rows = rest;
         }
         return Ok(());
     }
-    let id = outbox.get_str("batchId").map_err(|e| OutboxError::Corrupt(e.to_string()))?;
-    let expected = outbox.get_i32("chunks").map_err(|e| OutboxError::Corrupt(e.to_string()))?;
+    let expected = batch.get_i32("chunks").map_err(corrupt)?;
     let collection = db.collection::<Document>(OUTBOX_COLLECTION);
     for n in 0..expected {
         let chunk = collection
-            .find_one(doc! { "_id": format!("{id}/{n}") })
+            .find_one(doc! { "_id": format!("{}/{n}", header.batch_id) })
             .await?
-            .ok_or_else(|| OutboxError::Finished(id.to_string()))?;
-        each(parse_events(chunk.get_str("events").unwrap_or("[]"))?).await?;
+            .ok_or_else(|| OutboxError::Finished(header.batch_id.to_string()))?;
+        let rows = parse_rows(chunk.get_str("events").unwrap_or("[]"))?;
+        let len = rows.len() as u32;
+        each(header.events(rows, seq, &mut count)?).await?;
+        seq += len;
     }
     Ok(())
 }
 
-/// Inserts a committed batch into ClickHouse and clears it from the Group document.
-///
-/// `recovering` = the batch may be partly inserted already (a crash, a concurrent
-/// flusher): only missing rows are inserted. The writer's own first flush skips that check.
-pub async fn flush(
-    db: &Database,
-    ch: &clickhouse::Client,
-    group_id: &str,
-    outbox: &Document,
-    recovering: bool,
-) -> Result<(), OutboxError> {
-    let batch_id = outbox.get_str("batchId").unwrap_or_default();
-    match insert(db, ch, group_id, outbox, recovering).await {
-        Err(OutboxError::Finished(_)) => {
-            // Its chunks are deleted only after its marker is cleared: if the marker is
-            // gone too, the batch is done; otherwise it really is damaged.
-            let marked = db
-                .collection::<Document>(&current_collection("Group"))
-                .find_one(doc! { "_id": group_id, "outbox.batchId": batch_id })
-                .await?;
-            return match marked {
-                None => Ok(()),
-                Some(_) => Err(OutboxError::Corrupt(format!("batch {batch_id} lacks chunks"))),
-            };
-        }
-        other => other?,
-    }
-    db.collection::<Document>(&current_collection("Group"))
-        .update_one(doc! { "_id": group_id, "outbox.batchId": batch_id }, doc! { "$unset": { "outbox": "" } })
-        .await?;
-    forget_chunks(db, outbox).await
+/// The ClickHouse rows of an inline batch, all at once (tools and tests; flushers go a
+/// block at a time).
+pub fn inline_events(group_id: &str, batch: &Document) -> Result<Vec<MemberEvent>, OutboxError> {
+    let header = Header::of(group_id, batch)?;
+    let mut count = header.base_count;
+    header.events(parse_rows(batch.get_str("events").map_err(corrupt)?)?, 0, &mut count)
 }
 
-/// Inserts a committed batch's events into ClickHouse (without clearing the marker).
+/// Inserts a committed batch's events into ClickHouse (without clearing it).
 ///
-/// Every flusher (the writer, a reader, the sweep) inserts the same blocks, the batch's
-/// stored chunks, each with the same deduplication token, so flushers racing on one batch
-/// cannot insert a row twice: ClickHouse drops the repeated block.
+/// `recovering` = the batch may be partly inserted already (a crash, a concurrent
+/// flusher): only missing rows are inserted. The writer's own first insert skips that.
 pub async fn insert(
     db: &Database,
     ch: &clickhouse::Client,
     group_id: &str,
-    outbox: &Document,
+    batch: &Document,
     recovering: bool,
 ) -> Result<(), OutboxError> {
-    for_each_chunk(db, outbox, |chunk| async move {
+    for_each_block(db, group_id, batch, |block| async move {
         if recovering {
-            let Some(first) = chunk.first() else { return Ok(()) };
+            let Some(first) = block.first() else { return Ok(()) };
             let have = events::stored_seqs(ch, group_id, first.group_version).await?;
-            let missing: Vec<MemberEvent> = chunk.into_iter().filter(|e| !have.contains(&e.seq)).collect();
+            let missing: Vec<MemberEvent> = block.into_iter().filter(|e| !have.contains(&e.seq)).collect();
             events::insert(ch, &missing).await?;
         } else {
-            events::insert(ch, &chunk).await?;
+            events::insert(ch, &block).await?;
         }
         Ok(())
     })
     .await
 }
 
-/// Deletes the chunk documents of a batch whose marker is cleared.
-pub async fn forget_chunks(db: &Database, outbox: &Document) -> Result<(), OutboxError> {
-    if outbox.contains_key("chunks") {
-        let batch_id = outbox.get_str("batchId").unwrap_or_default();
-        db.collection::<Document>(OUTBOX_COLLECTION).delete_many(doc! { "batchId": batch_id }).await?;
+/// Pulls finished batches from the group's `outbox` and deletes their chunks.
+pub async fn clear(db: &Database, group_id: &str, batches: &[&Document]) -> Result<(), OutboxError> {
+    if batches.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = batches.iter().filter_map(|b| b.get_str("batchId").ok()).collect();
+    db.collection::<Document>(&current_collection("Group"))
+        .update_one(doc! { "_id": group_id }, doc! { "$pull": { "outbox": { "batchId": { "$in": &ids } } } })
+        .await?;
+    forget_chunks(db, batches).await
+}
+
+/// Deletes the chunk documents of batches that are no longer referenced.
+pub async fn forget_chunks(db: &Database, batches: &[&Document]) -> Result<(), OutboxError> {
+    let chunked: Vec<&str> =
+        batches.iter().filter(|b| b.contains_key("chunks")).filter_map(|b| b.get_str("batchId").ok()).collect();
+    if !chunked.is_empty() {
+        db.collection::<Document>(OUTBOX_COLLECTION).delete_many(doc! { "batchId": { "$in": chunked } }).await?;
     }
     Ok(())
 }
 
-/// Finishes every pending batch (start-up and the background sweep). Returns how many.
+/// Finishes pending batches of a group (any flusher, any time): inserts what ClickHouse
+/// lacks, then clears them.
+pub async fn flush(
+    db: &Database,
+    ch: &clickhouse::Client,
+    group_id: &str,
+    batches: &[Document],
+    recovering: bool,
+) -> Result<(), OutboxError> {
+    let mut done = Vec::new();
+    for batch in batches {
+        match insert(db, ch, group_id, batch, recovering).await {
+            Err(OutboxError::Finished(id)) => {
+                // Chunks are deleted only after the batch is pulled: if it is gone from
+                // the document too, another flusher finished it; otherwise it is damaged.
+                let marked = db
+                    .collection::<Document>(&current_collection("Group"))
+                    .find_one(doc! { "_id": group_id, "outbox.batchId": &id })
+                    .await?;
+                if marked.is_some() {
+                    return Err(OutboxError::Corrupt(format!("batch {id} lacks chunks")));
+                }
+            }
+            other => {
+                other?;
+                done.push(batch);
+            }
+        }
+    }
+    clear(db, group_id, &done).await
+}
+
+/// The batches pending in a stored Group document (`outbox`, oldest first).
+pub fn pending_in(doc: &Document) -> Vec<Document> {
+    match doc.get("outbox") {
+        Some(Bson::Array(items)) => items.iter().filter_map(|b| b.as_document().cloned()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// True when a writer may lay these pending batches over ClickHouse's state instead of
+/// finishing them first: all inline, and few and small enough.
+pub fn can_overlay(batches: &[Document]) -> bool {
+    let bytes: usize = batches.iter().map(|b| b.get_str("events").map_or(usize::MAX / 2, str::len)).sum();
+    batches.len() <= PENDING_BATCHES && bytes <= PENDING_LIMIT
+}
+
+/// The latest pending state of each member the batches touch: reference → `Some((member
+/// JSON, position))` when active, `None` when removed. Later batches win.
+pub fn overlay(batches: &[Document]) -> Result<std::collections::HashMap<String, Option<(String, u64)>>, OutboxError> {
+    let mut out = std::collections::HashMap::new();
+    for batch in batches {
+        let rows = parse_rows(batch.get_str("events").map_err(corrupt)?)?;
+        for Row(event_type, position, text) in rows {
+            match event_type {
+                EventType::Removed => {
+                    out.insert(text, None);
+                }
+                _ => {
+                    let value: Value = serde_json::from_str(&text).map_err(corrupt)?;
+                    let reference = member_reference(&value).ok_or_else(|| corrupt("member without reference"))?;
+                    out.insert(reference.to_string(), Some((text, position)));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Finishes every pending batch of every group (start-up, the background sweep, and
+/// before `Group?member=` is answered). Returns how many groups had some.
 pub async fn recover_all(db: &Database, ch: &clickhouse::Client) -> Result<usize, OutboxError> {
     let pending: Vec<Document> = db
         .collection::<Document>(&current_collection("Group"))
-        .find(doc! { "outbox": { "$exists": true } })
+        .find(doc! { "outbox.batchId": { "$exists": true } })
         .projection(doc! { "outbox": 1 })
         .await?
         .try_collect()
         .await?;
     for d in &pending {
-        let id = d.get_str("_id").map_err(|e| OutboxError::Corrupt(e.to_string()))?;
-        let outbox = d.get_document("outbox").map_err(|e| OutboxError::Corrupt(e.to_string()))?;
-        flush(db, ch, id, outbox, true).await?;
+        let id = d.get_str("_id").map_err(corrupt)?;
+        flush(db, ch, id, &pending_in(d), true).await?;
     }
     Ok(pending.len())
 }
@@ -226,45 +411,42 @@ pub async fn recover_all(db: &Database, ch: &clickhouse::Client) -> Result<usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::group::events::EventType;
 
-    fn event(seq: u32, json_len: usize) -> MemberEvent {
-        MemberEvent {
-            group_id: "g".into(),
-            group_version: 1,
-            seq,
-            ver: seq as u64,
-            event_id: format!("g/1/{seq}"),
-            event_type: EventType::Added,
-            member_reference: format!("Patient/{seq}"),
-            member_type: "Patient".into(),
-            position: seq as u64,
-            period_start: String::new(),
-            period_end: String::new(),
-            inactive: false,
-            member_json: "x".repeat(json_len),
-            active_count: seq as u64,
-            actor: String::new(),
-            request_id: String::new(),
-            source: "patch".into(),
-            event_time: 0,
-        }
+    #[test]
+    fn rows_round_trip_into_clickhouse_rows_with_counts_and_fields() {
+        let batch = doc! {
+            "batchId": "b", "version": 7i64, "baseCount": 10i64, "count": 3i64,
+            "actor": "a", "requestId": "r", "source": "patch", "eventTime": 5i64,
+        };
+        let header = Header::of("g", &batch).unwrap();
+        let rows = parse_rows(
+            r#"[[1,30064771072,"{\"entity\":{\"reference\":\"Patient/1\"},\"period\":{\"start\":\"2024\"}}"],
+                [2,4,"Patient/2"],[3,9,"{\"entity\":{\"reference\":\"Patient/3\"},\"inactive\":true}"]]"#,
+        )
+        .unwrap();
+        let mut count = header.base_count;
+        let events = header.events(rows, 4, &mut count).unwrap();
+        assert_eq!(count, 10);
+        assert_eq!(events.iter().map(|e| e.active_count).collect::<Vec<_>>(), [11, 10, 10]);
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5, 6]);
+        assert_eq!(events[0].ver, ver(7, 4));
+        assert_eq!(events[0].event_id, "g/7/4");
+        assert_eq!(events[0].member_type, "Patient");
+        assert_eq!(events[0].period_start, "2024");
+        assert_eq!(events[1].member_reference, "Patient/2");
+        assert_eq!(events[1].member_json, "");
+        assert!(events[2].inactive);
+        assert_eq!(events[2].position, 9);
     }
 
     #[test]
-    fn chunks_stay_under_the_document_limit_and_keep_every_event_in_order() {
-        let events: Vec<MemberEvent> = (0..3000).map(|i| event(i, 4000)).collect();
-        let mut chunks = Vec::new();
-        let mut rest = &events[..];
-        while !rest.is_empty() {
-            let (chunk, taken) = next_chunk(rest).unwrap();
-            chunks.push(chunk);
-            rest = &rest[taken..];
-        }
-        assert!(chunks.len() > 1);
-        assert!(chunks.iter().all(|c| c.len() <= INLINE_LIMIT));
-        let back: Vec<MemberEvent> =
-            chunks.iter().flat_map(|c| serde_json::from_str::<Vec<MemberEvent>>(c).unwrap()).collect();
-        assert_eq!(back, events);
+    fn overlay_keeps_the_latest_state_per_member() {
+        let b1 = doc! { "events": r#"[[1,1,"{\"entity\":{\"reference\":\"Patient/1\"}}"],[1,2,"{\"entity\":{\"reference\":\"Patient/2\"}}"]]"# };
+        let b2 = doc! { "events": r#"[[2,1,"Patient/1"]]"# };
+        let o = overlay(&[b1, b2]).unwrap();
+        assert_eq!(o["Patient/1"], None);
+        assert_eq!(o["Patient/2"].as_ref().map(|(_, p)| *p), Some(2));
+        assert!(can_overlay(&[doc! { "events": "[]" }]));
+        assert!(!can_overlay(&[doc! { "chunks": 2 }]), "chunked batches are finished, not overlaid");
     }
 }

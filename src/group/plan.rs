@@ -24,10 +24,13 @@ use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use axum::http::StatusCode;
+use bson::Document;
 use serde_json::{json, Value};
 
 use super::body::CompactMember;
-use super::events::{ver, EventType, MemberEvent};
+use super::events::{ver, EventType};
+use super::index::{MemberIndex, Presence};
+use super::outbox;
 use super::read::{self, MemberRow};
 use crate::error::{FhirError, IssueCode};
 use crate::model::patch::{self, Operation};
@@ -69,9 +72,29 @@ enum Touched {
     Removed,
 }
 
+/// What a planner knows of the base state besides ClickHouse's views.
+#[derive(Default)]
+pub struct Known<'a> {
+    /// The in-process member index, at the base version (see `index`).
+    pub index: Option<&'a MemberIndex>,
+    /// The base version's pending batches (committed, not yet in ClickHouse), laid over
+    /// the views. Only for keyed operations (add, remove by reference): positional ones
+    /// need the views complete, so the caller finishes pending batches first.
+    pub pending: Vec<Document>,
+}
+
+/// The pending state of touched members: reference → `Some((JSON, position))` or removed.
+type Overlay = HashMap<String, Option<(String, u64)>>;
+
 pub struct Planner<'a> {
     ch: &'a clickhouse::Client,
     origin: Origin,
+    /// The base version (the index is consulted at it).
+    base_version: i64,
+    index: Option<&'a MemberIndex>,
+    pending: Vec<Document>,
+    /// Built from `pending` on first need.
+    overlay: Option<Overlay>,
     base_count: u64,
     /// The group had member events before this write.
     enumerated: bool,
@@ -106,6 +129,7 @@ impl<'a> Planner<'a> {
         ch: &'a clickhouse::Client,
         origin: Origin,
         known: Option<Option<u64>>,
+        state: Known<'a>,
     ) -> Result<Planner<'a>, FhirError> {
         let base = match known {
             Some(known) => known,
@@ -113,6 +137,10 @@ impl<'a> Planner<'a> {
         };
         Ok(Planner {
             ch,
+            base_version: origin.version as i64 - 1,
+            index: state.index,
+            pending: state.pending,
+            overlay: None,
             origin,
             base_count: base.unwrap_or(0),
             enumerated: base.is_some(),
@@ -125,19 +153,56 @@ impl<'a> Planner<'a> {
         })
     }
 
-    /// Loads the base state of many members in one round trip (before a batch of adds).
+    /// Loads the base state of many members in few round trips (before a batch of adds).
+    /// Members the index rules out, or the pending batches know, need no query.
     pub async fn prefetch(&mut self, references: Vec<String>) -> Result<(), FhirError> {
-        let wanted: Vec<String> = references.into_iter().filter(|r| !self.base.contains_key(r)).collect();
         if !self.enumerated {
             return Ok(()); // no member events yet: nobody is a member
         }
-        for chunk in wanted.chunks(5_000) {
+        let mut wanted = Vec::new();
+        for r in references {
+            if !self.base.contains_key(&r) && !self.ruled_out(&r) && self.pending_state(&r)?.is_none() {
+                wanted.push(r);
+            }
+        }
+        for chunk in read::parameter_chunks(&wanted) {
             let found = read::lookup(self.ch, &self.origin.group_id, chunk).await.map_err(ch_error)?;
             for r in chunk {
                 self.base.insert(r.clone(), found.get(r).cloned());
             }
         }
         Ok(())
+    }
+
+    /// True when the index says the member is certainly not active at the base version.
+    fn ruled_out(&self, reference: &str) -> bool {
+        self.index.and_then(|i| i.presence(&self.origin.group_id, self.base_version, reference))
+            == Some(Presence::Absent)
+    }
+
+    /// The member's state in the pending batches, if they touch it: `Some(None)` removed.
+    fn pending_state(&mut self, reference: &str) -> Result<Option<Option<(CompactMember, u64)>>, FhirError> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        if self.overlay.is_none() {
+            self.overlay = Some(outbox::overlay(&self.pending).map_err(FhirError::internal)?);
+        }
+        let overlay = self.overlay.as_ref().expect("built above");
+        Ok(overlay.get(reference).map(|state| {
+            state.as_ref().map(|(json, position)| {
+                (CompactMember { reference: reference.to_string(), json: json.clone() }, *position)
+            })
+        }))
+    }
+
+    /// Positional reads need the views to hold every committed event.
+    fn settled(&self) -> Result<(), FhirError> {
+        if self.pending.is_empty() {
+            Ok(())
+        } else {
+            Err(FhirError::internal("positional member operation planned over pending events"))
+        }
     }
 
     /// Loads, in batched round trips, every member a patch names by reference, so adding
@@ -170,8 +235,11 @@ impl<'a> Planner<'a> {
             Some(Touched::Removed) => return Ok(None),
             None => {}
         }
-        if !self.enumerated {
-            return Ok(None); // no member events yet: nobody is a member
+        if !self.enumerated || self.ruled_out(reference) {
+            return Ok(None); // not a member at the base version
+        }
+        if let Some(state) = self.pending_state(reference)? {
+            return Ok(state);
         }
         if !self.base.contains_key(reference) {
             self.prefetch(vec![reference.to_string()]).await?;
@@ -199,6 +267,7 @@ impl<'a> Planner<'a> {
         }
         // Find base index b whose member is not removed and has exactly n visible members
         // before it: b = n + (removed members positioned before it).
+        self.settled()?;
         let mut b = n;
         loop {
             let Some(row) = read::at_index(self.ch, &self.origin.group_id, b).await.map_err(ch_error)? else {
@@ -304,6 +373,7 @@ impl<'a> Planner<'a> {
 
     /// Every active member's reference (for remove-all and whole-array replacement).
     async fn all_active(&mut self) -> Result<Vec<String>, FhirError> {
+        self.settled()?;
         let mut cursor = read::members(self.ch, &self.origin.group_id, None).map_err(ch_error)?;
         let mut base = Vec::new();
         while let Some(row) = cursor.next().await.map_err(ch_error)? {
@@ -534,46 +604,30 @@ impl Planned<'_> {
         self.drafts.is_empty()
     }
 
-    /// The events, in order, `size` at a time.
-    pub fn chunks(&self, size: usize) -> impl Iterator<Item = Vec<MemberEvent>> + '_ {
-        let mut count = self.base_count;
-        let o = &self.origin;
-        self.drafts.chunks(size.max(1)).enumerate().map(move |(c, drafts)| {
-            drafts
-                .iter()
-                .enumerate()
-                .map(|(i, d)| {
-                    let seq = (c * size.max(1) + i) as u32;
-                    match d.event_type {
-                        EventType::Added => count += 1,
-                        EventType::Removed => count -= 1,
-                        EventType::Updated => {}
-                    }
-                    let m = &*d.member;
-                    let f = m.fields();
-                    MemberEvent {
-                        group_id: o.group_id.clone(),
-                        group_version: o.version,
-                        seq,
-                        ver: ver(o.version, seq),
-                        event_id: format!("{}/{}/{seq}", o.group_id, o.version),
-                        event_type: d.event_type,
-                        member_type: f.member_type,
-                        period_start: f.period_start,
-                        period_end: f.period_end,
-                        inactive: f.inactive,
-                        member_json: m.json.clone(),
-                        member_reference: m.reference.clone(),
-                        position: d.position,
-                        active_count: count,
-                        actor: o.actor.clone(),
-                        request_id: o.request_id.clone(),
-                        source: o.source.to_string(),
-                        event_time: o.event_time,
-                    }
-                })
-                .collect()
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// Active members before the write.
+    pub fn base_count(&self) -> u64 {
+        self.base_count
+    }
+
+    /// The events in order as `(type, position, text)`: text is the member's JSON, or the
+    /// reference of a removed member (the outbox's compact form).
+    pub fn rows(&self) -> impl Iterator<Item = (EventType, u64, &str)> + '_ {
+        self.drafts.iter().map(|d| {
+            let text = match d.event_type {
+                EventType::Removed => d.member.reference.as_str(),
+                _ => d.member.json.as_str(),
+            };
+            (d.event_type, d.position, text)
         })
+    }
+
+    /// `(type, reference)` of each event, for the member index.
+    pub fn changes(&self) -> impl Iterator<Item = (EventType, &str)> + '_ {
+        self.drafts.iter().map(|d| (d.event_type, d.member.reference.as_str()))
     }
 }
 

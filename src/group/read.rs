@@ -56,7 +56,32 @@ pub async fn enumerated_count(
     Ok((rows > 0).then_some(count))
 }
 
-/// The state of the given members (absent: never a member).
+/// Most bytes of references sent in one query parameter: ClickHouse's HTTP interface
+/// refuses longer form fields ("Field value too long"; 128 KiB by default).
+const PARAMETER_BYTES: usize = 64 * 1024;
+
+/// Splits references into runs that each fit one query parameter.
+pub fn parameter_chunks(references: &[String]) -> impl Iterator<Item = &[String]> {
+    let mut rest = references;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        // Each reference costs its quotes, escapes and a comma in the array literal.
+        while n < rest.len() && (n == 0 || bytes + rest[n].len() * 2 + 3 <= PARAMETER_BYTES) {
+            bytes += rest[n].len() * 2 + 3;
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// The state of the given members (absent: never a member). Keep `references` within
+/// one parameter ([`parameter_chunks`]).
 pub async fn lookup(
     ch: &clickhouse::Client,
     group_id: &str,
@@ -112,6 +137,22 @@ pub fn members(
     query.param("g", group_id).fetch()
 }
 
+/// Active member references as of a group version, streamed (builds the member index).
+pub fn references_as_of(
+    ch: &clickhouse::Client,
+    group_id: &str,
+    version: u32,
+) -> Result<clickhouse::query::RowCursor<String>, clickhouse::error::Error> {
+    ch.query(
+        "SELECT member_reference FROM (SELECT member_reference, argMax(event_type, ver) AS last \
+         FROM Group_4_0_0_MemberEvents WHERE group_id = {g:String} AND group_version <= {v:UInt32} \
+         GROUP BY member_reference) WHERE last != 'removed'",
+    )
+    .param("g", group_id)
+    .param("v", version)
+    .fetch()
+}
+
 /// Ids of the groups a member currently belongs to, sorted.
 pub async fn groups_of(
     ch: &clickhouse::Client,
@@ -124,4 +165,19 @@ pub async fn groups_of(
     .param("m", member_reference)
     .fetch_all()
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_chunks_keep_every_reference_once_and_stay_small() {
+        let refs: Vec<String> = (0..20_000).map(|i| format!("Patient/some-long-identifier-{i:08}")).collect();
+        let chunks: Vec<&[String]> = parameter_chunks(&refs).collect();
+        assert!(chunks.len() > 1);
+        assert!(chunks.iter().all(|c| c.iter().map(|r| r.len() * 2 + 3).sum::<usize>() <= PARAMETER_BYTES));
+        assert_eq!(chunks.concat(), refs);
+        assert_eq!(parameter_chunks(&[]).count(), 0);
+    }
 }

@@ -12,6 +12,18 @@ pub fn is_member_op(op: &Operation) -> bool {
     }
 }
 
+/// True when a member operation names its member by reference, not by position: `add
+/// /member/-` (or `/member/N`: members are appended) and `remove /member` with a value.
+/// Those can be planned over pending events; positional ones need the views complete.
+pub fn is_keyed(op: &Operation) -> bool {
+    let t = tokens(op.path());
+    match op {
+        Operation::Add { value, .. } => t.len() == 2 && value.is_object(),
+        Operation::Remove { value: Some(_), .. } => t.len() == 1,
+        _ => false,
+    }
+}
+
 /// (member operations with their index in the patch, the other operations).
 pub fn split(ops: &[Operation]) -> (Vec<(usize, Operation)>, Vec<Operation>) {
     let mut member = Vec::new();
@@ -45,5 +57,9 @@ mod tests {
         let (member, other) = split(&ops);
         assert_eq!(member.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 2, 3]);
         assert_eq!(other.len(), 2);
+        let keyed: Vec<bool> = member.iter().map(|(_, op)| is_keyed(op)).collect();
+        assert_eq!(keyed, [true, false, false]);
+        let by_value = parse(&json!([{"op":"remove","path":"/member","value":{"entity":{"reference":"Patient/1"}}}]));
+        assert!(is_keyed(&by_value.unwrap()[0]));
     }
 }

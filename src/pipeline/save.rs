@@ -6,7 +6,8 @@ use time::OffsetDateTime;
 use super::{Flag, Interaction, RequestContext, Saved};
 use crate::error::{FhirError, IssueCode};
 use crate::group::body::CompactMember;
-use crate::group::plan::{Origin, Planner};
+use crate::group::index::MemberIndex;
+use crate::group::plan::{Known, Origin, Planner};
 use crate::group::{outbox, split, MemberStorage};
 use crate::model::{datetime, json_bson, patch, validate};
 use crate::state::AppState;
@@ -73,11 +74,13 @@ fn outbox_error(e: outbox::OutboxError) -> FhirError {
     }
 }
 
-/// Finishes a pending member batch before the group is read or written again, so nobody
-/// sees or builds on a version whose events are missing (503 while ClickHouse is down).
+/// Finishes a group's pending member batches before its members are read, so nobody sees a
+/// version whose events are missing (503 while ClickHouse is down).
 pub async fn finish_pending(state: &AppState, id: &str, current: &Version) -> Result<(), FhirError> {
-    if let Some(batch) = &current.outbox {
-        outbox::flush(state.store.database(), &state.clickhouse, id, batch, true).await.map_err(outbox_error)?;
+    if !current.outbox.is_empty() {
+        outbox::flush(state.store.database(), &state.clickhouse, id, &current.outbox, true)
+            .await
+            .map_err(outbox_error)?;
     }
     Ok(())
 }
@@ -116,11 +119,8 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             backoff(attempt).await;
         }
         let started = std::time::Instant::now();
-        let current = store.read(rt, req.id).await.map_err(store_error)?;
+        let current = store.read_for_write(rt, req.id).await.map_err(store_error)?;
         let read_at = started.elapsed();
-        if let (true, Some(c)) = (member_events, &current) {
-            finish_pending(state, req.id, c).await?;
-        }
         if let Some(expected) = req.if_match {
             match &current {
                 Some(c) if c.version == expected => {}
@@ -139,6 +139,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             }
         }
         let live = current.as_ref().filter(|c| !c.deleted);
+        let mut meta_only = false;
         let (interaction, resource, members) = match &req.change {
             Change::Create(body) => (Interaction::Create, Some(body.clone()), None),
             Change::Update(body) => {
@@ -164,7 +165,10 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 if member_events {
                     let (member_ops, other_ops) = split::split(ops);
                     let members = (!member_ops.is_empty()).then_some(MemberChange::Ops(member_ops));
-                    (Interaction::Patch, Some(patched(rt, req.id, old, &other_ops)?), members)
+                    // Only members change: the stored content stays as it is, but for meta.
+                    meta_only = other_ops.is_empty();
+                    let resource = if meta_only { Value::Object(old) } else { patched(rt, req.id, old, &other_ops)? };
+                    (Interaction::Patch, Some(resource), members)
                 } else {
                     (Interaction::Patch, Some(patched(rt, req.id, old, ops)?), None)
                 }
@@ -201,6 +205,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             stored = Some(obj);
         }
         let mut staged = None;
+        let mut planned = None;
         let mut member_count = None;
         // What is known of the membership at the base version: a new group has none; an
         // existing one carries its count in its document (unknown only for data written
@@ -210,6 +215,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             Some(c) => c.member_count,
         };
         if let Some(change) = members {
+            let known = base_state(state, req.id, current.as_ref(), known_count, &change).await?;
             let origin = Origin {
                 group_id: req.id.to_string(),
                 version: version as u32,
@@ -222,7 +228,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 },
                 event_time: last_updated.timestamp_millis(),
             };
-            let mut planner = Planner::new(&state.clickhouse, origin, known_count).await?;
+            let mut planner = Planner::new(&state.clickhouse, origin, known_count, known).await?;
             match change {
                 MemberChange::Ops(ops) => {
                     planner.prefetch_ops(&ops).await?;
@@ -232,11 +238,12 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 }
                 MemberChange::Replace(members) => planner.replace_all(members).await?,
             }
-            let planned = planner.finish()?;
-            member_count = planned.count;
-            if !planned.is_empty() {
-                staged = Some(outbox::stage(store.database(), &planned).await.map_err(outbox_error)?);
+            let p = planner.finish()?;
+            member_count = p.count;
+            if !p.is_empty() {
+                staged = Some(outbox::stage(store.database(), &p).await.map_err(outbox_error)?);
             }
+            planned = Some(p);
         } else if member_events && interaction != Interaction::Delete {
             member_count = match known_count {
                 Some(known) => known,
@@ -252,7 +259,8 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             last_updated,
             method: interaction.method(),
             resource: document,
-            outbox: staged.clone(),
+            meta_only,
+            outbox: staged.as_ref().map(|s| s.doc.clone()),
             member_count: (member_events && interaction != Interaction::Delete).then_some(member_count),
         };
         let planned_at = started.elapsed();
@@ -271,41 +279,35 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                         )))
                     }
                     StoreError::Conflict => continue,
-                    e => return Err(store_error(e)),
+                    e => {
+                        // The commit may or may not have happened: what this process knows
+                        // of the group's members is no longer trustworthy.
+                        state.member_index.forget(req.id);
+                        return Err(store_error(e));
+                    }
                 }
             }
         };
-        match (interaction, &staged) {
-            (Interaction::Patch, Some(batch)) => {
-                // The PATCH path writes its own member events, then clears the outbox with
-                // the history flag in one update; hooks must not process members again.
-                ctx.set(Flag::MemberEventsWritten);
-                // The event insert and the history copy are independent: run them together,
-                // then clear the markers of whatever finished, in one update.
-                let (inserted, copied) = tokio::join!(
-                    outbox::insert(store.database(), &state.clickhouse, req.id, batch, false),
-                    store.copy_to_history(rt, &committed)
-                );
-                let mut done = Vec::new();
-                match &copied {
-                    Ok(()) => done.push("historyPending"),
-                    Err(e) => {
-                        tracing::warn!(group = req.id, version, error = %e, "history copy deferred to the next repair")
-                    }
-                }
-                match &inserted {
-                    Ok(()) => done.push("outbox"),
-                    Err(e) => tracing::warn!(group = req.id, version, error = %e,
-                        "member events committed but not yet in ClickHouse; the next read or the sweep inserts them"),
-                }
-                if let Err(e) = store.clear(rt, &committed, &done).await {
-                    tracing::warn!(group = req.id, version, error = %e, "markers stay; the next read or sweep clears them");
-                } else if inserted.is_ok() {
-                    let _ = outbox::forget_chunks(store.database(), batch).await;
-                }
+        if member_events {
+            let base = current.as_ref().map(|c| c.version);
+            let empty_before = matches!(known_count, Some(None) | Some(Some(0)));
+            match (&interaction, &planned) {
+                (Interaction::Delete, _) => state.member_index.forget(req.id),
+                (_, Some(p)) => state.member_index.advance(req.id, base, version, empty_before, p.changes()),
+                (_, None) => state.member_index.advance(req.id, base, version, empty_before, []),
             }
-            _ => store.finish(rt, &committed, &[]).await,
         }
+        drop(planned);
+        // A PATCH's member events are written by this path (below, after the answer); the
+        // POST/PUT member array is the sync hook's job. Hooks see which.
+        let batch = match (interaction, staged) {
+            (Interaction::Patch, Some(batch)) => {
+                ctx.set(Flag::MemberEventsWritten);
+                Some(batch.doc)
+            }
+            _ => None,
+        };
+        finish_later(state, rt, committed, batch);
         let finished_at = started.elapsed();
         let previous = live.and_then(|c| c.resource.as_ref());
         state
@@ -320,7 +322,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             resource_type = rt,
             read_us = read_at.as_micros() as u64,
             planned_us = planned_at.as_micros() as u64,
-            finished_us = finished_at.as_micros() as u64,
+            committed_us = finished_at.as_micros() as u64,
             hooks_us = started.elapsed().as_micros() as u64,
             "write timings"
         );
@@ -335,7 +337,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 deleted: stored.is_none(),
                 method: interaction.method().to_string(),
                 resource: stored,
-                outbox: None,
+                outbox: Vec::new(),
                 member_count: Some(member_count),
             },
         });
@@ -344,6 +346,114 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         "{rt}/{} is being changed by many writers at once; gave up after {MAX_ATTEMPTS} attempts",
         req.id
     )))
+}
+
+/// What the planner may rely on besides ClickHouse's views, for a write of `change` on
+/// the base version `current`:
+/// * the pending batches, laid over the views, when every operation names its member by
+///   reference; otherwise (positions, whole-array replacement) they are finished first;
+/// * the member index at the base version, built from the events when this process has
+///   none yet (ClickHouse unreachable: the write goes on without it).
+async fn base_state<'s>(
+    state: &'s AppState,
+    id: &str,
+    current: Option<&Version>,
+    known_count: Option<Option<u64>>,
+    change: &MemberChange<'_>,
+) -> Result<Known<'s>, FhirError> {
+    let Some(current) = current else { return Ok(Known::default()) };
+    let keyed = match change {
+        MemberChange::Ops(ops) => ops.iter().all(|(_, op)| split::is_keyed(op)),
+        MemberChange::Replace(_) => false,
+    };
+    let mut pending = current.outbox.clone();
+    if !pending.is_empty() && !(keyed && outbox::can_overlay(&pending)) {
+        finish_pending(state, id, current).await?;
+        pending.clear();
+    }
+    if !keyed {
+        return Ok(Known { index: None, pending });
+    }
+    let index: &MemberIndex = &state.member_index;
+    let version = current.version;
+    if index.is_current(id, version) {
+        return Ok(Known { index: Some(index), pending });
+    }
+    match known_count {
+        Some(None) | Some(Some(0)) => {
+            index.load(id, version, []);
+            return Ok(Known { index: Some(index), pending });
+        }
+        Some(Some(n)) if !index.fits(n) => return Ok(Known { index: None, pending }),
+        _ => {}
+    }
+    // Built from the events as of the base version, so they must all be in ClickHouse.
+    if !pending.is_empty() {
+        finish_pending(state, id, current).await?;
+        pending.clear();
+    }
+    let loaded: Result<_, clickhouse::error::Error> = async {
+        let mut cursor = crate::group::read::references_as_of(&state.clickhouse, id, version as u32)?;
+        let mut loading = crate::group::index::Loading::default();
+        while let Some(reference) = cursor.next().await? {
+            loading.add(&reference);
+        }
+        Ok(loading)
+    }
+    .await;
+    match loaded {
+        Ok(loading) => {
+            let index = index.install(id, version, loading).then_some(index);
+            Ok(Known { index, pending })
+        }
+        Err(e) => {
+            tracing::debug!(group = id, error = %e, "member index not built; planning with ClickHouse reads");
+            Ok(Known { index: None, pending })
+        }
+    }
+}
+
+/// The rest of a committed write, off the request path: the history copy and, for a
+/// Group PATCH, the insert of its member batch into ClickHouse, then one update clearing
+/// the markers of whatever finished. Whatever does not finish stays marked in MongoDB and
+/// is finished by the next reader or writer of the resource or by the sweep.
+fn finish_later(state: &AppState, rt: &str, committed: bson::Document, batch: Option<bson::Document>) {
+    let store = state.store.clone();
+    let ch = state.clickhouse.clone();
+    let rt = rt.to_string();
+    tokio::spawn(async move {
+        let id = committed.get_str("_id").unwrap_or_default().to_string();
+        let version = committed.get_i64("versionId").unwrap_or_default();
+        let insert = async {
+            match &batch {
+                Some(b) => outbox::insert(store.database(), &ch, &id, b, false).await.map(|_| true),
+                None => Ok(false),
+            }
+        };
+        let (inserted, copied) = tokio::join!(insert, store.copy_to_history(&rt, &committed));
+        if let Err(e) = &copied {
+            tracing::warn!(resource_type = rt, id, version, error = %e, "history copy deferred to the next repair");
+        }
+        let inserted = match inserted {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(group = id, version, error = %e,
+                    "member events committed but not yet in ClickHouse; the next reader or the sweep inserts them");
+                false
+            }
+        };
+        let batch_ids: Vec<&str> =
+            batch.iter().filter(|_| inserted).filter_map(|b| b.get_str("batchId").ok()).collect();
+        match store.settle(&rt, &id, version, copied.is_ok(), &batch_ids).await {
+            Ok(()) if inserted => {
+                let done: Vec<&bson::Document> = batch.iter().collect();
+                let _ = outbox::forget_chunks(store.database(), &done).await;
+            }
+            Ok(()) => {}
+            Err(e) => tracing::warn!(resource_type = rt, id, version, error = %e,
+                "markers stay; the next reader or the sweep clears them"),
+        }
+    });
 }
 
 /// After losing a version race to another process: wait a random 0..2^attempt ms (at most

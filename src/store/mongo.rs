@@ -17,8 +17,9 @@ pub struct Version {
     /// The interaction that wrote this version (`POST`, `PUT`, `PATCH`, `DELETE`).
     pub method: String,
     pub resource: Option<Map<String, Value>>,
-    /// Work committed with this version that is not finished yet (Group member events).
-    pub outbox: Option<Document>,
+    /// Group member event batches committed but not yet in ClickHouse, oldest first
+    /// (see `group::outbox`).
+    pub outbox: Vec<Document>,
     /// A Group's active member count at this version: `None` unknown (not recorded),
     /// `Some(None)` members never enumerated, `Some(Some(n))` n members.
     pub member_count: Option<Option<u64>>,
@@ -34,7 +35,10 @@ pub struct Commit<'a> {
     pub method: &'a str,
     /// The new content; `None` is a delete tombstone.
     pub resource: Option<Document>,
-    /// Stored atomically with the version as `outbox` (see `group::outbox`).
+    /// Only `meta.versionId` and `meta.lastUpdated` of the content changed (a member-only
+    /// Group PATCH): only those are written.
+    pub meta_only: bool,
+    /// A batch pushed onto `outbox` atomically with the version (see `group::outbox`).
     pub outbox: Option<Document>,
     /// Stored as `memberCount` (see [`Version::member_count`]); `None` writes nothing.
     pub member_count: Option<Option<u64>>,
@@ -123,6 +127,19 @@ impl ResourceStore {
         decode(&doc, None).map(Some)
     }
 
+    /// The current version, read to be replaced: a pending history copy is written (the
+    /// version must reach history before it is overwritten), but its flag is left for the
+    /// commit that follows to overwrite (one write fewer on the write path).
+    pub async fn read_for_write(&self, rt: &str, id: &str) -> Result<Option<Version>, StoreError> {
+        let Some(doc) = self.current(rt).find_one(doc! { "_id": id }).await? else {
+            return Ok(None);
+        };
+        if doc.get_bool("historyPending").unwrap_or(false) {
+            self.copy_to_history(rt, &doc).await?;
+        }
+        decode(&doc, None).map(Some)
+    }
+
     /// A version from history. The current version may not be there yet (its copy can be
     /// pending): callers check [`Self::read`] first.
     pub async fn history_version(&self, rt: &str, id: &str, version: i64) -> Result<Option<Version>, StoreError> {
@@ -142,12 +159,6 @@ impl ResourceStore {
             "method": c.method,
             "historyPending": true,
         };
-        if let Some(resource) = c.resource {
-            current.insert("resource", resource);
-        }
-        if let Some(outbox) = c.outbox {
-            current.insert("outbox", outbox);
-        }
         match c.member_count {
             None => {}
             Some(None) => {
@@ -157,21 +168,83 @@ impl ResourceStore {
                 current.insert("memberCount", n as i64);
             }
         }
-        match c.base {
-            None => match self.current(rt).insert_one(&current).await {
-                Err(e) if is_duplicate_key(&e) => return Err(StoreError::Conflict),
-                other => {
-                    other?;
-                }
-            },
-            Some(base) => {
-                let result = self.current(rt).replace_one(doc! { "_id": c.id, "versionId": base }, &current).await?;
-                if result.matched_count == 0 {
-                    return Err(StoreError::Conflict);
-                }
+        let Some(base) = c.base else {
+            if let Some(resource) = &c.resource {
+                current.insert("resource", resource.clone());
+            }
+            if let Some(batch) = &c.outbox {
+                current.insert("outbox", vec![Bson::Document(batch.clone())]);
+            }
+            return match self.current(rt).insert_one(&current).await {
+                Err(e) if is_duplicate_key(&e) => Err(StoreError::Conflict),
+                other => other.map(|_| current).map_err(Into::into),
+            };
+        };
+        // An update, not a replace: batches still pending in `outbox` stay (a flusher may
+        // be pulling one right now), and a member-only PATCH writes just two meta fields.
+        let mut set = current.clone();
+        set.remove("_id");
+        let mut unset = Document::new();
+        match &c.resource {
+            Some(resource) if c.meta_only => {
+                let meta = resource.get_document("meta").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                set.insert("resource.meta.versionId", meta.get("versionId").cloned().unwrap_or(Bson::Null));
+                set.insert("resource.meta.lastUpdated", meta.get("lastUpdated").cloned().unwrap_or(Bson::Null));
+            }
+            Some(resource) => {
+                set.insert("resource", resource.clone());
+            }
+            None => {
+                unset.insert("resource", "");
             }
         }
+        if c.member_count.is_none() {
+            unset.insert("memberCount", "");
+        }
+        let mut update = doc! { "$set": set };
+        if !unset.is_empty() {
+            update.insert("$unset", unset);
+        }
+        if let Some(batch) = &c.outbox {
+            update.insert("$push", doc! { "outbox": batch.clone() });
+        }
+        let result = self.current(rt).update_one(doc! { "_id": c.id, "versionId": base }, update).await?;
+        if result.matched_count == 0 {
+            return Err(StoreError::Conflict);
+        }
+        if let Some(resource) = c.resource {
+            current.insert("resource", resource);
+        }
         Ok(current)
+    }
+
+    /// Clears what a finished write left pending: its history flag (when `history_copied`
+    /// and the version is still current) and the outbox batches now in ClickHouse.
+    pub async fn settle(
+        &self,
+        rt: &str,
+        id: &str,
+        version: i64,
+        history_copied: bool,
+        batches: &[&str],
+    ) -> Result<(), StoreError> {
+        let pull = doc! { "outbox": { "batchId": { "$in": batches } } };
+        let mut update = Document::new();
+        if history_copied {
+            update.insert("$unset", doc! { "historyPending": "" });
+        }
+        if !batches.is_empty() {
+            update.insert("$pull", pull.clone());
+        }
+        if update.is_empty() {
+            return Ok(());
+        }
+        let result = self.current(rt).update_one(doc! { "_id": id, "versionId": version }, update).await?;
+        if result.matched_count == 0 && !batches.is_empty() {
+            // A later version is current: its own flag stays; the batches still go.
+            self.current(rt).update_one(doc! { "_id": id }, doc! { "$pull": pull }).await?;
+        }
+        Ok(())
     }
 
     /// Writes the history copy of a committed document and clears `historyPending` (and
@@ -339,7 +412,7 @@ fn decode(doc: &Document, id: Option<&str>) -> Result<Version, StoreError> {
         deleted: doc.get_bool("deleted").map_err(corrupt)?,
         method: doc.get_str("method").unwrap_or("PUT").to_string(),
         resource,
-        outbox: doc.get_document("outbox").ok().cloned(),
+        outbox: crate::group::outbox::pending_in(doc),
         member_count: match doc.get("memberCount") {
             None => None,
             Some(Bson::Int64(n)) => Some(Some(*n as u64)),

@@ -120,6 +120,10 @@ async fn event_rows(app: &TestApp, id: &str) -> u64 {
 }
 
 /// The Group's current-version document in MongoDB.
+async fn pending_batches(app: &TestApp, id: &str) -> usize {
+    roster::group::outbox::pending_in(&group_doc(app, id).await).len()
+}
+
 async fn group_doc(app: &TestApp, id: &str) -> bson::Document {
     app.mongo.collection::<bson::Document>("Group_4_0_0").find_one(bson::doc! { "_id": id }).await.unwrap().unwrap()
 }
@@ -150,20 +154,31 @@ async fn clickhouse_dies_between_the_mongo_commit_and_the_event_insert() {
     // While the events cannot be inserted, no reader sees version 2 without them.
     let (status, _) = members(&app, "f1").await;
     assert_eq!(status, 503);
+    let r = app.get("Group?member=Patient/c").await;
+    assert_eq!(r.status(), 503, "the reverse index is not answered without the pending events");
+    // A PATCH naming its member by reference is planned over the pending events: accepted.
     let r = app.patch("Group/f1", &json!([{ "op": "add", "path": "/member/-", "value": member("Patient/d") }])).await;
-    assert_eq!(r.status(), 503, "no write builds on a version whose events are missing");
+    assert_eq!(r.status(), 200);
+    assert_eq!(etag(&r), "W/\"3\"");
+    // One that needs positions must see every event in the views: refused, nothing written.
+    let r = app.patch("Group/f1", &json!([{ "op": "remove", "path": "/member/0" }])).await;
+    assert_eq!(r.status(), 503, "no positional write builds on a version whose events are missing");
+    assert_eq!(pending_batches(&app, "f1").await, 2);
 
-    // ClickHouse is back: the next read finishes the batch; exactly a, b, c.
+    // ClickHouse is back: the next read finishes both batches; exactly a, b, c, d.
     proxy.set(PASS);
     let (status, refs) = members(&app, "f1").await;
     assert_eq!(status, 200);
-    assert_eq!(refs, ["Patient/a", "Patient/b", "Patient/c"]);
-    assert_eq!(event_rows(&app, "f1").await, 3, "no event written twice");
-    assert_eq!(etag(&app.get("Group/f1").await), "W/\"2\"", "the refused PATCH wrote nothing");
+    assert_eq!(refs, ["Patient/a", "Patient/b", "Patient/c", "Patient/d"]);
+    assert_eq!(event_rows(&app, "f1").await, 4, "no event written twice");
+    assert_eq!(pending_batches(&app, "f1").await, 0);
+    let current = app.get("Group/f1").await;
+    assert_eq!(etag(&current), "W/\"3\"", "the refused PATCH wrote nothing");
+    assert_eq!(json(current).await["quantity"], 4);
 }
 
 #[tokio::test]
-async fn clickhouse_down_before_the_write_changes_nothing() {
+async fn clickhouse_down_before_the_write_changes_nothing_it_cannot_finish() {
     let mut settings = test_settings();
     let proxy = Proxy::start(host_port(&settings.clickhouse.url)).await;
     settings.clickhouse.url = format!("http://127.0.0.1:{}", proxy.port);
@@ -171,12 +186,23 @@ async fn clickhouse_down_before_the_write_changes_nothing() {
     let group = json!({ "resourceType": "Group", "id": "f2", "type": "person", "actual": true, "member": [member("Patient/a")] });
     app.put("Group/f2", &group).await;
     proxy.set(DOWN);
-    let r = app.patch("Group/f2", &json!([{ "op": "add", "path": "/member/-", "value": member("Patient/b") }])).await;
+    // Positional: needs the views, which are unreachable → 503, nothing written.
+    let r = app.patch("Group/f2", &json!([{ "op": "remove", "path": "/member/0" }])).await;
     assert_outcome(r, 503).await;
+    // A member that could be active needs its row: Patient/a is, so this asks ClickHouse.
+    let r = app.patch("Group/f2", &json!([{ "op": "remove", "path": "/member", "value": member("Patient/a") }])).await;
+    assert_outcome(r, 503).await;
+    assert_eq!(etag(&app.get("Group/f2").await), "W/\"1\"", "refused writes changed nothing");
+    // A new member is known not to be active without ClickHouse: the write is durable in
+    // MongoDB and acknowledged; its events wait there.
+    let r = app.patch("Group/f2", &json!([{ "op": "add", "path": "/member/-", "value": member("Patient/b") }])).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(members(&app, "f2").await.0, 503, "but nobody reads members without them");
     proxy.set(PASS);
     let (_, refs) = members(&app, "f2").await;
-    assert_eq!(refs, ["Patient/a"]);
-    assert_eq!(etag(&app.get("Group/f2").await), "W/\"1\"");
+    assert_eq!(refs, ["Patient/a", "Patient/b"]);
+    assert_eq!(etag(&app.get("Group/f2").await), "W/\"2\"");
+    assert_eq!(event_rows(&app, "f2").await, 2);
 }
 
 #[tokio::test]
@@ -192,14 +218,13 @@ async fn a_pending_batch_is_finished_by_the_start_up_sweep_and_never_duplicated(
         .map(|i| json!({ "op": "add", "path": "/member/-", "value": member(&format!("Patient/{i}")) }))
         .collect();
     assert_eq!(app.patch("Group/f3", &Value::Array(ops)).await.status(), 200);
-    let pending = group_doc(&app, "f3").await;
-    let batch = pending.get_document("outbox").expect("batch pending in MongoDB").clone();
+    let pending = roster::group::outbox::pending_in(&group_doc(&app, "f3").await);
+    assert_eq!(pending.len(), 1, "batch pending in MongoDB");
 
     // Half of a flush happened before a crash: some rows are in ClickHouse, the marker is
     // still in MongoDB (as when MongoDB dies before the marker is cleared).
     let ch = roster::migrate::clickhouse_client(&test_settings_for(&app).clickhouse);
-    let events: Vec<roster::group::events::MemberEvent> =
-        serde_json::from_str(batch.get_str("events").unwrap()).unwrap();
+    let events = roster::group::outbox::inline_events("f3", &pending[0]).unwrap();
     roster::group::events::insert(&ch, &events[..40]).await.unwrap();
 
     // A new server process starts on the same databases: its sweep finishes the batch.
@@ -207,7 +232,7 @@ async fn a_pending_batch_is_finished_by_the_start_up_sweep_and_never_duplicated(
     let restarted = spawn_with(settings, Default::default()).await;
     let mut done = false;
     for _ in 0..100 {
-        if !group_doc(&restarted, "f3").await.contains_key("outbox") {
+        if pending_batches(&restarted, "f3").await == 0 {
             done = true;
             break;
         }
