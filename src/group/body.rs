@@ -21,6 +21,36 @@ use crate::model::validate::validate_resource;
 /// Members validated per fhirbolt parse.
 const VALIDATE_BATCH: usize = 1000;
 
+/// True for a member made only of the common elements, each well-formed:
+/// `entity` {`reference`, `type` (a resource type), `display`}, `period` {`start`, `end`
+/// as dateTimes}, `inactive` (boolean). Such a member is valid R4 without asking
+/// fhirbolt, which costs far more than the rest of a big PATCH; anything else (extensions,
+/// identifiers, a malformed value) goes to the full validator, which also words the error.
+pub fn is_plain_member(member: &Value) -> bool {
+    let text = |v: &Value| v.as_str().is_some_and(|s| !s.trim().is_empty());
+    let Some(m) = member.as_object() else { return false };
+    let entity_ok = m.get("entity").and_then(Value::as_object).is_some_and(|e| {
+        e.contains_key("reference")
+            && e.iter().all(|(k, v)| match k.as_str() {
+                "reference" | "display" => text(v),
+                "type" => v.as_str().is_some_and(fhir_model::is_resource_type),
+                _ => false,
+            })
+    });
+    entity_ok
+        && m.iter().all(|(k, v)| match k.as_str() {
+            "entity" => true,
+            "inactive" => v.is_boolean(),
+            "period" => v.as_object().is_some_and(|p| {
+                p.iter().all(|(k, v)| {
+                    matches!(k.as_str(), "start" | "end")
+                        && v.as_str().and_then(crate::model::datetime::parse_date_time).is_some()
+                })
+            }),
+            _ => false,
+        })
+}
+
 /// One `Group.member` element, compact: its identity and its JSON text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompactMember {
@@ -169,7 +199,7 @@ impl<'de> Visitor<'de> for MembersSeed<'_> {
         // Duplicate check by 64-bit hash (16 bytes a member, not a copy of every
         // reference); a hash hit is confirmed against the stored reference.
         let mut seen: HashMap<u64, Vec<usize>> = HashMap::new();
-        let mut batch: Vec<Value> = Vec::with_capacity(VALIDATE_BATCH);
+        let mut batch: Vec<(usize, Value)> = Vec::with_capacity(VALIDATE_BATCH);
         let mut index = 0usize;
         while let Some(member) = seq.next_element::<Value>()? {
             let compact = CompactMember::from_value(&member).ok_or_else(|| {
@@ -194,14 +224,15 @@ impl<'de> Visitor<'de> for MembersSeed<'_> {
             }
             slot.push(out.len());
             out.push(compact);
-            batch.push(member);
+            if !is_plain_member(&member) {
+                batch.push((index, member));
+            }
             index += 1;
             if batch.len() == VALIDATE_BATCH {
-                validate_batch(&mut batch, index - VALIDATE_BATCH).map_err(fail)?;
+                validate_batch(&mut batch).map_err(fail)?;
             }
         }
-        let first = index - batch.len();
-        validate_batch(&mut batch, first).map_err(fail)?;
+        validate_batch(&mut batch).map_err(fail)?;
         if out.is_empty() {
             return Err(fail(
                 FhirError::bad_request("Group.member must not be an empty array (omit it)").at("Group.member"),
@@ -217,17 +248,19 @@ fn hash(s: &str) -> u64 {
 }
 
 /// Validates members `first..` as elements of an R4 Group; paths name the real index.
-fn validate_batch(batch: &mut Vec<Value>, first: usize) -> Result<(), FhirError> {
+/// Validates members with one fhirbolt parse; errors name the member's index in the body.
+fn validate_batch(batch: &mut Vec<(usize, Value)>) -> Result<(), FhirError> {
     if batch.is_empty() {
         return Ok(());
     }
-    let group = json!({ "resourceType": "Group", "type": "person", "actual": true, "member": std::mem::take(batch) });
+    let (indexes, members): (Vec<usize>, Vec<Value>) = std::mem::take(batch).into_iter().unzip();
+    let group = json!({ "resourceType": "Group", "type": "person", "actual": true, "member": members });
     validate_resource("Group", &group).map_err(|mut e| {
         if let Some(expr) = e.expression.as_deref() {
             if let Some(rest) = expr.strip_prefix("Group.member[") {
                 if let Some((k, tail)) = rest.split_once(']') {
-                    if let Ok(k) = k.parse::<usize>() {
-                        e.expression = Some(format!("Group.member[{}]{tail}", first + k));
+                    if let Some(i) = k.parse::<usize>().ok().and_then(|k| indexes.get(k)) {
+                        e.expression = Some(format!("Group.member[{i}]{tail}"));
                     }
                 }
             }
@@ -256,6 +289,40 @@ mod tests {
         assert!(fields.inactive);
         assert_eq!(fields.member_type, "Patient");
         assert_eq!(members[1].value(), json!({"entity":{"reference":"Patient/2"}}));
+    }
+
+    #[test]
+    fn plain_members_are_exactly_those_the_full_validator_accepts_without_help() {
+        let plain = [
+            json!({"entity":{"reference":"Patient/1"}}),
+            json!({"entity":{"reference":"Patient/1","type":"Patient","display":"Ann"},"inactive":true}),
+            json!({"entity":{"reference":"urn:uuid:1"},"period":{"start":"2024","end":"2024-05-06T07:08:09+02:00"}}),
+            json!({"period":{"start":"2024-01-01"},"entity":{"reference":"Group/x"},"inactive":false}),
+        ];
+        let not_plain = [
+            json!({"entity":{"reference":"Patient/1"},"extension":[{"url":"http://x","valueString":"y"}]}),
+            json!({"entity":{"reference":"Patient/1","identifier":{"value":"1"}}}),
+            json!({"entity":{"reference":"Patient/1","type":"Nonsense"}}),
+            json!({"entity":{"reference":"Patient/1"},"period":{"start":"2024-13-01"}}),
+            json!({"entity":{"reference":"Patient/1"},"period":{"start":"2024-01-01","foo":"x"}}),
+            json!({"entity":{"reference":"Patient/1"},"inactive":"yes"}),
+            json!({"entity":{"reference":"Patient/1","display":""}}),
+            json!({"entity":{"reference":"Patient/1"},"colour":"red"}),
+            json!({"period":{"start":"2024"}}),
+            json!("Patient/1"),
+        ];
+        let full = |m: &Value| {
+            validate_resource("Group", &json!({"resourceType":"Group","type":"person","actual":true,"member":[m]}))
+        };
+        for m in &plain {
+            assert!(is_plain_member(m), "{m}");
+            assert!(full(m).is_ok(), "a plain member must be valid: {m}");
+        }
+        for m in &not_plain {
+            assert!(!is_plain_member(m), "{m}");
+        }
+        // Invalid ones among them are refused by the full validator, which they go to.
+        assert!(full(&not_plain[3]).is_err() && full(&not_plain[7]).is_err() && full(&not_plain[5]).is_err());
     }
 
     #[test]

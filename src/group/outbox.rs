@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::body::MemberFields;
-use super::events::{self, ver, EventType, MemberEvent};
+use super::events::{self, ver, EventType, MemberEvent, Urgency};
 use super::plan::{member_reference, Planned};
 use crate::store::mongo::current_collection;
 
@@ -285,15 +285,16 @@ pub async fn insert(
     group_id: &str,
     batch: &Document,
     recovering: bool,
+    urgency: Urgency,
 ) -> Result<(), OutboxError> {
     for_each_block(db, group_id, batch, |block| async move {
         if recovering {
             let Some(first) = block.first() else { return Ok(()) };
             let have = events::stored_seqs(ch, group_id, first.group_version).await?;
             let missing: Vec<MemberEvent> = block.into_iter().filter(|e| !have.contains(&e.seq)).collect();
-            events::insert(ch, &missing).await?;
+            events::insert(ch, &missing, urgency).await?;
         } else {
-            events::insert(ch, &block).await?;
+            events::insert(ch, &block, urgency).await?;
         }
         Ok(())
     })
@@ -333,7 +334,8 @@ pub async fn flush(
 ) -> Result<(), OutboxError> {
     let mut done = Vec::new();
     for batch in batches {
-        match insert(db, ch, group_id, batch, recovering).await {
+        // Whoever flushes here is waiting for it (a reader, the hook, the sweep).
+        match insert(db, ch, group_id, batch, recovering, Urgency::Now).await {
             Err(OutboxError::Finished(id)) => {
                 // Chunks are deleted only after the batch is pulled: if it is gone from
                 // the document too, another flusher finished it; otherwise it is damaged.

@@ -27,7 +27,7 @@ use axum::http::StatusCode;
 use bson::Document;
 use serde_json::{json, Value};
 
-use super::body::CompactMember;
+use super::body::{is_plain_member, CompactMember};
 use super::events::{ver, EventType};
 use super::index::{MemberIndex, Presence};
 use super::outbox;
@@ -633,6 +633,8 @@ impl Planned<'_> {
 
 /// Validates members as elements of an R4 Group (one parse for all of them).
 fn validate_members(members: &[(usize, Value)]) -> Result<(), FhirError> {
+    // Plain members need no fhirbolt parse (see `body::is_plain_member`).
+    let members: Vec<&(usize, Value)> = members.iter().filter(|(_, m)| !is_plain_member(m)).collect();
     if members.is_empty() {
         return Ok(());
     }
@@ -648,7 +650,7 @@ fn validate_members(members: &[(usize, Value)]) -> Result<(), FhirError> {
                 .and_then(|r| r.split(']').next())
                 .and_then(|k| k.parse::<usize>().ok())
             {
-                if let Some((op, _)) = members.get(k) {
+                if let Some((op, _)) = members.get(k).copied() {
                     e.diagnostics = format!("operation {op}: {}", e.diagnostics);
                 }
             }

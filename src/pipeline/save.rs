@@ -6,6 +6,7 @@ use time::OffsetDateTime;
 use super::{Flag, Interaction, RequestContext, Saved};
 use crate::error::{FhirError, IssueCode};
 use crate::group::body::CompactMember;
+use crate::group::events::Urgency;
 use crate::group::index::MemberIndex;
 use crate::group::plan::{Known, Origin, Planner};
 use crate::group::{outbox, split, MemberStorage};
@@ -426,7 +427,9 @@ fn finish_later(state: &AppState, rt: &str, committed: bson::Document, batch: Op
         let version = committed.get_i64("versionId").unwrap_or_default();
         let insert = async {
             match &batch {
-                Some(b) => outbox::insert(store.database(), &ch, &id, b, false).await.map(|_| true),
+                Some(b) => {
+                    outbox::insert(store.database(), &ch, &id, b, false, Urgency::Background).await.map(|_| true)
+                }
                 None => Ok(false),
             }
         };

@@ -1,3 +1,6 @@
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use bson::{doc, Bson, DateTime, Document};
 use futures_util::TryStreamExt;
 use mongodb::error::{ErrorKind, WriteFailure};
@@ -80,7 +83,14 @@ pub enum Order {
 #[derive(Clone)]
 pub struct ResourceStore {
     db: Database,
+    /// The latest version per resource whose history copy this process wrote: a writer
+    /// that finds `historyPending` on it need not copy it again (the background finisher
+    /// of the previous write usually has, but clears the flag only later).
+    copied: Arc<Mutex<HashMap<String, i64>>>,
 }
+
+/// Entries kept in [`ResourceStore::copied`] before it starts over.
+const COPIED_ENTRIES: usize = 65_536;
 
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     match &*e.kind {
@@ -101,7 +111,7 @@ pub fn history_collection(resource_type: &str) -> String {
 
 impl ResourceStore {
     pub fn new(db: Database) -> Self {
-        ResourceStore { db }
+        ResourceStore { db, copied: Arc::default() }
     }
 
     pub fn database(&self) -> &Database {
@@ -135,7 +145,12 @@ impl ResourceStore {
             return Ok(None);
         };
         if doc.get_bool("historyPending").unwrap_or(false) {
-            self.copy_to_history(rt, &doc).await?;
+            let version = doc.get_i64("versionId").ok();
+            let key = format!("{rt}/{id}");
+            let known = self.copied.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
+            if known.is_none() || known != version {
+                self.copy_to_history(rt, &doc).await?;
+            }
         }
         decode(&doc, None).map(Some)
     }
@@ -275,9 +290,15 @@ impl ResourceStore {
         entry.insert("_id", format!("{id}/{version}"));
         entry.insert("id", id);
         match self.history(rt).insert_one(&entry).await {
-            Err(e) if !is_duplicate_key(&e) => Err(e.into()),
-            _ => Ok(()),
+            Err(e) if !is_duplicate_key(&e) => return Err(e.into()),
+            _ => {}
         }
+        let mut copied = self.copied.lock().unwrap_or_else(|e| e.into_inner());
+        if copied.len() >= COPIED_ENTRIES {
+            copied.clear();
+        }
+        copied.insert(format!("{rt}/{id}"), version);
+        Ok(())
     }
 
     /// Removes finished-work markers (`historyPending`, `outbox`) from a committed version,

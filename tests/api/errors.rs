@@ -40,6 +40,17 @@ async fn bad_request_cases_name_the_problem() {
     let missing = json!({"resourceType":"Group","type":"person"});
     let issue = assert_outcome(app.post("Group", &missing).await, 400).await;
     assert!(issue["diagnostics"].as_str().unwrap().contains("actual"), "{issue}");
+    // Members that fhirbolt 0.4 panics on (a string where a boolean is expected below
+    // a member): a 4xx naming the member, in a POST body and in a PATCH.
+    let bad = json!({"entity":{"reference":"Patient/1"},"inactive":"yes"});
+    let body = json!({"resourceType":"Group","type":"person","actual":true,"member":[bad]});
+    let issue = assert_outcome(app.post("Group", &body).await, 400).await;
+    assert!(issue["expression"][0].as_str().unwrap().starts_with("Group.member[0]"), "{issue}");
+    app.put("Group/g", &json!({"resourceType":"Group","id":"g","type":"person","actual":true})).await;
+    let issue =
+        assert_outcome(app.patch("Group/g", &json!([{"op":"add","path":"/member/-","value":bad}])).await, 422).await;
+    assert!(issue["diagnostics"].as_str().unwrap().contains("operation 0"), "{issue}");
+    assert_eq!(etag(&app.get("Group/g").await), "W/\"1\"", "the refused PATCH wrote nothing");
     let count = json(app.get("Patient?_summary=count").await).await;
     assert_eq!(count["total"], 0, "nothing was stored");
 }

@@ -225,7 +225,7 @@ async fn a_pending_batch_is_finished_by_the_start_up_sweep_and_never_duplicated(
     // still in MongoDB (as when MongoDB dies before the marker is cleared).
     let ch = roster::migrate::clickhouse_client(&test_settings_for(&app).clickhouse);
     let events = roster::group::outbox::inline_events("f3", &pending[0]).unwrap();
-    roster::group::events::insert(&ch, &events[..40]).await.unwrap();
+    roster::group::events::insert(&ch, &events[..40], roster::group::events::Urgency::Now).await.unwrap();
 
     // A new server process starts on the same databases: its sweep finishes the batch.
     settings.clickhouse.url = direct;

@@ -180,16 +180,28 @@ pub fn is_resource_type(name: &str) -> bool {
 /// The returned JSON lets callers compare shapes (fhirbolt accepts an object where R4
 /// requires an array). Errors are fhirbolt's messages, which carry no element path.
 pub fn parse(resource: &Value) -> Result<Value, String> {
-    let config = || Some(DeserializationConfig { mode: DeserializationMode::Strict });
-    let element: Element<{ FhirReleases::R4 }> =
-        fhirbolt::json::from_json_value(resource.clone(), config()).map_err(|e| e.to_string())?;
-    let typed: Resource = from_element(element, config()).map_err(|e| e.to_string())?;
-    fhirbolt::json::to_json_value(typed, None).map_err(|e| e.to_string())
+    // fhirbolt 0.4 panics (an `unwrap` on `None` in its element deserializer) on some
+    // malformed input, e.g. a string where an object with a choice element is expected:
+    // that is the client's error, not the server's, so it becomes an `Err`.
+    std::panic::catch_unwind(|| {
+        let config = || Some(DeserializationConfig { mode: DeserializationMode::Strict });
+        let element: Element<{ FhirReleases::R4 }> =
+            fhirbolt::json::from_json_value(resource.clone(), config()).map_err(|e| e.to_string())?;
+        let typed: Resource = from_element(element, config()).map_err(|e| e.to_string())?;
+        fhirbolt::json::to_json_value(typed, None).map_err(|e| e.to_string())
+    })
+    .unwrap_or_else(|_| Err("the resource's structure does not match R4".to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn malformed_input_that_makes_fhirbolt_panic_is_an_error() {
+        let v = serde_json::json!({"resourceType":"Group","type":"person","actual":true,"member":["Patient/1"]});
+        assert!(parse(&v).is_err());
+    }
 
     #[test]
     fn resource_types_are_sorted_for_binary_search() {
