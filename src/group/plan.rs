@@ -319,9 +319,17 @@ impl<'a> Planner<'a> {
         position
     }
 
+    /// Queues a member from a PATCH for validation at [`Self::finish`]; plain members are
+    /// valid as they are (see `body::is_plain_member`) and are not copied.
+    fn check_later(&mut self, index: usize, member: &Value) {
+        if !is_plain_member(member) {
+            self.to_validate.push((index, member.clone()));
+        }
+    }
+
     /// Adds a member given in a PATCH (validated at [`Self::finish`]).
-    pub async fn add(&mut self, index: usize, member: Value) -> Result<(), FhirError> {
-        let compact = CompactMember::from_value(&member).ok_or_else(|| {
+    pub async fn add(&mut self, index: usize, member: &Value) -> Result<(), FhirError> {
+        let compact = CompactMember::from_value(member).ok_or_else(|| {
             FhirError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 IssueCode::Required,
@@ -331,7 +339,7 @@ impl<'a> Planner<'a> {
             )
         })?;
         if self.add_compact(Cow::Owned(compact)).await? {
-            self.to_validate.push((index, member));
+            self.check_later(index, member);
         }
         Ok(())
     }
@@ -366,7 +374,7 @@ impl<'a> Planner<'a> {
 
     fn update(&mut self, index: usize, member: Value, position: u64) {
         let Some(compact) = CompactMember::from_value(&member) else { return };
-        self.to_validate.push((index, member));
+        self.check_later(index, &member);
         self.draft(EventType::Updated, Cow::Owned(compact.clone()), Some(position));
         self.touched.insert(compact.reference.clone(), Touched::Active { member: Box::new(compact), position });
     }
@@ -438,7 +446,7 @@ impl<'a> Planner<'a> {
             if !seen.insert(member.reference.clone()) {
                 return Err(op_error(index, path, format!("{} is listed twice", member.reference)));
             }
-            self.to_validate.push((index, value.clone()));
+            self.check_later(index, value);
             members.push(member);
         }
         // Same as `replace_all`, with owned members (they come from the patch document).
@@ -501,7 +509,7 @@ impl<'a> Planner<'a> {
                         ));
                     }
                 }
-                self.add(index, value.clone()).await
+                self.add(index, value).await
             }
             (Operation::Remove { .. }, 2) => {
                 let (reference, _, _) = self.resolve(index, &path, &tokens[1]).await?;
@@ -518,7 +526,7 @@ impl<'a> Planner<'a> {
                     }
                     _ => {
                         self.remove(&reference).await?;
-                        self.add(index, value.clone()).await
+                        self.add(index, value).await
                     }
                 }
             }
@@ -633,8 +641,6 @@ impl Planned<'_> {
 
 /// Validates members as elements of an R4 Group (one parse for all of them).
 fn validate_members(members: &[(usize, Value)]) -> Result<(), FhirError> {
-    // Plain members need no fhirbolt parse (see `body::is_plain_member`).
-    let members: Vec<&(usize, Value)> = members.iter().filter(|(_, m)| !is_plain_member(m)).collect();
     if members.is_empty() {
         return Ok(());
     }
@@ -650,7 +656,7 @@ fn validate_members(members: &[(usize, Value)]) -> Result<(), FhirError> {
                 .and_then(|r| r.split(']').next())
                 .and_then(|k| k.parse::<usize>().ok())
             {
-                if let Some((op, _)) = members.get(k).copied() {
+                if let Some((op, _)) = members.get(k) {
                     e.diagnostics = format!("operation {op}: {}", e.diagnostics);
                 }
             }

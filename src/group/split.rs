@@ -25,14 +25,14 @@ pub fn is_keyed(op: &Operation) -> bool {
 }
 
 /// (member operations with their index in the patch, the other operations).
-pub fn split(ops: &[Operation]) -> (Vec<(usize, Operation)>, Vec<Operation>) {
+pub fn split(ops: Vec<Operation>) -> (Vec<(usize, Operation)>, Vec<Operation>) {
     let mut member = Vec::new();
     let mut other = Vec::new();
-    for (i, op) in ops.iter().enumerate() {
-        if is_member_op(op) {
-            member.push((i, op.clone()));
+    for (i, op) in ops.into_iter().enumerate() {
+        if is_member_op(&op) {
+            member.push((i, op));
         } else {
-            other.push(op.clone());
+            other.push(op);
         }
     }
     (member, other)
@@ -54,7 +54,7 @@ mod tests {
             {"op":"add","path":"/memberX","value":1}
         ]))
         .unwrap();
-        let (member, other) = split(&ops);
+        let (member, other) = split(ops);
         assert_eq!(member.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 2, 3]);
         assert_eq!(other.len(), 2);
         let keyed: Vec<bool> = member.iter().map(|(_, op)| is_keyed(op)).collect();

@@ -55,7 +55,7 @@ pub struct SaveOutcome {
 /// Changes to `Group.member` carried by a write, when members are event-sourced.
 enum MemberChange<'a> {
     /// A PATCH's member operations, with their index in the patch.
-    Ops(Vec<(usize, patch::Operation)>),
+    Ops(&'a [(usize, patch::Operation)]),
     /// A full member array (POST, PUT): the membership becomes exactly this.
     Replace(&'a [CompactMember]),
 }
@@ -110,8 +110,16 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         }
         Change::Patch(_) | Change::Delete => {}
     }
+    // A Group PATCH's member operations are split from the rest once, whatever the retries.
+    let (change, member_ops) = match req.change {
+        Change::Patch(ops) if member_events => {
+            let (member, other) = split::split(ops);
+            (Change::Patch(other), member)
+        }
+        other => (other, Vec::new()),
+    };
     // A POST's fresh id has no other writer; everything else queues per resource.
-    let _queued = match req.change {
+    let _queued = match change {
         Change::Create(_) => None,
         _ => Some(state.write_locks.lock(format!("{rt}/{}", req.id)).await),
     };
@@ -141,7 +149,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         }
         let live = current.as_ref().filter(|c| !c.deleted);
         let mut meta_only = false;
-        let (interaction, resource, members) = match &req.change {
+        let (interaction, resource, members) = match &change {
             Change::Create(body) => (Interaction::Create, Some(body.clone()), None),
             Change::Update(body) => {
                 if let (Some(c), Some(sent)) = (live, body.pointer("/meta/versionId").and_then(Value::as_str)) {
@@ -164,11 +172,11 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                     return Err(FhirError::gone(format!("{rt}/{} is deleted", req.id), c.version));
                 };
                 if member_events {
-                    let (member_ops, other_ops) = split::split(ops);
-                    let members = (!member_ops.is_empty()).then_some(MemberChange::Ops(member_ops));
+                    // `ops` holds the other operations; the member ones are in `member_ops`.
+                    let members = (!member_ops.is_empty()).then_some(MemberChange::Ops(&member_ops));
                     // Only members change: the stored content stays as it is, but for meta.
-                    meta_only = other_ops.is_empty();
-                    let resource = if meta_only { Value::Object(old) } else { patched(rt, req.id, old, &other_ops)? };
+                    meta_only = ops.is_empty();
+                    let resource = if meta_only { Value::Object(old) } else { patched(rt, req.id, old, ops)? };
                     (Interaction::Patch, Some(resource), members)
                 } else {
                     (Interaction::Patch, Some(patched(rt, req.id, old, ops)?), None)
@@ -232,8 +240,8 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             let mut planner = Planner::new(&state.clickhouse, origin, known_count, known).await?;
             match change {
                 MemberChange::Ops(ops) => {
-                    planner.prefetch_ops(&ops).await?;
-                    for (index, op) in &ops {
+                    planner.prefetch_ops(ops).await?;
+                    for (index, op) in ops {
                         planner.apply(*index, op).await?;
                     }
                 }
