@@ -72,16 +72,16 @@ impl Application {
             .clone()
             .map_or_else(|| format!("http://{address}"), |b| b.trim_end_matches('/').to_string());
         let clickhouse = migrate::clickhouse_client(&settings.clickhouse);
-        // Member arrays of POST/PUT are synced by this hook, first in line.
-        let hooks = Hooks::default().with(Arc::new(GroupMemberSync::new(db.clone(), clickhouse.clone()))).extend(hooks);
-        let state = AppState::new(
+        let mut state = AppState::new(
             ResourceStore::new(db),
             clickhouse,
-            hooks,
+            Hooks::default(),
             &base_url,
             settings.body_limit_bytes,
             &settings.groups,
         );
+        // Member arrays of POST/PUT are synced by this hook, first in line.
+        state.hooks = Hooks::default().with(Arc::new(GroupMemberSync::new(state.flusher.clone()))).extend(hooks);
         let router = router(state.clone());
         Ok(Application { listener, router, address, state })
     }
@@ -102,7 +102,7 @@ impl Application {
 
     /// Serves until `stop` resolves, with the background recovery running meanwhile.
     pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let recovery = tokio::spawn(background_recovery(self.state.store.clone(), self.state.clickhouse.clone()));
+        let recovery = tokio::spawn(background_recovery(self.state.store.clone(), self.state.flusher.clone()));
         // Responses go out in more than one write; without TCP_NODELAY, Nagle's algorithm
         // and the client's delayed ACK add ~40 ms to each.
         let listener = self.listener.tap_io(|tcp| {
@@ -122,12 +122,12 @@ const OUTBOX_SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// Finishes work a crash left half-done: history copies once at start-up, member event
 /// batches at start-up and then periodically.
-async fn background_recovery(store: ResourceStore, clickhouse: clickhouse::Client) {
-    repair_history(store.clone()).await;
+async fn background_recovery(store: ResourceStore, flusher: Arc<crate::group::flusher::Flusher>) {
+    repair_history(store).await;
     loop {
-        match crate::group::outbox::recover_all(store.database(), &clickhouse).await {
+        match flusher.flush_all().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(batches = n, "pending member event batches inserted"),
+            Ok(n) => tracing::info!(groups = n, "pending member event batches inserted"),
             Err(e) => tracing::warn!(error = %e, "member batch recovery failed; retrying later"),
         }
         tokio::time::sleep(OUTBOX_SWEEP_EVERY).await;

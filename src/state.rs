@@ -1,6 +1,7 @@
 use std::sync::Arc;
 
 use crate::config::GroupSettings;
+use crate::group::flusher::Flusher;
 use crate::group::index::MemberIndex;
 use crate::group::MemberStorage;
 use crate::pipeline::{Hooks, WriteLocks};
@@ -22,6 +23,8 @@ pub struct AppState {
     pub write_locks: WriteLocks,
     /// Who is an active member of recently written groups (see `group::index`).
     pub member_index: Arc<MemberIndex>,
+    /// Moves pending member batches into ClickHouse (see `group::flusher`).
+    pub flusher: Arc<Flusher>,
 }
 
 impl AppState {
@@ -37,6 +40,7 @@ impl AppState {
         let fhir_base = format!("{base_url}/4_0_0");
         let capability_statement = crate::fhir::metadata::capability_statement_json(&fhir_base).to_string().into();
         AppState {
+            flusher: Flusher::new(store.database().clone(), clickhouse.clone()),
             store,
             clickhouse,
             hooks,

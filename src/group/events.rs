@@ -42,39 +42,20 @@ pub fn ver(group_version: u32, seq: u32) -> u64 {
     ((group_version as u64) << 32) | seq as u64
 }
 
-/// How an insert may wait.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Urgency {
-    /// Someone waits for it (a reader finishing a pending batch): a synchronous insert.
-    Now,
-    /// Off the request path: small blocks go through ClickHouse's asynchronous insert
-    /// buffer, so concurrent writes share one part (fewer parts to create and merge).
-    Background,
-}
-
-/// Blocks at least this big are inserted synchronously anyway (buffering gains nothing).
-const ASYNC_MAX_ROWS: usize = 1_000;
-
-/// Inserts `events` (one batch: one group version, consecutive `seq`s) as one block with a
-/// deduplication token naming exactly those rows, so a retry of the same insert is
-/// dropped by ClickHouse (asynchronous inserts honour the token too).
-pub async fn insert(
-    client: &clickhouse::Client,
-    events: &[MemberEvent],
-    urgency: Urgency,
-) -> Result<(), clickhouse::error::Error> {
+/// Inserts `events` (a group's rows, in order, possibly of several versions) as one block
+/// with a deduplication token naming exactly those rows, so a retry of the same insert is
+/// dropped by ClickHouse. Synchronous (`async_insert=0`, whatever the server's default):
+/// the caller batches rows itself and must know they are stored when this returns.
+pub async fn insert(client: &clickhouse::Client, events: &[MemberEvent]) -> Result<(), clickhouse::error::Error> {
     let (Some(first), Some(last)) = (events.first(), events.last()) else {
         return Ok(());
     };
-    let token = format!("{}/{}/{}-{}", first.group_id, first.group_version, first.seq, last.seq);
-    let buffered = urgency == Urgency::Background && events.len() < ASYNC_MAX_ROWS;
+    let token = format!("{}/{}.{}-{}.{}", first.group_id, first.group_version, first.seq, last.group_version, last.seq);
     let mut insert = client
         .insert::<MemberEvent>(EVENTS_TABLE)
         .await?
         .with_setting("insert_deduplication_token", token)
-        // Stated, not left to the server's default (which differs between versions).
-        .with_setting("async_insert", if buffered { "1" } else { "0" })
-        .with_setting("wait_for_async_insert", "1");
+        .with_setting("async_insert", "0");
     for event in events {
         insert.write(event).await?;
     }

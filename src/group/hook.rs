@@ -4,17 +4,15 @@
 //! [`Flag::MemberEventsWritten`], so the hook skips it: member processing happens once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use bson::{doc, Document};
 use futures_util::future::BoxFuture;
 
-use super::outbox;
+use super::flusher::Flusher;
 use crate::pipeline::{Flag, HookError, PostSaveHook, RequestContext, Saved};
-use crate::store::mongo::current_collection;
 
 pub struct GroupMemberSync {
-    db: mongodb::Database,
-    ch: clickhouse::Client,
+    flusher: Arc<Flusher>,
     /// Writes whose member batch this hook inserted.
     pub synced: AtomicU64,
     /// Writes it skipped because their events were already written.
@@ -22,8 +20,8 @@ pub struct GroupMemberSync {
 }
 
 impl GroupMemberSync {
-    pub fn new(db: mongodb::Database, ch: clickhouse::Client) -> Self {
-        GroupMemberSync { db, ch, synced: AtomicU64::new(0), skipped: AtomicU64::new(0) }
+    pub fn new(flusher: Arc<Flusher>) -> Self {
+        GroupMemberSync { flusher, synced: AtomicU64::new(0), skipped: AtomicU64::new(0) }
     }
 }
 
@@ -41,29 +39,9 @@ impl PostSaveHook for GroupMemberSync {
                 self.skipped.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
-            let current = self
-                .db
-                .collection::<Document>(&current_collection("Group"))
-                .find_one(doc! { "_id": saved.id, "versionId": saved.version })
-                .projection(doc! { "outbox": 1 })
-                .await
-                .map_err(|e| HookError(e.to_string()))?;
-            // This write's batch (earlier ones may still be pending: their own flushers or
-            // the next reader finish them).
-            let mine: Vec<Document> = current
-                .as_ref()
-                .map(outbox::pending_in)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|b| b.get_i64("version").ok() == Some(saved.version))
-                .collect();
-            if !mine.is_empty() {
-                // The batch stays in MongoDB if this fails; a read or the sweep finishes it.
-                outbox::flush(&self.db, &self.ch, saved.id, &mine, false)
-                    .await
-                    .map_err(|e| HookError(e.to_string()))?;
-                self.synced.fetch_add(1, Ordering::Relaxed);
-            }
+            // The batch stays in MongoDB if this fails; a read or the sweep finishes it.
+            self.flusher.flush(saved.id).await.map_err(|e| HookError(e.to_string()))?;
+            self.synced.fetch_add(1, Ordering::Relaxed);
             Ok(())
         })
     }

@@ -10,8 +10,8 @@
 //!    [`index`] (an in-process hash index of active members at a known version) spares
 //!    the planner a ClickHouse query for members that are certainly not active;
 //! 2. [`outbox`] stores the events with the Group's version bump in one MongoDB document
-//!    write (the commit point); after the answer, they are inserted into ClickHouse and
-//!    the batch is cleared;
+//!    write (the commit point); after the answer, [`flusher`] inserts them into ClickHouse
+//!    (one flusher per group at a time, several batches per insert) and clears them;
 //! 3. [`read`] answers reads from the views, first finishing any pending batch so that no
 //!    reader sees a version whose events are missing;
 //! 4. [`hook`] is the post-save hook that syncs member arrays of full-resource writes; it
@@ -19,6 +19,7 @@
 
 pub mod body;
 pub mod events;
+pub mod flusher;
 pub mod hook;
 pub mod index;
 pub mod outbox;

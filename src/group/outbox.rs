@@ -6,8 +6,8 @@
 //!    `meta.versionId`: the version and its events commit together or not at all (a batch
 //!    over 4 MiB goes to `Group_4_0_0_MemberOutbox` chunks first, and the commit records
 //!    their batch id; chunks of a commit that lost its version race are deleted);
-//! 2. after the commit the batch is inserted into ClickHouse with deduplication tokens,
-//!    off the request path (the client's answer does not wait for it);
+//! 2. after the commit the batch is inserted into ClickHouse, off the request path (the
+//!    client's answer does not wait for it), by the group's one flusher (`flusher`);
 //! 3. then the batch is pulled from the `outbox` array (by its id) and its chunks deleted.
 //!
 //! Until 3, the batch is *pending*. Every reader of the group's members finishes the
@@ -15,24 +15,21 @@
 //! a version whose events are missing. A later writer need not wait: it lays the pending
 //! events over what ClickHouse has (see `plan`). The sweep at start-up and every few
 //! seconds finishes batches whose writer died. Events therefore reach ClickHouse only for
-//! committed versions (no phantom) and always do (no loss); every flusher inserts the same
-//! blocks with the same tokens, and a recovering flusher inserts only the rows ClickHouse
-//! lacks (no duplicate).
+//! committed versions (no phantom) and always do (no loss); flushers of a group take turns
+//! under a lease and insert only the rows ClickHouse lacks (no duplicate).
 //!
 //! A batch is compact: its origin once, then per event only `[type, position, text]`
 //! (text = the member's JSON, or a removed member's reference); the columns are derived
 //! when the rows are built for ClickHouse.
 
 use bson::{doc, Bson, Document};
-use futures_util::TryStreamExt;
 use mongodb::Database;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::body::MemberFields;
-use super::events::{self, ver, EventType, MemberEvent, Urgency};
+use super::events::{ver, EventType, MemberEvent};
 use super::plan::{member_reference, Planned};
-use crate::store::mongo::current_collection;
 
 /// Largest batch kept inline in the Group document, and largest outbox chunk (MongoDB
 /// documents stop at 16 MiB).
@@ -55,9 +52,12 @@ pub enum OutboxError {
     ClickHouse(#[from] clickhouse::error::Error),
     #[error("outbox batch is malformed: {0}")]
     Corrupt(String),
-    /// A chunk vanished while being read: another flusher finished the batch.
+    /// A chunk vanished while being read: the batch was finished meanwhile.
     #[error("outbox batch {0} was finished by another flusher")]
     Finished(String),
+    /// Another flusher holds the group, or an insert took too long.
+    #[error("{0}")]
+    Busy(String),
 }
 
 fn corrupt(e: impl std::fmt::Display) -> OutboxError {
@@ -233,7 +233,12 @@ fn parse_rows(s: &str) -> Result<Vec<Row>, OutboxError> {
 
 /// Calls `each` with the batch's ClickHouse rows, one block at a time (never all in
 /// memory). Blocks are the same for every flusher, so their tokens are too.
-async fn for_each_block<F, Fut>(db: &Database, group_id: &str, batch: &Document, mut each: F) -> Result<(), OutboxError>
+pub(crate) async fn for_each_block<F, Fut>(
+    db: &Database,
+    group_id: &str,
+    batch: &Document,
+    mut each: F,
+) -> Result<(), OutboxError>
 where
     F: FnMut(Vec<MemberEvent>) -> Fut,
     Fut: std::future::Future<Output = Result<(), OutboxError>>,
@@ -275,44 +280,6 @@ pub fn inline_events(group_id: &str, batch: &Document) -> Result<Vec<MemberEvent
     header.events(parse_rows(batch.get_str("events").map_err(corrupt)?)?, 0, &mut count)
 }
 
-/// Inserts a committed batch's events into ClickHouse (without clearing it).
-///
-/// `recovering` = the batch may be partly inserted already (a crash, a concurrent
-/// flusher): only missing rows are inserted. The writer's own first insert skips that.
-pub async fn insert(
-    db: &Database,
-    ch: &clickhouse::Client,
-    group_id: &str,
-    batch: &Document,
-    recovering: bool,
-    urgency: Urgency,
-) -> Result<(), OutboxError> {
-    for_each_block(db, group_id, batch, |block| async move {
-        if recovering {
-            let Some(first) = block.first() else { return Ok(()) };
-            let have = events::stored_seqs(ch, group_id, first.group_version).await?;
-            let missing: Vec<MemberEvent> = block.into_iter().filter(|e| !have.contains(&e.seq)).collect();
-            events::insert(ch, &missing, urgency).await?;
-        } else {
-            events::insert(ch, &block, urgency).await?;
-        }
-        Ok(())
-    })
-    .await
-}
-
-/// Pulls finished batches from the group's `outbox` and deletes their chunks.
-pub async fn clear(db: &Database, group_id: &str, batches: &[&Document]) -> Result<(), OutboxError> {
-    if batches.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<&str> = batches.iter().filter_map(|b| b.get_str("batchId").ok()).collect();
-    db.collection::<Document>(&current_collection("Group"))
-        .update_one(doc! { "_id": group_id }, doc! { "$pull": { "outbox": { "batchId": { "$in": &ids } } } })
-        .await?;
-    forget_chunks(db, batches).await
-}
-
 /// Deletes the chunk documents of batches that are no longer referenced.
 pub async fn forget_chunks(db: &Database, batches: &[&Document]) -> Result<(), OutboxError> {
     let chunked: Vec<&str> =
@@ -321,39 +288,6 @@ pub async fn forget_chunks(db: &Database, batches: &[&Document]) -> Result<(), O
         db.collection::<Document>(OUTBOX_COLLECTION).delete_many(doc! { "batchId": { "$in": chunked } }).await?;
     }
     Ok(())
-}
-
-/// Finishes pending batches of a group (any flusher, any time): inserts what ClickHouse
-/// lacks, then clears them.
-pub async fn flush(
-    db: &Database,
-    ch: &clickhouse::Client,
-    group_id: &str,
-    batches: &[Document],
-    recovering: bool,
-) -> Result<(), OutboxError> {
-    let mut done = Vec::new();
-    for batch in batches {
-        // Whoever flushes here is waiting for it (a reader, the hook, the sweep).
-        match insert(db, ch, group_id, batch, recovering, Urgency::Now).await {
-            Err(OutboxError::Finished(id)) => {
-                // Chunks are deleted only after the batch is pulled: if it is gone from
-                // the document too, another flusher finished it; otherwise it is damaged.
-                let marked = db
-                    .collection::<Document>(&current_collection("Group"))
-                    .find_one(doc! { "_id": group_id, "outbox.batchId": &id })
-                    .await?;
-                if marked.is_some() {
-                    return Err(OutboxError::Corrupt(format!("batch {id} lacks chunks")));
-                }
-            }
-            other => {
-                other?;
-                done.push(batch);
-            }
-        }
-    }
-    clear(db, group_id, &done).await
 }
 
 /// The batches pending in a stored Group document (`outbox`, oldest first).
@@ -391,23 +325,6 @@ pub fn overlay(batches: &[Document]) -> Result<std::collections::HashMap<String,
         }
     }
     Ok(out)
-}
-
-/// Finishes every pending batch of every group (start-up, the background sweep, and
-/// before `Group?member=` is answered). Returns how many groups had some.
-pub async fn recover_all(db: &Database, ch: &clickhouse::Client) -> Result<usize, OutboxError> {
-    let pending: Vec<Document> = db
-        .collection::<Document>(&current_collection("Group"))
-        .find(doc! { "outbox.batchId": { "$exists": true } })
-        .projection(doc! { "outbox": 1 })
-        .await?
-        .try_collect()
-        .await?;
-    for d in &pending {
-        let id = d.get_str("_id").map_err(corrupt)?;
-        flush(db, ch, id, &pending_in(d), true).await?;
-    }
-    Ok(pending.len())
 }
 
 #[cfg(test)]

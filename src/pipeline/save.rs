@@ -6,7 +6,6 @@ use time::OffsetDateTime;
 use super::{Flag, Interaction, RequestContext, Saved};
 use crate::error::{FhirError, IssueCode};
 use crate::group::body::CompactMember;
-use crate::group::events::Urgency;
 use crate::group::index::MemberIndex;
 use crate::group::plan::{Known, Origin, Planner};
 use crate::group::{outbox, split, MemberStorage};
@@ -79,9 +78,7 @@ fn outbox_error(e: outbox::OutboxError) -> FhirError {
 /// version whose events are missing (503 while ClickHouse is down).
 pub async fn finish_pending(state: &AppState, id: &str, current: &Version) -> Result<(), FhirError> {
     if !current.outbox.is_empty() {
-        outbox::flush(state.store.database(), &state.clickhouse, id, &current.outbox, true)
-            .await
-            .map_err(outbox_error)?;
+        state.flusher.flush(id).await.map_err(outbox_error)?;
     }
     Ok(())
 }
@@ -309,14 +306,11 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         drop(planned);
         // A PATCH's member events are written by this path (below, after the answer); the
         // POST/PUT member array is the sync hook's job. Hooks see which.
-        let batch = match (interaction, staged) {
-            (Interaction::Patch, Some(batch)) => {
-                ctx.set(Flag::MemberEventsWritten);
-                Some(batch.doc)
-            }
-            _ => None,
-        };
-        finish_later(state, rt, committed, batch);
+        let patched_members = interaction == Interaction::Patch && staged.is_some();
+        if patched_members {
+            ctx.set(Flag::MemberEventsWritten);
+        }
+        finish_later(state, rt, committed, patched_members);
         let finished_at = started.elapsed();
         let previous = live.and_then(|c| c.resource.as_ref());
         state
@@ -422,47 +416,25 @@ async fn base_state<'s>(
     }
 }
 
-/// The rest of a committed write, off the request path: the history copy and, for a
-/// Group PATCH, the insert of its member batch into ClickHouse, then one update clearing
-/// the markers of whatever finished. Whatever does not finish stays marked in MongoDB and
-/// is finished by the next reader or writer of the resource or by the sweep.
-fn finish_later(state: &AppState, rt: &str, committed: bson::Document, batch: Option<bson::Document>) {
+/// The rest of a committed write, off the request path: the history copy (then its flag is
+/// cleared) and, for a Group PATCH, the flush of its member batch (see `group::flusher`).
+/// Whatever does not finish stays marked in MongoDB and is finished by the next reader or
+/// writer of the resource or by the sweep.
+fn finish_later(state: &AppState, rt: &str, committed: bson::Document, member_batch: bool) {
+    let id = committed.get_str("_id").unwrap_or_default().to_string();
+    if member_batch {
+        state.flusher.kick(&id);
+    }
     let store = state.store.clone();
-    let ch = state.clickhouse.clone();
     let rt = rt.to_string();
     tokio::spawn(async move {
-        let id = committed.get_str("_id").unwrap_or_default().to_string();
         let version = committed.get_i64("versionId").unwrap_or_default();
-        let insert = async {
-            match &batch {
-                Some(b) => {
-                    outbox::insert(store.database(), &ch, &id, b, false, Urgency::Background).await.map(|_| true)
-                }
-                None => Ok(false),
-            }
+        let done = match store.copy_to_history(&rt, &committed).await {
+            Ok(()) => store.settle(&rt, &id, version).await,
+            Err(e) => Err(e),
         };
-        let (inserted, copied) = tokio::join!(insert, store.copy_to_history(&rt, &committed));
-        if let Err(e) = &copied {
+        if let Err(e) = done {
             tracing::warn!(resource_type = rt, id, version, error = %e, "history copy deferred to the next repair");
-        }
-        let inserted = match inserted {
-            Ok(done) => done,
-            Err(e) => {
-                tracing::warn!(group = id, version, error = %e,
-                    "member events committed but not yet in ClickHouse; the next reader or the sweep inserts them");
-                false
-            }
-        };
-        let batch_ids: Vec<&str> =
-            batch.iter().filter(|_| inserted).filter_map(|b| b.get_str("batchId").ok()).collect();
-        match store.settle(&rt, &id, version, copied.is_ok(), &batch_ids).await {
-            Ok(()) if inserted => {
-                let done: Vec<&bson::Document> = batch.iter().collect();
-                let _ = outbox::forget_chunks(store.database(), &done).await;
-            }
-            Ok(()) => {}
-            Err(e) => tracing::warn!(resource_type = rt, id, version, error = %e,
-                "markers stay; the next reader or the sweep clears them"),
         }
     });
 }

@@ -132,7 +132,7 @@ impl ResourceStore {
             return Ok(None);
         };
         if doc.get_bool("historyPending").unwrap_or(false) {
-            self.finish_history(rt, &doc, &[]).await?;
+            self.finish_history(rt, &doc).await?;
         }
         decode(&doc, None).map(Some)
     }
@@ -233,51 +233,20 @@ impl ResourceStore {
         Ok(current)
     }
 
-    /// Clears what a finished write left pending: its history flag (when `history_copied`
-    /// and the version is still current) and the outbox batches now in ClickHouse.
-    pub async fn settle(
-        &self,
-        rt: &str,
-        id: &str,
-        version: i64,
-        history_copied: bool,
-        batches: &[&str],
-    ) -> Result<(), StoreError> {
-        let pull = doc! { "outbox": { "batchId": { "$in": batches } } };
-        let mut update = Document::new();
-        if history_copied {
-            update.insert("$unset", doc! { "historyPending": "" });
-        }
-        if !batches.is_empty() {
-            update.insert("$pull", pull.clone());
-        }
-        if update.is_empty() {
-            return Ok(());
-        }
-        let result = self.current(rt).update_one(doc! { "_id": id, "versionId": version }, update).await?;
-        if result.matched_count == 0 && !batches.is_empty() {
-            // A later version is current: its own flag stays; the batches still go.
-            self.current(rt).update_one(doc! { "_id": id }, doc! { "$pull": pull }).await?;
-        }
+    /// Clears the history flag of a version whose copy is written, if it is still current.
+    pub async fn settle(&self, rt: &str, id: &str, version: i64) -> Result<(), StoreError> {
+        self.current(rt)
+            .update_one(doc! { "_id": id, "versionId": version }, doc! { "$unset": { "historyPending": "" } })
+            .await?;
         Ok(())
     }
 
-    /// Writes the history copy of a committed document and clears `historyPending` (and
-    /// the `also_clear` fields) in one update. The version is committed whatever happens
-    /// here, and everything is repairable, so a failure is logged rather than returned.
-    pub async fn finish(&self, rt: &str, committed: &Document, also_clear: &[&str]) {
-        if let Err(e) = self.finish_history(rt, committed, also_clear).await {
-            tracing::warn!(resource_type = rt, id = committed.get_str("_id").unwrap_or_default(), error = %e,
-                "history copy deferred; it will be written by the next repair");
-        }
-    }
-
     /// Writes the history copy of a current document and clears its pending flag.
-    async fn finish_history(&self, rt: &str, current: &Document, also_clear: &[&str]) -> Result<(), StoreError> {
+    async fn finish_history(&self, rt: &str, current: &Document) -> Result<(), StoreError> {
         self.copy_to_history(rt, current).await?;
-        let mut fields = vec!["historyPending"];
-        fields.extend_from_slice(also_clear);
-        self.clear(rt, current, &fields).await
+        let id = current.get_str("_id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let version = current.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.settle(rt, id, version).await
     }
 
     /// Inserts the history copy of a committed document (idempotent).
@@ -287,6 +256,7 @@ impl ResourceStore {
         let mut entry = current.clone();
         entry.remove("historyPending");
         entry.remove("outbox");
+        entry.remove("flushLease");
         entry.insert("_id", format!("{id}/{version}"));
         entry.insert("id", id);
         match self.history(rt).insert_one(&entry).await {
@@ -301,25 +271,12 @@ impl ResourceStore {
         Ok(())
     }
 
-    /// Removes finished-work markers (`historyPending`, `outbox`) from a committed version,
-    /// in one update guarded by that version.
-    pub async fn clear(&self, rt: &str, current: &Document, fields: &[&str]) -> Result<(), StoreError> {
-        if fields.is_empty() {
-            return Ok(());
-        }
-        let id = current.get_str("_id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let version = current.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let unset: Document = fields.iter().map(|f| (f.to_string(), Bson::String(String::new()))).collect();
-        self.current(rt).update_one(doc! { "_id": id, "versionId": version }, doc! { "$unset": unset }).await?;
-        Ok(())
-    }
-
     /// Writes every pending history copy of a type (start-up sweep, type history reads).
     pub async fn repair_history(&self, rt: &str) -> Result<usize, StoreError> {
         let pending: Vec<Document> =
             self.current(rt).find(doc! { "historyPending": true }).await?.try_collect().await?;
         for doc in &pending {
-            self.finish_history(rt, doc, &[]).await?;
+            self.finish_history(rt, doc).await?;
         }
         Ok(pending.len())
     }

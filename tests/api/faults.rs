@@ -119,11 +119,12 @@ async fn event_rows(app: &TestApp, id: &str) -> u64 {
     ch.query("SELECT count() FROM Group_4_0_0_MemberEvents WHERE group_id = ?").bind(id).fetch_one().await.unwrap()
 }
 
-/// The Group's current-version document in MongoDB.
+/// Member batches committed but not yet in ClickHouse.
 async fn pending_batches(app: &TestApp, id: &str) -> usize {
     roster::group::outbox::pending_in(&group_doc(app, id).await).len()
 }
 
+/// The Group's current-version document in MongoDB.
 async fn group_doc(app: &TestApp, id: &str) -> bson::Document {
     app.mongo.collection::<bson::Document>("Group_4_0_0").find_one(bson::doc! { "_id": id }).await.unwrap().unwrap()
 }
@@ -225,7 +226,7 @@ async fn a_pending_batch_is_finished_by_the_start_up_sweep_and_never_duplicated(
     // still in MongoDB (as when MongoDB dies before the marker is cleared).
     let ch = roster::migrate::clickhouse_client(&test_settings_for(&app).clickhouse);
     let events = roster::group::outbox::inline_events("f3", &pending[0]).unwrap();
-    roster::group::events::insert(&ch, &events[..40], roster::group::events::Urgency::Now).await.unwrap();
+    roster::group::events::insert(&ch, &events[..40]).await.unwrap();
 
     // A new server process starts on the same databases: its sweep finishes the batch.
     settings.clickhouse.url = direct;
@@ -268,4 +269,49 @@ async fn mongo_down_at_the_commit_writes_no_events() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(refs, ["Patient/a"]);
+}
+
+#[tokio::test]
+async fn flushers_racing_in_two_processes_insert_every_event_once() {
+    let mut settings = test_settings();
+    let direct = settings.clickhouse.url.clone();
+    let proxy = Proxy::start(host_port(&settings.clickhouse.url)).await;
+    settings.clickhouse.url = format!("http://127.0.0.1:{}", proxy.port);
+    let app = spawn_with(settings.clone(), Default::default()).await;
+    app.put("Group/f5", &json!({ "resourceType": "Group", "id": "f5", "type": "person", "actual": true })).await;
+    // 20 acknowledged PATCHes whose events all wait in MongoDB.
+    proxy.set(NO_INSERTS);
+    for b in 0..20 {
+        let ops: Vec<Value> = (0..50)
+            .map(|i| json!({ "op": "add", "path": "/member/-", "value": member(&format!("Patient/{b}-{i}")) }))
+            .collect();
+        assert_eq!(app.patch("Group/f5", &Value::Array(ops)).await.status(), 200);
+    }
+    assert_eq!(pending_batches(&app, "f5").await, 20);
+    // ClickHouse is back; a second server process starts on the same databases (its
+    // start-up sweep flushes), and readers of both processes flush at the same moment.
+    proxy.set(PASS);
+    settings.clickhouse.url = direct;
+    let other = spawn_with(settings, Default::default()).await;
+    let reads = (0..6).map(|i| {
+        let (app, other) = (&app, &other);
+        async move {
+            let target = if i % 2 == 0 { app } else { other };
+            if i < 4 {
+                members(target, "f5").await
+            } else {
+                (target.get("Group?member=Patient/19-49").await.status().as_u16(), Vec::new())
+            }
+        }
+    });
+    let results = futures_util::future::join_all(reads).await;
+    for (i, (status, refs)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "read {i}");
+        if i < 4 {
+            assert_eq!(refs.len(), 1000, "read {i} saw every acknowledged member");
+        }
+    }
+    assert_eq!(event_rows(&app, "f5").await, 1000, "each event inserted exactly once");
+    assert_eq!(pending_batches(&app, "f5").await, 0);
+    assert!(!group_doc(&app, "f5").await.contains_key("flushLease"), "the lease was released");
 }

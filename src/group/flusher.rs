@@ -1,0 +1,240 @@
+//! Moves a group's pending member batches into ClickHouse: one flusher at a time per
+//! group, across all server processes, several batches per insert.
+//!
+//! Why one at a time: two flushers racing on the same batch (the writer's background task
+//! and a reader that needs the members now, perhaps in another process) would each see
+//! the rows missing and each insert them. Deduplication tokens only help when both insert
+//! the very same block, and coalescing batches (needed: ClickHouse creates a part per
+//! insert, and a part per single-member PATCH cannot keep up with the writes) makes blocks
+//! differ. So a flusher first takes the group's *flush lease* — a `flushLease` field on the
+//! Group document, set by a conditional update — then inserts only the rows ClickHouse
+//! lacks (counted per version), then pulls the batches and drops the lease in one update.
+//!
+//! A lease lasts [`LEASE`]; an insert is abandoned after [`INSERT_TIMEOUT`], shorter, so a
+//! flusher that stalls or dies cannot still be inserting when another takes over and
+//! counts what is there. In this process, flushes of a group queue on a mutex, and the
+//! writers' background flushes of a group run in one task that picks up every batch
+//! committed meanwhile.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bson::{doc, DateTime, Document};
+use futures_util::TryStreamExt;
+use mongodb::options::ReturnDocument;
+use mongodb::{Collection, Database};
+
+use super::events::{self, MemberEvent};
+use super::outbox::{self, OutboxError, CHUNK_ROWS};
+use crate::store::mongo::current_collection;
+
+/// How long a flush lease holds before another flusher may take it over.
+pub const LEASE: Duration = Duration::from_secs(30);
+/// Longest a flusher spends inserting under one lease.
+pub const INSERT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest a reader waits for another flusher of the group before answering 503.
+const WAIT: Duration = Duration::from_secs(15);
+const POLL: Duration = Duration::from_millis(20);
+
+#[derive(Default)]
+struct GroupState {
+    /// One flush of the group at a time in this process.
+    cycle: tokio::sync::Mutex<()>,
+    /// A background flush task runs for the group.
+    running: AtomicBool,
+    /// Batches were committed since the task last looked.
+    dirty: AtomicBool,
+}
+
+pub struct Flusher {
+    db: Database,
+    ch: clickhouse::Client,
+    groups: Mutex<HashMap<String, Arc<GroupState>>>,
+}
+
+enum Cycle {
+    /// Nothing was pending, or this flusher finished what was.
+    Done,
+    /// Another flusher holds the lease.
+    Held,
+}
+
+impl Flusher {
+    pub fn new(db: Database, ch: clickhouse::Client) -> Arc<Flusher> {
+        Arc::new(Flusher { db, ch, groups: Mutex::new(HashMap::new()) })
+    }
+
+    fn groups(&self) -> Collection<Document> {
+        self.db.collection(&current_collection("Group"))
+    }
+
+    fn state(&self, group: &str) -> Arc<GroupState> {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if groups.len() > 10_000 {
+            groups.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        groups.entry(group.to_string()).or_default().clone()
+    }
+
+    /// Makes sure every batch pending for the group when called is in ClickHouse; waits
+    /// for another flusher of the group rather than racing it.
+    pub async fn flush(&self, group: &str) -> Result<(), OutboxError> {
+        let state = self.state(group);
+        let _cycle = state.cycle.lock().await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.cycle(group).await? {
+                Cycle::Done => return Ok(()),
+                Cycle::Held if Instant::now() > deadline => {
+                    return Err(OutboxError::Busy(format!("group {group} is being flushed by another process")))
+                }
+                Cycle::Held => tokio::time::sleep(POLL).await,
+            }
+        }
+    }
+
+    /// After a commit: flushes the group in the background. Commits that arrive while the
+    /// task runs are picked up by it (one task per group), so a burst of writes becomes a
+    /// few inserts. A failure leaves the batches pending for readers and the sweep.
+    pub fn kick(self: &Arc<Self>, group: &str) {
+        let state = self.state(group);
+        state.dirty.store(true, Ordering::SeqCst);
+        if state.running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let this = self.clone();
+        let group = group.to_string();
+        tokio::spawn(async move {
+            loop {
+                state.dirty.store(false, Ordering::SeqCst);
+                if let Err(e) = this.flush(&group).await {
+                    tracing::warn!(group, error = %e,
+                        "member events committed but not yet in ClickHouse; the next reader or the sweep inserts them");
+                }
+                state.running.store(false, Ordering::SeqCst);
+                if !state.dirty.load(Ordering::SeqCst) || state.running.swap(true, Ordering::SeqCst) {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Flushes every group with pending batches (start-up, the sweep, `Group?member=`).
+    /// Returns how many groups had some.
+    pub async fn flush_all(&self) -> Result<usize, OutboxError> {
+        let pending: Vec<Document> = self
+            .groups()
+            .find(doc! { "outbox.batchId": { "$exists": true } })
+            .projection(doc! { "_id": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        for d in &pending {
+            self.flush(d.get_str("_id").map_err(|e| OutboxError::Corrupt(e.to_string()))?).await?;
+        }
+        Ok(pending.len())
+    }
+
+    /// One attempt: take the lease, insert what ClickHouse lacks, pull the batches.
+    async fn cycle(&self, group: &str) -> Result<Cycle, OutboxError> {
+        let now = DateTime::now();
+        let lease_id = uuid::Uuid::new_v4().to_string();
+        let until = DateTime::from_millis(now.timestamp_millis() + LEASE.as_millis() as i64);
+        let taken = self
+            .groups()
+            .find_one_and_update(
+                doc! {
+                    "_id": group,
+                    "outbox.batchId": { "$exists": true },
+                    "$or": [ { "flushLease": { "$exists": false } }, { "flushLease.until": { "$lt": now } } ],
+                },
+                doc! { "$set": { "flushLease": { "by": &lease_id, "until": until } } },
+            )
+            .projection(doc! { "outbox": 1 })
+            .return_document(ReturnDocument::After)
+            .await?;
+        let Some(taken) = taken else {
+            let pending = self
+                .groups()
+                .find_one(doc! { "_id": group, "outbox.batchId": { "$exists": true } })
+                .projection(doc! { "_id": 1 })
+                .await?;
+            return Ok(if pending.is_some() { Cycle::Held } else { Cycle::Done });
+        };
+        let batches = outbox::pending_in(&taken);
+        let inserted = match tokio::time::timeout(INSERT_TIMEOUT, self.insert_missing(group, &batches)).await {
+            Ok(result) => result,
+            Err(_) => Err(OutboxError::Busy(format!("inserting group {group}'s events took over {INSERT_TIMEOUT:?}"))),
+        };
+        if let Err(e) = inserted {
+            let _ = self
+                .groups()
+                .update_one(doc! { "_id": group, "flushLease.by": &lease_id }, doc! { "$unset": { "flushLease": "" } })
+                .await;
+            return Err(e);
+        }
+        let ids: Vec<&str> = batches.iter().filter_map(|b| b.get_str("batchId").ok()).collect();
+        self.groups()
+            .update_one(
+                doc! { "_id": group, "flushLease.by": &lease_id },
+                doc! { "$pull": { "outbox": { "batchId": { "$in": &ids } } }, "$unset": { "flushLease": "" } },
+            )
+            .await?;
+        let done: Vec<&Document> = batches.iter().collect();
+        outbox::forget_chunks(&self.db, &done).await?;
+        Ok(Cycle::Done)
+    }
+
+    /// Inserts the batches' rows that ClickHouse does not have (a flusher before this one
+    /// may have died half-way), inline batches several to an insert.
+    async fn insert_missing(&self, group: &str, batches: &[Document]) -> Result<(), OutboxError> {
+        let versions: Vec<u32> = batches.iter().filter_map(|b| b.get_i64("version").ok()).map(|v| v as u32).collect();
+        let stored: HashMap<u32, u64> = self
+            .ch
+            .query(
+                "SELECT group_version, count() FROM Group_4_0_0_MemberEvents \
+                 WHERE group_id = {g:String} AND group_version IN {v:Array(UInt32)} GROUP BY group_version",
+            )
+            .param("g", group)
+            .param("v", &versions)
+            .fetch_all::<(u32, u64)>()
+            .await?
+            .into_iter()
+            .collect();
+        let mut pending: Vec<MemberEvent> = Vec::new();
+        for batch in batches {
+            let version = batch.get_i64("version").unwrap_or_default() as u32;
+            let have = stored.get(&version).copied().unwrap_or(0);
+            if have >= batch.get_i64("count").unwrap_or_default() as u64 {
+                continue;
+            }
+            let have = if have > 0 { Some(events::stored_seqs(&self.ch, group, version).await?) } else { None };
+            let missing = |block: Vec<MemberEvent>| match &have {
+                Some(have) => block.into_iter().filter(|e| !have.contains(&e.seq)).collect(),
+                None => block,
+            };
+            if batch.contains_key("events") {
+                let rows = missing(outbox::inline_events(group, batch)?);
+                if !pending.is_empty() && pending.len() + rows.len() > CHUNK_ROWS {
+                    events::insert(&self.ch, &std::mem::take(&mut pending)).await?;
+                }
+                pending.extend(rows);
+            } else {
+                // A chunked (big) batch goes a chunk at a time, never all in memory.
+                if !pending.is_empty() {
+                    events::insert(&self.ch, &std::mem::take(&mut pending)).await?;
+                }
+                let ch = &self.ch;
+                outbox::for_each_block(&self.db, group, batch, |block| {
+                    let rows = missing(block);
+                    async move { events::insert(ch, &rows).await.map_err(OutboxError::from) }
+                })
+                .await?;
+            }
+        }
+        events::insert(&self.ch, &pending).await?;
+        Ok(())
+    }
+}
