@@ -40,7 +40,7 @@ impl AppState {
         let fhir_base = format!("{base_url}/4_0_0");
         let capability_statement = crate::fhir::metadata::capability_statement_json(&fhir_base).to_string().into();
         AppState {
-            flusher: Flusher::new(store.database().clone(), clickhouse.clone()),
+            flusher: Flusher::new(store.clone(), clickhouse.clone()),
             store,
             clickhouse,
             hooks,

@@ -29,6 +29,7 @@ use mongodb::{Collection, Database};
 use super::events::{self, MemberEvent};
 use super::outbox::{self, OutboxError, CHUNK_ROWS};
 use crate::store::mongo::current_collection;
+use crate::store::ResourceStore;
 
 /// How long a flush lease holds before another flusher may take it over.
 pub const LEASE: Duration = Duration::from_secs(30);
@@ -37,6 +38,8 @@ pub const INSERT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest a reader waits for another flusher of the group before answering 503.
 const WAIT: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(20);
+/// How long a background flush waits for more batches before it starts.
+const GATHER: Duration = Duration::from_millis(100);
 
 #[derive(Default)]
 struct GroupState {
@@ -50,6 +53,7 @@ struct GroupState {
 
 pub struct Flusher {
     db: Database,
+    store: ResourceStore,
     ch: clickhouse::Client,
     groups: Mutex<HashMap<String, Arc<GroupState>>>,
 }
@@ -62,8 +66,8 @@ enum Cycle {
 }
 
 impl Flusher {
-    pub fn new(db: Database, ch: clickhouse::Client) -> Arc<Flusher> {
-        Arc::new(Flusher { db, ch, groups: Mutex::new(HashMap::new()) })
+    pub fn new(store: ResourceStore, ch: clickhouse::Client) -> Arc<Flusher> {
+        Arc::new(Flusher { db: store.database().clone(), store, ch, groups: Mutex::new(HashMap::new()) })
     }
 
     fn groups(&self) -> Collection<Document> {
@@ -108,6 +112,8 @@ impl Flusher {
         let group = group.to_string();
         tokio::spawn(async move {
             loop {
+                // Let a few more commits arrive: one insert and one update for all of them.
+                tokio::time::sleep(GATHER).await;
                 state.dirty.store(false, Ordering::SeqCst);
                 if let Err(e) = this.flush(&group).await {
                     tracing::warn!(group, error = %e,
@@ -126,13 +132,21 @@ impl Flusher {
     pub async fn flush_all(&self) -> Result<usize, OutboxError> {
         let pending: Vec<Document> = self
             .groups()
-            .find(doc! { "outbox.batchId": { "$exists": true } })
+            .find(doc! { "outboxPending": true })
             .projection(doc! { "_id": 1 })
             .await?
             .try_collect()
             .await?;
         for d in &pending {
-            self.flush(d.get_str("_id").map_err(|e| OutboxError::Corrupt(e.to_string()))?).await?;
+            let group = d.get_str("_id").map_err(|e| OutboxError::Corrupt(e.to_string()))?;
+            self.flush(group).await?;
+            // A flag left over by an interrupted flusher goes once the outbox is empty.
+            self.groups()
+                .update_one(
+                    doc! { "_id": group, "outboxPending": true, "outbox.0": { "$exists": false } },
+                    doc! { "$unset": { "outboxPending": "" } },
+                )
+                .await?;
         }
         Ok(pending.len())
     }
@@ -176,12 +190,27 @@ impl Flusher {
             return Err(e);
         }
         let ids: Vec<&str> = batches.iter().filter_map(|b| b.get_str("batchId").ok()).collect();
-        self.groups()
+        // When no batch arrived meanwhile, the outbox empties: the flag goes too.
+        let emptied = self
+            .groups()
             .update_one(
-                doc! { "_id": group, "flushLease.by": &lease_id },
-                doc! { "$pull": { "outbox": { "batchId": { "$in": &ids } } }, "$unset": { "flushLease": "" } },
+                doc! { "_id": group, "flushLease.by": &lease_id, "outbox": { "$size": ids.len() as i64 } },
+                doc! {
+                    "$pull": { "outbox": { "batchId": { "$in": &ids } } },
+                    "$unset": { "flushLease": "", "outboxPending": "" },
+                },
             )
             .await?;
+        if emptied.matched_count == 0 {
+            self.groups()
+                .update_one(
+                    doc! { "_id": group, "flushLease.by": &lease_id },
+                    doc! { "$pull": { "outbox": { "batchId": { "$in": &ids } } }, "$unset": { "flushLease": "" } },
+                )
+                .await?;
+        }
+        // A writer's remembered copy of the document still lists these batches.
+        self.store.forget_recent("Group", group);
         let done: Vec<&Document> = batches.iter().collect();
         outbox::forget_chunks(&self.db, &done).await?;
         Ok(Cycle::Done)

@@ -125,11 +125,18 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             backoff(attempt).await;
         }
         let started = std::time::Instant::now();
-        let current = store.read_for_write(rt, req.id).await.map_err(store_error)?;
+        // A Group member PATCH may start from the document this process committed last;
+        // anything that contradicts it (a failed guard, a precondition) reads for real.
+        let guess = attempt == 0 && member_events && matches!(change, Change::Patch(_));
+        let (current, guessed) = store.read_for_write(rt, req.id, guess).await.map_err(store_error)?;
         let read_at = started.elapsed();
         if let Some(expected) = req.if_match {
             match &current {
                 Some(c) if c.version == expected => {}
+                _ if guessed => {
+                    store.forget_recent(rt, req.id);
+                    continue;
+                }
                 Some(c) => {
                     return Err(FhirError::precondition_failed(format!(
                         "If-Match W/\"{expected}\" does not match the current version W/\"{}\"",
@@ -220,8 +227,11 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             None => Some(None),
             Some(c) => c.member_count,
         };
+        // The batches still pending at the base version, as far as this write knows.
+        let mut pending_before = current.as_ref().map_or_else(Vec::new, |c| c.outbox.clone());
         if let Some(change) = members {
             let known = base_state(state, req.id, current.as_ref(), known_count, &change).await?;
+            pending_before = known.pending.clone();
             let origin = Origin {
                 group_id: req.id.to_string(),
                 version: version as u32,
@@ -277,6 +287,10 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                     outbox::discard(store.database(), batch).await;
                 }
                 match e {
+                    StoreError::Conflict if guessed => {
+                        store.forget_recent(rt, req.id);
+                        continue;
+                    }
                     StoreError::Conflict if req.if_match.is_some() => {
                         return Err(FhirError::precondition_failed(format!(
                             "{rt}/{} changed concurrently; W/\"{}\" is no longer current",
@@ -287,7 +301,8 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                     StoreError::Conflict => continue,
                     e => {
                         // The commit may or may not have happened: what this process knows
-                        // of the group's members is no longer trustworthy.
+                        // of the resource and the group's members is no longer trustworthy.
+                        store.forget_recent(rt, req.id);
                         state.member_index.forget(req.id);
                         return Err(store_error(e));
                     }
@@ -306,6 +321,18 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         drop(planned);
         // A PATCH's member events are written by this path (below, after the answer); the
         // POST/PUT member array is the sync hook's job. Hooks see which.
+        if member_events {
+            // What MongoDB now holds: the commit's fields plus every batch still pending.
+            if interaction == Interaction::Delete {
+                store.forget_recent(rt, req.id);
+            } else {
+                let mut doc = committed.clone();
+                let mut pending: Vec<bson::Bson> = pending_before.into_iter().map(Into::into).collect();
+                pending.extend(staged.as_ref().map(|s| bson::Bson::Document(s.doc.clone())));
+                doc.insert("outbox", pending);
+                store.remember_recent(rt, req.id, doc);
+            }
+        }
         let patched_members = interaction == Interaction::Patch && staged.is_some();
         if patched_members {
             ctx.set(Flag::MemberEventsWritten);
@@ -416,6 +443,9 @@ async fn base_state<'s>(
     }
 }
 
+/// How long the background history copy waits before clearing the version's flag.
+const SETTLE_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The rest of a committed write, off the request path: the history copy (then its flag is
 /// cleared) and, for a Group PATCH, the flush of its member batch (see `group::flusher`).
 /// Whatever does not finish stays marked in MongoDB and is finished by the next reader or
@@ -430,7 +460,17 @@ fn finish_later(state: &AppState, rt: &str, committed: bson::Document, member_ba
     tokio::spawn(async move {
         let version = committed.get_i64("versionId").unwrap_or_default();
         let done = match store.copy_to_history(&rt, &committed).await {
-            Ok(()) => store.settle(&rt, &id, version).await,
+            Ok(()) => {
+                // The flag goes with the next commit anyway: while writes of the resource
+                // keep coming, clearing it is a wasted write (MongoDB's time is the scarce
+                // resource under a stream of PATCHes).
+                tokio::time::sleep(SETTLE_AFTER).await;
+                if store.superseded(&rt, &id, version) {
+                    Ok(())
+                } else {
+                    store.settle(&rt, &id, version).await
+                }
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = done {

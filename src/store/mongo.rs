@@ -87,7 +87,18 @@ pub struct ResourceStore {
     /// that finds `historyPending` on it need not copy it again (the background finisher
     /// of the previous write usually has, but clears the flag only later).
     copied: Arc<Mutex<HashMap<String, i64>>>,
+    /// The latest version per resource this process committed (see [`Self::superseded`]).
+    committed: Arc<Mutex<HashMap<String, i64>>>,
+    /// History copies being written now: a writer that needs the same copy waits for it
+    /// instead of writing it a second time.
+    copying: Arc<Mutex<HashMap<String, (i64, tokio::sync::watch::Receiver<bool>)>>>,
+    /// The current document of resources this process wrote last (see
+    /// [`Self::read_for_write`]).
+    recent: Arc<Mutex<HashMap<String, Document>>>,
 }
+
+/// Documents kept in [`ResourceStore::recent`] before it starts over.
+const RECENT_DOCS: usize = 4_096;
 
 /// Entries kept in [`ResourceStore::copied`] before it starts over.
 const COPIED_ENTRIES: usize = 65_536;
@@ -111,7 +122,13 @@ pub fn history_collection(resource_type: &str) -> String {
 
 impl ResourceStore {
     pub fn new(db: Database) -> Self {
-        ResourceStore { db, copied: Arc::default() }
+        ResourceStore {
+            db,
+            copied: Arc::default(),
+            committed: Arc::default(),
+            copying: Arc::default(),
+            recent: Arc::default(),
+        }
     }
 
     pub fn database(&self) -> &Database {
@@ -140,19 +157,69 @@ impl ResourceStore {
     /// The current version, read to be replaced: a pending history copy is written (the
     /// version must reach history before it is overwritten), but its flag is left for the
     /// commit that follows to overwrite (one write fewer on the write path).
-    pub async fn read_for_write(&self, rt: &str, id: &str) -> Result<Option<Version>, StoreError> {
-        let Some(doc) = self.current(rt).find_one(doc! { "_id": id }).await? else {
-            return Ok(None);
+    ///
+    /// `recent`: the document this process committed last may stand in for the read (one
+    /// MongoDB round trip fewer). It is only a guess: if another process wrote since, the
+    /// version-guarded commit fails and the caller retries with a real read. Returns
+    /// whether the guess was used.
+    pub async fn read_for_write(
+        &self,
+        rt: &str,
+        id: &str,
+        recent: bool,
+    ) -> Result<(Option<Version>, bool), StoreError> {
+        let remembered = recent.then(|| self.recent_doc(rt, id)).flatten();
+        let guessed = remembered.is_some();
+        let doc = match remembered {
+            Some(doc) => doc,
+            None => match self.current(rt).find_one(doc! { "_id": id }).await? {
+                Some(doc) => doc,
+                None => return Ok((None, false)),
+            },
         };
         if doc.get_bool("historyPending").unwrap_or(false) {
-            let version = doc.get_i64("versionId").ok();
-            let key = format!("{rt}/{id}");
-            let known = self.copied.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
-            if known.is_none() || known != version {
+            let version = doc.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if !self.copied_here(rt, id, version).await {
                 self.copy_to_history(rt, &doc).await?;
             }
         }
-        decode(&doc, None).map(Some)
+        decode(&doc, None).map(|v| (Some(v), guessed))
+    }
+
+    fn recent_doc(&self, rt: &str, id: &str) -> Option<Document> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).get(&format!("{rt}/{id}")).cloned()
+    }
+
+    /// Remembers the document just committed (as stored, `outbox` included) for the next
+    /// write of the resource by this process.
+    pub fn remember_recent(&self, rt: &str, id: &str, doc: Document) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= RECENT_DOCS {
+            recent.clear();
+        }
+        recent.insert(format!("{rt}/{id}"), doc);
+    }
+
+    /// Drops the remembered document (it may no longer be what MongoDB has).
+    pub fn forget_recent(&self, rt: &str, id: &str) {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).remove(&format!("{rt}/{id}"));
+    }
+
+    /// True when this process wrote the history copy of that version, waiting (briefly)
+    /// for a copy of it that is being written right now.
+    async fn copied_here(&self, rt: &str, id: &str, version: i64) -> bool {
+        let key = format!("{rt}/{id}");
+        if self.copied.lock().unwrap_or_else(|e| e.into_inner()).get(&key) == Some(&version) {
+            return true;
+        }
+        let in_flight = self.copying.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        match in_flight {
+            Some((v, mut done)) if v == version => {
+                let waited = tokio::time::timeout(std::time::Duration::from_secs(2), done.wait_for(|d| *d)).await;
+                matches!(waited, Ok(Ok(_)))
+            }
+            _ => false,
+        }
     }
 
     /// A version from history. The current version may not be there yet (its copy can be
@@ -189,10 +256,14 @@ impl ResourceStore {
             }
             if let Some(batch) = &c.outbox {
                 current.insert("outbox", vec![Bson::Document(batch.clone())]);
+                current.insert("outboxPending", true);
             }
             return match self.current(rt).insert_one(&current).await {
                 Err(e) if is_duplicate_key(&e) => Err(StoreError::Conflict),
-                other => other.map(|_| current).map_err(Into::into),
+                other => {
+                    remember(&self.committed, format!("{rt}/{}", c.id), c.version);
+                    other.map(|_| current).map_err(Into::into)
+                }
             };
         };
         // An update, not a replace: batches still pending in `outbox` stay (a flusher may
@@ -222,11 +293,16 @@ impl ResourceStore {
         }
         if let Some(batch) = &c.outbox {
             update.insert("$push", doc! { "outbox": batch.clone() });
+            update
+                .get_document_mut("$set")
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                .insert("outboxPending", true);
         }
         let result = self.current(rt).update_one(doc! { "_id": c.id, "versionId": base }, update).await?;
         if result.matched_count == 0 {
             return Err(StoreError::Conflict);
         }
+        remember(&self.committed, format!("{rt}/{}", c.id), c.version);
         if let Some(resource) = c.resource {
             current.insert("resource", resource);
         }
@@ -257,18 +333,31 @@ impl ResourceStore {
         entry.remove("historyPending");
         entry.remove("outbox");
         entry.remove("flushLease");
+        entry.remove("outboxPending");
         entry.insert("_id", format!("{id}/{version}"));
         entry.insert("id", id);
-        match self.history(rt).insert_one(&entry).await {
-            Err(e) if !is_duplicate_key(&e) => return Err(e.into()),
-            _ => {}
+        let key = format!("{rt}/{id}");
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        self.copying.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), (version, rx));
+        let result = match self.history(rt).insert_one(&entry).await {
+            Err(e) if !is_duplicate_key(&e) => Err(e.into()),
+            _ => {
+                remember(&self.copied, key.clone(), version);
+                Ok(())
+            }
+        };
+        let _ = tx.send(result.is_ok());
+        let mut copying = self.copying.lock().unwrap_or_else(|e| e.into_inner());
+        if copying.get(&key).is_some_and(|(v, _)| *v == version) {
+            copying.remove(&key);
         }
-        let mut copied = self.copied.lock().unwrap_or_else(|e| e.into_inner());
-        if copied.len() >= COPIED_ENTRIES {
-            copied.clear();
-        }
-        copied.insert(format!("{rt}/{id}"), version);
-        Ok(())
+        result
+    }
+
+    /// True when this process has committed a later version of the resource.
+    pub fn superseded(&self, rt: &str, id: &str, version: i64) -> bool {
+        let committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        committed.get(&format!("{rt}/{id}")).is_some_and(|v| *v > version)
     }
 
     /// Writes every pending history copy of a type (start-up sweep, type history reads).
@@ -366,6 +455,17 @@ impl ResourceStore {
         self.db.run_command(doc! { "ping": 1 }).await?;
         Ok(())
     }
+}
+
+/// Records `version` for `key` in a bounded map (it starts over when full: a forgotten
+/// entry only costs a redundant write later).
+fn remember(map: &Mutex<HashMap<String, i64>>, key: String, version: i64) {
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    if map.len() >= COPIED_ENTRIES {
+        map.clear();
+    }
+    let entry = map.entry(key).or_insert(version);
+    *entry = (*entry).max(version);
 }
 
 /// The `_id` a history entry is stored under, which is also its paging key.
