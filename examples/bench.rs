@@ -197,6 +197,42 @@ fn machine() -> String {
     format!("{} cores ({cpu}), {mem} RAM", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0))
 }
 
+/// What the stores alone cost per round trip on this machine, measured on the events
+/// server's databases while it is idle: a single-member PATCH needs a MongoDB update (and,
+/// without a remembered document, a read); nothing of ClickHouse's.
+async fn backend_floor(db: &str) -> (f64, f64, f64) {
+    use bson::doc;
+    let settings = roster::config::Settings::load(None).unwrap();
+    let mongo = mongodb::Client::with_uri_str(&settings.mongo.uri).await.unwrap().database(db);
+    let groups = mongo.collection::<bson::Document>("Group_4_0_0");
+    groups
+        .insert_one(doc! { "_id": "floor", "versionId": 0i64, "resource": { "resourceType": "Group" } })
+        .await
+        .unwrap();
+    let mut reads = Vec::new();
+    let mut updates = Vec::new();
+    for v in 0..200i64 {
+        let t = Instant::now();
+        groups.find_one(doc! { "_id": "floor" }).await.unwrap();
+        reads.push(t.elapsed());
+        let t = Instant::now();
+        groups
+            .update_one(doc! { "_id": "floor", "versionId": v }, doc! { "$set": { "versionId": v + 1 } })
+            .await
+            .unwrap();
+        updates.push(t.elapsed());
+    }
+    groups.delete_one(doc! { "_id": "floor" }).await.unwrap();
+    let ch = roster::migrate::clickhouse_client(&settings.clickhouse);
+    let mut selects = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        ch.query("SELECT 1").fetch_one::<u8>().await.unwrap();
+        selects.push(t.elapsed());
+    }
+    (pct(&mut reads, 0.5), pct(&mut updates, 0.5), pct(&mut selects, 0.5))
+}
+
 #[tokio::main]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -231,6 +267,7 @@ async fn main() {
         size += single_n as u64;
         at.push((target, p50, p99));
     }
+    let floor = backend_floor(&format!("bench_events_{}", std::process::id())).await;
     eprintln!("events: Group?member= and full GET");
     let mut lookups = Vec::new();
     for i in 0..500u64 {
@@ -347,6 +384,13 @@ async fn main() {
             post_growth_mib * 1048576.0 / post_len as f64
         ),
         "n/a".into(),
+    ));
+    rows.push((
+        "backend floor, idle: MongoDB find by _id / version-guarded update of a Group document; ClickHouse `SELECT 1` (ms, p50)"
+            .into(),
+        "".into(),
+        format!("{} / {}; {}", f(floor.0), f(floor.1), f(floor.2)),
+        "".into(),
     ));
     let mut md = String::new();
     md.push_str("# Benchmarks\n\n");

@@ -291,8 +291,18 @@ pub async fn search_type(
     headers::require_json_acceptable(&headers, format.as_deref())?;
     let base = format!("{}/{rt}", state.fhir_base());
     let filter = params.filter();
-    let total = state.store.count(rt, filter.clone()).await.map_err(store_error)?;
     let count = params.count.unwrap_or(DEFAULT_COUNT);
+    let only_total = params.summary_count || count == 0;
+    // The total and the page are independent queries: asked together.
+    let order = params.order()?;
+    let (total, page) = tokio::join!(state.store.count(rt, filter.clone()), async {
+        if only_total {
+            Ok(Vec::new())
+        } else {
+            state.store.search(rt, filter, &order, count + 1).await
+        }
+    });
+    let total = total.map_err(store_error)?;
     let outcome = (!params.unknown.is_empty()).then(|| {
         operation_outcome(
             "warning",
@@ -301,11 +311,11 @@ pub async fn search_type(
             None,
         )
     });
-    if params.summary_count || count == 0 {
+    if only_total {
         let links = Links { self_link: params.link(&base, count, params.cursor.as_deref()), next: None };
         return Ok(fhir_json(StatusCode::OK, &searchset(&state.fhir_base(), rt, &[], Some(total), &links, outcome)));
     }
-    let mut page = state.store.search(rt, filter, &params.order()?, count + 1).await.map_err(store_error)?;
+    let mut page = page.map_err(store_error)?;
     let more = page.len() as i64 > count;
     page.truncate(count as usize);
     let next = match page.last() {
