@@ -202,7 +202,8 @@ fn machine() -> String {
 /// without a remembered document, a read); nothing of ClickHouse's.
 async fn backend_floor(db: &str) -> (f64, f64, f64) {
     use bson::doc;
-    let settings = roster::config::Settings::load(None).unwrap();
+    let mut settings = roster::config::Settings::load(None).unwrap();
+    settings.clickhouse.database = db.to_string();
     let mongo = mongodb::Client::with_uri_str(&settings.mongo.uri).await.unwrap().database(db);
     let groups = mongo.collection::<bson::Document>("Group_4_0_0");
     groups

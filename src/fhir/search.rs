@@ -279,8 +279,10 @@ pub async fn search_type(
         // asked again only if some were), so an acknowledged PATCH is always visible.
         let unavailable =
             |e: &dyn std::fmt::Display| FhirError::unavailable(format!("the member store is unavailable: {e}"));
-        let (finished, ids) =
-            tokio::join!(state.flusher.flush_all(), crate::group::read::groups_of(&state.clickhouse, member));
+        let (finished, ids) = tokio::join!(
+            state.flusher.flush_touching(Some(member)),
+            crate::group::read::groups_of(&state.clickhouse, member)
+        );
         let ids = match finished.map_err(|e| unavailable(&e))? {
             0 => ids.map_err(|e| unavailable(&e))?,
             _ => crate::group::read::groups_of(&state.clickhouse, member).await.map_err(|e| unavailable(&e))?,

@@ -65,6 +65,16 @@ enum Cycle {
     Held,
 }
 
+/// False only when the batch certainly has no event of `member`: its rows are JSON text in
+/// which the reference appears verbatim (a chunked batch, or a reference JSON would
+/// escape, counts as "maybe").
+fn may_name(batch: &Document, member: &str) -> bool {
+    match batch.get_str("events") {
+        Ok(events) if !member.contains(['"', '\\']) && member.is_ascii() => events.contains(member),
+        _ => true,
+    }
+}
+
 impl Flusher {
     pub fn new(store: ResourceStore, ch: clickhouse::Client) -> Arc<Flusher> {
         Arc::new(Flusher { db: store.database().clone(), store, ch, groups: Mutex::new(HashMap::new()) })
@@ -127,16 +137,28 @@ impl Flusher {
         });
     }
 
-    /// Flushes every group with pending batches (start-up, the sweep, `Group?member=`).
-    /// Returns how many groups had some.
+    /// Flushes every group with pending batches (start-up, the sweep). Returns how many
+    /// groups had some.
     pub async fn flush_all(&self) -> Result<usize, OutboxError> {
+        self.flush_touching(None).await
+    }
+
+    /// Flushes the groups whose pending batches may name `member` (all pending groups when
+    /// `None`): what `Group?member=` needs, without waiting on groups it cannot concern.
+    /// Returns how many groups were flushed.
+    pub async fn flush_touching(&self, member: Option<&str>) -> Result<usize, OutboxError> {
         let pending: Vec<Document> = self
             .groups()
             .find(doc! { "outboxPending": true })
-            .projection(doc! { "_id": 1 })
+            .projection(doc! { "outbox": 1 })
             .await?
             .try_collect()
             .await?;
+        let concerned = |d: &Document| match member {
+            None => true,
+            Some(m) => outbox::pending_in(d).iter().any(|b| may_name(b, m)),
+        };
+        let pending: Vec<&Document> = pending.iter().filter(|d| concerned(d)).collect();
         for d in &pending {
             let group = d.get_str("_id").map_err(|e| OutboxError::Corrupt(e.to_string()))?;
             self.flush(group).await?;
@@ -265,5 +287,21 @@ impl Flusher {
         }
         events::insert(&self.ch, &pending).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_concerns_a_member_it_names() {
+        let batch = doc! { "events": r#"[[1,5,"{\"entity\":{\"reference\":\"Patient/12\"}}"],[2,3,"Patient/7"]]"# };
+        assert!(may_name(&batch, "Patient/12"));
+        assert!(may_name(&batch, "Patient/7"));
+        assert!(may_name(&batch, "Patient/1"), "a prefix may match: flushing too much is safe");
+        assert!(!may_name(&batch, "Patient/9"));
+        assert!(may_name(&doc! { "chunks": 3 }, "Patient/9"), "chunked batches are not read here");
+        assert!(may_name(&batch, "Patient/\"x"));
     }
 }

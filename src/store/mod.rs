@@ -6,17 +6,19 @@
 //!
 //! ```text
 //! current: { _id: <id>, versionId: Int64, lastUpdated: Date, deleted: bool,
-//!            historyPending?: true, resource?: { ...FHIR JSON... } }
+//!            historyPending?: true, resource?: { ...FHIR JSON... },
+//!            Groups only: memberCount, outbox?: [batch…], outboxPending?, flushLease? }
 //! history: { _id: "<id>/<versionId>", id, versionId, lastUpdated, deleted, method,
 //!            resource? }
 //! ```
 //!
 //! Write protocol, without multi-document transactions:
-//! 1. the current document is written with a version guard (`insert` for version 1,
-//!    `replace where versionId = base` after): this is the commit point, and two writers
-//!    from the same base can never both succeed;
+//! 1. the current document is written with a version guard (`insert` for version 1, an
+//!    `update where versionId = base` after): this is the commit point, and two writers
+//!    from the same base can never both succeed; the client is answered;
 //! 2. the history copy is inserted (idempotent: its `_id` is the version);
-//! 3. `historyPending` is cleared.
+//! 3. `historyPending` is cleared (skipped when a newer version followed: its commit
+//!    overwrote the flag).
 //!
 //! If the process or MongoDB fails after 1, the current document still carries
 //! `historyPending`, and the copy is written by the next write of that resource, any
