@@ -114,12 +114,23 @@ impl Client {
         start.elapsed()
     }
 
+    /// Times a GET. A 503 is retried (twice): SecantusDB can stall for seconds under the
+    /// embedded baseline's multi-megabyte documents, and the driver then drops its
+    /// connections; the time reported is that of the answer that succeeded.
     async fn get(&self, path: &str) -> (Duration, usize) {
-        let start = Instant::now();
-        let r = self.http.get(format!("{}/4_0_0/{path}", self.base)).send().await.unwrap();
-        assert!(r.status().is_success(), "GET {path}: {}", r.status());
-        let bytes = r.bytes().await.unwrap();
-        (start.elapsed(), bytes.len())
+        for attempt in 0..3 {
+            let start = Instant::now();
+            let r = self.http.get(format!("{}/4_0_0/{path}", self.base)).send().await.unwrap();
+            let status = r.status();
+            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE && attempt < 2 {
+                eprintln!("GET {path}: 503, retrying");
+                continue;
+            }
+            assert!(status.is_success(), "GET {path}: {status}");
+            let bytes = r.bytes().await.unwrap();
+            return (start.elapsed(), bytes.len());
+        }
+        unreachable!("the last attempt asserts")
     }
 }
 

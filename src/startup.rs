@@ -57,7 +57,28 @@ pub async fn run_migrations(settings: &Settings, db: &mongodb::Database) -> Resu
     let ch = migrate::clickhouse(&settings.clickhouse).await?;
     let mg = migrate::mongo(db).await?;
     tracing::info!(clickhouse = ?ch, mongo = ?mg, "migrations applied");
-    Ok(())
+    refuse_old_outbox(db).await
+}
+
+/// Before the outbox became an array of compact batches, a pending batch was one embedded
+/// document of full event rows. This version cannot flush those: refuse to start rather
+/// than serve groups whose events it would never insert.
+async fn refuse_old_outbox(db: &mongodb::Database) -> Result<(), BoxError> {
+    let old = db
+        .collection::<bson::Document>("Group_4_0_0")
+        // An embedded document, not an array (`$type` would also match an array of them).
+        .find_one(bson::doc! { "outbox.batchId": { "$exists": true }, "outbox.0": { "$exists": false } })
+        .projection(bson::doc! { "_id": 1 })
+        .await?;
+    match old {
+        Some(d) => Err(format!(
+            "Group/{} has a member batch pending in the format of an earlier roster: start that \
+             version once (its start-up sweep flushes it), then upgrade",
+            d.get_str("_id").unwrap_or_default()
+        )
+        .into()),
+        None => Ok(()),
+    }
 }
 
 impl Application {

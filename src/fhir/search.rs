@@ -275,17 +275,20 @@ pub async fn search_type(
     if let Some(member) = &params.member {
         // The reverse index answers which groups hold the member; MongoDB then applies the
         // other parameters, hides deleted groups, sorts and pages.
-        // Batches still pending are finished first (in parallel with the query, which is
-        // asked again only if some were), so an acknowledged PATCH is always visible.
+        // Pending batches that may name the member are finished first. The query starts only
+        // once they are known: a batch not seen then was already in ClickHouse when it left
+        // MongoDB, so the query sees its rows; if some were flushed now, it is asked again.
         let unavailable =
             |e: &dyn std::fmt::Display| FhirError::unavailable(format!("the member store is unavailable: {e}"));
-        let (finished, ids) = tokio::join!(
-            state.flusher.flush_touching(Some(member)),
+        let concerned = state.flusher.pending_touching(Some(member)).await.map_err(|e| unavailable(&e))?;
+        let (flushed, ids) = tokio::join!(
+            state.flusher.flush_each(&concerned),
             crate::group::read::groups_of(&state.clickhouse, member)
         );
-        let ids = match finished.map_err(|e| unavailable(&e))? {
-            0 => ids.map_err(|e| unavailable(&e))?,
-            _ => crate::group::read::groups_of(&state.clickhouse, member).await.map_err(|e| unavailable(&e))?,
+        flushed.map_err(|e| unavailable(&e))?;
+        let ids = match concerned.is_empty() {
+            true => ids.map_err(|e| unavailable(&e))?,
+            false => crate::group::read::groups_of(&state.clickhouse, member).await.map_err(|e| unavailable(&e))?,
         };
         params.filter.push(doc! { "_id": { "$in": ids } });
     }

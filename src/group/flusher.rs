@@ -12,7 +12,9 @@
 //!
 //! A lease lasts [`LEASE`]; an insert is abandoned after [`INSERT_TIMEOUT`], shorter, so a
 //! flusher that stalls or dies cannot still be inserting when another takes over and
-//! counts what is there. In this process, flushes of a group queue on a mutex, and the
+//! counts what is there; after an insert that failed without a clear answer the lease
+//! stays [`AMBIGUOUS_GRACE`] more. Lease times come from each process's clock: processes
+//! are assumed to keep their clocks within a few seconds of each other (NTP). In this process, flushes of a group queue on a mutex, and the
 //! writers' background flushes of a group run in one task that picks up every batch
 //! committed meanwhile.
 
@@ -38,6 +40,9 @@ pub const INSERT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest a reader waits for another flusher of the group before answering 503.
 const WAIT: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(20);
+/// How long the lease outlives an insert that failed without a clear answer (a cut
+/// connection): an insert whose data reached ClickHouse lands within it.
+const AMBIGUOUS_GRACE: Duration = Duration::from_secs(2);
 /// How long a background flush waits for more batches before it starts.
 const GATHER: Duration = Duration::from_millis(100);
 
@@ -137,16 +142,34 @@ impl Flusher {
         });
     }
 
-    /// Flushes every group with pending batches (start-up, the sweep). Returns how many
-    /// groups had some.
+    /// Flushes every group with pending batches (start-up, the sweep). A group that fails
+    /// (ClickHouse down, a damaged batch) is logged and the others still go. Returns how
+    /// many groups were flushed.
     pub async fn flush_all(&self) -> Result<usize, OutboxError> {
-        self.flush_touching(None).await
+        let mut flushed = 0;
+        for group in self.pending_touching(None).await? {
+            match self.flush_settled(&group).await {
+                Ok(()) => flushed += 1,
+                Err(e) => tracing::warn!(group, error = %e, "pending member batches not flushed; retried later"),
+            }
+        }
+        Ok(flushed)
     }
 
-    /// Flushes the groups whose pending batches may name `member` (all pending groups when
-    /// `None`): what `Group?member=` needs, without waiting on groups it cannot concern.
-    /// Returns how many groups were flushed.
-    pub async fn flush_touching(&self, member: Option<&str>) -> Result<usize, OutboxError> {
+    /// Flushes the given groups; the first failure is returned after all were tried.
+    pub async fn flush_each(&self, groups: &[String]) -> Result<(), OutboxError> {
+        let mut first = None;
+        for group in groups {
+            if let Err(e) = self.flush_settled(group).await {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// The groups whose pending batches may name `member` (every group with pending
+    /// batches when `None`): `Group?member=` need not wait on the others.
+    pub async fn pending_touching(&self, member: Option<&str>) -> Result<Vec<String>, OutboxError> {
         let pending: Vec<Document> = self
             .groups()
             .find(doc! { "outboxPending": true })
@@ -158,19 +181,19 @@ impl Flusher {
             None => true,
             Some(m) => outbox::pending_in(d).iter().any(|b| may_name(b, m)),
         };
-        let pending: Vec<&Document> = pending.iter().filter(|d| concerned(d)).collect();
-        for d in &pending {
-            let group = d.get_str("_id").map_err(|e| OutboxError::Corrupt(e.to_string()))?;
-            self.flush(group).await?;
-            // A flag left over by an interrupted flusher goes once the outbox is empty.
-            self.groups()
-                .update_one(
-                    doc! { "_id": group, "outboxPending": true, "outbox.0": { "$exists": false } },
-                    doc! { "$unset": { "outboxPending": "" } },
-                )
-                .await?;
-        }
-        Ok(pending.len())
+        Ok(pending.iter().filter(|d| concerned(d)).filter_map(|d| d.get_str("_id").ok().map(str::to_string)).collect())
+    }
+
+    /// [`Self::flush`], then drops a pending flag left over by an interrupted flusher.
+    async fn flush_settled(&self, group: &str) -> Result<(), OutboxError> {
+        self.flush(group).await?;
+        self.groups()
+            .update_one(
+                doc! { "_id": group, "outboxPending": true, "outbox.0": { "$exists": false } },
+                doc! { "$unset": { "outboxPending": "" } },
+            )
+            .await?;
+        Ok(())
     }
 
     /// One attempt: take the lease, insert what ClickHouse lacks, pull the batches.
@@ -205,10 +228,18 @@ impl Flusher {
             Err(_) => Err(OutboxError::Busy(format!("inserting group {group}'s events took over {INSERT_TIMEOUT:?}"))),
         };
         if let Err(e) = inserted {
-            let _ = self
-                .groups()
-                .update_one(doc! { "_id": group, "flushLease.by": &lease_id }, doc! { "$unset": { "flushLease": "" } })
-                .await;
+            // ClickHouse refused the insert: nothing of it landed, the next flusher may go at
+            // once. Anything else (a cut connection, a timeout) may still land: the lease
+            // stays a little longer, so the next flusher counts what is there after it.
+            let definite = matches!(e, OutboxError::ClickHouse(clickhouse::error::Error::BadResponse(_)));
+            let release = if definite {
+                doc! { "$unset": { "flushLease": "" } }
+            } else {
+                let until =
+                    DateTime::from_millis(DateTime::now().timestamp_millis() + AMBIGUOUS_GRACE.as_millis() as i64);
+                doc! { "$set": { "flushLease.until": until } }
+            };
+            let _ = self.groups().update_one(doc! { "_id": group, "flushLease.by": &lease_id }, release).await;
             return Err(e);
         }
         let ids: Vec<&str> = batches.iter().filter_map(|b| b.get_str("batchId").ok()).collect();

@@ -283,7 +283,9 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         let committed = match store.commit(rt, commit).await {
             Ok(committed) => committed,
             Err(e) => {
-                if let Some(batch) = &staged {
+                // A lost race wrote nothing: its chunks are orphans. After any other error the
+                // commit may have happened, and the chunks may be referenced: they stay.
+                if let (Some(batch), StoreError::Conflict) = (&staged, &e) {
                     outbox::discard(store.database(), batch).await;
                 }
                 match e {

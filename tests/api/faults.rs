@@ -315,3 +315,16 @@ async fn flushers_racing_in_two_processes_insert_every_event_once() {
     assert_eq!(pending_batches(&app, "f5").await, 0);
     assert!(!group_doc(&app, "f5").await.contains_key("flushLease"), "the lease was released");
 }
+
+#[tokio::test]
+async fn a_batch_pending_in_the_old_format_stops_the_start() {
+    let app = spawn_app().await;
+    app.mongo
+        .collection::<bson::Document>("Group_4_0_0")
+        .insert_one(bson::doc! { "_id": "old", "versionId": 1i64, "outbox": { "batchId": "b", "events": "[]" } })
+        .await
+        .unwrap();
+    let refused = roster::startup::Application::build(app.settings.clone(), Default::default()).await;
+    let message = refused.err().expect("a server that cannot flush the batch does not start").to_string();
+    assert!(message.contains("Group/old"), "{message}");
+}
