@@ -39,6 +39,9 @@ impl Server {
             .env("ROSTER_GROUP_MAX_PATCH_OPS", "100000")
             .env("ROSTER_BODY_LIMIT_BYTES", "1073741824")
             .env("ROSTER_LOG", "warn")
+            // SecantusDB can stall for seconds on the baseline's multi-megabyte documents;
+            // the driver's default 10 s would drop every connection and fail requests.
+            .env("ROSTER_MONGO_URI", mongo_uri_patient_of_stalls())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -54,6 +57,13 @@ impl Server {
         let _ = child.wait();
         panic!("{mode} server did not start");
     }
+}
+
+/// The services' MongoDB URI with a 60 s connect/monitor timeout.
+fn mongo_uri_patient_of_stalls() -> String {
+    let uri = std::env::var("ROSTER_MONGO_URI").expect("ROSTER_MONGO_URI (run through `make bench`)");
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    format!("{uri}{sep}connectTimeoutMS=60000")
 }
 
 /// Resident memory of a process, in KiB (0 when unreadable).
@@ -280,12 +290,15 @@ async fn main() {
         at.push((target, p50, p99));
     }
     let floor = backend_floor(&format!("bench_events_{}", std::process::id())).await;
+    eprintln!("events so far: singles (members, p50, p99) {at:?}; load {load:?}; floor {floor:?}");
     eprintln!("events: Group?member= and full GET");
     let mut lookups = Vec::new();
     for i in 0..500u64 {
         let p = (i * 7919) % m1;
         lookups.push(c.get(&format!("Group?member=Patient/p{p}&_count=10")).await.0);
     }
+    let mut lk = lookups.clone();
+    eprintln!("events: Group?member= p50 {:.1} p99 {:.1} ms", pct(&mut lk, 0.5), pct(&mut lk, 0.99));
     let ((get_time, get_bytes), rss_growth_mib) = with_rss(&events, c.get("Group/big")).await;
 
     eprintln!("events: POST of a {m1}-member Group");

@@ -93,6 +93,13 @@ async fn pipe(client: TcpStream, server: TcpStream, mode: Arc<AtomicU8>) {
     tokio::select! { _ = upstream => {}, _ = downstream => {} }
 }
 
+/// Sends the settings' ClickHouse traffic through a proxy the test controls.
+async fn clickhouse_behind_proxy(settings: &mut roster::config::Settings) -> Proxy {
+    let proxy = Proxy::start(host_port(&settings.clickhouse.url)).await;
+    settings.clickhouse.url = format!("http://127.0.0.1:{}", proxy.port);
+    proxy
+}
+
 fn host_port(url: &str) -> String {
     let rest = url.split("://").nth(1).unwrap_or(url);
     let rest = rest.split(['/', '?']).next().unwrap();
@@ -139,8 +146,7 @@ fn test_settings_for(app: &TestApp) -> roster::config::Settings {
 #[tokio::test]
 async fn clickhouse_dies_between_the_mongo_commit_and_the_event_insert() {
     let mut settings = test_settings();
-    let proxy = Proxy::start(host_port(&settings.clickhouse.url)).await;
-    settings.clickhouse.url = format!("http://127.0.0.1:{}", proxy.port);
+    let proxy = clickhouse_behind_proxy(&mut settings).await;
     let app = spawn_with(settings, Default::default()).await;
     let group = json!({ "resourceType": "Group", "id": "f1", "type": "person", "actual": true,
                         "member": [member("Patient/a"), member("Patient/b")] });
@@ -181,8 +187,7 @@ async fn clickhouse_dies_between_the_mongo_commit_and_the_event_insert() {
 #[tokio::test]
 async fn clickhouse_down_before_the_write_changes_nothing_it_cannot_finish() {
     let mut settings = test_settings();
-    let proxy = Proxy::start(host_port(&settings.clickhouse.url)).await;
-    settings.clickhouse.url = format!("http://127.0.0.1:{}", proxy.port);
+    let proxy = clickhouse_behind_proxy(&mut settings).await;
     let app = spawn_with(settings, Default::default()).await;
     let group = json!({ "resourceType": "Group", "id": "f2", "type": "person", "actual": true, "member": [member("Patient/a")] });
     app.put("Group/f2", &group).await;
@@ -210,8 +215,7 @@ async fn clickhouse_down_before_the_write_changes_nothing_it_cannot_finish() {
 async fn a_pending_batch_is_finished_by_the_start_up_sweep_and_never_duplicated() {
     let mut settings = test_settings();
     let direct = settings.clickhouse.url.clone();
-    let proxy = Proxy::start(host_port(&settings.clickhouse.url)).await;
-    settings.clickhouse.url = format!("http://127.0.0.1:{}", proxy.port);
+    let proxy = clickhouse_behind_proxy(&mut settings).await;
     let app = spawn_with(settings.clone(), Default::default()).await;
     app.put("Group/f3", &json!({ "resourceType": "Group", "id": "f3", "type": "person", "actual": true })).await;
     proxy.set(NO_INSERTS);
@@ -275,8 +279,7 @@ async fn mongo_down_at_the_commit_writes_no_events() {
 async fn flushers_racing_in_two_processes_insert_every_event_once() {
     let mut settings = test_settings();
     let direct = settings.clickhouse.url.clone();
-    let proxy = Proxy::start(host_port(&settings.clickhouse.url)).await;
-    settings.clickhouse.url = format!("http://127.0.0.1:{}", proxy.port);
+    let proxy = clickhouse_behind_proxy(&mut settings).await;
     let app = spawn_with(settings.clone(), Default::default()).await;
     app.put("Group/f5", &json!({ "resourceType": "Group", "id": "f5", "type": "person", "actual": true })).await;
     // 20 acknowledged PATCHes whose events all wait in MongoDB.
