@@ -43,6 +43,8 @@ const POLL: Duration = Duration::from_millis(20);
 /// How long the lease outlives an insert that failed without a clear answer (a cut
 /// connection): an insert whose data reached ClickHouse lands within it.
 const AMBIGUOUS_GRACE: Duration = Duration::from_secs(2);
+/// Batches of at least this many events are flushed without gathering.
+const URGENT_ROWS: usize = 1_000;
 /// How long a background flush waits for more batches before it starts.
 const GATHER: Duration = Duration::from_millis(100);
 
@@ -54,6 +56,8 @@ struct GroupState {
     running: AtomicBool,
     /// Batches were committed since the task last looked.
     dirty: AtomicBool,
+    /// One of them is big: no point gathering more before inserting.
+    urgent: AtomicBool,
 }
 
 pub struct Flusher {
@@ -117,8 +121,11 @@ impl Flusher {
     /// After a commit: flushes the group in the background. Commits that arrive while the
     /// task runs are picked up by it (one task per group), so a burst of writes becomes a
     /// few inserts. A failure leaves the batches pending for readers and the sweep.
-    pub fn kick(self: &Arc<Self>, group: &str) {
+    pub fn kick(self: &Arc<Self>, group: &str, rows: usize) {
         let state = self.state(group);
+        if rows >= URGENT_ROWS {
+            state.urgent.store(true, Ordering::SeqCst);
+        }
         state.dirty.store(true, Ordering::SeqCst);
         if state.running.swap(true, Ordering::SeqCst) {
             return;
@@ -127,8 +134,12 @@ impl Flusher {
         let group = group.to_string();
         tokio::spawn(async move {
             loop {
-                // Let a few more commits arrive: one insert and one update for all of them.
-                tokio::time::sleep(GATHER).await;
+                // Let a few more small commits arrive: one insert and one update for all of
+                // them. A big batch goes at once (it keeps the Group document large while it
+                // waits, and every write of the document pays for that).
+                if !state.urgent.swap(false, Ordering::SeqCst) {
+                    tokio::time::sleep(GATHER).await;
+                }
                 state.dirty.store(false, Ordering::SeqCst);
                 if let Err(e) = this.flush(&group).await {
                     tracing::warn!(group, error = %e,

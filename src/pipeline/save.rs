@@ -335,11 +335,15 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 store.remember_recent(rt, req.id, doc);
             }
         }
-        let patched_members = interaction == Interaction::Patch && staged.is_some();
-        if patched_members {
+        // Events of this PATCH that the background flusher inserts (0: none, or not a PATCH).
+        let patched_events = match (&interaction, &staged) {
+            (Interaction::Patch, Some(batch)) => batch.doc.get_i64("count").unwrap_or(1).max(1) as usize,
+            _ => 0,
+        };
+        if patched_events > 0 {
             ctx.set(Flag::MemberEventsWritten);
         }
-        finish_later(state, rt, committed, patched_members);
+        finish_later(state, rt, committed, patched_events);
         let finished_at = started.elapsed();
         let previous = live.and_then(|c| c.resource.as_ref());
         state
@@ -449,13 +453,13 @@ async fn base_state<'s>(
 const SETTLE_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The rest of a committed write, off the request path: the history copy (then its flag is
-/// cleared) and, for a Group PATCH, the flush of its member batch (see `group::flusher`).
+/// cleared) and, for a Group PATCH, the flush of its `member_events` (see `group::flusher`).
 /// Whatever does not finish stays marked in MongoDB and is finished by the next reader or
 /// writer of the resource or by the sweep.
-fn finish_later(state: &AppState, rt: &str, committed: bson::Document, member_batch: bool) {
+fn finish_later(state: &AppState, rt: &str, committed: bson::Document, member_events: usize) {
     let id = committed.get_str("_id").unwrap_or_default().to_string();
-    if member_batch {
-        state.flusher.kick(&id);
+    if member_events > 0 {
+        state.flusher.kick(&id, member_events);
     }
     let store = state.store.clone();
     let rt = rt.to_string();
