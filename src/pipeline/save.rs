@@ -403,7 +403,8 @@ async fn base_state<'s>(
         MemberChange::Replace(_) => false,
     };
     let mut pending = current.outbox.clone();
-    if !pending.is_empty() && !(keyed && outbox::can_overlay(&pending)) {
+    let overlaid = pending.is_empty() || (keyed && outbox::can_overlay(&pending));
+    if !overlaid {
         finish_pending(state, id, current).await?;
         pending.clear();
     }

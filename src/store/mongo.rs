@@ -91,11 +91,14 @@ pub struct ResourceStore {
     committed: Arc<Mutex<HashMap<String, i64>>>,
     /// History copies being written now: a writer that needs the same copy waits for it
     /// instead of writing it a second time.
-    copying: Arc<Mutex<HashMap<String, (i64, tokio::sync::watch::Receiver<bool>)>>>,
+    copying: Arc<Mutex<HashMap<String, InFlight>>>,
     /// The current document of resources this process wrote last (see
     /// [`Self::read_for_write`]).
     recent: Arc<Mutex<HashMap<String, Document>>>,
 }
+
+/// A history copy being written: its version, and whether it succeeded once done.
+type InFlight = (i64, tokio::sync::watch::Receiver<bool>);
 
 /// Documents kept in [`ResourceStore::recent`] before it starts over.
 const RECENT_DOCS: usize = 4_096;
