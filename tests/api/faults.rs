@@ -331,3 +331,28 @@ async fn a_batch_pending_in_the_old_format_stops_the_start() {
     let message = refused.err().expect("a server that cannot flush the batch does not start").to_string();
     assert!(message.contains("Group/old"), "{message}");
 }
+
+#[tokio::test]
+async fn two_processes_writing_one_group_see_each_others_members() {
+    // Each process keeps a member index and the document it committed last; a write by
+    // the other process must make both be rebuilt, not trusted.
+    let settings = test_settings();
+    let a = spawn_with(settings.clone(), Default::default()).await;
+    let b = spawn_with(settings, Default::default()).await;
+    let add = |r: &str| json!([{ "op": "add", "path": "/member/-", "value": member(r) }]);
+    let group = json!({ "resourceType": "Group", "id": "f6", "type": "person", "actual": true, "member": [member("Patient/1")] });
+    assert_eq!(a.put("Group/f6", &group).await.status(), 201);
+    assert_eq!(a.patch("Group/f6", &add("Patient/2")).await.status(), 200);
+    assert_eq!(b.patch("Group/f6", &add("Patient/3")).await.status(), 200);
+    // A's index says Patient/3 is not a member and its remembered document is stale.
+    assert_eq!(a.patch("Group/f6", &add("Patient/3")).await.status(), 200);
+    let remove = json!([{ "op": "remove", "path": "/member", "value": member("Patient/3") }]);
+    assert_eq!(a.patch("Group/f6", &remove).await.status(), 200);
+    assert_eq!(b.patch("Group/f6", &add("Patient/4")).await.status(), 200);
+    assert_eq!(a.patch("Group/f6", &add("Patient/2")).await.status(), 200);
+    let (status, refs) = members(&b, "f6").await;
+    assert_eq!(status, 200);
+    assert_eq!(refs, ["Patient/1", "Patient/2", "Patient/4"]);
+    assert_eq!(json(a.get("Group/f6").await).await["quantity"], 3);
+    assert_eq!(event_rows(&a, "f6").await, 5, "adds of 1, 2, 3 and 4, one remove of 3: re-adds wrote nothing");
+}
