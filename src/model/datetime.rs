@@ -135,6 +135,13 @@ fn parse_clock(s: &str) -> Option<(Time, u8)> {
 }
 
 /// Formats an instant the way this server writes `meta.lastUpdated`: UTC, milliseconds.
+/// [`format_instant`] of a BSON date (milliseconds).
+pub fn format_bson_instant(t: bson::DateTime) -> String {
+    let t = OffsetDateTime::from_unix_timestamp_nanos(t.timestamp_millis() as i128 * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    format_instant(t)
+}
+
 pub fn format_instant(t: OffsetDateTime) -> String {
     let t = t.to_offset(UtcOffset::UTC);
     format!(

@@ -128,7 +128,11 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         // A Group member PATCH may start from the document this process committed last;
         // anything that contradicts it (a failed guard, a precondition) reads for real.
         let guess = attempt == 0 && member_events && matches!(change, Change::Patch(_));
-        let (current, guessed) = store.read_for_write(rt, req.id, guess).await.map_err(store_error)?;
+        // A member-only PATCH keeps the stored content: earlier versions not yet in history
+        // can wait in the document's version log (copied in batches) instead of one copy
+        // per version on the write path.
+        let members_only = member_events && matches!(&change, Change::Patch(other) if other.is_empty());
+        let (current, guessed) = store.read_for_write(rt, req.id, guess, members_only).await.map_err(store_error)?;
         let read_at = started.elapsed();
         if let Some(expected) = req.if_match {
             match &current {
@@ -268,8 +272,22 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                     .map_err(|e| FhirError::unavailable(format!("the member store is unavailable: {e}")))?,
             };
         }
+        // The base version goes to the log when it is not in history yet (only a member-only
+        // PATCH defers that; every other write finds the log copied and empty).
+        let mut version_log = current.as_ref().map_or_else(Vec::new, |c| c.version_log.clone());
+        if let Some(c) = current.as_ref().filter(|c| c.history_pending) {
+            let mut logged = bson::doc! { "versionId": c.version, "lastUpdated": c.last_updated, "method": &c.method };
+            // A Group's member count is per version: it travels with the version's meta.
+            match c.member_count {
+                Some(Some(n)) => logged.insert("memberCount", n as i64),
+                Some(None) => logged.insert("memberCount", bson::Bson::Null),
+                None => None,
+            };
+            version_log.push(logged);
+        }
         let commit = Commit {
             id: req.id,
+            version_log,
             base: current.as_ref().map(|c| c.version),
             version,
             last_updated,
@@ -343,7 +361,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         if patched_events > 0 {
             ctx.set(Flag::MemberEventsWritten);
         }
-        finish_later(state, rt, committed, patched_events);
+        finish_later(state, rt, committed, patched_events, members_only);
         let finished_at = started.elapsed();
         let previous = live.and_then(|c| c.resource.as_ref());
         state
@@ -375,6 +393,8 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 resource: stored,
                 outbox: Vec::new(),
                 member_count: Some(member_count),
+                version_log: Vec::new(),
+                history_pending: false,
             },
         });
     }
@@ -457,7 +477,7 @@ const SETTLE_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 /// cleared) and, for a Group PATCH, the flush of its `member_events` (see `group::flusher`).
 /// Whatever does not finish stays marked in MongoDB and is finished by the next reader or
 /// writer of the resource or by the sweep.
-fn finish_later(state: &AppState, rt: &str, committed: bson::Document, member_events: usize) {
+fn finish_later(state: &AppState, rt: &str, committed: bson::Document, member_events: usize, members_only: bool) {
     let id = committed.get_str("_id").unwrap_or_default().to_string();
     if member_events > 0 {
         state.flusher.kick(&id, member_events);
@@ -466,12 +486,22 @@ fn finish_later(state: &AppState, rt: &str, committed: bson::Document, member_ev
     let rt = rt.to_string();
     tokio::spawn(async move {
         let version = committed.get_i64("versionId").unwrap_or_default();
-        let done = match store.copy_to_history(&rt, &committed).await {
+        // A member-only version waits: while PATCHes keep coming, each carries the previous
+        // versions in its log and a later one copies them all at once.
+        if members_only {
+            tokio::time::sleep(SETTLE_AFTER).await;
+            if store.superseded(&rt, &id, version) {
+                return;
+            }
+        }
+        let done = match store.copy_history(&rt, &committed).await {
             Ok(()) => {
                 // The flag goes with the next commit anyway: while writes of the resource
                 // keep coming, clearing it is a wasted write (MongoDB's time is the scarce
                 // resource under a stream of PATCHes).
-                tokio::time::sleep(SETTLE_AFTER).await;
+                if !members_only {
+                    tokio::time::sleep(SETTLE_AFTER).await;
+                }
                 if store.superseded(&rt, &id, version) {
                     Ok(())
                 } else {

@@ -26,6 +26,12 @@ pub struct Version {
     /// A Group's active member count at this version: `None` unknown (not recorded),
     /// `Some(None)` members never enumerated, `Some(Some(n))` n members.
     pub member_count: Option<Option<u64>>,
+    /// Earlier versions not yet in history whose content is this version's but for
+    /// `meta` and member count (member-only Group PATCHes), as `{versionId, lastUpdated,
+    /// method, memberCount?}`.
+    pub version_log: Vec<Document>,
+    /// This version is not in history yet.
+    pub history_pending: bool,
 }
 
 /// What a write stores; see the module docs for the protocol.
@@ -43,6 +49,8 @@ pub struct Commit<'a> {
     pub meta_only: bool,
     /// A batch pushed onto `outbox` atomically with the version (see `group::outbox`).
     pub outbox: Option<Document>,
+    /// Stored as `versionLog` (see [`Version::version_log`]).
+    pub version_log: Vec<Document>,
     /// Stored as `memberCount` (see [`Version::member_count`]); `None` writes nothing.
     pub member_count: Option<Option<u64>>,
 }
@@ -154,7 +162,10 @@ impl ResourceStore {
         if doc.get_bool("historyPending").unwrap_or(false) {
             self.finish_history(rt, &doc).await?;
         }
-        decode(&doc, None).map(Some)
+        let mut version = decode(&doc, None)?;
+        version.history_pending = false;
+        version.version_log.clear();
+        Ok(Some(version))
     }
 
     /// The current version, read to be replaced: a pending history copy is written (the
@@ -165,11 +176,16 @@ impl ResourceStore {
     /// MongoDB round trip fewer). It is only a guess: if another process wrote since, the
     /// version-guarded commit fails and the caller retries with a real read. Returns
     /// whether the guess was used.
+    ///
+    /// `defer_history`: the write changes only `meta` (a member-only Group PATCH), so the
+    /// versions not yet in history may go into its `versionLog` instead of being copied
+    /// now (until the log is [`VERSION_LOG_LIMIT`] long).
     pub async fn read_for_write(
         &self,
         rt: &str,
         id: &str,
         recent: bool,
+        defer_history: bool,
     ) -> Result<(Option<Version>, bool), StoreError> {
         let remembered = recent.then(|| self.recent_doc(rt, id)).flatten();
         let guessed = remembered.is_some();
@@ -180,13 +196,16 @@ impl ResourceStore {
                 None => return Ok((None, false)),
             },
         };
-        if doc.get_bool("historyPending").unwrap_or(false) {
-            let version = doc.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            if !self.copied_here(rt, id, version).await {
-                self.copy_to_history(rt, &doc).await?;
+        let mut version = decode(&doc, None)?;
+        let logged = version.version_log.len();
+        if (version.history_pending || logged > 0) && !(defer_history && logged < VERSION_LOG_LIMIT) {
+            if logged > 0 || !self.copied_here(rt, id, version.version).await {
+                self.copy_history(rt, &doc).await?;
             }
+            version.history_pending = false;
+            version.version_log.clear();
         }
-        decode(&doc, None).map(|v| (Some(v), guessed))
+        Ok((Some(version), guessed))
     }
 
     fn recent_doc(&self, rt: &str, id: &str) -> Option<Document> {
@@ -244,6 +263,7 @@ impl ResourceStore {
             "method": c.method,
             "historyPending": true,
         };
+        current.insert("versionLog", c.version_log.iter().cloned().map(Bson::Document).collect::<Vec<_>>());
         match c.member_count {
             None => {}
             Some(None) => {
@@ -315,14 +335,41 @@ impl ResourceStore {
     /// Clears the history flag of a version whose copy is written, if it is still current.
     pub async fn settle(&self, rt: &str, id: &str, version: i64) -> Result<(), StoreError> {
         self.current(rt)
-            .update_one(doc! { "_id": id, "versionId": version }, doc! { "$unset": { "historyPending": "" } })
+            .update_one(
+                doc! { "_id": id, "versionId": version },
+                doc! { "$unset": { "historyPending": "" }, "$set": { "versionLog": [] } },
+            )
             .await?;
         Ok(())
     }
 
+    /// Writes every version the document stands for that is not in history yet: those in
+    /// its `versionLog` (its content with their `meta`) and, when flagged, itself. One
+    /// `insert_many`; entries already there are skipped (`_id` is the version).
+    pub async fn copy_history(&self, rt: &str, current: &Document) -> Result<(), StoreError> {
+        let logged: Vec<Document> = match current.get("versionLog") {
+            Some(Bson::Array(items)) => items.iter().filter_map(|b| b.as_document().cloned()).collect(),
+            _ => Vec::new(),
+        };
+        if logged.is_empty() {
+            return self.copy_to_history(rt, current).await;
+        }
+        let mut entries = Vec::with_capacity(logged.len() + 1);
+        for meta in &logged {
+            entries.push(history_entry(current, Some(meta))?);
+        }
+        if current.get_bool("historyPending").unwrap_or(false) {
+            entries.push(history_entry(current, None)?);
+        }
+        match self.history(rt).insert_many(entries).ordered(false).await {
+            Err(e) if !is_duplicate_key(&e) => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
     /// Writes the history copy of a current document and clears its pending flag.
     async fn finish_history(&self, rt: &str, current: &Document) -> Result<(), StoreError> {
-        self.copy_to_history(rt, current).await?;
+        self.copy_history(rt, current).await?;
         let id = current.get_str("_id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let version = current.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.settle(rt, id, version).await
@@ -332,13 +379,7 @@ impl ResourceStore {
     pub async fn copy_to_history(&self, rt: &str, current: &Document) -> Result<(), StoreError> {
         let id = current.get_str("_id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let version = current.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut entry = current.clone();
-        entry.remove("historyPending");
-        entry.remove("outbox");
-        entry.remove("flushLease");
-        entry.remove("outboxPending");
-        entry.insert("_id", format!("{id}/{version}"));
-        entry.insert("id", id);
+        let entry = history_entry(current, None)?;
         let key = format!("{rt}/{id}");
         let (tx, rx) = tokio::sync::watch::channel(false);
         self.copying.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), (version, rx));
@@ -460,6 +501,42 @@ impl ResourceStore {
     }
 }
 
+/// Versions a document's `versionLog` may hold before a writer copies them to history.
+pub const VERSION_LOG_LIMIT: usize = 64;
+
+/// The history entry of a current document, or of an earlier version of it that differs
+/// only in `meta` (`logged`: that version's `{versionId, lastUpdated, method,
+/// memberCount?}`).
+fn history_entry(current: &Document, logged: Option<&Document>) -> Result<Document, StoreError> {
+    let corrupt = |e: bson::error::Error| StoreError::Corrupt(e.to_string());
+    let id = current.get_str("_id").map_err(corrupt)?;
+    let mut entry = current.clone();
+    for internal in ["historyPending", "outbox", "flushLease", "outboxPending", "versionLog"] {
+        entry.remove(internal);
+    }
+    if let Some(meta) = logged {
+        let version = meta.get_i64("versionId").map_err(corrupt)?;
+        let last_updated = *meta.get_datetime("lastUpdated").map_err(corrupt)?;
+        entry.insert("versionId", version);
+        entry.insert("lastUpdated", last_updated);
+        entry.insert("method", meta.get_str("method").unwrap_or("PATCH"));
+        match meta.get("memberCount") {
+            Some(count) => entry.insert("memberCount", count.clone()),
+            None => entry.remove("memberCount"),
+        };
+        if let Ok(resource) = entry.get_document_mut("resource") {
+            if let Ok(m) = resource.get_document_mut("meta") {
+                m.insert("versionId", version.to_string());
+                m.insert("lastUpdated", crate::model::datetime::format_bson_instant(last_updated));
+            }
+        }
+    }
+    let version = entry.get_i64("versionId").map_err(corrupt)?;
+    entry.insert("_id", format!("{id}/{version}"));
+    entry.insert("id", id);
+    Ok(entry)
+}
+
 /// Records `version` for `key` in a bounded map (it starts over when full: a forgotten
 /// entry only costs a redundant write later).
 fn remember(map: &Mutex<HashMap<String, i64>>, key: String, version: i64) {
@@ -494,6 +571,11 @@ fn decode(doc: &Document, id: Option<&str>) -> Result<Version, StoreError> {
         method: doc.get_str("method").unwrap_or("PUT").to_string(),
         resource,
         outbox: crate::group::outbox::pending_in(doc),
+        version_log: match doc.get("versionLog") {
+            Some(Bson::Array(items)) => items.iter().filter_map(|b| b.as_document().cloned()).collect(),
+            _ => Vec::new(),
+        },
+        history_pending: doc.get_bool("historyPending").unwrap_or(false),
         member_count: match doc.get("memberCount") {
             None => None,
             Some(Bson::Int64(n)) => Some(Some(*n as u64)),

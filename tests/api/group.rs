@@ -289,3 +289,40 @@ async fn put_rules_and_limits() {
     app.put("Group/herd", &herd).await;
     assert_eq!(json(app.get("Group/herd").await).await["quantity"], 25);
 }
+
+#[tokio::test]
+async fn every_member_only_version_reaches_history_with_its_own_meta_and_count() {
+    // Member-only versions wait in the Group document's version log and are copied to
+    // history in batches; 70 PATCHes overflow the log (64) once on the write path.
+    let app = spawn_app().await;
+    app.put("Group/vl", &group("vl", &["Patient/0"])).await;
+    for i in 1..=70 {
+        patch_ok(
+            &app,
+            "Group/vl",
+            json!([{ "op": "add", "path": "/member/-", "value": member(&format!("Patient/{i}")) }]),
+        )
+        .await;
+    }
+    let bundle = json(app.get("Group/vl/_history?_count=100").await).await;
+    assert_eq!(bundle["total"], 71, "every version is in history");
+    let versions: Vec<String> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["meta"]["versionId"].as_str().unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = (1..=71).rev().map(|v| v.to_string()).collect();
+    assert_eq!(versions, expected, "newest first, each with its own versionId");
+    let stamps: Vec<&str> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["meta"]["lastUpdated"].as_str().unwrap())
+        .collect();
+    assert!(stamps.windows(2).all(|w| w[0] > w[1]), "each version keeps its own lastUpdated");
+    let v10 = json(app.get("Group/vl/_history/10").await).await;
+    assert_eq!(v10["meta"]["versionId"], "10");
+    assert_eq!(v10["quantity"], 10);
+    assert_eq!(v10["member"].as_array().unwrap().len(), 10);
+}
