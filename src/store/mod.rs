@@ -7,6 +7,7 @@
 //! ```text
 //! current: { _id: <id>, versionId: Int64, lastUpdated: Date, deleted: bool,
 //!            historyPending?: true, resource?: { ...FHIR JSON... },
+//!            versionLog?: [{versionId, lastUpdated, method, memberCount?}…],
 //!            Groups only: memberCount, outbox?: [batch…], outboxPending?, flushLease? }
 //! history: { _id: "<id>/<versionId>", id, versionId, lastUpdated, deleted, method,
 //!            resource? }
@@ -19,6 +20,12 @@
 //! 2. the history copy is inserted (idempotent: its `_id` is the version);
 //! 3. `historyPending` is cleared (skipped when a newer version followed: its commit
 //!    overwrote the flag).
+//!
+//! A write that changes only `meta` (a member-only Group PATCH) does not copy the version
+//! it replaces: it appends that version's `meta` to the document's `versionLog`, and the
+//! logged versions (the current content with their `meta`) are copied together by the
+//! next reader of history, the next content-changing write, a writer that finds 64 logged,
+//! or the background task once the PATCHes stop.
 //!
 //! If the process or MongoDB fails after 1, the current document still carries
 //! `historyPending`, and the copy is written by the next write of that resource, any
