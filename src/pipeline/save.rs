@@ -231,11 +231,12 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             None => Some(None),
             Some(c) => c.member_count,
         };
-        // The batches still pending at the base version, as far as this write knows.
-        let mut pending_before = current.as_ref().map_or_else(Vec::new, |c| c.outbox.clone());
+        // The batches still pending at the base version, as far as this write knows (when
+        // it changes members: what the planner was given, after any flush).
+        let mut pending_before = None;
         if let Some(change) = members {
             let known = base_state(state, req.id, current.as_ref(), known_count, &change).await?;
-            pending_before = known.pending.clone();
+            pending_before = Some(known.pending.clone());
             let origin = Origin {
                 group_id: req.id.to_string(),
                 version: version as u32,
@@ -347,6 +348,8 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 store.forget_recent(rt, req.id);
             } else {
                 let mut doc = committed.clone();
+                let pending_before =
+                    pending_before.unwrap_or_else(|| current.as_ref().map_or_else(Vec::new, |c| c.outbox.clone()));
                 let mut pending: Vec<bson::Bson> = pending_before.into_iter().map(Into::into).collect();
                 pending.extend(staged.as_ref().map(|s| bson::Bson::Document(s.doc.clone())));
                 doc.insert("outbox", pending);
