@@ -238,6 +238,16 @@ async fn history_is_repaired_after_a_crash_between_commit_and_copy() {
     let body = json(app.post("Patient", &patient("Crash")).await).await;
     let id = body["id"].as_str().unwrap().to_string();
     app.put(&format!("Patient/{id}"), &body).await;
+    // The PUT's own background copy finishes first (it would otherwise clear the flag set
+    // below: in a real crash there is no such task).
+    let current = app.mongo.collection::<bson::Document>("Patient_4_0_0");
+    for _ in 0..100 {
+        let doc = current.find_one(bson::doc! { "_id": &id }).await.unwrap().unwrap();
+        if !doc.contains_key("historyPending") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     // Simulate a crash right after the commit of version 2: its history copy is missing
     // and the current document still says so.
     let history = app.mongo.collection::<bson::Document>("Patient_4_0_0_History");
