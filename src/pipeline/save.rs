@@ -277,14 +277,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         // PATCH defers that; every other write finds the log copied and empty).
         let mut version_log = current.as_ref().map_or_else(Vec::new, |c| c.version_log.clone());
         if let Some(c) = current.as_ref().filter(|c| c.history_pending) {
-            let mut logged = bson::doc! { "versionId": c.version, "lastUpdated": c.last_updated, "method": &c.method };
-            // A Group's member count is per version: it travels with the version's meta.
-            match c.member_count {
-                Some(Some(n)) => logged.insert("memberCount", n as i64),
-                Some(None) => logged.insert("memberCount", bson::Bson::Null),
-                None => None,
-            };
-            version_log.push(logged);
+            version_log.push(c.log_entry());
         }
         let commit = Commit {
             id: req.id,
@@ -338,11 +331,6 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 (_, Some(p)) => state.member_index.advance(req.id, base, version, empty_before, p.changes()),
                 (_, None) => state.member_index.advance(req.id, base, version, empty_before, []),
             }
-        }
-        drop(planned);
-        // A PATCH's member events are written by this path (below, after the answer); the
-        // POST/PUT member array is the sync hook's job. Hooks see which.
-        if member_events {
             // What MongoDB now holds: the commit's fields plus every batch still pending.
             if interaction == Interaction::Delete {
                 store.forget_recent(rt, req.id);
@@ -356,6 +344,8 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 store.remember_recent(rt, req.id, doc);
             }
         }
+        // A PATCH's member events are written by this path (after the answer); the POST/PUT
+        // member array is the sync hook's job. Hooks see which through the flag.
         // Events of this PATCH that the background flusher inserts (0: none, or not a PATCH).
         let patched_events = match (&interaction, &staged) {
             (Interaction::Patch, Some(batch)) => batch.doc.get_i64("count").unwrap_or(1).max(1) as usize,

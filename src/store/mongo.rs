@@ -264,14 +264,8 @@ impl ResourceStore {
             "historyPending": true,
         };
         current.insert("versionLog", c.version_log.iter().cloned().map(Bson::Document).collect::<Vec<_>>());
-        match c.member_count {
-            None => {}
-            Some(None) => {
-                current.insert("memberCount", Bson::Null);
-            }
-            Some(Some(n)) => {
-                current.insert("memberCount", n as i64);
-            }
+        if let Some(count) = c.member_count {
+            current.insert("memberCount", member_count_bson(count));
         }
         let Some(base) = c.base else {
             if let Some(resource) = &c.resource {
@@ -498,6 +492,23 @@ impl ResourceStore {
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.db.run_command(doc! { "ping": 1 }).await?;
         Ok(())
+    }
+}
+
+/// How a Group's member count is stored: `null` when members were never enumerated.
+fn member_count_bson(count: Option<u64>) -> Bson {
+    count.map_or(Bson::Null, |n| Bson::Int64(n as i64))
+}
+
+impl Version {
+    /// This version's entry in a later version's `versionLog`: what differs from that
+    /// version's content (the inverse of [`history_entry`]).
+    pub fn log_entry(&self) -> Document {
+        let mut entry = doc! { "versionId": self.version, "lastUpdated": self.last_updated, "method": &self.method };
+        if let Some(count) = self.member_count {
+            entry.insert("memberCount", member_count_bson(count));
+        }
+        entry
     }
 }
 

@@ -110,6 +110,11 @@ fn member(reference: &str) -> Value {
     json!({ "entity": { "reference": reference } })
 }
 
+/// A JSON Patch adding these members.
+fn adds<S: AsRef<str>>(references: impl IntoIterator<Item = S>) -> Value {
+    references.into_iter().map(|r| json!({ "op": "add", "path": "/member/-", "value": member(r.as_ref()) })).collect()
+}
+
 async fn members(app: &TestApp, id: &str) -> (u16, Vec<String>) {
     let r = app.get(&format!("Group/{id}")).await;
     let status = r.status().as_u16();
@@ -155,7 +160,7 @@ async fn clickhouse_dies_between_the_mongo_commit_and_the_event_insert() {
     // ClickHouse answers the planning reads but dies on the insert: the version is
     // committed with its events in the outbox, so the client is told the truth (200).
     proxy.set(NO_INSERTS);
-    let r = app.patch("Group/f1", &json!([{ "op": "add", "path": "/member/-", "value": member("Patient/c") }])).await;
+    let r = app.patch("Group/f1", &adds(["Patient/c"])).await;
     assert_eq!(r.status(), 200);
     assert_eq!(etag(&r), "W/\"2\"");
     // While the events cannot be inserted, no reader sees version 2 without them.
@@ -164,7 +169,7 @@ async fn clickhouse_dies_between_the_mongo_commit_and_the_event_insert() {
     let r = app.get("Group?member=Patient/c").await;
     assert_eq!(r.status(), 503, "the reverse index is not answered without the pending events");
     // A PATCH naming its member by reference is planned over the pending events: accepted.
-    let r = app.patch("Group/f1", &json!([{ "op": "add", "path": "/member/-", "value": member("Patient/d") }])).await;
+    let r = app.patch("Group/f1", &adds(["Patient/d"])).await;
     assert_eq!(r.status(), 200);
     assert_eq!(etag(&r), "W/\"3\"");
     // One that needs positions must see every event in the views: refused, nothing written.
@@ -201,7 +206,7 @@ async fn clickhouse_down_before_the_write_changes_nothing_it_cannot_finish() {
     assert_eq!(etag(&app.get("Group/f2").await), "W/\"1\"", "refused writes changed nothing");
     // A new member is known not to be active without ClickHouse: the write is durable in
     // MongoDB and acknowledged; its events wait there.
-    let r = app.patch("Group/f2", &json!([{ "op": "add", "path": "/member/-", "value": member("Patient/b") }])).await;
+    let r = app.patch("Group/f2", &adds(["Patient/b"])).await;
     assert_eq!(r.status(), 200);
     assert_eq!(members(&app, "f2").await.0, 503, "but nobody reads members without them");
     proxy.set(PASS);
@@ -219,10 +224,8 @@ async fn a_pending_batch_is_finished_by_the_start_up_sweep_and_never_duplicated(
     let app = spawn_with(settings.clone(), Default::default()).await;
     app.put("Group/f3", &json!({ "resourceType": "Group", "id": "f3", "type": "person", "actual": true })).await;
     proxy.set(NO_INSERTS);
-    let ops: Vec<Value> = (0..100)
-        .map(|i| json!({ "op": "add", "path": "/member/-", "value": member(&format!("Patient/{i}")) }))
-        .collect();
-    assert_eq!(app.patch("Group/f3", &Value::Array(ops)).await.status(), 200);
+    let ops = adds((0..100).map(|i| format!("Patient/{i}")));
+    assert_eq!(app.patch("Group/f3", &ops).await.status(), 200);
     let pending = roster::group::outbox::pending_in(&group_doc(&app, "f3").await);
     assert_eq!(pending.len(), 1, "batch pending in MongoDB");
 
@@ -259,7 +262,7 @@ async fn mongo_down_at_the_commit_writes_no_events() {
     let app = spawn_with(settings, Default::default()).await;
     app.put("Group/f4", &json!({ "resourceType": "Group", "id": "f4", "type": "person", "actual": true, "member": [member("Patient/a")] })).await;
     proxy.set(DOWN);
-    let r = app.patch("Group/f4", &json!([{ "op": "add", "path": "/member/-", "value": member("Patient/b") }])).await;
+    let r = app.patch("Group/f4", &adds(["Patient/b"])).await;
     assert!(r.status().is_server_error(), "{}", r.status());
     assert_eq!(event_rows(&app, "f4").await, 1, "no event of an uncommitted write");
     proxy.set(PASS);
@@ -285,10 +288,8 @@ async fn flushers_racing_in_two_processes_insert_every_event_once() {
     // 20 acknowledged PATCHes whose events all wait in MongoDB.
     proxy.set(NO_INSERTS);
     for b in 0..20 {
-        let ops: Vec<Value> = (0..50)
-            .map(|i| json!({ "op": "add", "path": "/member/-", "value": member(&format!("Patient/{b}-{i}")) }))
-            .collect();
-        assert_eq!(app.patch("Group/f5", &Value::Array(ops)).await.status(), 200);
+        let ops = adds((0..50).map(|i| format!("Patient/{b}-{i}")));
+        assert_eq!(app.patch("Group/f5", &ops).await.status(), 200);
     }
     assert_eq!(pending_batches(&app, "f5").await, 20);
     // ClickHouse is back; a second server process starts on the same databases (its
@@ -339,7 +340,7 @@ async fn two_processes_writing_one_group_see_each_others_members() {
     let settings = test_settings();
     let a = spawn_with(settings.clone(), Default::default()).await;
     let b = spawn_with(settings, Default::default()).await;
-    let add = |r: &str| json!([{ "op": "add", "path": "/member/-", "value": member(r) }]);
+    let add = |r: &str| adds([r]);
     let group = json!({ "resourceType": "Group", "id": "f6", "type": "person", "actual": true, "member": [member("Patient/1")] });
     assert_eq!(a.put("Group/f6", &group).await.status(), 201);
     assert_eq!(a.patch("Group/f6", &add("Patient/2")).await.status(), 200);
