@@ -39,9 +39,6 @@ impl Server {
             .env("ROSTER_GROUP_MAX_PATCH_OPS", "100000")
             .env("ROSTER_BODY_LIMIT_BYTES", "1073741824")
             .env("ROSTER_LOG", "warn")
-            // SecantusDB can stall for seconds on the baseline's multi-megabyte documents;
-            // the driver's default 10 s would drop every connection and fail requests.
-            .env("ROSTER_MONGO_URI", mongo_uri_patient_of_stalls())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -57,13 +54,6 @@ impl Server {
         let _ = child.wait();
         panic!("{mode} server did not start");
     }
-}
-
-/// The services' MongoDB URI with a 60 s connect/monitor timeout.
-fn mongo_uri_patient_of_stalls() -> String {
-    let uri = std::env::var("ROSTER_MONGO_URI").expect("ROSTER_MONGO_URI (run through `make bench`)");
-    let sep = if uri.contains('?') { '&' } else { '?' };
-    format!("{uri}{sep}connectTimeoutMS=60000")
 }
 
 /// Resident memory of a process, in KiB (0 when unreadable).

@@ -128,7 +128,9 @@ stop_one() { # name pidfile
 }
 
 print_env() {
-  echo "export ROSTER_MONGO_URI='mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true'"
+  # SecantusDB can stall for seconds (big documents, index builds under parallel tests);
+  # the driver's default 10 s connect/monitor timeout then drops every pooled connection.
+  echo "export ROSTER_MONGO_URI='mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true&connectTimeoutMS=60000'"
   echo "export ROSTER_CLICKHOUSE_URL='http://127.0.0.1:$CH_HTTP_PORT'"
   echo "export ROSTER_CLICKHOUSE_USER='default'"
   echo "export ROSTER_CLICKHOUSE_PASSWORD=''"
