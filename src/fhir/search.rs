@@ -272,6 +272,9 @@ pub async fn search_type(
     let rt = known_type(&rt)?;
     let query = query.unwrap_or_default();
     let mut params = SearchParams::parse(rt, &query, headers::prefer_strict(&headers))?;
+    // With `member`, the candidate ids are known: when a first page can hold them all, the
+    // page itself is the total and the count query is skipped.
+    let mut page_is_total = false;
     if let Some(member) = &params.member {
         // The reverse index answers which groups hold the member; MongoDB then applies the
         // other parameters, hides deleted groups, sorts and pages.
@@ -290,6 +293,7 @@ pub async fn search_type(
             true => ids.map_err(|e| unavailable(&e))?,
             false => crate::group::read::groups_of(&state.clickhouse, member).await.map_err(|e| unavailable(&e))?,
         };
+        page_is_total = params.cursor.is_none() && (ids.len() as i64) <= params.count.unwrap_or(DEFAULT_COUNT);
         params.filter.push(doc! { "_id": { "$in": ids } });
     }
     let format = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "_format").map(|(_, v)| v.into_owned());
@@ -300,13 +304,20 @@ pub async fn search_type(
     let only_total = params.summary_count || count == 0;
     // The total and the page are independent queries: asked together.
     let order = params.order()?;
-    let (total, page) = tokio::join!(state.store.count(rt, filter.clone()), async {
-        if only_total {
-            Ok(Vec::new())
-        } else {
-            state.store.search(rt, filter, &order, count + 1).await
+    let (total, page) = tokio::join!(
+        async {
+            match page_is_total && !only_total {
+                true => Ok(None), // the page below is the total
+                false => state.store.count(rt, filter.clone()).await.map(Some),
+            }
+        },
+        async {
+            match only_total {
+                true => Ok(Vec::new()),
+                false => state.store.search(rt, filter.clone(), &order, count + 1).await,
+            }
         }
-    });
+    );
     let total = total.map_err(store_error)?;
     let outcome = (!params.unknown.is_empty()).then(|| {
         operation_outcome(
@@ -318,9 +329,10 @@ pub async fn search_type(
     });
     if only_total {
         let links = Links { self_link: params.link(&base, count, params.cursor.as_deref()), next: None };
-        return Ok(fhir_json(StatusCode::OK, &searchset(&state.fhir_base(), rt, &[], Some(total), &links, outcome)));
+        return Ok(fhir_json(StatusCode::OK, &searchset(&state.fhir_base(), rt, &[], total, &links, outcome)));
     }
     let mut page = page.map_err(store_error)?;
+    let total = total.or(Some(page.len() as u64));
     let more = page.len() as i64 > count;
     page.truncate(count as usize);
     let next = match page.last() {
@@ -338,7 +350,7 @@ pub async fn search_type(
         }
     }
     let links = Links { self_link: params.link(&base, count, params.cursor.as_deref()), next };
-    Ok(fhir_json(StatusCode::OK, &searchset(&state.fhir_base(), rt, &page, Some(total), &links, outcome)))
+    Ok(fhir_json(StatusCode::OK, &searchset(&state.fhir_base(), rt, &page, total, &links, outcome)))
 }
 
 /// For `If-None-Exist`: the one existing match, `None` when there is none, 412 when

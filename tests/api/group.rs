@@ -237,7 +237,18 @@ async fn search_by_member_uses_current_membership() {
             .map(|e| e.iter().map(|x| x["resource"]["id"].as_str().unwrap().to_string()).collect())
             .unwrap_or_default()
     };
-    assert_eq!(ids(json(app.get("Group?member=Patient/2").await).await), ["s1", "s2"]);
+    let both = json(app.get("Group?member=Patient/2").await).await;
+    assert_eq!((ids(both.clone()), both["total"].as_u64()), (vec!["s1".to_string(), "s2".into()], Some(2)));
+    // A page smaller than the match set still reports the full total and links onwards.
+    let first = json(app.get("Group?member=Patient/2&_count=1").await).await;
+    assert_eq!((ids(first.clone()), first["total"].as_u64()), (vec!["s1".to_string()], Some(2)));
+    let next = first["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").expect("a next link");
+    let rest = next["url"].as_str().unwrap().split_once("/4_0_0/").unwrap().1.to_string();
+    let second = json(app.get(&rest).await).await;
+    assert_eq!((ids(second.clone()), second["total"].as_u64()), (vec!["s2".to_string()], Some(2)));
+    // Other parameters narrow the page and the total together.
+    let named = json(app.get("Group?member=Patient/2&_id=s2").await).await;
+    assert_eq!((ids(named.clone()), named["total"].as_u64()), (vec!["s2".to_string()], Some(1)));
     assert_eq!(ids(json(app.get("Group?member=Patient/1").await).await), ["s1"]);
     patch_ok(&app, "Group/s1", json!([{ "op": "remove", "path": "/member", "value": member("Patient/2") }])).await;
     assert_eq!(ids(json(app.get("Group?member=Patient/2").await).await), ["s2"]);
