@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod eventstore;
 pub mod fhir;
 pub mod group;
 pub mod migrate;

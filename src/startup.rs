@@ -194,6 +194,7 @@ async fn shutdown_signal() {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(fhir::routes())
+        .merge(crate::eventstore::http::routes())
         .route("/health", get(health))
         .route("/ready", get(ready))
         .fallback(not_found)

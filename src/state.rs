@@ -1,6 +1,7 @@
 use std::sync::Arc;
 
 use crate::config::GroupSettings;
+use crate::eventstore::log::{ClickHouseEventStore, SharedEventStore};
 use crate::group::flusher::Flusher;
 use crate::group::index::MemberIndex;
 use crate::group::MemberStorage;
@@ -25,6 +26,8 @@ pub struct AppState {
     pub member_index: Arc<MemberIndex>,
     /// Moves pending member batches into ClickHouse (see `group::flusher`).
     pub flusher: Arc<Flusher>,
+    /// The general event store (`/events`).
+    pub events: SharedEventStore,
 }
 
 impl AppState {
@@ -40,6 +43,7 @@ impl AppState {
         let fhir_base = format!("{base_url}/4_0_0");
         let capability_statement = crate::fhir::metadata::capability_statement_json(&fhir_base).to_string().into();
         AppState {
+            events: Arc::new(ClickHouseEventStore::new(store.database(), clickhouse.clone())),
             flusher: Flusher::new(store.clone(), clickhouse.clone()),
             store,
             clickhouse,

@@ -114,7 +114,7 @@ const RECENT_DOCS: usize = 4_096;
 /// Entries kept in [`ResourceStore::copied`] before it starts over.
 const COPIED_ENTRIES: usize = 65_536;
 
-fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+pub fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     match &*e.kind {
         ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == 11000,
         ErrorKind::Command(c) => c.code == 11000,

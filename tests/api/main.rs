@@ -4,6 +4,7 @@
 mod cli;
 mod crud;
 mod errors;
+mod eventstore;
 mod faults;
 mod group;
 mod helpers;

@@ -1,0 +1,235 @@
+//! The event store over HTTP (plain JSON, not FHIR):
+//!
+//! - `POST /events/{streamId}` with `[{"eventType","data","metadata"?,"eventId"?}]` and
+//!   `ES-Expected-Version: any|no-stream|exists|<n>` (default `any`) → 201
+//!   `{"nextExpectedVersion","firstPosition","position"}`, 409 on a wrong expected version;
+//! - `GET /events/{streamId}?from=&max=`, `GET /events?from=&max=`,
+//!   `GET /events/{streamId}/version`;
+//! - `GET /events/subscribe?from=` as Server-Sent Events: catch-up, then live; each event's
+//!   SSE id is its position, so a reconnecting client's `Last-Event-ID` resumes after it.
+//!
+//! Bad input is a 400 `{"error","field"}` naming the field. `subscribe` is therefore not a
+//! readable stream id over HTTP.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::subscribe::subscribe;
+use super::{EventStore, EventStoreError, ExpectedVersion, NewEvent, StoredEvent};
+use crate::state::AppState;
+
+/// Most events one read returns.
+pub const MAX_READ: usize = 10_000;
+const DEFAULT_READ: usize = 100;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/events", get(read_all))
+        .route("/events/subscribe", get(sse))
+        .route("/events/{stream}", get(read_stream).post(append))
+        .route("/events/{stream}/version", get(stream_version))
+}
+
+impl IntoResponse for EventStoreError {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self {
+            EventStoreError::WrongExpectedVersion { stream, expected, actual } => (
+                StatusCode::CONFLICT,
+                json!({ "error": self.to_string(), "streamId": stream,
+                        "expectedVersion": expected.to_string(), "actualVersion": actual }),
+            ),
+            EventStoreError::Invalid { field, .. } => {
+                (StatusCode::BAD_REQUEST, json!({ "error": self.to_string(), "field": field }))
+            }
+            EventStoreError::Unavailable(_) => {
+                tracing::warn!(error = %self, "event store unavailable");
+                (StatusCode::SERVICE_UNAVAILABLE, json!({ "error": self.to_string() }))
+            }
+        };
+        json_response(status, &body)
+    }
+}
+
+fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
+    let text = serde_json::to_string(body).unwrap_or_else(|_| "{}".into());
+    (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+#[derive(Deserialize)]
+struct Paging {
+    from: Option<String>,
+    max: Option<String>,
+}
+
+impl Paging {
+    fn parse(&self) -> Result<(u64, usize), EventStoreError> {
+        let number = |field: &str, v: &Option<String>, default: u64| match v {
+            None => Ok(default),
+            Some(s) => {
+                s.parse::<u64>().map_err(|_| EventStoreError::invalid(field, format!("'{s}' is not a number ≥ 0")))
+            }
+        };
+        let from = number("from", &self.from, 0)?;
+        let max = number("max", &self.max, DEFAULT_READ as u64)?;
+        if max == 0 || max > MAX_READ as u64 {
+            return Err(EventStoreError::invalid("max", format!("must be 1 to {MAX_READ}")));
+        }
+        Ok((from, max as usize))
+    }
+}
+
+fn events_json(events: &[StoredEvent], extra: &str) -> Response {
+    let mut out = String::with_capacity(events.len() * 256 + 64);
+    out.push('{');
+    out.push_str(extra);
+    out.push_str("\"events\":[");
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        e.write_json(&mut out);
+    }
+    out.push_str("]}");
+    ([(header::CONTENT_TYPE, "application/json")], out).into_response()
+}
+
+async fn read_all(State(state): State<AppState>, Query(p): Query<Paging>) -> Result<Response, EventStoreError> {
+    let (from, max) = p.parse()?;
+    let events = state.events.read_all(from, max).await?;
+    let next = events.last().map_or(from, |e| e.position + 1);
+    Ok(events_json(&events, &format!("\"next\":{next},")))
+}
+
+async fn read_stream(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+    Query(p): Query<Paging>,
+) -> Result<Response, EventStoreError> {
+    let (from, max) = p.parse()?;
+    let events = state.events.read_stream(&stream, from, max).await?;
+    let next = events.last().map_or(from, |e| e.stream_version + 1);
+    let id = serde_json::to_string(&stream).unwrap_or_default();
+    Ok(events_json(&events, &format!("\"streamId\":{id},\"next\":{next},")))
+}
+
+async fn stream_version(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+) -> Result<Response, EventStoreError> {
+    let version = state.events.stream_version(&stream).await?;
+    Ok(json_response(StatusCode::OK, &json!({ "streamId": stream, "version": version })))
+}
+
+/// The body of an append: an array of events.
+pub fn parse_events(body: &[u8]) -> Result<Vec<NewEvent>, EventStoreError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| EventStoreError::invalid("body", format!("not JSON: {e}")))?;
+    let Value::Array(items) = value else {
+        return Err(EventStoreError::invalid("body", "must be a JSON array of events"));
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let field = |f: &str| format!("[{i}].{f}");
+            let Value::Object(mut o) = item else {
+                return Err(EventStoreError::invalid(&format!("[{i}]"), "must be an object"));
+            };
+            let event_type = match o.remove("eventType") {
+                Some(Value::String(s)) => s,
+                _ => return Err(EventStoreError::invalid(&field("eventType"), "a string is required")),
+            };
+            let data = match o.remove("data") {
+                Some(v) => v.to_string(),
+                None => return Err(EventStoreError::invalid(&field("data"), "required (any JSON value)")),
+            };
+            let metadata = match o.remove("metadata") {
+                None | Some(Value::Null) => Default::default(),
+                Some(Value::Object(m)) => m
+                    .into_iter()
+                    .map(|(k, v)| match v {
+                        Value::String(s) => Ok((k, s)),
+                        _ => Err(EventStoreError::invalid(&field(&format!("metadata.{k}")), "values must be strings")),
+                    })
+                    .collect::<Result<_, _>>()?,
+                Some(_) => return Err(EventStoreError::invalid(&field("metadata"), "must be an object of strings")),
+            };
+            let event_id = match o.remove("eventId") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(
+                    s.parse()
+                        .map_err(|_| EventStoreError::invalid(&field("eventId"), format!("'{s}' is not a UUID")))?,
+                ),
+                Some(_) => return Err(EventStoreError::invalid(&field("eventId"), "must be a UUID string")),
+            };
+            if let Some(unknown) = o.keys().next() {
+                return Err(EventStoreError::invalid(&field(unknown), "unknown field"));
+            }
+            Ok(NewEvent { event_id, event_type, data, metadata })
+        })
+        .collect()
+}
+
+async fn append(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, EventStoreError> {
+    let expected = match headers.get("es-expected-version") {
+        None => ExpectedVersion::Any,
+        Some(v) => v
+            .to_str()
+            .map_err(|_| EventStoreError::invalid("ES-Expected-Version", "not text"))?
+            .parse()
+            .map_err(|m: String| EventStoreError::invalid("ES-Expected-Version", m))?,
+    };
+    let events = parse_events(&body)?;
+    let result = state.events.append(&stream, expected, events).await?;
+    Ok(json_response(StatusCode::CREATED, &result))
+}
+
+#[derive(Deserialize)]
+struct Resume {
+    from: Option<String>,
+}
+
+async fn sse(
+    State(state): State<AppState>,
+    Query(q): Query<Resume>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, EventStoreError> {
+    // Last-Event-ID (a reconnect) wins over `from`: it is the last position delivered.
+    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let from = match (resume, &q.from) {
+        (Some(id), _) => {
+            id.trim().parse::<u64>().map_err(|_| EventStoreError::invalid("Last-Event-ID", "not a position"))? + 1
+        }
+        (None, Some(f)) => {
+            f.parse().map_err(|_| EventStoreError::invalid("from", format!("'{f}' is not a number ≥ 0")))?
+        }
+        (None, None) => 0,
+    };
+    let events = subscribe(state.events.clone(), from, 1000).map(|r| -> Result<Event, Infallible> {
+        Ok(match r {
+            Ok(e) => {
+                let mut data = String::with_capacity(256);
+                e.write_json(&mut data);
+                Event::default().id(e.position.to_string()).data(data)
+            }
+            Err(e) => Event::default().event("error").data(e.to_string()),
+        })
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

@@ -1,0 +1,219 @@
+//! The product [`EventStore`]: events in ClickHouse (`EventStore_Events`), stream heads
+//! and the log lease in MongoDB (`EventStore_Streams`, `EventStore_Log`).
+//!
+//! # Why positions never have a hole a reader could skip
+//! A store that hands out positions from a sequence and lets writers commit in any order
+//! has holes: position 7 is reserved, 8 commits first, a subscriber reads 8, and 7 then
+//! appears behind it (Marten #4953). Here one appender at a time, across all processes,
+//! holds the *log lease* (see `appender`); only it assigns positions, contiguously, and it
+//! writes each cycle's events to ClickHouse as one block (one part: all or nothing). So
+//! the table is always a gap-free prefix of the log, and `read_all(from)` can simply read
+//! it. If an appender dies or stalls mid-cycle, its lease expires and the next holder
+//! first settles the dead cycle: its block is either in ClickHouse (the appends stand)
+//! or not (their stream heads are rolled back, the positions are reused). A stalled holder
+//! cannot write after its lease ends: it starts no write it could not finish before then
+//! (lease times come from each process's clock, assumed within a second of each other).
+//!
+//! Readers only look at ClickHouse, so a stream's version, its events and the log always
+//! agree: an append is visible whole, once its block is in, and never before.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use super::appender::{Appender, Faults, Request};
+use super::{validate_append, AppendResult, EventStore, EventStoreError, ExpectedVersion, NewEvent, StoredEvent};
+
+pub const EVENTS_TABLE: &str = "EventStore_Events";
+/// How often a waiting subscriber looks for appends made by other processes.
+const POLL: Duration = Duration::from_millis(100);
+
+/// One event row of `EventStore_Events`.
+#[derive(Debug, Clone, Row, Serialize, Deserialize)]
+pub struct EventRow {
+    pub position: u64,
+    pub stream_id: String,
+    pub stream_version: u64,
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub data: String,
+    pub metadata: Vec<(String, String)>,
+    /// Milliseconds since the epoch (`DateTime64(3)`).
+    pub timestamp: i64,
+}
+
+impl From<EventRow> for StoredEvent {
+    fn from(r: EventRow) -> Self {
+        StoredEvent {
+            position: r.position,
+            stream_id: r.stream_id,
+            stream_version: r.stream_version,
+            event_id: r.event_id,
+            event_type: r.event_type,
+            data: r.data,
+            metadata: r.metadata.into_iter().collect(),
+            timestamp: r.timestamp,
+        }
+    }
+}
+
+const COLUMNS: &str = "position, stream_id, stream_version, event_id, event_type, data, metadata, timestamp";
+
+#[derive(Clone)]
+pub struct ClickHouseEventStore {
+    ch: clickhouse::Client,
+    appends: mpsc::Sender<Request>,
+    last: watch::Receiver<i64>,
+}
+
+impl ClickHouseEventStore {
+    /// A store over `db` and `ch`; its appender task runs until the store is dropped.
+    pub fn new(db: &mongodb::Database, ch: clickhouse::Client) -> ClickHouseEventStore {
+        Self::with_faults(db, ch, Faults::default())
+    }
+
+    /// As [`Self::new`], with injected delays and a lease length (fault tests).
+    pub fn with_faults(db: &mongodb::Database, ch: clickhouse::Client, faults: Faults) -> ClickHouseEventStore {
+        let (tx, rx) = mpsc::channel(4096);
+        let (last_tx, last) = watch::channel(-1);
+        let appender = Appender::new(db, ch.clone(), last_tx, faults);
+        tokio::spawn(appender.run(rx));
+        ClickHouseEventStore { ch, appends: tx, last }
+    }
+
+    async fn fetch(&self, query: clickhouse::query::Query) -> Result<Vec<StoredEvent>, EventStoreError> {
+        let rows: Vec<EventRow> = query.fetch_all().await?;
+        Ok(rows.into_iter().map(StoredEvent::from).collect())
+    }
+
+    /// Streams whose id starts with `prefix`: id, last version, event count, last event
+    /// time (ms), in id order.
+    pub async fn streams(&self, prefix: &str, max: usize) -> Result<Vec<StreamSummary>, EventStoreError> {
+        Ok(self
+            .ch
+            .query(
+                "SELECT stream_id, max(stream_version) AS version, count() AS events, max(timestamp) AS last_event \
+                 FROM EventStore_Events WHERE startsWith(stream_id, {p:String}) GROUP BY stream_id \
+                 ORDER BY stream_id LIMIT {m:UInt64}",
+            )
+            .param("p", prefix)
+            .param("m", max as u64)
+            .fetch_all()
+            .await?)
+    }
+
+    /// Totals for `roster eventstore stats`.
+    pub async fn stats(&self) -> Result<Stats, EventStoreError> {
+        let (events, streams, last, first_time, last_time): (u64, u64, i64, i64, i64) = self
+            .ch
+            .query(
+                "SELECT count(), uniqExact(stream_id), if(count() = 0, -1, toInt64(max(position))), \
+                 toUnixTimestamp64Milli(min(timestamp)), toUnixTimestamp64Milli(max(timestamp)) FROM EventStore_Events",
+            )
+            .fetch_one()
+            .await?;
+        let by_type: Vec<(String, u64)> = self
+            .ch
+            .query(
+                "SELECT event_type, count() AS n FROM EventStore_Events GROUP BY event_type ORDER BY n DESC, event_type LIMIT 20",
+            )
+            .fetch_all()
+            .await?;
+        Ok(Stats { events, streams, last_position: last, first_time, last_time, by_type })
+    }
+}
+
+#[derive(Debug, Clone, Row, Deserialize, Serialize)]
+pub struct StreamSummary {
+    pub stream_id: String,
+    pub version: u64,
+    pub events: u64,
+    pub last_event: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub events: u64,
+    pub streams: u64,
+    pub last_position: i64,
+    pub first_time: i64,
+    pub last_time: i64,
+    pub by_type: Vec<(String, u64)>,
+}
+
+impl EventStore for ClickHouseEventStore {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        mut events: Vec<NewEvent>,
+    ) -> Result<AppendResult, EventStoreError> {
+        validate_append(stream, &mut events)?;
+        let (reply, answer) = oneshot::channel();
+        let request = Request { stream: stream.to_string(), expected, events, reply };
+        self.appends
+            .send(request)
+            .await
+            .map_err(|_| EventStoreError::Unavailable("the appender has stopped".into()))?;
+        answer.await.map_err(|_| EventStoreError::Unavailable("the appender stopped during the append".into()))?
+    }
+
+    async fn read_stream(&self, stream: &str, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
+        self.fetch(
+            self.ch
+                .query(&format!(
+                    "SELECT {COLUMNS} FROM EventStore_Events WHERE stream_id = {{s:String}} AND stream_version >= {{v:UInt64}} \
+                     ORDER BY stream_version LIMIT 1 BY stream_version LIMIT {{m:UInt64}}"
+                ))
+                .param("s", stream)
+                .param("v", from)
+                .param("m", max as u64),
+        )
+        .await
+    }
+
+    async fn read_all(&self, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
+        self.fetch(
+            self.ch
+                .query(&format!(
+                    "SELECT {COLUMNS} FROM EventStore_Events WHERE position >= {{f:UInt64}} \
+                     ORDER BY position LIMIT 1 BY position LIMIT {{m:UInt64}}"
+                ))
+                .param("f", from)
+                .param("m", max as u64),
+        )
+        .await
+    }
+
+    async fn stream_version(&self, stream: &str) -> Result<i64, EventStoreError> {
+        Ok(self
+            .ch
+            .query(
+                "SELECT if(count() = 0, -1, toInt64(max(stream_version))) FROM EventStore_Events WHERE stream_id = {s:String}",
+            )
+            .param("s", stream)
+            .fetch_one()
+            .await?)
+    }
+
+    async fn last_position(&self) -> Result<i64, EventStoreError> {
+        Ok(self
+            .ch
+            .query("SELECT if(count() = 0, -1, toInt64(max(position))) FROM EventStore_Events")
+            .fetch_one()
+            .await?)
+    }
+
+    async fn wait_for_more(&self, position: i64) {
+        let mut last = self.last.clone();
+        let _ = tokio::time::timeout(POLL, last.wait_for(|&p| p > position)).await;
+    }
+}
+
+/// The store as handlers hold it.
+pub type SharedEventStore = Arc<ClickHouseEventStore>;

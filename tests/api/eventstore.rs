@@ -1,0 +1,276 @@
+//! The general event store on the real services: over HTTP, and as two store instances
+//! with their own connections (two processes, as far as the stores can tell).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use roster::eventstore::appender::Faults;
+use roster::eventstore::log::ClickHouseEventStore;
+use roster::eventstore::subscribe::subscribe;
+use roster::eventstore::{EventStore, EventStoreError, ExpectedVersion, NewEvent};
+use serde_json::{json, Value};
+
+use crate::helpers::{json, spawn_app, TestApp};
+
+async fn append(app: &TestApp, stream: &str, expected: Option<&str>, body: &Value) -> reqwest::Response {
+    let mut r = app.client.post(format!("{}/events/{stream}", app.address)).body(body.to_string());
+    if let Some(e) = expected {
+        r = r.header("ES-Expected-Version", e);
+    }
+    r.send().await.unwrap()
+}
+
+async fn get(app: &TestApp, path: &str) -> Value {
+    let r = app.client.get(format!("{}{path}", app.address)).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    json(r).await
+}
+
+fn one(event_type: &str) -> Value {
+    json!([{ "eventType": event_type, "data": { "n": 1 } }])
+}
+
+/// A second store on the app's databases, with its own MongoDB and ClickHouse connections.
+async fn second_store(app: &TestApp, faults: Faults) -> Arc<ClickHouseEventStore> {
+    let db = roster::startup::mongo_database(&app.settings).await.unwrap();
+    let ch = roster::migrate::clickhouse_client(&app.settings.clickhouse);
+    Arc::new(ClickHouseEventStore::with_faults(&db, ch, faults))
+}
+
+fn events(tag: &str, n: usize) -> Vec<NewEvent> {
+    (0..n).map(|i| NewEvent::new(tag, &json!({ "i": i }))).collect()
+}
+
+#[tokio::test]
+async fn expected_versions_reads_and_bad_input_over_http() {
+    let app = spawn_app().await;
+    let status = |r: &reqwest::Response| r.status().as_u16();
+    // no-stream: only for a new stream.
+    let r = append(
+        &app,
+        "order-1",
+        Some("no-stream"),
+        &json!([
+            { "eventType": "placed", "data": { "total": 10 }, "metadata": { "actor": "ann" } },
+            { "eventType": "paid", "data": [1, 2] }
+        ]),
+    )
+    .await;
+    assert_eq!(status(&r), 201);
+    assert_eq!(json(r).await, json!({ "nextExpectedVersion": 1, "firstPosition": 0, "position": 1 }));
+    let r = append(&app, "order-1", Some("no-stream"), &one("x")).await;
+    assert_eq!(status(&r), 409);
+    let conflict = json(r).await;
+    assert_eq!(
+        (conflict["actualVersion"].clone(), conflict["expectedVersion"].clone()),
+        (json!(1), json!("no-stream"))
+    );
+    // exists: only for an existing one.
+    assert_eq!(status(&append(&app, "order-2", Some("exists"), &one("x")).await), 409);
+    assert_eq!(status(&append(&app, "order-1", Some("exists"), &one("shipped")).await), 201);
+    // exact versions.
+    assert_eq!(status(&append(&app, "order-1", Some("1"), &one("x")).await), 409);
+    let r = append(&app, "order-1", Some("2"), &one("delivered")).await;
+    assert_eq!(json(r).await["nextExpectedVersion"], 3);
+    // any (also the default).
+    assert_eq!(status(&append(&app, "order-2", None, &one("placed")).await), 201);
+    assert_eq!(status(&append(&app, "order-2", Some("any"), &one("paid")).await), 201);
+
+    let stream = get(&app, "/events/order-1?from=1&max=2").await;
+    let types: Vec<&str> =
+        stream["events"].as_array().unwrap().iter().map(|e| e["eventType"].as_str().unwrap()).collect();
+    assert_eq!(types, ["paid", "shipped"]);
+    assert_eq!(stream["next"], 3);
+    assert_eq!(stream["events"][0]["data"], json!([1, 2]));
+    let first = get(&app, "/events/order-1?max=1").await;
+    assert_eq!(first["events"][0]["metadata"], json!({ "actor": "ann" }));
+    assert_eq!(get(&app, "/events/order-1/version").await["version"], 3);
+    assert_eq!(get(&app, "/events/nobody/version").await["version"], -1);
+    let all = get(&app, "/events?from=3&max=10").await;
+    let positions: Vec<(u64, &str)> = all["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["position"].as_u64().unwrap(), e["streamId"].as_str().unwrap()))
+        .collect();
+    assert_eq!(positions, [(3, "order-1"), (4, "order-2"), (5, "order-2")]);
+    assert_eq!(all["next"], 6);
+
+    // Bad input names the field.
+    for (expected, body, field) in [
+        (Some("-1"), one("x"), "ES-Expected-Version"),
+        (Some("soon"), one("x"), "ES-Expected-Version"),
+        (None, json!({ "eventType": "x" }), "body"),
+        (None, json!([]), "events"),
+        (None, json!([{ "data": 1 }]), "[0].eventType"),
+        (None, json!([{ "eventType": "x" }]), "[0].data"),
+        (None, json!([{ "eventType": "x", "data": 1, "eventId": "nope" }]), "[0].eventId"),
+        (None, json!([{ "eventType": "x", "data": 1, "metadata": { "a": 1 } }]), "[0].metadata.a"),
+        (None, json!([{ "eventType": "x", "data": 1, "colour": "red" }]), "[0].colour"),
+    ] {
+        let r = append(&app, "order-3", expected, &body).await;
+        assert_eq!(status(&r), 400, "{body}");
+        assert_eq!(json(r).await["field"], field, "{body}");
+    }
+    let r = app.client.get(format!("{}/events?max=0", app.address)).send().await.unwrap();
+    assert_eq!((status(&r), json(r).await["field"].clone()), (400, json!("max")));
+    assert_eq!(get(&app, "/events/order-3/version").await["version"], -1, "nothing of a refused append is written");
+}
+
+#[tokio::test]
+async fn a_retried_append_is_not_written_twice() {
+    let app = spawn_app().await;
+    let body = json!([
+        { "eventType": "a", "data": {}, "eventId": "6a2f41a3-c54c-4c36-8b7e-2f8f2a0d1b01" },
+        { "eventType": "b", "data": {}, "eventId": "6a2f41a3-c54c-4c36-8b7e-2f8f2a0d1b02" }
+    ]);
+    let first = json(append(&app, "s", Some("no-stream"), &body).await).await;
+    // The client did not see the answer and sends the same append again.
+    let again = append(&app, "s", Some("no-stream"), &body).await;
+    assert_eq!(again.status(), 201, "a retry is not a conflict");
+    assert_eq!(json(again).await, first);
+    assert_eq!(get(&app, "/events/s/version").await["version"], 1);
+    assert_eq!(get(&app, "/events?max=100").await["events"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn two_stores_racing_on_one_stream_never_duplicate_or_skip_a_version() {
+    let app = spawn_app().await;
+    let stores = [second_store(&app, Faults::default()).await, second_store(&app, Faults::default()).await];
+    let mut tasks = Vec::new();
+    for (w, store) in stores.iter().enumerate().flat_map(|(s, st)| (0..4).map(move |w| (s * 4 + w, st.clone()))) {
+        tasks.push(tokio::spawn(async move {
+            let (mut won, mut lost) = (0, 0);
+            for i in 0..8 {
+                let v = store.stream_version("race").await.unwrap();
+                let expected = if v < 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(v as u64) };
+                match store.append("race", expected, events(&format!("w{w}-{i}"), 1)).await {
+                    Ok(r) => {
+                        assert_eq!(r.next_expected_version as i64, v + 1);
+                        won += 1;
+                    }
+                    Err(EventStoreError::WrongExpectedVersion { .. }) => lost += 1,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            (won, lost)
+        }));
+    }
+    let (mut won, mut lost) = (0, 0);
+    for t in tasks {
+        let (w, l) = t.await.unwrap();
+        won += w;
+        lost += l;
+    }
+    assert!(lost > 0, "8 writers racing on one stream must see conflicts");
+    let stream = stores[0].read_stream("race", 0, 1000).await.unwrap();
+    let versions: Vec<u64> = stream.iter().map(|e| e.stream_version).collect();
+    assert_eq!(versions, (0..won as u64).collect::<Vec<_>>(), "every win is one version, none twice or skipped");
+    let all = stores[1].read_all(0, 1000).await.unwrap();
+    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
+    assert_eq!(positions, (0..won as u64).collect::<Vec<_>>(), "positions have no gap");
+    assert_eq!(stores[1].stream_version("race").await.unwrap(), won as i64 - 1);
+}
+
+/// Marten #4953: an appender that holds a reserved position and stalls must not let a
+/// subscriber run past it.
+#[tokio::test]
+async fn a_stalled_appender_delays_the_log_but_no_subscriber_skips_its_events() {
+    let app = spawn_app().await;
+    let lease = Duration::from_secs(6);
+    let fast = second_store(&app, Faults { lease, ..Faults::default() }).await;
+    let seen = {
+        let fast = fast.clone();
+        tokio::spawn(async move {
+            let sub = subscribe(fast, 0, 100);
+            let got: Vec<_> = sub.take(3).map(|e| e.unwrap()).collect().await;
+            got.into_iter().map(|e| (e.position, e.stream_id)).collect::<Vec<_>>()
+        })
+    };
+    fast.append("before", ExpectedVersion::Any, events("x", 1)).await.unwrap();
+    // The slow appender writes its events, then stalls with the lease still held.
+    let slow = second_store(&app, Faults { lease, after_insert: Duration::from_secs(8), ..Faults::default() }).await;
+    let slow_append = tokio::spawn(async move { slow.append("slow", ExpectedVersion::Any, events("s", 1)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Later appends wait for the lease to expire, then go after the stalled one.
+    let later = fast.append("later", ExpectedVersion::Any, events("l", 1)).await.unwrap();
+    assert_eq!(later.position, 2);
+    let seen = tokio::time::timeout(Duration::from_secs(20), seen).await.unwrap().unwrap();
+    assert_eq!(seen, [(0, "before".to_string()), (1, "slow".to_string()), (2, "later".to_string())]);
+    // Its events were stored, so the stalled appender's client is told so.
+    assert_eq!(slow_append.await.unwrap().unwrap().position, 1);
+}
+
+/// The other half: an appender that dies (stalls past its lease) before its events are
+/// stored is declared dead; its append is rolled back, the log moves on, and the client's
+/// retry lands later.
+#[tokio::test]
+async fn an_appender_declared_dead_before_storing_is_rolled_back_and_the_log_moves_on() {
+    let app = spawn_app().await;
+    let lease = Duration::from_secs(6);
+    let fast = second_store(&app, Faults { lease, ..Faults::default() }).await;
+    fast.append("before", ExpectedVersion::Any, events("x", 1)).await.unwrap();
+    let slow = second_store(&app, Faults { lease, after_heads: Duration::from_secs(8), ..Faults::default() }).await;
+    let mut lost = events("s", 2);
+    for (i, e) in lost.iter_mut().enumerate() {
+        e.event_id = Some(uuid::Uuid::from_u128(0x5100 + i as u128));
+    }
+    let retry = lost.clone();
+    let slow_append = {
+        let slow = slow.clone();
+        tokio::spawn(async move { slow.append("slow", ExpectedVersion::NoStream, lost).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = fast.append("later", ExpectedVersion::Any, events("l", 1)).await.unwrap();
+    assert_eq!(later.position, 1, "the dead appender's positions are reused: nothing was stored at them");
+    assert_eq!(fast.stream_version("slow").await.unwrap(), -1);
+    let outcome = slow_append.await.unwrap();
+    assert!(matches!(outcome, Err(EventStoreError::Unavailable(_))), "{outcome:?}");
+    // The client retries; the stream was rolled back, so no-stream still holds.
+    let landed = slow.append("slow", ExpectedVersion::NoStream, retry).await.unwrap();
+    assert_eq!((landed.first_position, landed.next_expected_version), (2, 1));
+    let all: Vec<(u64, String)> =
+        fast.read_all(0, 100).await.unwrap().into_iter().map(|e| (e.position, e.stream_id)).collect();
+    let expect = [(0, "before"), (1, "later"), (2, "slow"), (3, "slow")];
+    assert_eq!(all, expect.map(|(p, s)| (p, s.to_string())));
+}
+
+#[tokio::test]
+async fn server_sent_events_catch_up_follow_and_resume() {
+    let app = spawn_app().await;
+    append(&app, "a", None, &json!([{ "eventType": "one", "data": 1 }, { "eventType": "two", "data": 2 }])).await;
+    let open = |from: Option<&str>| {
+        let mut r = app.client.get(format!("{}/events/subscribe?from=1", app.address));
+        if let Some(id) = from {
+            r = r.header("Last-Event-ID", id);
+        }
+        r.send()
+    };
+    let r = open(None).await.unwrap();
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let mut body = r.bytes_stream();
+    let mut text = String::new();
+    let mut next_event = async || -> Value {
+        loop {
+            if let Some(end) = text.find("\n\n") {
+                let frame: String = text.drain(..end + 2).collect();
+                if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
+                    return serde_json::from_str(data).unwrap();
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(10), body.next()).await.unwrap().unwrap().unwrap();
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    };
+    assert_eq!(next_event().await["eventType"], "two", "catch-up starts at from=1");
+    append(&app, "b", None, &one("three")).await;
+    let live = next_event().await;
+    assert_eq!((live["position"].clone(), live["eventType"].clone()), (json!(2), json!("three")));
+    // A reconnect with Last-Event-ID resumes after it, whatever `from` says.
+    let mut again = open(Some("1")).await.unwrap().bytes_stream();
+    let chunk = tokio::time::timeout(Duration::from_secs(10), again.next()).await.unwrap().unwrap().unwrap();
+    let text = std::str::from_utf8(&chunk).unwrap();
+    assert!(text.contains("id: 2") && text.contains("\"three\""), "{text}");
+}
