@@ -21,7 +21,17 @@ pub struct Settings {
     pub mongo: MongoSettings,
     pub clickhouse: ClickHouseSettings,
     pub groups: GroupSettings,
+    pub events: EventSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventSettings {
+    /// Routing file (YAML) that turns FHIR writes into events; none: no events recorded.
+    pub routes: Option<std::path::PathBuf>,
+    /// Retention per stream prefix; streams no rule names keep their events forever.
+    pub retention: Vec<crate::eventstore::retention::Rule>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +98,7 @@ impl Default for Settings {
             mongo: MongoSettings::default(),
             clickhouse: ClickHouseSettings::default(),
             groups: GroupSettings::default(),
+            events: EventSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -131,6 +142,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ROSTER_GROUP_MEMBERS", "events (ClickHouse member events) or embedded (members in MongoDB)"),
     ("ROSTER_GROUP_MAX_PATCH_OPS", "most operations in one Group PATCH (default 100000)"),
     ("ROSTER_GROUP_INDEX_CAPACITY", "most members in the in-process member index (default 5000000; 0 = off)"),
+    ("ROSTER_EVENT_ROUTES", "routing file (YAML) turning FHIR writes into events (default: none)"),
     ("ROSTER_LOG_FORMAT", "text or json"),
     ("ROSTER_LOG", "tracing filter, e.g. info or roster=debug"),
 ];
@@ -204,6 +216,9 @@ impl Settings {
             if let Some(v) = env(var) {
                 *slot = v;
             }
+        }
+        if let Some(v) = env("ROSTER_EVENT_ROUTES") {
+            self.events.routes = Some(v.into());
         }
         if let Some(v) = env("ROSTER_GROUP_INDEX_CAPACITY") {
             self.groups.index_capacity = parse("ROSTER_GROUP_INDEX_CAPACITY", &v)?;

@@ -24,6 +24,8 @@ use std::sync::Arc;
 
 use crate::config::Settings;
 use crate::error::FhirError;
+use crate::eventstore::record::EventRecorder;
+use crate::eventstore::routes::RoutingFile;
 use crate::group::hook::GroupMemberSync;
 use crate::pipeline::{Hooks, RequestContext};
 use crate::state::AppState;
@@ -39,6 +41,13 @@ pub struct Application {
     router: Router,
     address: SocketAddr,
     state: AppState,
+    background: Background,
+}
+
+/// Background work besides the member batches: event recording recovery, retention.
+struct Background {
+    recorder: Option<Arc<EventRecorder>>,
+    retention: Vec<crate::eventstore::retention::Rule>,
 }
 
 /// Connects to MongoDB. Server selection is bounded so an unreachable store becomes a
@@ -101,10 +110,22 @@ impl Application {
             settings.body_limit_bytes,
             &settings.groups,
         );
-        // Member arrays of POST/PUT are synced by this hook, first in line.
-        state.hooks = Hooks::default().with(Arc::new(GroupMemberSync::new(state.flusher.clone()))).extend(hooks);
+        // Member arrays of POST/PUT are synced by this hook, first in line; FHIR writes
+        // become events (when a routing file is configured) after it.
+        let mut builtin = Hooks::default().with(Arc::new(GroupMemberSync::new(state.flusher.clone())));
+        let recorder = match &settings.events.routes {
+            Some(path) => {
+                let routes = RoutingFile::load(path)?;
+                let recorder = EventRecorder::new(routes, state.events.clone(), state.store.clone());
+                builtin = builtin.with(recorder.clone());
+                Some(recorder)
+            }
+            None => None,
+        };
+        state.hooks = builtin.extend(hooks);
         let router = router(state.clone());
-        Ok(Application { listener, router, address, state })
+        let background = Background { recorder, retention: settings.events.retention.clone() };
+        Ok(Application { listener, router, address, state, background })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -124,6 +145,7 @@ impl Application {
     /// Serves until `stop` resolves, with the background recovery running meanwhile.
     pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let recovery = tokio::spawn(background_recovery(self.state.store.clone(), self.state.flusher.clone()));
+        let events = tokio::spawn(event_upkeep(self.background, self.state.clickhouse.clone()));
         // Responses go out in more than one write; without TCP_NODELAY, Nagle's algorithm
         // and the client's delayed ACK add ~40 ms to each.
         let listener = self.listener.tap_io(|tcp| {
@@ -133,7 +155,38 @@ impl Application {
         });
         let served = axum::serve(listener, self.router).with_graceful_shutdown(stop).await;
         recovery.abort();
+        events.abort();
         served
+    }
+}
+
+/// How often retention rules are applied while serving.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+/// Records events of writes whose hook did not finish (see `eventstore::record`) and
+/// applies retention.
+async fn event_upkeep(background: Background, ch: clickhouse::Client) {
+    let mut last_retention: Option<std::time::Instant> = None;
+    loop {
+        if let Some(recorder) = &background.recorder {
+            match recorder.sweep().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(versions = n, "events of unfinished writes recorded"),
+                Err(e) => tracing::warn!(error = %e, "event recording recovery failed; retrying later"),
+            }
+        }
+        if !background.retention.is_empty() && last_retention.is_none_or(|t| t.elapsed() >= RETENTION_EVERY) {
+            last_retention = Some(std::time::Instant::now());
+            match crate::eventstore::retention::apply(&ch, &background.retention).await {
+                Ok(done) => {
+                    for (rule, n) in done.into_iter().filter(|(_, n)| *n > 0) {
+                        tracing::info!(prefix = %rule.prefix, days = rule.days, deleted = n, "event retention applied");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "event retention failed; retrying later"),
+            }
+        }
+        tokio::time::sleep(OUTBOX_SWEEP_EVERY).await;
     }
 }
 

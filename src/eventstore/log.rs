@@ -17,6 +17,7 @@
 //! Readers only look at ClickHouse, so a stream's version, its events and the log always
 //! agree: an append is visible whole, once its block is in, and never before.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,6 +106,25 @@ impl ClickHouseEventStore {
             .param("m", max as u64)
             .fetch_all()
             .await?)
+    }
+
+    /// Which of `ids` `stream` already holds (a replay skips them).
+    pub async fn existing_ids(&self, stream: &str, ids: &[Uuid]) -> Result<HashSet<Uuid>, EventStoreError> {
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let texts: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let found: Vec<String> = self
+            .ch
+            .query(
+                "SELECT toString(event_id) FROM EventStore_Events \
+                 WHERE stream_id = {s:String} AND has({ids:Array(UUID)}, event_id)",
+            )
+            .param("s", stream)
+            .param("ids", texts)
+            .fetch_all()
+            .await?;
+        Ok(found.iter().filter_map(|t| t.parse().ok()).collect())
     }
 
     /// Totals for `roster eventstore stats`.

@@ -10,6 +10,9 @@ pub mod appender;
 pub mod http;
 pub mod log;
 pub mod memory;
+pub mod record;
+pub mod retention;
+pub mod routes;
 pub mod subscribe;
 
 use std::collections::BTreeMap;

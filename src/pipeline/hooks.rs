@@ -50,6 +50,11 @@ pub struct HookError(pub String);
 /// lost records it durably before the commit (an outbox) and uses the hook only to finish.
 pub trait PostSaveHook: Send + Sync + 'static {
     fn name(&self) -> &'static str;
+    /// True when this hook's work for writes of `rt` must survive a crash: the save path
+    /// then marks the write in its commit (see `eventstore::record`).
+    fn durable_for(&self, _rt: &str) -> bool {
+        false
+    }
     fn after_save<'a>(&'a self, ctx: &'a RequestContext, saved: &'a Saved<'a>) -> BoxFuture<'a, Result<(), HookError>>;
 }
 
@@ -69,6 +74,11 @@ impl Hooks {
         let mut hooks: Vec<_> = self.0.iter().cloned().collect();
         hooks.extend(other.0.iter().cloned());
         Hooks(Arc::new(hooks))
+    }
+
+    /// Some hook's work for writes of `rt` must survive a crash.
+    pub fn durable_for(&self, rt: &str) -> bool {
+        self.0.iter().any(|h| h.durable_for(rt))
     }
 
     pub fn names(&self) -> Vec<&'static str> {

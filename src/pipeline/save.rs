@@ -290,6 +290,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             meta_only,
             outbox: staged.as_ref().map(|s| s.doc.clone()),
             member_count: (member_events && interaction != Interaction::Delete).then_some(member_count),
+            events_pending: state.hooks.durable_for(rt),
         };
         let planned_at = started.elapsed();
         let committed = match store.commit(rt, commit).await {

@@ -53,6 +53,8 @@ pub struct Commit<'a> {
     pub version_log: Vec<Document>,
     /// Stored as `memberCount` (see [`Version::member_count`]); `None` writes nothing.
     pub member_count: Option<Option<u64>>,
+    /// Mark the version as awaiting a durable hook (`eventsPending`, `eventsVersions`).
+    pub events_pending: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -275,6 +277,10 @@ impl ResourceStore {
                 current.insert("outbox", vec![Bson::Document(batch.clone())]);
                 current.insert("outboxPending", true);
             }
+            if c.events_pending {
+                current.insert("eventsPending", true);
+                current.insert("eventsVersions", vec![c.version]);
+            }
             return match self.current(rt).insert_one(&current).await {
                 Err(e) if is_duplicate_key(&e) => Err(StoreError::Conflict),
                 other => {
@@ -308,12 +314,23 @@ impl ResourceStore {
         if !unset.is_empty() {
             update.insert("$unset", unset);
         }
+        let mut push = Document::new();
         if let Some(batch) = &c.outbox {
-            update.insert("$push", doc! { "outbox": batch.clone() });
+            push.insert("outbox", batch.clone());
             update
                 .get_document_mut("$set")
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?
                 .insert("outboxPending", true);
+        }
+        if c.events_pending {
+            push.insert("eventsVersions", c.version);
+            update
+                .get_document_mut("$set")
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                .insert("eventsPending", true);
+        }
+        if !push.is_empty() {
+            update.insert("$push", push);
         }
         let result = self.current(rt).update_one(doc! { "_id": c.id, "versionId": base }, update).await?;
         if result.matched_count == 0 {
@@ -324,6 +341,50 @@ impl ResourceStore {
             current.insert("resource", resource);
         }
         Ok(current)
+    }
+
+    /// Resources of `rt` with versions marked for a durable hook, marked longer ago than
+    /// `older_than`: (id, marked versions).
+    pub async fn events_pending(
+        &self,
+        rt: &str,
+        older_than: std::time::Duration,
+    ) -> Result<Vec<(String, Vec<i64>)>, StoreError> {
+        let before = DateTime::from_millis(DateTime::now().timestamp_millis() - older_than.as_millis() as i64);
+        let docs: Vec<Document> = self
+            .current(rt)
+            .find(doc! { "eventsPending": true, "lastUpdated": { "$lt": before } })
+            .projection(doc! { "eventsVersions": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                let versions = d.get_array("eventsVersions").ok()?.iter().filter_map(Bson::as_i64).collect();
+                Some((d.get_str("_id").ok()?.to_string(), versions))
+            })
+            .collect())
+    }
+
+    /// Removes a version's durable-hook mark (the flag goes with the last one).
+    pub async fn clear_events_pending(&self, rt: &str, id: &str, version: i64) -> Result<(), StoreError> {
+        let unset = doc! { "$unset": { "eventsPending": "", "eventsVersions": "" } };
+        // Usually the only marked version: one update.
+        let only = self.current(rt).update_one(doc! { "_id": id, "eventsVersions": [version] }, unset.clone()).await?;
+        if only.matched_count == 0 {
+            self.current(rt).update_one(doc! { "_id": id }, doc! { "$pull": { "eventsVersions": version } }).await?;
+            self.current(rt).update_one(doc! { "_id": id, "eventsVersions": { "$size": 0 } }, unset).await?;
+        }
+        Ok(())
+    }
+
+    /// A version, current or from history.
+    pub async fn version(&self, rt: &str, id: &str, version: i64) -> Result<Option<Version>, StoreError> {
+        match self.read(rt, id).await? {
+            Some(current) if current.version == version => Ok(Some(current)),
+            _ => self.history_version(rt, id, version).await,
+        }
     }
 
     /// Clears the history flag of a version whose copy is written, if it is still current.
@@ -522,7 +583,9 @@ fn history_entry(current: &Document, logged: Option<&Document>) -> Result<Docume
     let corrupt = |e: bson::error::Error| StoreError::Corrupt(e.to_string());
     let id = current.get_str("_id").map_err(corrupt)?;
     let mut entry = current.clone();
-    for internal in ["historyPending", "outbox", "flushLease", "outboxPending", "versionLog"] {
+    for internal in
+        ["historyPending", "outbox", "flushLease", "outboxPending", "versionLog", "eventsPending", "eventsVersions"]
+    {
         entry.remove(internal);
     }
     if let Some(meta) = logged {

@@ -274,3 +274,140 @@ async fn server_sent_events_catch_up_follow_and_resume() {
     let text = std::str::from_utf8(&chunk).unwrap();
     assert!(text.contains("id: 2") && text.contains("\"three\""), "{text}");
 }
+
+/// A server whose FHIR writes become events through `routes` (YAML text).
+async fn spawn_routed(routes: &str) -> TestApp {
+    let mut settings = crate::helpers::test_settings();
+    let path = std::env::temp_dir().join(format!("routes-{}.yaml", settings.mongo.database));
+    std::fs::write(&path, routes).unwrap();
+    settings.events.routes = Some(path);
+    crate::helpers::spawn_with(settings, roster::pipeline::Hooks::default()).await
+}
+
+/// Event types of a stream, in order.
+async fn stream_types(app: &TestApp, stream: &str) -> Vec<String> {
+    let body = get(app, &format!("/events/{stream}?max=1000")).await;
+    body["events"].as_array().unwrap().iter().map(|e| e["eventType"].as_str().unwrap().to_string()).collect()
+}
+
+fn patient_with_mrn(id: &str, mrn: &str) -> Value {
+    json!({ "resourceType": "Patient", "id": id, "identifier": [
+        { "system": "urn:ssn", "value": "000-11" },
+        { "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR" }] },
+          "system": "urn:mrn", "value": mrn }
+    ], "name": [{ "family": "Doe" }] })
+}
+
+fn encounter(id: &str, status: &str, location: &str) -> Value {
+    json!({ "resourceType": "Encounter", "id": id, "status": status,
+            "class": { "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP" },
+            "subject": { "reference": "Patient/p1" },
+            "period": { "start": "2024-01-15T08:00:00Z" },
+            "location": [{ "location": { "reference": location } }] })
+}
+
+#[tokio::test]
+async fn fhir_writes_become_routed_events() {
+    let app = spawn_routed(&std::fs::read_to_string("config/event-routes.yaml").unwrap()).await;
+    assert_eq!(app.put("Patient/p1", &patient_with_mrn("p1", "MRN-1")).await.status(), 201);
+    assert_eq!(app.put("Encounter/e1", &encounter("e1", "in-progress", "Location/ward-1")).await.status(), 201);
+    assert_eq!(app.put("Encounter/e1", &encounter("e1", "in-progress", "Location/icu")).await.status(), 200);
+    let mut finished = encounter("e1", "finished", "Location/icu");
+    finished["period"]["end"] = json!("2024-01-20T10:00:00Z");
+    assert_eq!(app.put("Encounter/e1", &finished).await.status(), 200);
+    let lab = json!({ "resourceType": "Observation", "id": "o1", "status": "final",
+        "category": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory" }] }],
+        "code": { "coding": [{ "system": "http://loinc.org", "code": "2345-7" }] },
+        "subject": { "reference": "Patient/p1" }, "valueQuantity": { "value": 5.4, "unit": "mmol/L" } });
+    assert_eq!(app.put("Observation/o1", &lab).await.status(), 201);
+    assert_eq!(app.delete("Observation/o1").await.status(), 204);
+
+    assert_eq!(
+        stream_types(&app, "patient:MRN-1").await,
+        [
+            "resource_created",
+            "resource_created",
+            "patient_admit",
+            "resource_updated",
+            "patient_transfer",
+            "resource_updated",
+            "patient_discharge",
+            "resource_created",
+            "lab_result",
+            "resource_deleted",
+        ]
+    );
+    assert_eq!(
+        stream_types(&app, "encounter:e1").await,
+        [
+            "resource_created",
+            "patient_admit",
+            "resource_updated",
+            "patient_transfer",
+            "resource_updated",
+            "patient_discharge"
+        ]
+    );
+    let admit = get(&app, "/events/encounter:e1?from=1&max=1").await["events"][0].clone();
+    assert_eq!(admit["data"]["location"], "Location/ward-1");
+    assert_eq!(admit["data"]["admitTime"], "2024-01-15T08:00:00Z");
+    assert_eq!(admit["metadata"]["causationId"], "Encounter/e1/_history/1");
+    assert!(admit["metadata"]["correlationId"].as_str().is_some_and(|c| !c.is_empty()));
+    // A write without meta.source has no `source:` stream; one with it does.
+    let mut sourced = patient_with_mrn("p2", "MRN-2");
+    sourced["meta"] = json!({ "source": "adt-feed" });
+    app.put("Patient/p2", &sourced).await;
+    assert_eq!(stream_types(&app, "source:adt-feed").await, ["resource_created"]);
+    // The marks that make recording durable are cleared once the events are in.
+    let marked = app
+        .mongo
+        .collection::<bson::Document>("Encounter_4_0_0")
+        .count_documents(bson::doc! { "eventsPending": true })
+        .await
+        .unwrap();
+    assert_eq!(marked, 0);
+
+    // Another routing file sends the same writes elsewhere.
+    let other = spawn_routed(
+        "routes:\n  - name: admissions\n    filter: { resource_types: [Encounter], event_types: [patient_admit] }\n    actions:\n      - type: event_store\n        config: { stream_template: 'admissions-{{Patient.MRN}}' }\n",
+    )
+    .await;
+    other.put("Patient/p1", &patient_with_mrn("p1", "MRN-9")).await;
+    other.put("Encounter/e1", &encounter("e1", "in-progress", "Location/ward-1")).await;
+    assert_eq!(stream_types(&other, "admissions-MRN-9").await, ["patient_admit"]);
+    assert_eq!(get(&other, "/events?max=100").await["events"].as_array().unwrap().len(), 1, "nothing else is routed");
+}
+
+#[tokio::test]
+async fn events_of_a_write_whose_hook_never_ran_are_recorded_by_the_sweep_once() {
+    // The write commits on a server without routes (its hook "crashed"); the mark it would
+    // have carried is put in place by hand, as old as the sweep wants.
+    let app = spawn_routed("routes: []\n").await;
+    app.put("Patient/p1", &patient_with_mrn("p1", "MRN-1")).await;
+    app.put("Encounter/e1", &encounter("e1", "in-progress", "Location/ward-1")).await;
+    let old = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 120_000);
+    let mark = bson::doc! { "$set": { "eventsPending": true, "eventsVersions": [1_i64], "lastUpdated": old } };
+    app.mongo
+        .collection::<bson::Document>("Encounter_4_0_0")
+        .update_one(bson::doc! { "_id": "e1" }, mark.clone())
+        .await
+        .unwrap();
+    let routes =
+        roster::eventstore::routes::RoutingFile::parse(&std::fs::read_to_string("config/event-routes.yaml").unwrap())
+            .unwrap();
+    let store = roster::store::ResourceStore::new(app.mongo.clone());
+    let events = second_store(&app, Faults::default()).await;
+    let recorder = roster::eventstore::record::EventRecorder::new(routes, events, store);
+    assert_eq!(recorder.sweep().await.unwrap(), 1);
+    assert_eq!(stream_types(&app, "encounter:e1").await, ["resource_created", "patient_admit"]);
+    assert_eq!(stream_types(&app, "patient:MRN-1").await, ["resource_created", "patient_admit"]);
+    // The mark is gone; a mark left by a crash after the append replays to nothing new.
+    assert_eq!(recorder.sweep().await.unwrap(), 0);
+    app.mongo
+        .collection::<bson::Document>("Encounter_4_0_0")
+        .update_one(bson::doc! { "_id": "e1" }, mark)
+        .await
+        .unwrap();
+    assert_eq!(recorder.sweep().await.unwrap(), 1);
+    assert_eq!(stream_types(&app, "encounter:e1").await, ["resource_created", "patient_admit"], "no duplicate");
+}
