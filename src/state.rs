@@ -42,9 +42,12 @@ impl AppState {
         let base_url: Arc<str> = Arc::from(base_url.trim_end_matches('/'));
         let fhir_base = format!("{base_url}/4_0_0");
         let capability_statement = crate::fhir::metadata::capability_statement_json(&fhir_base).to_string().into();
+        let flusher = Flusher::new(store.clone(), clickhouse.clone());
+        let events =
+            ClickHouseEventStore::new(store.database(), clickhouse.clone()).with_group_flusher(flusher.clone());
         AppState {
-            events: Arc::new(ClickHouseEventStore::new(store.database(), clickhouse.clone())),
-            flusher: Flusher::new(store.clone(), clickhouse.clone()),
+            events: Arc::new(events),
+            flusher,
             store,
             clickhouse,
             hooks,

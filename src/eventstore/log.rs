@@ -14,6 +14,9 @@
 //! cannot write after its lease ends: it starts no write it could not finish before then
 //! (lease times come from each process's clock, assumed within a second of each other).
 //!
+//! `group:{id}` streams are not stored here: they read the Group's member events through
+//! the `EventStore_GroupEvents` view (read-only; not part of the log).
+//!
 //! Readers only look at ClickHouse, so a stream's version, its events and the log always
 //! agree: an append is visible whole, once its block is in, and never before.
 
@@ -27,7 +30,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::appender::{Appender, Faults, Request};
-use super::{validate_append, AppendResult, EventStore, EventStoreError, ExpectedVersion, NewEvent, StoredEvent};
+use super::{
+    validate_append, AppendResult, EventStore, EventStoreError, ExpectedVersion, NewEvent, StoredEvent, GROUP_PREFIX,
+};
+use crate::group::flusher::Flusher;
 
 pub const EVENTS_TABLE: &str = "EventStore_Events";
 /// How often a waiting subscriber looks for appends made by other processes.
@@ -70,6 +76,9 @@ pub struct ClickHouseEventStore {
     ch: clickhouse::Client,
     appends: mpsc::Sender<Request>,
     last: watch::Receiver<i64>,
+    /// Finishes a group's pending member batches before its `group:` stream is read, so
+    /// an acknowledged PATCH is in it.
+    groups: Option<Arc<Flusher>>,
 }
 
 impl ClickHouseEventStore {
@@ -84,7 +93,21 @@ impl ClickHouseEventStore {
         let (last_tx, last) = watch::channel(-1);
         let appender = Appender::new(db, ch.clone(), last_tx, faults);
         tokio::spawn(appender.run(rx));
-        ClickHouseEventStore { ch, appends: tx, last }
+        ClickHouseEventStore { ch, appends: tx, last, groups: None }
+    }
+
+    /// `group:` streams first finish the group's pending member batches with `flusher`.
+    pub fn with_group_flusher(mut self, flusher: Arc<Flusher>) -> ClickHouseEventStore {
+        self.groups = Some(flusher);
+        self
+    }
+
+    /// Finishes the pending member batches of a `group:` stream's group.
+    async fn settle_group(&self, group: &str) -> Result<(), EventStoreError> {
+        match &self.groups {
+            Some(f) => f.flush(group).await.map_err(|e| EventStoreError::Unavailable(format!("member events: {e}"))),
+            None => Ok(()),
+        }
     }
 
     async fn fetch(&self, query: clickhouse::query::Query) -> Result<Vec<StoredEvent>, EventStoreError> {
@@ -184,6 +207,21 @@ impl EventStore for ClickHouseEventStore {
     }
 
     async fn read_stream(&self, stream: &str, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
+        if let Some(group) = stream.strip_prefix(GROUP_PREFIX) {
+            self.settle_group(group).await?;
+            return self
+                .fetch(
+                    self.ch
+                        .query(&format!(
+                            "SELECT {COLUMNS} FROM EventStore_GroupEvents(group = {{g:String}}) \
+                             WHERE stream_version >= {{v:UInt64}} ORDER BY stream_version LIMIT {{m:UInt64}}"
+                        ))
+                        .param("g", group)
+                        .param("v", from)
+                        .param("m", max as u64),
+                )
+                .await;
+        }
         self.fetch(
             self.ch
                 .query(&format!(
@@ -211,6 +249,19 @@ impl EventStore for ClickHouseEventStore {
     }
 
     async fn stream_version(&self, stream: &str) -> Result<i64, EventStoreError> {
+        if let Some(group) = stream.strip_prefix(GROUP_PREFIX) {
+            self.settle_group(group).await?;
+            let events: u64 = self
+                .ch
+                .query(
+                    "SELECT count() FROM (SELECT 1 FROM Group_4_0_0_MemberEvents WHERE group_id = {g:String} \
+                     LIMIT 1 BY group_version, seq)",
+                )
+                .param("g", group)
+                .fetch_one()
+                .await?;
+            return Ok(events as i64 - 1);
+        }
         Ok(self
             .ch
             .query(

@@ -170,6 +170,9 @@ impl From<mongodb::error::Error> for EventStoreError {
     }
 }
 
+/// Streams named `group:{id}` show a Group's member events (see `log`); nobody appends.
+pub const GROUP_PREFIX: &str = "group:";
+
 /// Longest stream id, in bytes.
 pub const MAX_STREAM_ID: usize = 256;
 /// Most events one append may carry.
@@ -181,6 +184,12 @@ pub fn validate_append(stream: &str, events: &mut [NewEvent]) -> Result<(), Even
         return Err(EventStoreError::invalid(
             "streamId",
             format!("must be 1 to {MAX_STREAM_ID} bytes without control characters"),
+        ));
+    }
+    if stream.starts_with(GROUP_PREFIX) {
+        return Err(EventStoreError::invalid(
+            "streamId",
+            "group: streams are read-only views of Group member events (change members with PATCH Group)",
         ));
     }
     if events.is_empty() {

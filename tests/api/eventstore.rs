@@ -411,3 +411,34 @@ async fn events_of_a_write_whose_hook_never_ran_are_recorded_by_the_sweep_once()
     assert_eq!(recorder.sweep().await.unwrap(), 1);
     assert_eq!(stream_types(&app, "encounter:e1").await, ["resource_created", "patient_admit"], "no duplicate");
 }
+
+#[tokio::test]
+async fn group_member_events_read_as_a_group_stream() {
+    let app = spawn_app().await;
+    let member = |r: &str| json!({ "entity": { "reference": r } });
+    let group = json!({ "resourceType": "Group", "id": "g1", "type": "person", "actual": true,
+                        "member": [member("Patient/1"), member("Patient/2")] });
+    assert_eq!(app.put("Group/g1", &group).await.status(), 201);
+    let removed = app.patch("Group/g1", &json!([{ "op": "remove", "path": "/member/0" }])).await;
+    assert_eq!(removed.status(), 200);
+    let stream = get(&app, "/events/group:g1?max=10").await;
+    let events = stream["events"].as_array().unwrap();
+    let seen: Vec<(u64, &str, &str)> = events
+        .iter()
+        .map(|e| {
+            let reference = e["data"]["entity"]["reference"].as_str().unwrap();
+            (e["streamVersion"].as_u64().unwrap(), e["eventType"].as_str().unwrap(), reference)
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [(0, "member_added", "Patient/1"), (1, "member_added", "Patient/2"), (2, "member_removed", "Patient/1")]
+    );
+    assert_eq!(events[2]["metadata"]["groupVersion"], "2");
+    assert_eq!(get(&app, "/events/group:g1/version").await["version"], 2);
+    assert_eq!(get(&app, "/events/group:g1?from=2").await["events"].as_array().unwrap().len(), 1);
+    // Read-only, and not written twice: the log itself is empty.
+    let r = append(&app, "group:g1", None, &one("x")).await;
+    assert_eq!((r.status().as_u16(), json(r).await["field"].clone()), (400, json!("streamId")));
+    assert!(get(&app, "/events").await["events"].as_array().unwrap().is_empty());
+}
