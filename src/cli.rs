@@ -1,4 +1,4 @@
-//! Command line: `roster serve | migrate | config`.
+//! Command line: `roster serve | migrate | config | eventstore …`.
 
 use std::path::PathBuf;
 
@@ -27,6 +27,14 @@ pub enum Command {
     Migrate,
     /// Print the effective configuration (password masked) and exit.
     Config,
+    /// The general event store: init, stats, streams, read, append, retention.
+    Eventstore {
+        /// Machine-readable output (JSON; JSON lines for `read`).
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: crate::eventstore::cli::EventStoreCommand,
+    },
 }
 
 fn env_help() -> String {
@@ -49,6 +57,7 @@ pub async fn run(cli: Cli) -> Result<(), BoxError> {
             println!("ClickHouse `{}`: applied {:?}", settings.clickhouse.database, ch);
             println!("MongoDB `{}`: applied {:?}", settings.mongo.database, mg);
         }
+        Command::Eventstore { json, command } => crate::eventstore::cli::run(&settings, command, json).await?,
         Command::Config => {
             let mut shown = settings.clone();
             if !shown.clickhouse.password.is_empty() {

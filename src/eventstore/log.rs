@@ -79,6 +79,8 @@ pub struct ClickHouseEventStore {
     /// Finishes a group's pending member batches before its `group:` stream is read, so
     /// an acknowledged PATCH is in it.
     groups: Option<Arc<Flusher>>,
+    /// The appender task, for [`Self::close`].
+    appender: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl ClickHouseEventStore {
@@ -92,8 +94,20 @@ impl ClickHouseEventStore {
         let (tx, rx) = mpsc::channel(4096);
         let (last_tx, last) = watch::channel(-1);
         let appender = Appender::new(db, ch.clone(), last_tx, faults);
-        tokio::spawn(appender.run(rx));
-        ClickHouseEventStore { ch, appends: tx, last, groups: None }
+        let task = tokio::spawn(appender.run(rx));
+        let appender = Arc::new(std::sync::Mutex::new(Some(task)));
+        ClickHouseEventStore { ch, appends: tx, last, groups: None, appender }
+    }
+
+    /// Stops the appender once queued appends are done and releases the log lease (a
+    /// short-lived process such as the CLI calls this, or the next appender anywhere would
+    /// wait for the lease to expire). Waits at most 5 s; other clones must be dropped.
+    pub async fn close(self) {
+        let task = self.appender.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(self);
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
     }
 
     /// `group:` streams first finish the group's pending member batches with `flusher`.

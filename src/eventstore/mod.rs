@@ -7,6 +7,7 @@
 //! reader could skip). `http` serves it as JSON, `cli` drives it from a terminal.
 
 pub mod appender;
+pub mod cli;
 pub mod http;
 pub mod log;
 pub mod memory;

@@ -97,3 +97,60 @@ fn serve_answers_and_stops_gracefully_on_sigterm() {
     let parsed: serde_json::Value = serde_json::from_str(request_line).expect("JSON log line");
     assert!(parsed["span"]["request_id"].as_str().is_some_and(|id| id.len() == 36), "{request_line}");
 }
+
+#[test]
+fn eventstore_commands_append_read_and_summarize() {
+    let mut init = roster();
+    init.args(["eventstore", "init"]);
+    let (mongo_db, clickhouse_db) = with_test_env(&mut init);
+    let out = init.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = |args: &[&str]| {
+        let out = roster()
+            .arg("eventstore")
+            .args(args)
+            .env("ROSTER_MONGO_DATABASE", &mongo_db)
+            .env("ROSTER_CLICKHOUSE_DATABASE", &clickhouse_db)
+            .env("ROSTER_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, text, err) =
+        run(&["append", "patient:M1", "--type", "noted", "--data", r#"{"n":1}"#, "--expected-version", "no-stream"]);
+    assert!(ok, "{err}");
+    assert_eq!(text.trim(), "appended to patient:M1: version 0, position 0");
+    let (ok, text, _) =
+        run(&["--json", "append", "patient:M1", "--type", "noted", "--data", "[2]", "--expected-version", "0"]);
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap()["nextExpectedVersion"], 1);
+    let (ok, _, err) = run(&["append", "patient:M1", "--type", "x", "--data", "1", "--expected-version", "0"]);
+    assert!(!ok && err.contains("at version 1, not 0"), "a conflict fails the command: {err}");
+    let (ok, _, err) = run(&["append", "patient:M1", "--type", "x", "--data", "{oops"]);
+    assert!(!ok && err.contains("--data is not JSON"), "{err}");
+    let (_, text, _) = run(&["read", "patient:M1"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("version") && lines.len() == 4, "header, rule, two events:\n{text}");
+    assert!(lines[3].contains("noted") && lines[3].contains("[2]"), "{text}");
+    let (_, text, _) = run(&["read", "patient:M1", "--from", "1", "--json"]);
+    let event: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!((event["streamVersion"].clone(), event["data"].clone()), (serde_json::json!(1), serde_json::json!([2])));
+    run(&["append", "claim:C1", "--type", "claim_submitted", "--data", "{}"]);
+    let (_, text, _) = run(&["--json", "streams", "--prefix", "patient:"]);
+    let streams: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(streams.as_array().unwrap().len(), 1);
+    assert_eq!(
+        (streams[0]["stream_id"].clone(), streams[0]["events"].clone()),
+        (serde_json::json!("patient:M1"), serde_json::json!(2))
+    );
+    let (_, text, _) = run(&["stats"]);
+    assert!(
+        text.contains("events") && text.lines().any(|l| l.starts_with("streams") && l.trim_end().ends_with('2')),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("noted") && l.trim_end().ends_with('2')), "{text}");
+}

@@ -442,3 +442,29 @@ async fn group_member_events_read_as_a_group_stream() {
     assert_eq!((r.status().as_u16(), json(r).await["field"].clone()), (400, json!("streamId")));
     assert!(get(&app, "/events").await["events"].as_array().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn retention_deletes_old_events_of_a_prefix_but_never_the_last_position() {
+    let app = spawn_app().await;
+    for (stream, n) in [("source:a", 2), ("keep:b", 1), ("source:a", 1)] {
+        let body: Vec<Value> = (0..n).map(|_| json!({ "eventType": "e", "data": {} })).collect();
+        assert_eq!(append(&app, stream, None, &Value::Array(body)).await.status(), 201);
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let ch = roster::migrate::clickhouse_client(&app.settings.clickhouse);
+    let rule = roster::eventstore::retention::Rule { prefix: "source:".into(), days: 0 };
+    let done = roster::eventstore::retention::apply(&ch, std::slice::from_ref(&rule)).await.unwrap();
+    assert_eq!(done, [(rule, 2)]);
+    let left: Vec<(u64, String)> = get(&app, "/events").await["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["position"].as_u64().unwrap(), e["streamId"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        left,
+        [(2, "keep:b".to_string()), (3, "source:a".to_string())],
+        "the newest event stays: positions continue after it"
+    );
+    assert_eq!(json(append(&app, "keep:b", None, &one("e")).await).await["position"], 4);
+}
