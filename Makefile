@@ -22,13 +22,15 @@ test:
 	  status=$$?; [ -n "$$KEEP_SERVICES" ] || $(SERVICES) stop test; exit $$status
 
 ## bench: release build, fresh services (the test profile's ports and data), results in docs/benchmarks.md
+## (BENCH_ARGS=--quick for a smoke run at a tenth of the sizes)
 BENCH_TARGET_DIR ?= $(HOME)/.cache/roster/target-bench
 bench:
-	CARGO_TARGET_DIR=$(BENCH_TARGET_DIR) cargo build --release --bin roster --example bench
+	CARGO_TARGET_DIR=$(BENCH_TARGET_DIR) cargo build --release --bin roster --example bench --example bench_events
 	$(SERVICES) stop test
 	rm -rf .local/test
 	$(SERVICES) start test
-	eval "$$($(SERVICES) env test)" && $(BENCH_TARGET_DIR)/release/examples/bench $(BENCH_ARGS); \
+	eval "$$($(SERVICES) env test)" && $(BENCH_TARGET_DIR)/release/examples/bench $(BENCH_ARGS) \
+	  && $(BENCH_TARGET_DIR)/release/examples/bench_events $(BENCH_ARGS); \
 	  status=$$?; $(SERVICES) stop test; exit $$status
 
 services-up:

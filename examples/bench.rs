@@ -7,65 +7,12 @@
 //!
 //! `--quick` shrinks every size by 10× for a smoke run.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start(mode: &str, tag: &str) -> Server {
-        let exe = std::env::current_exe().unwrap();
-        let bin = exe.parent().unwrap().parent().unwrap().join("roster");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let db = format!("bench_{tag}_{}", std::process::id());
-        let mut child = Command::new(&bin)
-            .arg("serve")
-            .env("ROSTER_LISTEN", format!("127.0.0.1:{port}"))
-            .env("ROSTER_MONGO_DATABASE", &db)
-            .env("ROSTER_CLICKHOUSE_DATABASE", &db)
-            .env("ROSTER_GROUP_MEMBERS", mode)
-            .env("ROSTER_GROUP_MAX_PATCH_OPS", "100000")
-            .env("ROSTER_BODY_LIMIT_BYTES", "1073741824")
-            .env("ROSTER_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let base = format!("http://127.0.0.1:{port}");
-        for _ in 0..600 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Server { child, base };
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("{mode} server did not start");
-    }
-}
-
-/// Resident memory of a process, in KiB (0 when unreadable).
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
+mod common;
+use common::{machine, ms, pct, rss_kib, write_section, Server};
 
 struct Client {
     http: reqwest::Client,
@@ -158,16 +105,6 @@ async fn with_rss<T>(server: &Server, f: impl std::future::Future<Output = T>) -
     (out, peak.saturating_sub(before) as f64 / 1024.0)
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn pct(samples: &mut [Duration], p: f64) -> f64 {
-    samples.sort();
-    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
-    ms(samples[i])
-}
-
 /// On `groups` fresh groups: one PATCH of `k1` adds, then one of `k10` adds; returns
 /// the latencies of each kind.
 async fn bulk_patches(c: &Client, groups: usize, k1: u64, k10: u64) -> (Vec<Duration>, Vec<Duration>) {
@@ -189,23 +126,6 @@ async fn singles(c: &Client, id: &str, next: &mut u64, n: usize) -> (f64, f64) {
         *next += 1;
     }
     (pct(&mut samples, 0.5), pct(&mut samples, 0.99))
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok()))
-        .map(|k| format!("{:.0} GiB", k as f64 / 1024.0 / 1024.0))
-        .unwrap_or_default();
-    format!("{} cores ({cpu}), {mem} RAM", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0))
 }
 
 /// What the stores alone cost per round trip on this machine, measured on the events
@@ -256,7 +176,7 @@ async fn main() {
     let mut rows: Vec<(String, String, String, String)> = Vec::new();
 
     // ---- events (the product) ----
-    let events = Server::start("events", "events");
+    let events = Server::start("events", "events", &[]);
     let c = Client { http: http.clone(), base: events.base.clone() };
     eprintln!("events: 1k and 10k PATCH");
     let (t1k, t10k) = bulk_patches(&c, 5, k1, k10).await;
@@ -312,7 +232,7 @@ async fn main() {
     assert!(post_status.is_success(), "POST {m1} members: {post_status}");
 
     // ---- embedded baseline ----
-    let embedded = Server::start("embedded", "embedded");
+    let embedded = Server::start("embedded", "embedded", &[]);
     let b = Client { http: http.clone(), base: embedded.base.clone() };
     eprintln!("embedded: 1k and 10k PATCH");
     let (b1k, b10k) = bulk_patches(&b, 3, k1, k10).await;
@@ -408,7 +328,7 @@ async fn main() {
         "".into(),
     ));
     let mut md = String::new();
-    md.push_str("# Benchmarks\n\n");
+    md.push_str("## Group membership\n\n");
     md.push_str(&format!(
         "Group membership, measured by `make bench` (`examples/bench.rs`) on {}; release build; local services \
          from `scripts/services.sh` (ClickHouse 26.9 via chdb-core, SecantusDB for MongoDB); one client, sequential requests, \
@@ -422,7 +342,6 @@ async fn main() {
     for (a, b, c, d) in &rows {
         md.push_str(&format!("| {a} | {b} | {c} | {d} |\n"));
     }
-    std::fs::create_dir_all(std::path::Path::new(&out).parent().unwrap()).ok();
-    std::fs::write(&out, &md).unwrap();
+    write_section(&out, "group", &md);
     println!("{md}");
 }

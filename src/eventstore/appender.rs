@@ -1,38 +1,38 @@
 //! The appender: group commit under the log lease.
 //!
 //! Each process runs one appender task; every append of that process queues on it. The
-//! task takes the *log lease* (`EventStore_Log`, one document, a conditional update), then
-//! commits whatever is queued as one *cycle*:
-//! 1. check each append against its stream head (expected version, retry of the last
-//!    append) and give the accepted ones positions, contiguously;
-//! 2. write the new heads (`EventStore_Streams`, version-guarded), each with a `pending`
-//!    note of what it was before and which positions the cycle covers;
-//! 3. insert the cycle's events into ClickHouse as one block (one part: all or nothing),
+//! task takes the *log lease* (`EventStore_Log`, one MongoDB document, a conditional
+//! update), then commits whatever is queued as one *cycle*:
+//! 1. check each append against its stream's head (expected version; a retry of the
+//!    stream's last append gets that append's result) and give the accepted ones
+//!    positions, contiguously from the last position stored;
+//! 2. insert the cycle's events into ClickHouse as one block (one part: all or nothing),
 //!    with the cycle id as deduplication token;
-//! 4. answer the appends.
+//! 3. answer the appends.
 //!
-//! While appends keep coming the lease is kept (its heads are then known without a read);
-//! after [`LINGER`] without one it is released, with the next position written down.
+//! ClickHouse is the only record of streams: a stream's version is its last event's. The
+//! lease makes this appender the only writer of the whole log while it holds it, so what
+//! it read or wrote itself during the lease stays exact; it keeps those heads in memory
+//! and needs no other store round trip per cycle. While appends keep coming the lease is
+//! kept; after [`LINGER`] without one it is released, with the next position noted.
 //!
 //! # Failures
-//! - MongoDB fails in step 2, or ClickHouse refuses the block outright: the heads written
-//!   so far are put back, the appends get 503, the positions are reused.
+//! - ClickHouse refuses the block: nothing was stored; the appends get 503 and the
+//!   positions are reused.
 //! - ClickHouse fails without a clear answer (cut connection, timeout): the block may
 //!   still land. The appends get 503 ("retry with the same event ids") and the lease is
-//!   *kept until it expires*; whoever takes it next settles the cycle (below).
-//! - The process dies or stalls: the lease expires. The next holder reads the last
-//!   position in ClickHouse, then visits every head with a `pending` note: a cycle whose
-//!   positions are in ClickHouse stands; one whose are not is rolled back. A client that
-//!   retries with the same event ids then gets the original result or a fresh append.
+//!   *kept until it expires*; whoever takes it next starts from the last position stored.
+//! - The process dies or stalls: the lease expires; the next holder reads the last
+//!   position from ClickHouse. A client that retries with the same event ids gets the
+//!   original result if the block landed, a fresh append if not.
 //!
-//! A holder starts no write it could not finish before its lease ends ([`Faults::lease`]
+//! A holder starts no insert it could not finish before its lease ends ([`Faults::lease`]
 //! minus [`MARGIN`]), so after expiry nothing of the old holder can land.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use bson::{doc, Bson, DateTime, Document};
-use futures_util::TryStreamExt;
+use bson::{doc, DateTime, Document};
 use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -42,7 +42,6 @@ use super::log::{EventRow, EVENTS_TABLE};
 use super::{AppendResult, EventStoreError, ExpectedVersion, NewEvent};
 use crate::store::mongo::is_duplicate_key;
 
-pub const STREAMS: &str = "EventStore_Streams";
 pub const LOG: &str = "EventStore_Log";
 /// How long an idle holder keeps the lease, hoping for another append.
 const LINGER: Duration = Duration::from_millis(20);
@@ -60,15 +59,15 @@ const LEASE_POLL: Duration = Duration::from_millis(5);
 #[derive(Clone, Debug)]
 pub struct Faults {
     pub lease: Duration,
-    /// Stall after the heads are written, before the insert.
-    pub after_heads: Duration,
+    /// Stall after the cycle is planned, before the insert.
+    pub before_insert: Duration,
     /// Stall after the insert, before the appends are answered.
     pub after_insert: Duration,
 }
 
 impl Default for Faults {
     fn default() -> Self {
-        Faults { lease: Duration::from_secs(10), after_heads: Duration::ZERO, after_insert: Duration::ZERO }
+        Faults { lease: Duration::from_secs(10), before_insert: Duration::ZERO, after_insert: Duration::ZERO }
     }
 }
 
@@ -76,58 +75,33 @@ pub struct Request {
     pub stream: String,
     pub expected: ExpectedVersion,
     pub events: Vec<NewEvent>,
+    /// The client chose the event ids (only then can the append be a retry).
+    pub client_ids: bool,
     pub reply: oneshot::Sender<Result<AppendResult, EventStoreError>>,
 }
 
-/// A stream head as MongoDB holds it.
+/// What the holder knows of a stream.
 #[derive(Clone, Debug)]
 struct Head {
     /// Last version, -1 when the stream has no event.
     version: i64,
-    /// The head document exists.
-    stored: bool,
-    /// The stream's last append: its event ids, first version and first position.
-    last: Option<(Vec<Uuid>, i64, i64)>,
-}
-
-impl Default for Head {
-    /// A stream without events or head document.
-    fn default() -> Self {
-        Head { version: -1, stored: false, last: None }
-    }
+    /// The stream's last events, newest last: (id, version, position). At least as many
+    /// as the longest retry checked against it; `None` when not read.
+    tail: Option<Vec<(Uuid, i64, i64)>>,
 }
 
 impl Head {
-    fn from_doc(d: &Document) -> Head {
-        let last = d.get_document("last").ok().map(|l| {
-            let ids = l
-                .get_array("ids")
-                .map(|a| a.iter().filter_map(|b| b.as_str().and_then(|s| s.parse().ok())).collect())
-                .unwrap_or_default();
-            (ids, l.get_i64("version").unwrap_or(0), l.get_i64("position").unwrap_or(0))
-        });
-        Head { version: d.get_i64("version").unwrap_or(-1), stored: true, last }
-    }
-
-    fn last_bson(&self) -> Bson {
-        match &self.last {
-            Some((ids, version, position)) => Bson::Document(doc! {
-                "ids": ids.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
-                "version": version,
-                "position": position,
-            }),
-            None => Bson::Null,
-        }
-    }
-
-    /// The result of the stream's last append when `events` repeat it.
+    /// The result of an earlier append whose events `events` repeat: the stream's last
+    /// `events.len()` events carry exactly these ids.
     fn retry_of(&self, events: &[NewEvent]) -> Option<AppendResult> {
-        let (ids, version, position) = self.last.as_ref()?;
-        let same = ids.len() == events.len() && ids.iter().zip(events).all(|(id, e)| Some(*id) == e.event_id);
+        let tail = self.tail.as_ref()?;
+        let last = tail.get(tail.len().checked_sub(events.len())?..)?;
+        let same = last.iter().zip(events).all(|((id, _, _), e)| Some(*id) == e.event_id);
+        let (first, end) = (last.first()?, last.last()?);
         same.then(|| AppendResult {
-            next_expected_version: (*version + ids.len() as i64 - 1) as u64,
-            first_position: *position as u64,
-            position: (*position + ids.len() as i64 - 1) as u64,
+            next_expected_version: end.1 as u64,
+            first_position: first.2 as u64,
+            position: end.2 as u64,
         })
     }
 }
@@ -141,8 +115,6 @@ struct Tenure {
     next: u64,
     /// Heads as they are now: exact, since nobody else writes while the lease is held.
     heads: HashMap<String, Head>,
-    /// Cycles committed under this lease (their `pending` notes are cleared on release).
-    cycles: Vec<String>,
 }
 
 impl Tenure {
@@ -163,19 +135,18 @@ enum Outcome {
 }
 
 pub struct Appender {
-    streams: Collection<Document>,
     log: Collection<Document>,
     ch: clickhouse::Client,
     last: watch::Sender<i64>,
     faults: Faults,
-    /// The injected stalls still to happen: after the heads, after the insert.
+    /// The injected stalls still to happen: before the insert, after it.
     stalls: [bool; 2],
 }
 
 impl Appender {
     pub fn new(db: &Database, ch: clickhouse::Client, last: watch::Sender<i64>, faults: Faults) -> Appender {
-        let stalls = [!faults.after_heads.is_zero(), !faults.after_insert.is_zero()];
-        Appender { streams: db.collection(STREAMS), log: db.collection(LOG), ch, last, faults, stalls }
+        let stalls = [!faults.before_insert.is_zero(), !faults.after_insert.is_zero()];
+        Appender { log: db.collection(LOG), ch, last, faults, stalls }
     }
 
     /// Serves appends until every sender is gone, then releases the lease.
@@ -258,7 +229,7 @@ impl Appender {
         }
     }
 
-    /// Takes the lease if it is free or expired; settles a dead holder's last cycle.
+    /// Takes the lease if it is free or expired.
     async fn acquire(&self) -> Result<Option<Tenure>, EventStoreError> {
         let id = Uuid::new_v4().to_string();
         let started = Instant::now();
@@ -282,58 +253,23 @@ impl Appender {
         let deadline = started + self.faults.lease - MARGIN;
         let next = match before {
             Some(d) if !d.contains_key("lease") => d.get_i64("next").unwrap_or(0) as u64,
-            // First use, or the last holder let the lease expire.
-            _ => self.settle().await?,
+            // First use, or the last holder let the lease expire: ClickHouse says.
+            _ => (self.last_stored().await? + 1) as u64,
         };
-        Ok(Some(Tenure { id, deadline, next, heads: HashMap::new(), cycles: Vec::new() }))
+        Ok(Some(Tenure { id, deadline, next, heads: HashMap::new() }))
     }
 
-    /// After an expired lease: the cycles ClickHouse has stand, the others are rolled back.
-    /// Returns the next position.
-    async fn settle(&self) -> Result<u64, EventStoreError> {
+    /// The last position ClickHouse holds (-1: none).
+    async fn last_stored(&self) -> Result<i64, EventStoreError> {
         let (count, max): (u64, u64) =
             self.ch.query("SELECT count(), max(position) FROM EventStore_Events").fetch_one().await?;
-        let next = if count == 0 { 0 } else { max + 1 };
-        let pending: Vec<Document> =
-            self.streams.find(doc! { "pending.cycle": { "$exists": true } }).await?.try_collect().await?;
-        let mut rolled_back = 0;
-        for head in pending {
-            let (Ok(id), Ok(p)) = (head.get_str("_id"), head.get_document("pending")) else { continue };
-            let cycle = p.get_str("cycle").unwrap_or_default();
-            let filter = doc! { "_id": id, "pending.cycle": cycle };
-            if p.get_i64("to").unwrap_or(0) as u64 <= next {
-                self.streams.update_one(filter, doc! { "$unset": { "pending": "" } }).await?;
-            } else {
-                rolled_back += 1;
-                self.roll_back(filter, p).await?;
-            }
-        }
-        if rolled_back > 0 {
-            tracing::warn!(streams = rolled_back, next, "rolled back appends of an appender whose lease expired");
-        }
-        Ok(next)
-    }
-
-    /// Puts a head back as its `pending` note says it was.
-    async fn roll_back(&self, filter: Document, pending: &Document) -> Result<(), mongodb::error::Error> {
-        match pending.get_i64("version").unwrap_or(-1) {
-            v if v < 0 && !pending.get_bool("stored").unwrap_or(false) => {
-                self.streams.delete_one(filter).await?;
-            }
-            v => {
-                let last = pending.get("last").cloned().unwrap_or(Bson::Null);
-                self.streams
-                    .update_one(filter, doc! { "$set": { "version": v, "last": last }, "$unset": { "pending": "" } })
-                    .await?;
-            }
-        }
-        Ok(())
+        Ok(if count == 0 { -1 } else { max as i64 })
     }
 
     async fn release(&self, tenure: Option<Tenure>) {
         let Some(t) = tenure else { return };
         if t.check(Duration::ZERO).is_err() {
-            return; // let it expire: the next holder settles
+            return; // let it expire
         }
         let released = self
             .log
@@ -344,14 +280,6 @@ impl Appender {
             .await;
         if let Err(e) = released {
             tracing::warn!(error = %e, "could not release the log lease; it expires on its own");
-            return;
-        }
-        // Housekeeping only: a settle would clear these notes too.
-        if !t.cycles.is_empty() {
-            let _ = self
-                .streams
-                .update_many(doc! { "pending.cycle": { "$in": &t.cycles } }, doc! { "$unset": { "pending": "" } })
-                .await;
         }
     }
 
@@ -362,16 +290,14 @@ impl Appender {
             return Outcome::Keep;
         }
         let cycle = Uuid::new_v4().to_string();
-        let start = t.next;
         let now = DateTime::now().timestamp_millis();
-        let mut next = start;
+        let mut next = t.next;
         let mut heads: HashMap<String, Head> = HashMap::new();
-        let mut before: HashMap<String, Head> = HashMap::new();
         let mut rows = Vec::new();
         let mut answers = Vec::new();
         for r in batch {
-            let head = heads.get(&r.stream).or_else(|| t.heads.get(&r.stream)).cloned().unwrap_or_default();
-            if let Some(done) = head.retry_of(&r.events) {
+            let head = heads.get(&r.stream).or_else(|| t.heads.get(&r.stream)).cloned().expect("loaded");
+            if let Some(done) = r.client_ids.then(|| head.retry_of(&r.events)).flatten() {
                 answers.push(Answer { reply: r.reply, result: Ok(done), accepted: false });
                 continue;
             }
@@ -384,15 +310,17 @@ impl Appender {
                 answers.push(Answer { reply: r.reply, result: Err(e), accepted: false });
                 continue;
             }
-            before.entry(r.stream.clone()).or_insert_with(|| head.clone());
             let k = r.events.len() as i64;
-            let ids = r.events.iter().map(|e| e.event_id.expect("validated")).collect();
+            let mut tail = Vec::with_capacity(r.events.len());
             for (i, e) in r.events.into_iter().enumerate() {
+                let (version, position) = (head.version + 1 + i as i64, next + i as u64);
+                let id = e.event_id.expect("validated");
+                tail.push((id, version, position as i64));
                 rows.push(EventRow {
-                    position: next + i as u64,
+                    position,
                     stream_id: r.stream.clone(),
-                    stream_version: (head.version + 1 + i as i64) as u64,
-                    event_id: e.event_id.expect("validated"),
+                    stream_version: version as u64,
+                    event_id: id,
                     event_type: e.event_type,
                     data: e.data,
                     metadata: e.metadata.into_iter().collect(),
@@ -404,10 +332,7 @@ impl Appender {
                 first_position: next,
                 position: next + k as u64 - 1,
             };
-            heads.insert(
-                r.stream.clone(),
-                Head { version: head.version + k, stored: true, last: Some((ids, head.version + 1, next as i64)) },
-            );
+            heads.insert(r.stream.clone(), Head { version: head.version + k, tail: Some(tail) });
             answers.push(Answer { reply: r.reply, result: Ok(result), accepted: true });
             next += k as u64;
         }
@@ -415,45 +340,24 @@ impl Appender {
             answer(answers);
             return Outcome::Keep;
         }
-        // Step 2: the heads.
-        let mut written: Vec<&String> = Vec::new();
-        for (stream, old) in &before {
-            let new = &heads[stream];
-            let pending = doc! {
-                "cycle": &cycle, "version": old.version, "stored": old.stored, "last": old.last_bson(),
-                "from": start as i64, "to": next as i64,
-            };
-            let wrote = match t.check(Duration::from_secs(1)) {
-                Err(e) => Err(e),
-                Ok(()) => self.write_head(stream, old, new, pending).await,
-            };
-            if let Err(e) = wrote {
-                self.undo(&cycle, &written, &before).await;
-                fail(answers, &e);
-                // A head that did not match means someone else wrote it: this process
-                // no longer holds the lease it thinks it holds.
-                t.heads.clear();
-                return Outcome::Keep;
-            }
-            written.push(stream);
-        }
         if std::mem::take(&mut self.stalls[0]) {
-            tokio::time::sleep(self.faults.after_heads).await;
+            tokio::time::sleep(self.faults.before_insert).await;
         }
-        // Step 3: the events, one block.
         let inserted = match t.check(INSERT_TIMEOUT) {
             Err(e) => Err(Some(e)),
             Ok(()) => match tokio::time::timeout(INSERT_TIMEOUT, insert(&self.ch, &cycle, &rows)).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(clickhouse::error::Error::BadResponse(m))) => Err(Some(EventStoreError::Unavailable(m))),
-                Ok(Err(e)) => Err(None).inspect(|_: &()| tracing::warn!(error = %e, "event insert outcome unknown")),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "event insert outcome unknown");
+                    Err(None)
+                }
                 Err(_) => Err(None),
             },
         };
         match inserted {
             Ok(()) => {}
             Err(Some(refused)) => {
-                self.undo(&cycle, &written, &before).await;
                 fail(answers, &refused);
                 return Outcome::Keep;
             }
@@ -470,66 +374,71 @@ impl Appender {
         }
         t.next = next;
         t.heads.extend(heads);
-        t.cycles.push(cycle);
         self.last.send_replace(next as i64 - 1);
         answer(answers);
         Outcome::Keep
     }
 
-    /// Reads the heads of the batch's streams this lease has not seen yet.
+    /// Reads from ClickHouse the heads of the batch's streams this lease does not know
+    /// yet, with as many last events as the longest possible retry needs.
     async fn load_heads(&self, t: &mut Tenure, batch: &[Request]) -> Result<(), EventStoreError> {
-        let missing: HashSet<&str> =
-            batch.iter().map(|r| r.stream.as_str()).filter(|s| !t.heads.contains_key(*s)).collect();
+        let mut need_tail: HashMap<&str, usize> = HashMap::new();
+        let mut missing: HashSet<&str> = HashSet::new();
+        for r in batch {
+            match t.heads.get(&r.stream) {
+                None => {
+                    missing.insert(&r.stream);
+                }
+                Some(h) if r.client_ids && h.tail.as_ref().is_none_or(|tail| tail.len() < r.events.len()) => {
+                    missing.insert(&r.stream);
+                }
+                Some(_) => {}
+            }
+            if r.client_ids {
+                let n = need_tail.entry(&r.stream).or_default();
+                *n = (*n).max(r.events.len());
+            }
+        }
         if missing.is_empty() {
             return Ok(());
         }
         t.check(Duration::from_secs(1))?;
         let ids: Vec<&str> = missing.iter().copied().collect();
-        let found: Vec<Document> = self.streams.find(doc! { "_id": { "$in": ids } }).await?.try_collect().await?;
-        for d in &found {
-            if let Ok(id) = d.get_str("_id") {
-                t.heads.insert(id.to_string(), Head::from_doc(d));
-            }
-        }
+        let versions: Vec<(String, u64)> = self
+            .ch
+            .query(
+                "SELECT stream_id, max(stream_version) FROM EventStore_Events \
+                 WHERE stream_id IN {s:Array(String)} GROUP BY stream_id",
+            )
+            .param("s", &ids)
+            .fetch_all()
+            .await?;
+        let versions: HashMap<String, i64> = versions.into_iter().map(|(s, v)| (s, v as i64)).collect();
         for s in missing {
-            t.heads.entry(s.to_string()).or_default();
+            let version = versions.get(s).copied().unwrap_or(-1);
+            let tail = match need_tail.get(s) {
+                Some(&n) if version >= 0 => Some(self.tail(s, n).await?),
+                Some(_) => Some(Vec::new()),
+                None => None,
+            };
+            t.heads.insert(s.to_string(), Head { version, tail });
         }
         Ok(())
     }
 
-    async fn write_head(&self, stream: &str, old: &Head, new: &Head, pending: Document) -> Result<(), EventStoreError> {
-        let lost = || EventStoreError::Unavailable(format!("stream '{stream}' changed under the log lease; retry"));
-        if old.stored {
-            let r = self
-                .streams
-                .update_one(
-                    doc! { "_id": stream, "version": old.version },
-                    doc! { "$set": { "version": new.version, "last": new.last_bson(), "pending": pending } },
-                )
-                .await?;
-            if r.matched_count != 1 {
-                return Err(lost());
-            }
-        } else {
-            let d = doc! { "_id": stream, "version": new.version, "last": new.last_bson(), "pending": pending };
-            match self.streams.insert_one(d).await {
-                Ok(_) => {}
-                Err(e) if is_duplicate_key(&e) => return Err(lost()),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
-    }
-
-    /// Puts back the heads a failed cycle wrote (best effort: a settle does it otherwise).
-    async fn undo(&self, cycle: &str, written: &[&String], before: &HashMap<String, Head>) {
-        for stream in written {
-            let old = &before[*stream];
-            let pending = doc! { "version": old.version, "stored": old.stored, "last": old.last_bson() };
-            if let Err(e) = self.roll_back(doc! { "_id": *stream, "pending.cycle": cycle }, &pending).await {
-                tracing::warn!(error = %e, stream = %stream, "could not roll back a stream head; the next settle will");
-            }
-        }
+    /// A stream's last `n` events (id, version, position), oldest first.
+    async fn tail(&self, stream: &str, n: usize) -> Result<Vec<(Uuid, i64, i64)>, EventStoreError> {
+        let rows: Vec<(String, u64, u64)> = self
+            .ch
+            .query(
+                "SELECT toString(event_id), stream_version, position FROM EventStore_Events \
+                 WHERE stream_id = {s:String} ORDER BY stream_version DESC LIMIT 1 BY stream_version LIMIT {n:UInt64}",
+            )
+            .param("s", stream)
+            .param("n", n as u64)
+            .fetch_all()
+            .await?;
+        Ok(rows.into_iter().rev().filter_map(|(id, v, p)| Some((id.parse().ok()?, v as i64, p as i64))).collect())
     }
 }
 
@@ -548,7 +457,7 @@ async fn insert(ch: &clickhouse::Client, cycle: &str, rows: &[EventRow]) -> Resu
 }
 
 /// An append's answer once the cycle ends; `accepted` when it depends on the cycle's
-/// writes (conflicts and retries of an earlier append do not).
+/// insert (conflicts and retries of an earlier append do not).
 struct Answer {
     reply: oneshot::Sender<Result<AppendResult, EventStoreError>>,
     result: Result<AppendResult, EventStoreError>,

@@ -1,18 +1,21 @@
-//! The product [`EventStore`]: events in ClickHouse (`EventStore_Events`), stream heads
-//! and the log lease in MongoDB (`EventStore_Streams`, `EventStore_Log`).
+//! The product [`EventStore`]: events in ClickHouse (`EventStore_Events`), the log lease
+//! in MongoDB (`EventStore_Log`).
 //!
 //! # Why positions never have a hole a reader could skip
 //! A store that hands out positions from a sequence and lets writers commit in any order
 //! has holes: position 7 is reserved, 8 commits first, a subscriber reads 8, and 7 then
 //! appears behind it (Marten #4953). Here one appender at a time, across all processes,
-//! holds the *log lease* (see `appender`); only it assigns positions, contiguously, and it
-//! writes each cycle's events to ClickHouse as one block (one part: all or nothing). So
-//! the table is always a gap-free prefix of the log, and `read_all(from)` can simply read
-//! it. If an appender dies or stalls mid-cycle, its lease expires and the next holder
-//! first settles the dead cycle: its block is either in ClickHouse (the appends stand)
-//! or not (their stream heads are rolled back, the positions are reused). A stalled holder
-//! cannot write after its lease ends: it starts no write it could not finish before then
-//! (lease times come from each process's clock, assumed within a second of each other).
+//! holds the *log lease* (see `appender`); only it assigns positions, contiguously from
+//! the last one stored, and it writes each cycle's events to ClickHouse as one block (one
+//! part: all or nothing). So the table is always a gap-free prefix of the log, and
+//! `read_all(from)` can simply read it. An appender that dies or stalls mid-cycle loses
+//! the lease when it expires; the next holder continues after the last position stored,
+//! and the stalled one cannot write after its lease ends: it starts no insert it could not
+//! finish before then (lease times come from each process's clock, assumed within a
+//! second of each other).
+//!
+//! The same lease is the concurrency control of streams: only its holder writes, so it
+//! checks expected versions against what ClickHouse holds plus what it wrote itself.
 //!
 //! `group:{id}` streams are not stored here: they read the Group's member events through
 //! the `EventStore_GroupEvents` view (read-only; not part of the log).
@@ -210,9 +213,10 @@ impl EventStore for ClickHouseEventStore {
         expected: ExpectedVersion,
         mut events: Vec<NewEvent>,
     ) -> Result<AppendResult, EventStoreError> {
+        let client_ids = events.iter().all(|e| e.event_id.is_some());
         validate_append(stream, &mut events)?;
         let (reply, answer) = oneshot::channel();
-        let request = Request { stream: stream.to_string(), expected, events, reply };
+        let request = Request { stream: stream.to_string(), expected, events, client_ids, reply };
         self.appends
             .send(request)
             .await

@@ -203,15 +203,15 @@ async fn a_stalled_appender_delays_the_log_but_no_subscriber_skips_its_events() 
 }
 
 /// The other half: an appender that dies (stalls past its lease) before its events are
-/// stored is declared dead; its append is rolled back, the log moves on, and the client's
+/// stored is declared dead; its append never lands, the log moves on, and the client's
 /// retry lands later.
 #[tokio::test]
-async fn an_appender_declared_dead_before_storing_is_rolled_back_and_the_log_moves_on() {
+async fn an_appender_declared_dead_before_storing_never_lands_and_the_log_moves_on() {
     let app = spawn_app().await;
     let lease = Duration::from_secs(6);
     let fast = second_store(&app, Faults { lease, ..Faults::default() }).await;
     fast.append("before", ExpectedVersion::Any, events("x", 1)).await.unwrap();
-    let slow = second_store(&app, Faults { lease, after_heads: Duration::from_secs(8), ..Faults::default() }).await;
+    let slow = second_store(&app, Faults { lease, before_insert: Duration::from_secs(8), ..Faults::default() }).await;
     let mut lost = events("s", 2);
     for (i, e) in lost.iter_mut().enumerate() {
         e.event_id = Some(uuid::Uuid::from_u128(0x5100 + i as u128));
@@ -227,7 +227,7 @@ async fn an_appender_declared_dead_before_storing_is_rolled_back_and_the_log_mov
     assert_eq!(fast.stream_version("slow").await.unwrap(), -1);
     let outcome = slow_append.await.unwrap();
     assert!(matches!(outcome, Err(EventStoreError::Unavailable(_))), "{outcome:?}");
-    // The client retries; the stream was rolled back, so no-stream still holds.
+    // The client retries; the stream never got the events, so no-stream still holds.
     let landed = slow.append("slow", ExpectedVersion::NoStream, retry).await.unwrap();
     assert_eq!((landed.first_position, landed.next_expected_version), (2, 1));
     let all: Vec<(u64, String)> =

@@ -1,0 +1,207 @@
+//! Event store benchmark: appends over HTTP (single events from concurrent writers, and
+//! 100-event batches), `read_all` through the store API and over HTTP, and how far a
+//! live subscriber (SSE) trails the writers.
+//!
+//! Run with `make bench` (services up, release build). Writes the `events` section of
+//! `docs/benchmarks.md`. `--quick` shrinks the sizes by 10×.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use roster::eventstore::EventStore;
+use serde_json::{json, Value};
+
+mod common;
+use common::{machine, pct, write_section, Server};
+
+const WRITERS: usize = 16;
+const BATCH: usize = 100;
+const BATCH_WRITERS: usize = 8;
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+async fn post(http: &reqwest::Client, base: &str, stream: &str, body: String) -> Duration {
+    let start = Instant::now();
+    let r = http.post(format!("{base}/events/{stream}")).body(body).send().await.unwrap();
+    let status = r.status();
+    let _ = r.bytes().await;
+    assert_eq!(status, 201, "append to {stream}");
+    start.elapsed()
+}
+
+/// Follows `/events/subscribe` from `from`; records (now − event timestamp) per event
+/// until `stop` events have arrived.
+async fn follow(http: reqwest::Client, base: String, from: u64, stop: u64) -> Vec<Duration> {
+    let r = http.get(format!("{base}/events/subscribe?from={from}")).send().await.unwrap();
+    let mut body = r.bytes_stream();
+    let (mut text, mut lags, mut seen) = (String::new(), Vec::new(), 0u64);
+    while seen < stop {
+        let Some(Ok(chunk)) = body.next().await else { break };
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let frame: String = text.drain(..end + 2).collect();
+            if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
+                let e: Value = serde_json::from_str(data).unwrap();
+                let lag = now_ms() - e["timestamp"].as_i64().unwrap();
+                lags.push(Duration::from_millis(lag.max(0) as u64));
+                seen += 1;
+            }
+        }
+    }
+    lags
+}
+
+#[tokio::main]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let scale = if quick { 10 } else { 1 };
+    let out = std::env::args().skip_while(|a| a != "--out").nth(1).unwrap_or_else(|| "docs/benchmarks.md".into());
+    let singles_per_writer = 1_000 / scale;
+    let total_batched = 1_000_000 / scale;
+    let server = Server::start("events", "es", &[]);
+    let base = server.base.clone();
+    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+
+    // 1. Single-event appends from concurrent writers, with a live subscriber.
+    eprintln!("events: {WRITERS} writers × {singles_per_writer} single-event appends");
+    let single_total = (WRITERS * singles_per_writer) as u64;
+    let subscriber = tokio::spawn(follow(http.clone(), base.clone(), 0, single_total));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (http, base) = (http.clone(), base.clone());
+            tokio::spawn(async move {
+                let mut samples = Vec::with_capacity(singles_per_writer);
+                for i in 0..singles_per_writer {
+                    let body = json!([{ "eventType": "vitals_recorded", "data": { "writer": w, "i": i } }]).to_string();
+                    samples.push(post(&http, &base, &format!("patient:w{w}"), body).await);
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut single = Vec::new();
+    for t in tasks {
+        single.extend(t.await.unwrap());
+    }
+    let single_rate = single_total as f64 / started.elapsed().as_secs_f64();
+    let mut lags = tokio::time::timeout(Duration::from_secs(60), subscriber).await.unwrap().unwrap();
+
+    // 2. 100-event batches up to 1M events.
+    eprintln!("events: {total_batched} events in {BATCH}-event appends from {BATCH_WRITERS} writers");
+    let per_writer = total_batched / BATCH / BATCH_WRITERS;
+    let batch_subscriber =
+        tokio::spawn(follow(http.clone(), base.clone(), single_total, (per_writer * BATCH * BATCH_WRITERS) as u64));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..BATCH_WRITERS)
+        .map(|w| {
+            let (http, base) = (http.clone(), base.clone());
+            tokio::spawn(async move {
+                let mut samples = Vec::with_capacity(per_writer);
+                for i in 0..per_writer {
+                    let events: Vec<Value> = (0..BATCH)
+                        .map(|k| json!({ "eventType": "lab_result", "data": { "writer": w, "batch": i, "k": k, "value": 5.4 } }))
+                        .collect();
+                    samples.push(post(&http, &base, &format!("encounter:w{w}-{}", i % 100), Value::Array(events).to_string()).await);
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut batched = Vec::new();
+    for t in tasks {
+        batched.extend(t.await.unwrap());
+    }
+    let batched_events = per_writer * BATCH * BATCH_WRITERS;
+    let batched_rate = batched_events as f64 / started.elapsed().as_secs_f64();
+    let mut batch_lags = tokio::time::timeout(Duration::from_secs(120), batch_subscriber).await.unwrap().unwrap();
+
+    // 3. read_all over everything: the store API, then HTTP pages.
+    let total = single_total + batched_events as u64;
+    eprintln!("events: read_all over {total} events");
+    let settings = {
+        let mut s = roster::config::Settings::load(None).unwrap();
+        let db = format!("bench_es_{}", std::process::id());
+        s.mongo.database = db.clone();
+        s.clickhouse.database = db;
+        s
+    };
+    let db = roster::startup::mongo_database(&settings).await.unwrap();
+    let store = Arc::new(roster::eventstore::log::ClickHouseEventStore::new(
+        &db,
+        roster::migrate::clickhouse_client(&settings.clickhouse),
+    ));
+    let started = Instant::now();
+    let (mut from, mut read) = (0u64, 0u64);
+    loop {
+        let page = store.read_all(from, 100_000).await.unwrap();
+        let Some(last) = page.last() else { break };
+        from = last.position + 1;
+        read += page.len() as u64;
+    }
+    let api_rate = read as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(read, total, "read_all returns every event once");
+    let started = Instant::now();
+    let (mut from, mut http_read) = (0u64, 0u64);
+    while http_read < total.min(200_000) {
+        let r = http.get(format!("{base}/events?from={from}&max=10000")).send().await.unwrap();
+        let page: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        let n = page["events"].as_array().unwrap().len() as u64;
+        if n == 0 {
+            break;
+        }
+        http_read += n;
+        from = page["next"].as_u64().unwrap();
+    }
+    let http_rate = http_read as f64 / started.elapsed().as_secs_f64();
+
+    let f = |v: f64| format!("{v:.1}");
+    let rows = [
+        (
+            format!("single-event append, {WRITERS} concurrent writers: p50 / p99 (ms); throughput (events/s)"),
+            "p99 ≤ 10 ms".to_string(),
+            format!("{} / {}; {:.0}", f(pct(&mut single, 0.5)), f(pct(&mut single, 0.99)), single_rate),
+        ),
+        (
+            format!("{BATCH}-event appends, {BATCH_WRITERS} concurrent writers, {batched_events} events: throughput (events/s); request p50 / p99 (ms)"),
+            "≥ 50,000 events/s".to_string(),
+            format!("{batched_rate:.0}; {} / {}", f(pct(&mut batched, 0.5)), f(pct(&mut batched, 0.99))),
+        ),
+        (
+            format!("read_all over {total} events: store API, pages of 100k (events/s); HTTP, pages of 10k, first {http_read} (events/s)"),
+            "≥ 1,000,000 events/s".to_string(),
+            format!("{api_rate:.0}; {http_rate:.0}"),
+        ),
+        (
+            "SSE subscriber lag behind the append (event timestamp → received): p50 / p99 (ms), single-event load; batched load".to_string(),
+            "p99 ≤ 200 ms".to_string(),
+            format!(
+                "{} / {}; {} / {}",
+                f(pct(&mut lags, 0.5)),
+                f(pct(&mut lags, 0.99)),
+                f(pct(&mut batch_lags, 0.5)),
+                f(pct(&mut batch_lags, 0.99))
+            ),
+        ),
+    ];
+    let mut md = String::from("## Event store\n\n");
+    md.push_str(&format!(
+        "Measured by `make bench` (`examples/bench_events.rs`) on {}; release build; the same local services; \
+         one `roster serve`, clients in one process over HTTP/1.1 keep-alive. The event timestamp is taken when the \
+         appender's cycle starts, so the lag includes the ClickHouse insert.\n\n",
+        machine()
+    ));
+    if quick {
+        md.push_str("**Quick run: every size divided by 10.**\n\n");
+    }
+    md.push_str("| measure | target | roster |\n|---|---|---|\n");
+    for (a, b, c) in &rows {
+        md.push_str(&format!("| {a} | {b} | {c} |\n"));
+    }
+    write_section(&out, "events", &md);
+    println!("{md}");
+}
