@@ -98,7 +98,7 @@ impl Head {
         let last = tail.get(tail.len().checked_sub(events.len())?..)?;
         let same = last.iter().zip(events).all(|((id, _, _), e)| Some(*id) == e.event_id);
         let (first, end) = (last.first()?, last.last()?);
-        same.then(|| AppendResult {
+        same.then_some(AppendResult {
             next_expected_version: end.1 as u64,
             first_position: first.2 as u64,
             position: end.2 as u64,
