@@ -5,8 +5,9 @@
 -- always a gap-free prefix of the log. Reading by stream uses the `by_stream` projection,
 -- which ClickHouse writes inside each part (atomically with it; a materialized view
 -- would be a second insert that can fail on its own).
--- A retried insert of the same cycle carries the same deduplication token and is
--- dropped (non_replicated_deduplication_window).
+-- No deduplication window: an appender never inserts a cycle twice (after an unclear
+-- failure it gives the lease up instead, and the next holder continues after the last
+-- position stored), and the window's bookkeeping cost ~2 ms per insert.
 CREATE TABLE IF NOT EXISTS EventStore_Events
 (
     position        UInt64,
@@ -20,5 +21,4 @@ CREATE TABLE IF NOT EXISTS EventStore_Events
     PROJECTION by_stream (SELECT * ORDER BY stream_id, stream_version)
 )
 ENGINE = MergeTree
-ORDER BY position
-SETTINGS non_replicated_deduplication_window = 10000;
+ORDER BY position;

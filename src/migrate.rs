@@ -71,11 +71,16 @@ pub fn clickhouse_client(s: &ClickHouseSettings) -> clickhouse::Client {
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(std::time::Duration::from_secs(2))
         .build(connector);
+    let compression = match s.compression {
+        crate::config::ClickHouseCompression::None => clickhouse::Compression::None,
+        crate::config::ClickHouseCompression::Lz4 => clickhouse::Compression::Lz4,
+    };
     clickhouse::Client::with_http_client(http)
         .with_url(&s.url)
         .with_user(&s.user)
         .with_password(&s.password)
         .with_database(&s.database)
+        .with_compression(compression)
 }
 
 /// Creates the database if needed and applies pending ClickHouse migrations. Returns the

@@ -6,8 +6,7 @@
 //! 1. check each append against its stream's head (expected version; a retry of the
 //!    stream's last append gets that append's result) and give the accepted ones
 //!    positions, contiguously from the last position stored;
-//! 2. insert the cycle's events into ClickHouse as one block (one part: all or nothing),
-//!    with the cycle id as deduplication token;
+//! 2. insert the cycle's events into ClickHouse as one block (one part: all or nothing);
 //! 3. answer the appends.
 //!
 //! ClickHouse is the only record of streams: a stream's version is its last event's. The
@@ -442,12 +441,12 @@ impl Appender {
     }
 }
 
-/// Inserts one cycle's rows as one block; a retry of the same cycle is deduplicated.
+/// Inserts one cycle's rows as one block (tagged with the cycle id in the query log).
 async fn insert(ch: &clickhouse::Client, cycle: &str, rows: &[EventRow]) -> Result<(), clickhouse::error::Error> {
     let mut insert = ch
         .insert::<EventRow>(EVENTS_TABLE)
         .await?
-        .with_setting("insert_deduplication_token", cycle)
+        .with_setting("log_comment", cycle)
         .with_setting("async_insert", "0")
         .with_setting("max_insert_block_size", "1048576");
     for row in rows {

@@ -244,7 +244,7 @@ impl EventStore for ClickHouseEventStore {
             self.ch
                 .query(&format!(
                     "SELECT {COLUMNS} FROM EventStore_Events WHERE stream_id = {{s:String}} AND stream_version >= {{v:UInt64}} \
-                     ORDER BY stream_version LIMIT 1 BY stream_version LIMIT {{m:UInt64}}"
+                     ORDER BY stream_version LIMIT {{m:UInt64}}"
                 ))
                 .param("s", stream)
                 .param("v", from)
@@ -258,7 +258,7 @@ impl EventStore for ClickHouseEventStore {
             self.ch
                 .query(&format!(
                     "SELECT {COLUMNS} FROM EventStore_Events WHERE position >= {{f:UInt64}} \
-                     ORDER BY position LIMIT 1 BY position LIMIT {{m:UInt64}}"
+                     ORDER BY position LIMIT {{m:UInt64}}"
                 ))
                 .param("f", from)
                 .param("m", max as u64),
