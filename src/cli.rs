@@ -1,4 +1,4 @@
-//! Command line: `roster serve | migrate | config | eventstore …`.
+//! Command line: `roster serve | migrate | config | eventstore … | projection …`.
 
 use std::path::PathBuf;
 
@@ -35,6 +35,14 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::eventstore::cli::EventStoreCommand,
     },
+    /// Projections (read models): list, status, rebuild, reset, run.
+    Projection {
+        /// Machine-readable output (JSON lines).
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: crate::projection::cli::ProjectionCommand,
+    },
 }
 
 fn env_help() -> String {
@@ -58,6 +66,7 @@ pub async fn run(cli: Cli) -> Result<(), BoxError> {
             println!("MongoDB `{}`: applied {:?}", settings.mongo.database, mg);
         }
         Command::Eventstore { json, command } => crate::eventstore::cli::run(&settings, command, json).await?,
+        Command::Projection { json, command } => crate::projection::cli::run(&settings, command, json).await?,
         Command::Config => {
             let mut shown = settings.clone();
             if !shown.clickhouse.password.is_empty() {

@@ -22,7 +22,24 @@ pub struct Settings {
     pub clickhouse: ClickHouseSettings,
     pub groups: GroupSettings,
     pub events: EventSettings,
+    pub projections: ProjectionSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProjectionSettings {
+    /// Feed the built-in projections while serving (one runner per projection across all
+    /// processes, by lease).
+    pub run: bool,
+    /// Events per projection batch.
+    pub batch: usize,
+}
+
+impl Default for ProjectionSettings {
+    fn default() -> Self {
+        ProjectionSettings { run: true, batch: 10_000 }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -103,6 +120,7 @@ impl Default for Settings {
             clickhouse: ClickHouseSettings::default(),
             groups: GroupSettings::default(),
             events: EventSettings::default(),
+            projections: ProjectionSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -168,6 +186,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ROSTER_GROUP_MAX_PATCH_OPS", "most operations in one Group PATCH (default 100000)"),
     ("ROSTER_GROUP_INDEX_CAPACITY", "most members in the in-process member index (default 5000000; 0 = off)"),
     ("ROSTER_EVENT_ROUTES", "routing file (YAML) turning FHIR writes into events (default: none)"),
+    ("ROSTER_PROJECTIONS", "on (default) or off: feed the built-in projections while serving"),
     ("ROSTER_LOG_FORMAT", "text or json"),
     ("ROSTER_LOG", "tracing filter, e.g. info or roster=debug"),
 ];
@@ -244,6 +263,18 @@ impl Settings {
         }
         if let Some(v) = env("ROSTER_CLICKHOUSE_COMPRESSION") {
             self.clickhouse.compression = parse("ROSTER_CLICKHOUSE_COMPRESSION", &v)?;
+        }
+        if let Some(v) = env("ROSTER_PROJECTIONS") {
+            self.projections.run = match v.as_str() {
+                "on" => true,
+                "off" => false,
+                other => {
+                    return Err(ConfigError::Env {
+                        var: "ROSTER_PROJECTIONS",
+                        message: format!("'{other}' is not on or off"),
+                    })
+                }
+            };
         }
         if let Some(v) = env("ROSTER_EVENT_ROUTES") {
             self.events.routes = Some(v.into());
@@ -351,5 +382,22 @@ mod tests {
         assert!(err.contains("ROSTER_CLICKHOUSE_DATABASE"), "{err}");
         let err = Settings::load_from(None, env(&[("ROSTER_LOG_FORMAT", "xml")])).unwrap_err();
         assert!(err.to_string().contains("xml"));
+    }
+
+    #[test]
+    fn the_example_file_loads_and_event_settings_parse() {
+        let example = Settings::load_from(Some(Path::new("roster.example.toml")), env(&[])).unwrap();
+        assert_eq!(example.clickhouse.compression, ClickHouseCompression::None);
+        let dir = std::env::temp_dir().join(format!("roster-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("roster.toml");
+        let text = "[events]\nroutes = \"r.yaml\"\n[[events.retention]]\nprefix = \"source:\"\ndays = 30\n";
+        std::fs::write(&file, text).unwrap();
+        let s = Settings::load_from(Some(&file), env(&[("ROSTER_CLICKHOUSE_COMPRESSION", "lz4")])).unwrap();
+        assert_eq!(s.events.routes.as_deref(), Some(Path::new("r.yaml")));
+        assert_eq!(s.events.retention, [crate::eventstore::retention::Rule { prefix: "source:".into(), days: 30 }]);
+        assert_eq!(s.clickhouse.compression, ClickHouseCompression::Lz4);
+        let err = Settings::load_from(None, env(&[("ROSTER_CLICKHOUSE_COMPRESSION", "gzip")])).unwrap_err();
+        assert!(err.to_string().contains("gzip"));
     }
 }

@@ -48,6 +48,8 @@ pub struct Application {
 struct Background {
     recorder: Option<Arc<EventRecorder>>,
     retention: Vec<crate::eventstore::retention::Rule>,
+    /// Feed the built-in projections, with this configuration.
+    projections: Option<crate::projection::runner::RunnerConfig>,
 }
 
 /// Connects to MongoDB. Server selection is bounded so an unreachable store becomes a
@@ -124,7 +126,11 @@ impl Application {
         };
         state.hooks = builtin.extend(hooks);
         let router = router(state.clone());
-        let background = Background { recorder, retention: settings.events.retention.clone() };
+        let projections = settings.projections.run.then(|| crate::projection::runner::RunnerConfig {
+            batch: settings.projections.batch,
+            ..Default::default()
+        });
+        let background = Background { recorder, retention: settings.events.retention.clone(), projections };
         Ok(Application { listener, router, address, state, background })
     }
 
@@ -145,6 +151,19 @@ impl Application {
     /// Serves until `stop` resolves, with the background recovery running meanwhile.
     pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let recovery = tokio::spawn(background_recovery(self.state.store.clone(), self.state.flusher.clone()));
+        let feeding = match self.background.projections.clone() {
+            Some(config) => {
+                let state = &self.state;
+                let runner = crate::projection::runner::Runner::new(
+                    state.store.database(),
+                    state.clickhouse.clone(),
+                    state.events.clone(),
+                    config,
+                );
+                runner.spawn(crate::projection::builtin::all())
+            }
+            None => Vec::new(),
+        };
         let events = tokio::spawn(event_upkeep(self.background, self.state.clickhouse.clone()));
         // Responses go out in more than one write; without TCP_NODELAY, Nagle's algorithm
         // and the client's delayed ACK add ~40 ms to each.
@@ -156,6 +175,9 @@ impl Application {
         let served = axum::serve(listener, self.router).with_graceful_shutdown(stop).await;
         recovery.abort();
         events.abort();
+        for task in feeding {
+            task.abort();
+        }
         served
     }
 }
@@ -248,6 +270,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(fhir::routes())
         .merge(crate::eventstore::http::routes())
+        .merge(crate::graphql::routes())
         .route("/health", get(health))
         .route("/ready", get(ready))
         .fallback(not_found)

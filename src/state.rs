@@ -28,6 +28,8 @@ pub struct AppState {
     pub flusher: Arc<Flusher>,
     /// The general event store (`/events`).
     pub events: SharedEventStore,
+    /// GraphQL over the read models (`/graphql`).
+    pub graphql: crate::graphql::RosterSchema,
 }
 
 impl AppState {
@@ -45,8 +47,17 @@ impl AppState {
         let flusher = Flusher::new(store.clone(), clickhouse.clone());
         let events =
             ClickHouseEventStore::new(store.database(), clickhouse.clone()).with_group_flusher(flusher.clone());
+        let events = Arc::new(events);
+        let graphql = crate::graphql::schema(crate::graphql::Sources {
+            ch: clickhouse.clone(),
+            events: events.clone(),
+            checkpoints: crate::projection::runner::Checkpoints::new(store.database()),
+            snapshots: crate::projection::snapshot::SnapshotStore::new(store.database()),
+            projections: crate::projection::builtin::all().iter().map(|p| p.name()).collect(),
+        });
         AppState {
-            events: Arc::new(events),
+            graphql,
+            events,
             flusher,
             store,
             clickhouse,

@@ -119,8 +119,9 @@ impl ClickHouseEventStore {
         self
     }
 
-    /// Finishes the pending member batches of a `group:` stream's group.
-    async fn settle_group(&self, group: &str) -> Result<(), EventStoreError> {
+    /// Finishes the pending member batches of a group, so that reads of its member events
+    /// see every acknowledged write.
+    pub async fn settle_group(&self, group: &str) -> Result<(), EventStoreError> {
         match &self.groups {
             Some(f) => f.flush(group).await.map_err(|e| EventStoreError::Unavailable(format!("member events: {e}"))),
             None => Ok(()),

@@ -27,6 +27,12 @@ use crate::store::ResourceStore;
 /// A mark older than this is the sweep's: the hook that set it has finished or failed.
 pub const STALE: Duration = Duration::from_secs(60);
 
+/// Who caused a write: becomes the events' `correlationId` and `actor` metadata.
+pub struct Origin<'a> {
+    pub request_id: &'a str,
+    pub actor: Option<&'a str>,
+}
+
 pub struct EventRecorder {
     routes: RoutingFile,
     events: SharedEventStore,
@@ -39,7 +45,7 @@ impl EventRecorder {
     }
 
     /// The (stream, event) pairs a write yields, in order.
-    async fn plan(&self, saved: &Saved<'_>, ctx_request: &str) -> Result<Vec<(String, NewEvent)>, HookError> {
+    async fn plan(&self, saved: &Saved<'_>, origin: &Origin<'_>) -> Result<Vec<(String, NewEvent)>, HookError> {
         let rt = saved.resource_type;
         let derived = derive(saved);
         // The resource the templates read: the new content, or for a delete the last one.
@@ -66,7 +72,10 @@ impl EventRecorder {
                     continue;
                 };
                 let mut metadata = BTreeMap::new();
-                metadata.insert("correlationId".to_string(), ctx_request.to_string());
+                metadata.insert("correlationId".to_string(), origin.request_id.to_string());
+                if let Some(actor) = origin.actor {
+                    metadata.insert("actor".to_string(), actor.to_string());
+                }
                 metadata.insert("causationId".to_string(), format!("{rt}/{}/_history/{}", saved.id, saved.version));
                 metadata.insert("source".to_string(), "fhir".to_string());
                 out.push((
@@ -99,8 +108,8 @@ impl EventRecorder {
     }
 
     /// Appends a write's events. `replay`: skip events their stream already holds.
-    pub async fn record(&self, saved: &Saved<'_>, request_id: &str, replay: bool) -> Result<usize, HookError> {
-        let planned = self.plan(saved, request_id).await?;
+    pub async fn record(&self, saved: &Saved<'_>, origin: &Origin<'_>, replay: bool) -> Result<usize, HookError> {
+        let planned = self.plan(saved, origin).await?;
         let mut streams: Vec<(String, Vec<NewEvent>)> = Vec::new();
         for (stream, event) in planned {
             match streams.iter_mut().find(|(s, _)| *s == stream) {
@@ -151,7 +160,7 @@ impl EventRecorder {
                         resource: version.resource.as_ref(),
                         previous: previous.as_ref().and_then(|p| p.resource.as_ref()),
                     };
-                    self.record(&saved, "recovery", true).await?;
+                    self.record(&saved, &Origin { request_id: "recovery", actor: None }, true).await?;
                     self.store.clear_events_pending(rt, &id, v).await.map_err(err)?;
                     done += 1;
                 }
@@ -172,7 +181,8 @@ impl PostSaveHook for EventRecorder {
 
     fn after_save<'a>(&'a self, ctx: &'a RequestContext, saved: &'a Saved<'a>) -> BoxFuture<'a, Result<(), HookError>> {
         Box::pin(async move {
-            self.record(saved, &ctx.request_id, false).await?;
+            let origin = Origin { request_id: &ctx.request_id, actor: ctx.actor.as_deref() };
+            self.record(saved, &origin, false).await?;
             self.store
                 .clear_events_pending(saved.resource_type, saved.id, saved.version)
                 .await

@@ -353,6 +353,20 @@ async fn fhir_writes_become_routed_events() {
     assert_eq!(admit["data"]["admitTime"], "2024-01-15T08:00:00Z");
     assert_eq!(admit["metadata"]["causationId"], "Encounter/e1/_history/1");
     assert!(admit["metadata"]["correlationId"].as_str().is_some_and(|c| !c.is_empty()));
+    // The caller named in X-Actor is the events' actor.
+    let r = app
+        .client
+        .put(app.url("Patient/p3"))
+        .header("content-type", "application/fhir+json")
+        .header("x-actor", "Practitioner/dr-who")
+        .body(patient_with_mrn("p3", "MRN-3").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let created = get(&app, "/events/patient:MRN-3").await["events"][0].clone();
+    assert_eq!(created["metadata"]["actor"], "Practitioner/dr-who");
+    assert_eq!(created["data"]["resource"]["identifier"][1]["value"], "MRN-3");
     // A write without meta.source has no `source:` stream; one with it does.
     let mut sourced = patient_with_mrn("p2", "MRN-2");
     sourced["meta"] = json!({ "source": "adt-feed" });

@@ -11,5 +11,6 @@ mod helpers;
 mod hooks;
 mod ops;
 mod patch;
+mod projections;
 mod roundtrip;
 mod search;
