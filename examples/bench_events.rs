@@ -1,6 +1,7 @@
 //! Event store benchmark: appends over HTTP (single events from concurrent writers, and
-//! 100-event batches), `read_all` through the store API and over HTTP, and how far a
-//! live subscriber (SSE) trails the writers.
+//! 100-event batches), `read_all` through the store API and over HTTP, how far a live
+//! subscriber (SSE) trails the writers; then projections over the same log: catch-up
+//! rate, rebuild times, and GraphQL `patientTimeline` latency on a 10,000-event patient.
 //!
 //! Run with `make bench` (services up, release build). Writes the `events` section of
 //! `docs/benchmarks.md`. `--quick` shrinks the sizes by 10×.
@@ -10,6 +11,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use roster::eventstore::EventStore;
+use roster::projection::builtin;
+use roster::projection::rebuild::Rebuild;
+use roster::projection::runner::{Checkpoints, Runner, RunnerConfig};
+use roster::projection::snapshot::SnapshotStore;
+use roster::projection::Projection;
 use serde_json::{json, Value};
 
 mod common;
@@ -61,7 +67,8 @@ async fn main() {
     let out = std::env::args().skip_while(|a| a != "--out").nth(1).unwrap_or_else(|| "docs/benchmarks.md".into());
     let singles_per_writer = 1_000 / scale;
     let total_batched = 1_000_000 / scale;
-    let server = Server::start("events", "es", &[]);
+    // Projections are fed by this benchmark (to time them), not by the server.
+    let server = Server::start("events", "es", &[("ROSTER_PROJECTIONS", "off")]);
     let base = server.base.clone();
     let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
 
@@ -159,6 +166,52 @@ async fn main() {
     }
     let http_rate = http_read as f64 / started.elapsed().as_secs_f64();
 
+    // 4. Projections: catch-up from the first event, rebuilds, GraphQL on a long timeline.
+    eprintln!("events: projections over {total} events");
+    let ch = roster::migrate::clickhouse_client(&settings.clickhouse);
+    let checkpoints = Checkpoints::new(&db);
+    let caught_up = |name: &'static str, until: i64| {
+        let checkpoints = checkpoints.clone();
+        async move {
+            while checkpoints.status(name).await.unwrap().position < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let runner = Runner::new(&db, ch.clone(), store.clone(), RunnerConfig { batch: 50_000, ..RunnerConfig::default() });
+    let started = Instant::now();
+    let tasks = runner.spawn(vec![Arc::new(builtin::EventStatistics) as Arc<dyn Projection>]);
+    caught_up("event_statistics", total as i64 - 1).await;
+    let catch_up_rate = total as f64 / started.elapsed().as_secs_f64();
+    tasks.into_iter().for_each(|t| t.abort());
+    let snapshots = SnapshotStore::new(&db);
+    let rebuild = Rebuild { ch: &ch, store: &store, checkpoints: &checkpoints, snapshots: &snapshots };
+    let mut rebuilds = Vec::new();
+    for p in builtin::all() {
+        let report = rebuild.run(&*p, false, false, |_| {}).await.unwrap();
+        rebuilds.push(format!("{} {:.1} s", p.name(), report.elapsed.as_secs_f64()));
+    }
+    let long = 10_000usize;
+    for chunk in 0..long / BATCH {
+        let events: Vec<Value> = (0..BATCH)
+            .map(|k| json!({ "eventType": "lab_result", "data": { "code": "2345-7", "value": chunk * BATCH + k, "unit": "mmol/L" } }))
+            .collect();
+        post(&http, &base, "patient:BENCH-1", Value::Array(events).to_string()).await;
+    }
+    let end = store.last_position().await.unwrap();
+    let tasks = runner.spawn(vec![Arc::new(builtin::PatientTimeline) as Arc<dyn Projection>]);
+    caught_up("patient_timeline", end).await;
+    tasks.into_iter().for_each(|t| t.abort());
+    let mut timeline = Vec::new();
+    let query = json!({ "query": r#"{ patientTimeline(mrn: "BENCH-1", first: 100) { position timestamp eventType summary } }"# }).to_string();
+    for _ in 0..300 {
+        let start = Instant::now();
+        let r = http.post(format!("{base}/graphql")).body(query.clone()).send().await.unwrap();
+        let body: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        timeline.push(start.elapsed());
+        assert_eq!(body["data"]["patientTimeline"].as_array().map(Vec::len), Some(100), "{body}");
+    }
+
     let f = |v: f64| format!("{v:.1}");
     let rows = [
         (
@@ -187,8 +240,19 @@ async fn main() {
                 f(pct(&mut batch_lags, 0.99))
             ),
         ),
+        (
+            format!("projection catch-up from the first event, event statistics, {total} events (events/s)"),
+            "≥ 200,000 events/s".to_string(),
+            format!("{catch_up_rate:.0}"),
+        ),
+        (format!("rebuild of each built-in projection over {total} events"), "".to_string(), rebuilds.join("; ")),
+        (
+            format!("GraphQL patientTimeline (first 100) on a patient with {long} events: p50 / p99 (ms)"),
+            "p99 ≤ 20 ms".to_string(),
+            format!("{} / {}", f(pct(&mut timeline, 0.5)), f(pct(&mut timeline, 0.99))),
+        ),
     ];
-    let mut md = String::from("## Event store\n\n");
+    let mut md = String::from("## Event store and projections\n\n");
     md.push_str(&format!(
         "Measured by `make bench` (`examples/bench_events.rs`) on {}; release build; the same local services; \
          one `roster serve`, clients in one process over HTTP/1.1 keep-alive. The event timestamp is taken when the \

@@ -176,7 +176,7 @@ impl Appender {
             }
             if let Err(e) = self.hold(&mut tenure).await {
                 for r in batch {
-                    let _ = r.reply.send(Err(EventStoreError::Unavailable(e.to_string())));
+                    let _ = r.reply.send(Err(again(&e)));
                 }
                 continue;
             }
@@ -473,7 +473,7 @@ fn answer(answers: Vec<Answer>) {
 fn fail(answers: Vec<Answer>, e: &EventStoreError) {
     for a in answers {
         let _ = a.reply.send(match a.accepted {
-            true => Err(EventStoreError::Unavailable(e.to_string())),
+            true => Err(again(e)),
             false => a.result,
         });
     }
@@ -481,6 +481,14 @@ fn fail(answers: Vec<Answer>, e: &EventStoreError) {
 
 fn answer_all(batch: Vec<Request>, e: &EventStoreError) {
     for r in batch {
-        let _ = r.reply.send(Err(EventStoreError::Unavailable(e.to_string())));
+        let _ = r.reply.send(Err(again(e)));
+    }
+}
+
+/// The same failure for another waiting append (errors are not `Clone`).
+fn again(e: &EventStoreError) -> EventStoreError {
+    match e {
+        EventStoreError::Unavailable(m) => EventStoreError::Unavailable(m.clone()),
+        other => EventStoreError::Unavailable(other.to_string()),
     }
 }

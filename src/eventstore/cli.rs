@@ -83,9 +83,10 @@ fn shorten(text: &str, max: usize) -> String {
 
 pub async fn run(settings: &Settings, command: EventStoreCommand, as_json: bool) -> Result<(), BoxError> {
     let db = startup::mongo_database(settings).await?;
+    // Every command may be the first on a fresh database: the schema comes first.
+    let ch = crate::migrate::clickhouse(&settings.clickhouse).await?;
+    let mg = crate::migrate::mongo(&db).await?;
     if let EventStoreCommand::Init = command {
-        let ch = crate::migrate::clickhouse(&settings.clickhouse).await?;
-        let mg = crate::migrate::mongo(&db).await?;
         match as_json {
             true => println!("{}", json!({ "clickhouse": ch, "mongo": mg })),
             false => println!("event store ready (migrations applied now: ClickHouse {ch:?}, MongoDB {mg:?})"),

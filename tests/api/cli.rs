@@ -154,3 +154,62 @@ fn eventstore_commands_append_read_and_summarize() {
     );
     assert!(text.lines().any(|l| l.starts_with("noted") && l.trim_end().ends_with('2')), "{text}");
 }
+
+#[test]
+fn projection_commands_list_status_rebuild_and_reset() {
+    let mut first = roster();
+    first.args([
+        "eventstore",
+        "append",
+        "patient:M1",
+        "--type",
+        "patient_admit",
+        "--data",
+        r#"{"encounterId":"e1","location":"Location/a"}"#,
+    ]);
+    let (mongo_db, clickhouse_db) = with_test_env(&mut first);
+    let out = first.env("ROSTER_LOG", "warn").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = |args: &[&str]| {
+        let out = roster()
+            .arg("projection")
+            .args(args)
+            .env("ROSTER_MONGO_DATABASE", &mongo_db)
+            .env("ROSTER_CLICKHOUSE_DATABASE", &clickhouse_db)
+            .env("ROSTER_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, text, _) = run(&["list"]);
+    assert!(
+        ok && text.lines().count() == 3 && text.contains("active_encounters") && text.contains("(snapshots)"),
+        "{text}"
+    );
+    let (_, text, _) = run(&["status", "--json"]);
+    let statuses: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(statuses.iter().all(|s| s["state"] == "idle" && s["lag"] == 1), "never fed, one event behind: {text}");
+    let (ok, text, err) = run(&["rebuild", "active_encounters", "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(
+        text.contains("1 events") && text.contains("Projection_ActiveEncounters: 1 rows") && text.contains("dry run"),
+        "{text}"
+    );
+    assert!(err.contains("active_encounters [") && err.contains("ETA"), "a progress bar on stderr: {err}");
+    let (ok, text, _) = run(&["rebuild", "active_encounters", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert!(ok && report["swapped"] == true && report["position"] == 0, "{text}");
+    let (_, text, _) = run(&["status"]);
+    assert!(
+        text.lines().any(|l| l.starts_with("active_encounters") && l.contains("running") && l.contains("lag        0")),
+        "{text}"
+    );
+    let (ok, _, err) = run(&["rebuild", "nope"]);
+    assert!(!ok && err.contains("no projection 'nope'") && err.contains("patient_timeline"), "{err}");
+    let (ok, text, _) = run(&["reset", "event_statistics"]);
+    assert!(ok && text.contains("fed again from position 0"), "{text}");
+}
