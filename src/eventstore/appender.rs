@@ -175,9 +175,7 @@ impl Appender {
                 }
             }
             if let Err(e) = self.hold(&mut tenure).await {
-                for r in batch {
-                    let _ = r.reply.send(Err(again(&e)));
-                }
+                answer_all(batch, &e);
                 continue;
             }
             let t = tenure.as_mut().expect("held");

@@ -98,6 +98,20 @@ fn serve_answers_and_stops_gracefully_on_sigterm() {
     assert!(parsed["span"]["request_id"].as_str().is_some_and(|id| id.len() == 36), "{request_line}");
 }
 
+/// `roster <command> <args>` on the given databases: (success, stdout, stderr).
+fn run_on(mongo_db: &str, clickhouse_db: &str, command: &str, args: &[&str]) -> (bool, String, String) {
+    let out = roster()
+        .arg(command)
+        .args(args)
+        .env("ROSTER_MONGO_DATABASE", mongo_db)
+        .env("ROSTER_CLICKHOUSE_DATABASE", clickhouse_db)
+        .env("ROSTER_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
 #[test]
 fn eventstore_commands_append_read_and_summarize() {
     let mut init = roster();
@@ -105,21 +119,7 @@ fn eventstore_commands_append_read_and_summarize() {
     let (mongo_db, clickhouse_db) = with_test_env(&mut init);
     let out = init.output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let run = |args: &[&str]| {
-        let out = roster()
-            .arg("eventstore")
-            .args(args)
-            .env("ROSTER_MONGO_DATABASE", &mongo_db)
-            .env("ROSTER_CLICKHOUSE_DATABASE", &clickhouse_db)
-            .env("ROSTER_LOG", "warn")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let run = |args: &[&str]| run_on(&mongo_db, &clickhouse_db, "eventstore", args);
     let (ok, text, err) =
         run(&["append", "patient:M1", "--type", "noted", "--data", r#"{"n":1}"#, "--expected-version", "no-stream"]);
     assert!(ok, "{err}");
@@ -170,21 +170,7 @@ fn projection_commands_list_status_rebuild_and_reset() {
     let (mongo_db, clickhouse_db) = with_test_env(&mut first);
     let out = first.env("ROSTER_LOG", "warn").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let run = |args: &[&str]| {
-        let out = roster()
-            .arg("projection")
-            .args(args)
-            .env("ROSTER_MONGO_DATABASE", &mongo_db)
-            .env("ROSTER_CLICKHOUSE_DATABASE", &clickhouse_db)
-            .env("ROSTER_LOG", "warn")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let run = |args: &[&str]| run_on(&mongo_db, &clickhouse_db, "projection", args);
     let (ok, text, _) = run(&["list"]);
     assert!(
         ok && text.lines().count() == 3 && text.contains("active_encounters") && text.contains("(snapshots)"),
