@@ -23,7 +23,7 @@ use common::{machine, pct, write_section, Server};
 
 const WRITERS: usize = 16;
 const BATCH: usize = 100;
-const BATCH_WRITERS: usize = 32;
+const BATCH_WRITERS: usize = 8;
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64

@@ -136,14 +136,19 @@ enum Outcome {
 pub struct Appender {
     log: Collection<Document>,
     ch: clickhouse::Client,
-    last: watch::Sender<i64>,
+    last: std::sync::Arc<watch::Sender<i64>>,
     faults: Faults,
     /// The injected stalls still to happen: before the insert, after it.
     stalls: [bool; 2],
 }
 
 impl Appender {
-    pub fn new(db: &Database, ch: clickhouse::Client, last: watch::Sender<i64>, faults: Faults) -> Appender {
+    pub fn new(
+        db: &Database,
+        ch: clickhouse::Client,
+        last: std::sync::Arc<watch::Sender<i64>>,
+        faults: Faults,
+    ) -> Appender {
         let stalls = [!faults.before_insert.is_zero(), !faults.after_insert.is_zero()];
         Appender { log: db.collection(LOG), ch, last, faults, stalls }
     }
@@ -371,7 +376,7 @@ impl Appender {
         }
         t.next = next;
         t.heads.extend(heads);
-        self.last.send_replace(next as i64 - 1);
+        super::log::raise(&self.last, next as i64 - 1);
         answer(answers);
         Outcome::Keep
     }

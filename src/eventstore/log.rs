@@ -24,6 +24,7 @@
 //! agree: an append is visible whole, once its block is in, and never before.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +40,7 @@ use super::{
 use crate::group::flusher::Flusher;
 
 pub const EVENTS_TABLE: &str = "EventStore_Events";
-/// How often a waiting subscriber looks for appends made by other processes.
+/// How often the store looks for appends made by other processes while someone waits.
 const POLL: Duration = Duration::from_millis(100);
 
 /// One event row of `EventStore_Events`.
@@ -78,7 +79,12 @@ const COLUMNS: &str = "position, stream_id, stream_version, event_id, event_type
 pub struct ClickHouseEventStore {
     ch: clickhouse::Client,
     appends: mpsc::Sender<Request>,
+    /// The last position known to be stored: raised by this process's appender at once,
+    /// and by the poller for appends of other processes.
     last: watch::Receiver<i64>,
+    /// How many callers wait in [`EventStore::wait_for_more`] (the poller only asks
+    /// ClickHouse while someone does).
+    waiting: Arc<AtomicUsize>,
     /// Finishes a group's pending member batches before its `group:` stream is read, so
     /// an acknowledged PATCH is in it.
     groups: Option<Arc<Flusher>>,
@@ -95,11 +101,14 @@ impl ClickHouseEventStore {
     /// As [`Self::new`], with injected delays and a lease length (fault tests).
     pub fn with_faults(db: &mongodb::Database, ch: clickhouse::Client, faults: Faults) -> ClickHouseEventStore {
         let (tx, rx) = mpsc::channel(4096);
-        let (last_tx, last) = watch::channel(-1);
-        let appender = Appender::new(db, ch.clone(), last_tx, faults);
+        let last_tx = Arc::new(watch::channel(-1).0);
+        let last = last_tx.subscribe();
+        let appender = Appender::new(db, ch.clone(), last_tx.clone(), faults);
         let task = tokio::spawn(appender.run(rx));
         let appender = Arc::new(std::sync::Mutex::new(Some(task)));
-        ClickHouseEventStore { ch, appends: tx, last, groups: None, appender }
+        let waiting = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(poll_for_others(ch.clone(), last_tx, Arc::downgrade(&waiting)));
+        ClickHouseEventStore { ch, appends: tx, last, waiting, groups: None, appender }
     }
 
     /// Stops the appender once queued appends are done and releases the log lease (a
@@ -300,8 +309,45 @@ impl EventStore for ClickHouseEventStore {
     }
 
     async fn wait_for_more(&self, position: i64) {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
         let mut last = self.last.clone();
-        let _ = tokio::time::timeout(POLL, last.wait_for(|&p| p > position)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), last.wait_for(|&p| p > position)).await;
+    }
+}
+
+/// Raises the last known position (never lowers it).
+pub fn raise(last: &watch::Sender<i64>, position: i64) {
+    last.send_if_modified(|p| match position > *p {
+        true => {
+            *p = position;
+            true
+        }
+        false => false,
+    });
+}
+
+/// While anyone waits for events, asks ClickHouse for the last position every [`POLL`]:
+/// one query per process however many subscribers and projections wait (appends of this
+/// process wake them at once without it). Ends with the store.
+async fn poll_for_others(ch: clickhouse::Client, last: Arc<watch::Sender<i64>>, waiting: std::sync::Weak<AtomicUsize>) {
+    loop {
+        tokio::time::sleep(POLL).await;
+        let Some(waiting) = waiting.upgrade() else { return };
+        if waiting.load(Ordering::SeqCst) == 0 {
+            continue;
+        }
+        let stored: Result<i64, _> =
+            ch.query("SELECT if(count() = 0, -1, toInt64(max(position))) FROM EventStore_Events").fetch_one().await;
+        if let Ok(p) = stored {
+            raise(&last, p);
+        }
     }
 }
 

@@ -36,6 +36,9 @@ pub fn test_settings() -> Settings {
     settings.clickhouse.database = format!("t_{}", &unique[..16]);
     settings.listen = "127.0.0.1:0".parse().unwrap();
     settings.base_url = None;
+    // Each test app would otherwise poll ClickHouse for its projections every 100 ms;
+    // the projection tests turn them on.
+    settings.projections.run = false;
     settings
 }
 
