@@ -87,10 +87,7 @@ fn millis(field: &str, text: &str) -> Result<i64, Error> {
 }
 
 fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
+    crate::model::datetime::format_bson_instant(bson::DateTime::from_millis(ms))
 }
 
 fn first(n: i32) -> Result<u64, Error> {

@@ -47,12 +47,9 @@ pub enum EventStoreCommand {
     Retention,
 }
 
-/// Milliseconds since the epoch as RFC 3339 (UTC).
+/// Milliseconds since the epoch as an instant (UTC, milliseconds).
 fn time_text(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| ms.to_string())
+    crate::model::datetime::format_bson_instant(bson::DateTime::from_millis(ms))
 }
 
 /// Prints rows as a left-aligned table under `header`.
