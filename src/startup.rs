@@ -119,6 +119,7 @@ impl Application {
             Some(path) => {
                 let routes = RoutingFile::load(path)?;
                 let recorder = EventRecorder::new(routes, state.events.clone(), state.store.clone());
+                recorder.ensure_indexes().await?;
                 builtin = builtin.with(recorder.clone());
                 Some(recorder)
             }
