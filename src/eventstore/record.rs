@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::log::SharedEventStore;
-use super::routes::{derive, patient_id, RoutingFile, Template};
+use super::routes::{derive, patient_id, RoutingFile};
 use super::{EventStore, ExpectedVersion, NewEvent};
 use crate::pipeline::{HookError, Interaction, PostSaveHook, RequestContext, Saved};
 use crate::store::ResourceStore;
@@ -69,7 +69,6 @@ impl EventRecorder {
         let mut out = Vec::new();
         for d in derived {
             for template in self.routes.templates(rt, d.event_type) {
-                let template = Template::parse(template).map_err(HookError)?;
                 for ty in template.referenced_types().filter(|t| *t != rt) {
                     if !related.contains_key(ty) {
                         if let Some(found) = self.related(ty, rt, content).await? {

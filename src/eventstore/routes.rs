@@ -42,6 +42,9 @@ pub struct Route {
     #[serde(default)]
     pub filter: Filter,
     pub actions: Vec<Action>,
+    /// The actions' stream templates, parsed once when the file is read.
+    #[serde(skip)]
+    pub templates: Vec<Template>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -79,17 +82,20 @@ impl RoutingFile {
     }
 
     pub fn parse(text: &str) -> Result<RoutingFile, String> {
-        let file: RoutingFile = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
-        for r in &file.routes {
+        let mut file: RoutingFile = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+        for r in &mut file.routes {
             if let Some(t) = r.filter.resource_types.iter().find(|t| !fhir_model::is_resource_type(t)) {
                 return Err(format!("route {}: '{t}' is not a FHIR R4 resource type", r.name));
             }
             if let Some(t) = r.filter.event_types.iter().find(|t| !EVENT_TYPES.contains(&t.as_str())) {
                 return Err(format!("route {}: unknown event type '{t}' (known: {})", r.name, EVENT_TYPES.join(", ")));
             }
-            for Action::EventStore { stream_template } in &r.actions {
-                Template::parse(stream_template).map_err(|e| format!("route {}: {e}", r.name))?;
-            }
+            r.templates = r
+                .actions
+                .iter()
+                .map(|Action::EventStore { stream_template }| Template::parse(stream_template))
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("route {}: {e}", r.name))?;
         }
         Ok(file)
     }
@@ -102,7 +108,7 @@ impl RoutingFile {
     }
 
     /// The stream templates that take an event of `event_type` from a `rt` write.
-    pub fn templates<'a>(&'a self, rt: &'a str, event_type: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    pub fn templates<'a>(&'a self, rt: &'a str, event_type: &'a str) -> impl Iterator<Item = &'a Template> + 'a {
         self.routes
             .iter()
             .filter(move |r| {
@@ -110,13 +116,16 @@ impl RoutingFile {
                 (f.resource_types.is_empty() || f.resource_types.iter().any(|t| t == rt))
                     && (f.event_types.is_empty() || f.event_types.iter().any(|t| t == event_type))
             })
-            .flat_map(|r| r.actions.iter().map(|Action::EventStore { stream_template }| stream_template.as_str()))
+            .flat_map(|r| r.templates.iter())
     }
 }
 
 /// A parsed stream template: literal text and `{{placeholders}}`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Template(Vec<Part>);
+pub struct Template {
+    text: String,
+    parts: Vec<Part>,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 enum Part {
@@ -145,12 +154,17 @@ impl Template {
             rest = &rest[start + end + 2..];
         }
         parts.push(Part::Text(rest.to_string()));
-        Ok(Template(parts))
+        Ok(Template { text: text.to_string(), parts })
     }
 
     /// Resource types whose content the template needs besides the written resource.
+    /// The template as written in the routing file.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     pub fn referenced_types(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().filter_map(|p| match p {
+        self.parts.iter().filter_map(|p| match p {
             Part::Field(Some(t), _) => Some(t.as_str()),
             _ => None,
         })
@@ -165,7 +179,7 @@ impl Template {
         related: &BTreeMap<String, Map<String, Value>>,
     ) -> Option<String> {
         let mut out = String::new();
-        for part in &self.0 {
+        for part in &self.parts {
             match part {
                 Part::Text(t) => out.push_str(t),
                 Part::Field(ty, path) => {
@@ -406,7 +420,10 @@ mod tests {
         let ok = "routes:\n  - name: p\n    filter: { resource_types: [Patient] }\n    actions:\n      - type: event_store\n        config: { stream_template: 'patient:{{Patient.MRN}}' }\n";
         let file = RoutingFile::parse(ok).unwrap();
         assert!(file.covers("Patient") && !file.covers("Claim"));
-        assert_eq!(file.templates("Patient", "resource_created").collect::<Vec<_>>(), ["patient:{{Patient.MRN}}"]);
+        assert_eq!(
+            file.templates("Patient", "resource_created").map(Template::text).collect::<Vec<_>>(),
+            ["patient:{{Patient.MRN}}"]
+        );
         assert!(RoutingFile::parse(&ok.replace("[Patient]", "[Patience]")).unwrap_err().contains("Patience"));
         let bad_event = ok.replace("resource_types: [Patient]", "event_types: [patient_fell]");
         assert!(RoutingFile::parse(&bad_event).unwrap_err().contains("patient_fell"));
