@@ -5,30 +5,37 @@
 //! update), then commits whatever is queued as one *cycle*:
 //! 1. check each append against its stream's head (expected version; a retry of the
 //!    stream's last append gets that append's result) and give the accepted ones
-//!    positions, contiguously from the last position stored;
-//! 2. insert the cycle's events into ClickHouse as one block (one part: all or nothing);
-//! 3. answer the appends.
+//!    positions, contiguously after the last position journaled;
+//! 2. write the cycle's events to the journal as one MongoDB document (all or nothing;
+//!    see `journal`): from then on they are durable;
+//! 3. answer the appends, and hand the cycle to the tenure's flusher, which copies it
+//!    into ClickHouse (readers wait for that; see `log`).
 //!
-//! ClickHouse is the only record of streams: a stream's version is its last event's. The
-//! lease makes this appender the only writer of the whole log while it holds it, so what
-//! it read or wrote itself during the lease stays exact; it keeps those heads in memory
-//! and needs no other store round trip per cycle. While appends keep coming the lease is
-//! kept; after [`LINGER`] without one it is released, with the next position noted.
+//! A stream's version is its last event's: ClickHouse holds every stream as it was when
+//! the lease was taken (a new holder first flushes the journal), and the lease makes this
+//! appender the only writer of the whole log while it holds it, so what it wrote itself
+//! during the lease stays exact; it keeps those heads in memory and needs no other store
+//! round trip per cycle. While appends keep coming the lease is kept; after [`LINGER`]
+//! without one the flusher is drained and the lease released, with the next position noted.
 //!
 //! # Failures
-//! - ClickHouse refuses the block: nothing was stored; the appends get 503 and the
-//!   positions are reused.
-//! - ClickHouse fails without a clear answer (cut connection, timeout): the block may
-//!   still land. The appends get 503 ("retry with the same event ids") and the lease is
-//!   *kept until it expires*; whoever takes it next starts from the last position stored.
-//! - The process dies or stalls: the lease expires; the next holder reads the last
-//!   position from ClickHouse. A client that retries with the same event ids gets the
-//!   original result if the block landed, a fresh append if not.
+//! - MongoDB fails without a clear answer (cut connection, timeout): the cycle may still be
+//!   journaled. The appends get 503 ("retry with the same event ids") and the lease is
+//!   *kept until it expires*; whoever takes it next starts from the journal.
+//! - Another holder journaled these positions (a duplicate `_id`): this holder's view is
+//!   stale; the appends get 503 and the lease is let go at once, to be taken afresh.
+//! - ClickHouse fails: the flusher retries, in order, with the same deduplication token;
+//!   appends go on until [`MAX_UNFLUSHED`] events wait, then get 503.
+//! - The process dies or stalls: the lease expires; the next holder flushes the journal
+//!   and continues after it. A client that retries with the same event ids gets the
+//!   original result if the cycle was journaled, a fresh append if not.
 //!
-//! A holder starts no insert it could not finish before its lease ends ([`Faults::lease`]
-//! minus [`MARGIN`]), so after expiry nothing of the old holder can land.
+//! A holder starts no write it could not finish before its lease ends ([`Faults::lease`]
+//! minus [`MARGIN`]), so after expiry nothing of the old holder can land unnoticed: a late
+//! journal write collides with the successor's, a late flush is deduplicated.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bson::{doc, DateTime, Document};
@@ -37,7 +44,8 @@ use mongodb::{Collection, Database};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use super::log::{EventRow, EVENTS_TABLE};
+use super::journal::{Entry, Flusher, Journal, WriteError};
+use super::log::EventRow;
 use super::{AppendResult, EventStoreError, ExpectedVersion, NewEvent};
 use crate::store::mongo::is_duplicate_key;
 
@@ -46,27 +54,36 @@ pub const LOG: &str = "EventStore_Log";
 const LINGER: Duration = Duration::from_millis(20);
 /// A holder starts no write later than this before its lease ends.
 const MARGIN: Duration = Duration::from_secs(2);
-/// Longest a ClickHouse insert may take; shorter than the lease minus the margin.
-const INSERT_TIMEOUT: Duration = Duration::from_secs(3);
-/// One cycle takes at most about this many events (one more append may exceed it).
+/// Longest a journal write may take; shorter than the lease minus the margin.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+/// One cycle takes at most about this many events, and this many bytes of event data
+/// (one more append may exceed either; a journal document must stay under 16 MiB).
 const CYCLE_EVENTS: usize = 10_000;
+const CYCLE_BYTES: usize = 8 << 20;
 /// How often an appender waiting for the lease tries again.
 const LEASE_POLL: Duration = Duration::from_millis(5);
+/// Most journaled events waiting for ClickHouse before appends are refused (503).
+const MAX_UNFLUSHED: u64 = 200_000;
+/// Most stream heads a holder keeps in memory; beyond, it forgets them once flushed.
+const HEADS_KEPT: usize = 100_000;
+/// Longest a releasing holder waits for its flusher.
+const DRAIN: Duration = Duration::from_secs(3);
 
 /// Lease length and injected stalls (each happens once, in the first cycle that reaches
 /// it), for fault tests. The defaults are the product's.
 #[derive(Clone, Debug)]
 pub struct Faults {
     pub lease: Duration,
-    /// Stall after the cycle is planned, before the insert.
-    pub before_insert: Duration,
-    /// Stall after the insert, before the appends are answered.
-    pub after_insert: Duration,
+    /// Stall after the cycle is planned, before its journal write.
+    pub before_write: Duration,
+    /// Stall after the journal write, before the appends are answered and the cycle is
+    /// handed to the flusher.
+    pub after_write: Duration,
 }
 
 impl Default for Faults {
     fn default() -> Self {
-        Faults { lease: Duration::from_secs(10), before_insert: Duration::ZERO, after_insert: Duration::ZERO }
+        Faults { lease: Duration::from_secs(10), before_write: Duration::ZERO, after_write: Duration::ZERO }
     }
 }
 
@@ -77,6 +94,12 @@ pub struct Request {
     /// The client chose the event ids (only then can the append be a retry).
     pub client_ids: bool,
     pub reply: oneshot::Sender<Result<AppendResult, EventStoreError>>,
+}
+
+impl Request {
+    fn bytes(&self) -> usize {
+        self.events.iter().map(|e| e.data.len() + e.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()).sum()
+    }
 }
 
 /// What the holder knows of a stream.
@@ -112,8 +135,13 @@ struct Tenure {
     deadline: Instant,
     /// Next position to assign.
     next: u64,
-    /// Heads as they are now: exact, since nobody else writes while the lease is held.
+    /// Heads of the streams read or written during the lease: exact, since nobody else
+    /// writes while it is held. A stream written during the lease is always here (its
+    /// events may not be in ClickHouse yet), so a head missing here may be read there.
     heads: HashMap<String, Head>,
+    /// The tenure's flusher: journaled cycles go to it, in order.
+    flusher: mpsc::UnboundedSender<Entry>,
+    flushing: tokio::task::JoinHandle<()>,
 }
 
 impl Tenure {
@@ -129,31 +157,31 @@ impl Tenure {
 enum Outcome {
     /// Keep the lease.
     Keep,
-    /// The lease must not be used again; let it expire (an insert may still land).
+    /// The lease must not be used again; let it expire (a journal write may still land).
     Abandon,
+    /// This holder's view of the log is stale: give the lease up now, to be taken afresh.
+    Release,
 }
 
 pub struct Appender {
     log: Collection<Document>,
     ch: clickhouse::Client,
-    last: std::sync::Arc<watch::Sender<i64>>,
+    journal: Journal,
+    /// The last position ClickHouse holds, as far as this process knows.
+    last: Arc<watch::Sender<i64>>,
     faults: Faults,
-    /// The injected stalls still to happen: before the insert, after it.
+    /// The injected stalls still to happen: before the write, after it.
     stalls: [bool; 2],
 }
 
 impl Appender {
-    pub fn new(
-        db: &Database,
-        ch: clickhouse::Client,
-        last: std::sync::Arc<watch::Sender<i64>>,
-        faults: Faults,
-    ) -> Appender {
-        let stalls = [!faults.before_insert.is_zero(), !faults.after_insert.is_zero()];
-        Appender { log: db.collection(LOG), ch, last, faults, stalls }
+    pub fn new(db: &Database, ch: clickhouse::Client, last: Arc<watch::Sender<i64>>, faults: Faults) -> Appender {
+        let stalls = [!faults.before_write.is_zero(), !faults.after_write.is_zero()];
+        Appender { log: db.collection(LOG), journal: Journal::new(db, ch.clone()), ch, last, faults, stalls }
     }
 
-    /// Serves appends until every sender is gone, then releases the lease.
+    /// Serves appends until every sender is gone, then drains the flusher and releases
+    /// the lease.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut tenure: Option<Tenure> = None;
         loop {
@@ -161,19 +189,20 @@ impl Appender {
                 Some(_) => match tokio::time::timeout(LINGER, rx.recv()).await {
                     Ok(r) => r,
                     Err(_) => {
-                        self.release(tenure.take()).await;
+                        self.release(tenure.take(), true).await;
                         rx.recv().await
                     }
                 },
                 None => rx.recv().await,
             };
             let Some(first) = first else { break };
+            let (mut events, mut bytes) = (first.events.len(), first.bytes());
             let mut batch = vec![first];
-            let mut events = batch[0].events.len();
-            while events < CYCLE_EVENTS {
+            while events < CYCLE_EVENTS && bytes < CYCLE_BYTES {
                 match rx.try_recv() {
                     Ok(r) => {
                         events += r.events.len();
+                        bytes += r.bytes();
                         batch.push(r);
                     }
                     Err(_) => break,
@@ -184,11 +213,13 @@ impl Appender {
                 continue;
             }
             let t = tenure.as_mut().expect("held");
-            if let Outcome::Abandon = self.cycle(t, batch).await {
-                tenure = None;
+            match self.cycle(t, batch).await {
+                Outcome::Keep => {}
+                Outcome::Abandon => tenure = None,
+                Outcome::Release => self.release(tenure.take(), false).await,
             }
         }
-        self.release(tenure.take()).await;
+        self.release(tenure.take(), true).await;
     }
 
     /// Makes sure the lease is held with time to spare: renews it, or takes it (waiting for
@@ -231,7 +262,8 @@ impl Appender {
         }
     }
 
-    /// Takes the lease if it is free or expired.
+    /// Takes the lease if it is free or expired. After a holder that did not release it
+    /// cleanly, the journal is flushed first, so ClickHouse holds every stream whole.
     async fn acquire(&self) -> Result<Option<Tenure>, EventStoreError> {
         let id = Uuid::new_v4().to_string();
         let started = Instant::now();
@@ -253,45 +285,87 @@ impl Appender {
             Err(e) => return Err(e.into()),
         };
         let deadline = started + self.faults.lease - MARGIN;
-        let next = match before {
-            Some(d) if !d.contains_key("lease") => d.get_i64("next").unwrap_or(0) as u64,
-            // First use, or the last holder let the lease expire: ClickHouse says.
-            _ => (self.last_stored().await? + 1) as u64,
+        let clean = before.as_ref().filter(|d| !d.contains_key("lease")).and_then(|d| d.get_i64("next").ok());
+        let stored = match clean {
+            // The last holder drained its flusher and released the lease.
+            Some(next) => next - 1,
+            None => {
+                let flushing = before.as_ref().and_then(|d| d.get_document("flushing").ok()).and_then(|f| {
+                    Some((f.get_i64("from").ok()? as u64, f.get_i64("to").ok()? as u64))
+                });
+                match self.journal.recover(&id, flushing).await {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        // Let others try at once rather than after the lease.
+                        let _ = self.log.update_one(doc! { "_id": "log", "lease.by": &id }, doc! { "$unset": { "lease": "" } }).await;
+                        return Err(e);
+                    }
+                }
+            }
         };
-        Ok(Some(Tenure { id, deadline, next, heads: HashMap::new() }))
+        super::log::raise(&self.last, stored);
+        let (flusher, rx) = mpsc::unbounded_channel();
+        let task = Flusher { journal: self.journal.clone(), tenure: id.clone(), stored: self.last.clone() };
+        let flushing = tokio::spawn(task.run(rx));
+        Ok(Some(Tenure { id, deadline, next: (stored + 1) as u64, heads: HashMap::new(), flusher, flushing }))
     }
 
-    /// The last position ClickHouse holds (-1: none).
-    async fn last_stored(&self) -> Result<i64, EventStoreError> {
-        let (count, max): (u64, u64) =
-            self.ch.query("SELECT count(), max(position) FROM EventStore_Events").fetch_one().await?;
-        Ok(if count == 0 { -1 } else { max as i64 })
+    /// Waits (at most `within`) until ClickHouse holds everything this tenure journaled.
+    /// False if it does not, or the flusher stopped (the lease was lost).
+    async fn drain(&self, t: &Tenure, within: Duration) -> bool {
+        let target = t.next as i64 - 1;
+        let mut last = self.last.subscribe();
+        let give_up = Instant::now() + within;
+        loop {
+            if *last.borrow_and_update() >= target {
+                return true;
+            }
+            if t.flushing.is_finished() || Instant::now() > give_up {
+                return false;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), last.changed()).await;
+        }
     }
 
-    async fn release(&self, tenure: Option<Tenure>) {
+    /// Gives the lease up. `drained`: wait for the flusher first, so the next holder can
+    /// start from the noted position without reading the journal.
+    async fn release(&self, tenure: Option<Tenure>, drain: bool) {
         let Some(t) = tenure else { return };
+        let drained = drain && self.drain(&t, DRAIN).await;
         if t.check(Duration::ZERO).is_err() {
             return; // let it expire
         }
-        let released = self
-            .log
-            .update_one(
-                doc! { "_id": "log", "lease.by": &t.id },
-                doc! { "$set": { "next": t.next as i64 }, "$unset": { "lease": "" } },
-            )
-            .await;
-        if let Err(e) = released {
+        let update = match drained {
+            true => doc! { "$set": { "next": t.next as i64 }, "$unset": { "lease": "" } },
+            false => doc! { "$unset": { "lease": "", "next": "" } },
+        };
+        if let Err(e) = self.log.update_one(doc! { "_id": "log", "lease.by": &t.id }, update).await {
             tracing::warn!(error = %e, "could not release the log lease; it expires on its own");
+        }
+    }
+
+    /// Waits while too many journaled events wait for ClickHouse.
+    async fn room(&self, t: &Tenure) -> Result<(), EventStoreError> {
+        let floor = t.next as i64 - 1 - MAX_UNFLUSHED as i64;
+        let mut last = self.last.subscribe();
+        let caught_up = matches!(tokio::time::timeout(WRITE_TIMEOUT, last.wait_for(|&p| p >= floor)).await, Ok(Ok(_)));
+        match caught_up {
+            true => Ok(()),
+            false => Err(EventStoreError::Unavailable(format!(
+                "ClickHouse is more than {MAX_UNFLUSHED} events behind the journal; retry later"
+            ))),
         }
     }
 
     /// Commits one batch of appends under the lease.
     async fn cycle(&mut self, t: &mut Tenure, batch: Vec<Request>) -> Outcome {
+        if t.heads.len() > HEADS_KEPT && self.drain(t, DRAIN).await {
+            t.heads.clear();
+        }
         if let Err(e) = self.load_heads(t, &batch).await {
             answer_all(batch, &e);
             return Outcome::Keep;
         }
-        let cycle = Uuid::new_v4().to_string();
         let now = DateTime::now().timestamp_millis();
         let mut next = t.next;
         let mut heads: HashMap<String, Head> = HashMap::new();
@@ -343,21 +417,31 @@ impl Appender {
             return Outcome::Keep;
         }
         if std::mem::take(&mut self.stalls[0]) {
-            tokio::time::sleep(self.faults.before_insert).await;
+            tokio::time::sleep(self.faults.before_write).await;
         }
-        let inserted = match t.check(INSERT_TIMEOUT) {
+        if let Err(e) = self.room(t).await {
+            fail(answers, &e);
+            return Outcome::Keep;
+        }
+        let entry = Entry { first: t.next, rows: Arc::new(rows) };
+        let written = match t.check(WRITE_TIMEOUT) {
             Err(e) => Err(Some(e)),
-            Ok(()) => match tokio::time::timeout(INSERT_TIMEOUT, insert(&self.ch, &cycle, &rows)).await {
+            Ok(()) => match tokio::time::timeout(WRITE_TIMEOUT, self.journal.write(&entry, &t.id)).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(clickhouse::error::Error::BadResponse(m))) => Err(Some(EventStoreError::Unavailable(m))),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "event insert outcome unknown");
+                Ok(Err(WriteError::Taken)) => {
+                    tracing::warn!(position = t.next, "another appender journaled these positions; taking the lease afresh");
+                    let e = EventStoreError::Unavailable("another appender took over the log; retry".into());
+                    fail(answers, &e);
+                    return Outcome::Release;
+                }
+                Ok(Err(WriteError::Unknown(e))) => {
+                    tracing::warn!(error = %e, "journal write outcome unknown");
                     Err(None)
                 }
                 Err(_) => Err(None),
             },
         };
-        match inserted {
+        match written {
             Ok(()) => {}
             Err(Some(refused)) => {
                 fail(answers, &refused);
@@ -372,16 +456,16 @@ impl Appender {
             }
         }
         if std::mem::take(&mut self.stalls[1]) {
-            tokio::time::sleep(self.faults.after_insert).await;
+            tokio::time::sleep(self.faults.after_write).await;
         }
         t.next = next;
         t.heads.extend(heads);
-        super::log::raise(&self.last, next as i64 - 1);
+        let _ = t.flusher.send(entry);
         answer(answers);
         Outcome::Keep
     }
 
-    /// Reads from ClickHouse the heads of the batch's streams this lease does not know
+/// Reads from ClickHouse the heads of the batch's streams this lease does not know
     /// yet, with as many last events as the longest possible retry needs.
     async fn load_heads(&self, t: &mut Tenure, batch: &[Request]) -> Result<(), EventStoreError> {
         let mut need_tail: HashMap<&str, usize> = HashMap::new();
@@ -403,6 +487,10 @@ impl Appender {
         }
         if missing.is_empty() {
             return Ok(());
+        }
+        // A stream this tenure wrote may have events ClickHouse does not hold yet.
+        if missing.iter().any(|s| t.heads.contains_key(*s)) && !self.drain(t, DRAIN).await {
+            return Err(EventStoreError::Unavailable("ClickHouse is behind the journal; retry".into()));
         }
         t.check(Duration::from_secs(1))?;
         let ids: Vec<&str> = missing.iter().copied().collect();
@@ -442,20 +530,6 @@ impl Appender {
             .await?;
         Ok(rows.into_iter().rev().filter_map(|(id, v, p)| Some((id.parse().ok()?, v as i64, p as i64))).collect())
     }
-}
-
-/// Inserts one cycle's rows as one block (tagged with the cycle id in the query log).
-async fn insert(ch: &clickhouse::Client, cycle: &str, rows: &[EventRow]) -> Result<(), clickhouse::error::Error> {
-    let mut insert = ch
-        .insert::<EventRow>(EVENTS_TABLE)
-        .await?
-        .with_setting("log_comment", cycle)
-        .with_setting("async_insert", "0")
-        .with_setting("max_insert_block_size", "1048576");
-    for row in rows {
-        insert.write(row).await?;
-    }
-    insert.end().await
 }
 
 /// An append's answer once the cycle ends; `accepted` when it depends on the cycle's

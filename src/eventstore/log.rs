@@ -1,18 +1,17 @@
 //! The product [`EventStore`]: events in ClickHouse (`EventStore_Events`), the log lease
-//! in MongoDB (`EventStore_Log`).
+//! and the journal in MongoDB (`EventStore_Log`, `EventStore_Journal`).
 //!
 //! # Why positions never have a hole a reader could skip
 //! A store that hands out positions from a sequence and lets writers commit in any order
 //! has holes: position 7 is reserved, 8 commits first, a subscriber reads 8, and 7 then
 //! appears behind it (Marten #4953). Here one appender at a time, across all processes,
-//! holds the *log lease* (see `appender`); only it assigns positions, contiguously from
-//! the last one stored, and it writes each cycle's events to ClickHouse as one block (one
-//! part: all or nothing). So the table is always a gap-free prefix of the log, and
-//! `read_all(from)` can simply read it. An appender that dies or stalls mid-cycle loses
-//! the lease when it expires; the next holder continues after the last position stored,
-//! and the stalled one cannot write after its lease ends: it starts no insert it could not
-//! finish before then (lease times come from each process's clock, assumed within a
-//! second of each other).
+//! holds the *log lease* (see `appender`); only it assigns positions, contiguously after
+//! the last one journaled, and its flusher copies journaled cycles to ClickHouse in
+//! position order, each block all or nothing (see `journal`). So the table is always a
+//! gap-free prefix of the log, and `read_all(from)` can simply read it. An appender that
+//! dies or stalls loses the lease when it expires; the next holder flushes the journal and
+//! continues after it, and the stalled one cannot write unnoticed after its lease ends
+//! (lease times come from each process's clock, assumed within a second of each other).
 //!
 //! The same lease is the concurrency control of streams: only its holder writes, so it
 //! checks expected versions against what ClickHouse holds plus what it wrote itself.
@@ -20,8 +19,9 @@
 //! `group:{id}` streams are not stored here: they read the Group's member events through
 //! the `EventStore_GroupEvents` view (read-only; not part of the log).
 //!
-//! Readers only look at ClickHouse, so a stream's version, its events and the log always
-//! agree: an append is visible whole, once its block is in, and never before.
+//! Readers look at ClickHouse, after waiting until it holds every journaled event
+//! ([`ClickHouseEventStore::settle`]): an acknowledged append is visible to every read that
+//! starts after it, whole, and a stream's version, its events and the log always agree.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::appender::{Appender, Faults, Request};
+use super::journal::Journal;
 use super::{
     validate_append, AppendResult, EventStore, EventStoreError, ExpectedVersion, NewEvent, StoredEvent, GROUP_PREFIX,
 };
@@ -42,6 +43,8 @@ use crate::group::flusher::Flusher;
 pub const EVENTS_TABLE: &str = "EventStore_Events";
 /// How often the store looks for appends made by other processes while someone waits.
 const POLL: Duration = Duration::from_millis(100);
+/// Longest a read waits for ClickHouse to hold the journaled events.
+const SETTLE: Duration = Duration::from_secs(5);
 
 /// One event row of `EventStore_Events`.
 #[derive(Debug, Clone, Row, Serialize, Deserialize)]
@@ -78,10 +81,12 @@ const COLUMNS: &str = "position, stream_id, stream_version, event_id, event_type
 #[derive(Clone)]
 pub struct ClickHouseEventStore {
     ch: clickhouse::Client,
+    journal: Journal,
     appends: mpsc::Sender<Request>,
-    /// The last position known to be stored: raised by this process's appender at once,
-    /// and by the poller for appends of other processes.
+    /// The last position known to be in ClickHouse: raised by this process's flusher at
+    /// once, and by the poller (or a settling read) for appends of other processes.
     last: watch::Receiver<i64>,
+    last_tx: Arc<watch::Sender<i64>>,
     /// How many callers wait in [`EventStore::wait_for_more`] (the poller only asks
     /// ClickHouse while someone does).
     waiting: Arc<AtomicUsize>,
@@ -103,12 +108,13 @@ impl ClickHouseEventStore {
         let (tx, rx) = mpsc::channel(4096);
         let last_tx = Arc::new(watch::channel(-1).0);
         let last = last_tx.subscribe();
+        let journal = Journal::new(db, ch.clone());
         let appender = Appender::new(db, ch.clone(), last_tx.clone(), faults);
         let task = tokio::spawn(appender.run(rx));
         let appender = Arc::new(std::sync::Mutex::new(Some(task)));
         let waiting = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(poll_for_others(ch.clone(), last_tx, Arc::downgrade(&waiting)));
-        ClickHouseEventStore { ch, appends: tx, last, waiting, groups: None, appender }
+        tokio::spawn(poll_for_others(ch.clone(), last_tx.clone(), Arc::downgrade(&waiting)));
+        ClickHouseEventStore { ch, journal, appends: tx, last, last_tx, waiting, groups: None, appender }
     }
 
     /// Stops the appender once queued appends are done and releases the log lease (a
@@ -137,6 +143,31 @@ impl ClickHouseEventStore {
         }
     }
 
+    /// Waits until ClickHouse holds every event journaled so far, by any process, so that a
+    /// read starting now sees every append acknowledged before it. Costs one MongoDB read
+    /// when nothing is pending.
+    pub async fn settle(&self) -> Result<(), EventStoreError> {
+        let Some(end) = self.journal.pending_end().await? else { return Ok(()) };
+        let give_up = tokio::time::Instant::now() + SETTLE;
+        let mut last = self.last.clone();
+        loop {
+            if *last.borrow_and_update() >= end {
+                return Ok(());
+            }
+            // Another process's flusher raises nothing here: ask ClickHouse.
+            raise(&self.last_tx, self.journal.last_stored().await?);
+            if *last.borrow_and_update() >= end {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > give_up {
+                return Err(EventStoreError::Unavailable(format!(
+                    "events up to position {end} are stored but ClickHouse does not hold them yet; retry"
+                )));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(5), last.changed()).await;
+        }
+    }
+
     async fn fetch(&self, query: clickhouse::query::Query) -> Result<Vec<StoredEvent>, EventStoreError> {
         let rows: Vec<EventRow> = query.fetch_all().await?;
         Ok(rows.into_iter().map(StoredEvent::from).collect())
@@ -145,6 +176,7 @@ impl ClickHouseEventStore {
     /// Streams whose id starts with `prefix`: id, last version, event count, last event
     /// time (ms), in id order.
     pub async fn streams(&self, prefix: &str, max: usize) -> Result<Vec<StreamSummary>, EventStoreError> {
+        self.settle().await?;
         Ok(self
             .ch
             .query(
@@ -163,6 +195,7 @@ impl ClickHouseEventStore {
         if ids.is_empty() {
             return Ok(HashSet::new());
         }
+        self.settle().await?;
         let texts: Vec<String> = ids.iter().map(Uuid::to_string).collect();
         let found: Vec<String> = self
             .ch
@@ -179,6 +212,7 @@ impl ClickHouseEventStore {
 
     /// Totals for `roster eventstore stats`.
     pub async fn stats(&self) -> Result<Stats, EventStoreError> {
+        self.settle().await?;
         let (events, streams, last, first_time, last_time): (u64, u64, i64, i64, i64) = self
             .ch
             .query(
@@ -250,6 +284,7 @@ impl EventStore for ClickHouseEventStore {
                 )
                 .await;
         }
+        self.settle().await?;
         self.fetch(
             self.ch
                 .query(&format!(
@@ -264,6 +299,7 @@ impl EventStore for ClickHouseEventStore {
     }
 
     async fn read_all(&self, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
+        self.settle().await?;
         self.fetch(
             self.ch
                 .query(&format!(
@@ -290,6 +326,7 @@ impl EventStore for ClickHouseEventStore {
                 .await?;
             return Ok(events as i64 - 1);
         }
+        self.settle().await?;
         Ok(self
             .ch
             .query(
@@ -301,6 +338,7 @@ impl EventStore for ClickHouseEventStore {
     }
 
     async fn last_position(&self) -> Result<i64, EventStoreError> {
+        self.settle().await?;
         Ok(self
             .ch
             .query("SELECT if(count() = 0, -1, toInt64(max(position))) FROM EventStore_Events")

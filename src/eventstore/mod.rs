@@ -2,13 +2,14 @@
 //! order (positions) and live subscriptions.
 //!
 //! [`EventStore`] is the contract; [`memory::MemoryEventStore`] implements it for unit
-//! tests and [`log::ClickHouseEventStore`] is the product: events in ClickHouse, stream
-//! heads and the log lease in MongoDB (see `log` for why positions can never have gaps a
-//! reader could skip). `http` serves it as JSON, `cli` drives it from a terminal.
+//! tests and [`log::ClickHouseEventStore`] is the product: events in ClickHouse, made
+//! durable first in a MongoDB journal, under a log lease in MongoDB (see `log` for why
+//! positions can never have gaps a reader could skip, `journal` for why two stores). `http` serves it as JSON, `cli` drives it from a terminal.
 
 pub mod appender;
 pub mod cli;
 pub mod http;
+pub mod journal;
 pub mod log;
 pub mod memory;
 pub mod record;

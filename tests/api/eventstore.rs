@@ -189,16 +189,18 @@ async fn a_stalled_appender_delays_the_log_but_no_subscriber_skips_its_events() 
         })
     };
     fast.append("before", ExpectedVersion::Any, events("x", 1)).await.unwrap();
-    // The slow appender writes its events, then stalls with the lease still held.
-    let slow = second_store(&app, Faults { lease, after_insert: Duration::from_secs(8), ..Faults::default() }).await;
+    // The slow appender journals its events, then stalls with the lease still held, before
+    // its flusher gets them: only the journal has them.
+    let slow = second_store(&app, Faults { lease, after_write: Duration::from_secs(8), ..Faults::default() }).await;
     let slow_append = tokio::spawn(async move { slow.append("slow", ExpectedVersion::Any, events("s", 1)).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // Later appends wait for the lease to expire, then go after the stalled one.
+    // Later appends wait for the lease to expire; the next holder flushes the stalled one's
+    // journal first and goes after it.
     let later = fast.append("later", ExpectedVersion::Any, events("l", 1)).await.unwrap();
     assert_eq!(later.position, 2);
     let seen = tokio::time::timeout(Duration::from_secs(20), seen).await.unwrap().unwrap();
     assert_eq!(seen, [(0, "before".to_string()), (1, "slow".to_string()), (2, "later".to_string())]);
-    // Its events were stored, so the stalled appender's client is told so.
+    // Its events were journaled, so the stalled appender's client is told they are stored.
     assert_eq!(slow_append.await.unwrap().unwrap().position, 1);
 }
 
@@ -211,7 +213,7 @@ async fn an_appender_declared_dead_before_storing_never_lands_and_the_log_moves_
     let lease = Duration::from_secs(6);
     let fast = second_store(&app, Faults { lease, ..Faults::default() }).await;
     fast.append("before", ExpectedVersion::Any, events("x", 1)).await.unwrap();
-    let slow = second_store(&app, Faults { lease, before_insert: Duration::from_secs(8), ..Faults::default() }).await;
+    let slow = second_store(&app, Faults { lease, before_write: Duration::from_secs(8), ..Faults::default() }).await;
     let mut lost = events("s", 2);
     for (i, e) in lost.iter_mut().enumerate() {
         e.event_id = Some(uuid::Uuid::from_u128(0x5100 + i as u128));
