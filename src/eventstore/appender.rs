@@ -79,11 +79,18 @@ pub struct Faults {
     /// Stall after the journal write, before the appends are answered and the cycle is
     /// handed to the flusher.
     pub after_write: Duration,
+    /// Stall of the flusher before its first block.
+    pub before_flush: Duration,
 }
 
 impl Default for Faults {
     fn default() -> Self {
-        Faults { lease: Duration::from_secs(10), before_write: Duration::ZERO, after_write: Duration::ZERO }
+        Faults {
+            lease: Duration::from_secs(10),
+            before_write: Duration::ZERO,
+            after_write: Duration::ZERO,
+            before_flush: Duration::ZERO,
+        }
     }
 }
 
@@ -170,13 +177,13 @@ pub struct Appender {
     /// The last position ClickHouse holds, as far as this process knows.
     last: Arc<watch::Sender<i64>>,
     faults: Faults,
-    /// The injected stalls still to happen: before the write, after it.
-    stalls: [bool; 2],
+    /// The injected stalls still to happen: before the write, after it, before a flush.
+    stalls: [bool; 3],
 }
 
 impl Appender {
     pub fn new(db: &Database, ch: clickhouse::Client, last: Arc<watch::Sender<i64>>, faults: Faults) -> Appender {
-        let stalls = [!faults.before_write.is_zero(), !faults.after_write.is_zero()];
+        let stalls = [!faults.before_write.is_zero(), !faults.after_write.is_zero(), !faults.before_flush.is_zero()];
         Appender { log: db.collection(LOG), journal: Journal::new(db, ch.clone()), ch, last, faults, stalls }
     }
 
@@ -224,7 +231,7 @@ impl Appender {
 
     /// Makes sure the lease is held with time to spare: renews it, or takes it (waiting for
     /// another holder to release it or to let it expire).
-    async fn hold(&self, tenure: &mut Option<Tenure>) -> Result<(), EventStoreError> {
+    async fn hold(&mut self, tenure: &mut Option<Tenure>) -> Result<(), EventStoreError> {
         if let Some(t) = tenure {
             if t.check(self.faults.lease / 2).is_ok() {
                 return Ok(());
@@ -264,7 +271,7 @@ impl Appender {
 
     /// Takes the lease if it is free or expired. After a holder that did not release it
     /// cleanly, the journal is flushed first, so ClickHouse holds every stream whole.
-    async fn acquire(&self) -> Result<Option<Tenure>, EventStoreError> {
+    async fn acquire(&mut self) -> Result<Option<Tenure>, EventStoreError> {
         let id = Uuid::new_v4().to_string();
         let started = Instant::now();
         let now = DateTime::now();
@@ -305,7 +312,11 @@ impl Appender {
         };
         super::log::raise(&self.last, stored);
         let (flusher, rx) = mpsc::unbounded_channel();
-        let task = Flusher { journal: self.journal.clone(), tenure: id.clone(), stored: self.last.clone() };
+        let stall = match std::mem::take(&mut self.stalls[2]) {
+            true => self.faults.before_flush,
+            false => Duration::ZERO,
+        };
+        let task = Flusher { journal: self.journal.clone(), tenure: id.clone(), stored: self.last.clone(), stall };
         let flushing = tokio::spawn(task.run(rx));
         Ok(Some(Tenure { id, deadline, next: (stored + 1) as u64, heads: HashMap::new(), flusher, flushing }))
     }

@@ -147,8 +147,8 @@ impl Journal {
     }
 
     /// Inserts positions `from ..= to` of `entries` as one block with the block's
-    /// deduplication token.
-    async fn insert(&self, from: u64, to: u64, entries: &[Entry]) -> Result<(), EventStoreError> {
+    /// deduplication token (public so tests can replay a late insert).
+    pub async fn insert(&self, from: u64, to: u64, entries: &[Entry]) -> Result<(), EventStoreError> {
         let token = format!("es-{from}-{to}");
         let insert = async {
             let mut insert = self
@@ -238,11 +238,17 @@ pub struct Flusher {
     pub tenure: String,
     /// Raised to the last position stored after each block.
     pub stored: Arc<watch::Sender<i64>>,
+    /// Injected stall before the first block (fault tests).
+    pub stall: Duration,
 }
 
 impl Flusher {
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Entry>) {
+        let mut stall = self.stall;
         while let Some(first) = rx.recv().await {
+            if !stall.is_zero() {
+                tokio::time::sleep(std::mem::take(&mut stall)).await;
+            }
             let mut block = vec![first];
             let mut n = block[0].rows.len();
             while n < BLOCK_EVENTS {

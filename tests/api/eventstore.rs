@@ -466,6 +466,8 @@ async fn retention_deletes_old_events_of_a_prefix_but_never_the_last_position() 
         let body: Vec<Value> = (0..n).map(|_| json!({ "eventType": "e", "data": {} })).collect();
         assert_eq!(append(&app, stream, None, &Value::Array(body)).await.status(), 201);
     }
+    // Retention works on what ClickHouse holds: a read waits until it holds the appends.
+    assert_eq!(get(&app, "/events").await["events"].as_array().unwrap().len(), 4);
     tokio::time::sleep(Duration::from_millis(20)).await;
     let ch = roster::migrate::clickhouse_client(&app.settings.clickhouse);
     let rule = roster::eventstore::retention::Rule { prefix: "source:".into(), days: 0 };
@@ -483,4 +485,78 @@ async fn retention_deletes_old_events_of_a_prefix_but_never_the_last_position() 
         "the newest event stays: positions continue after it"
     );
     assert_eq!(json(append(&app, "keep:b", None, &one("e")).await).await["position"], 4);
+}
+
+/// An append is acknowledged once journaled, before ClickHouse has it; a read that starts
+/// after the acknowledgement, in any process, waits for it rather than miss it.
+#[tokio::test]
+async fn a_read_after_an_acknowledged_append_sees_it_from_any_process() {
+    let app = spawn_app().await;
+    let stall = Duration::from_millis(1500);
+    let writer = second_store(&app, Faults { before_flush: stall, ..Faults::default() }).await;
+    let reader = second_store(&app, Faults::default()).await;
+    let ch = roster::migrate::clickhouse_client(&app.settings.clickhouse);
+    let started = std::time::Instant::now();
+    let r = writer.append("ryw", ExpectedVersion::NoStream, events("e", 3)).await.unwrap();
+    assert_eq!((r.first_position, r.position), (0, 2));
+    let in_clickhouse: u64 = ch.query("SELECT count() FROM EventStore_Events").fetch_one().await.unwrap();
+    assert_eq!(in_clickhouse, 0, "acknowledged from the journal, before the flush");
+    let got = reader.read_stream("ryw", 0, 10).await.unwrap();
+    assert_eq!(got.iter().map(|e| e.stream_version).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(started.elapsed() >= stall, "the read waited for the flush");
+    assert_eq!(reader.stream_version("ryw").await.unwrap(), 2);
+    assert_eq!(reader.read_all(0, 10).await.unwrap().len(), 3);
+    assert_eq!(reader.last_position().await.unwrap(), 2);
+}
+
+/// A holder that died mid-flush: the next holder re-inserts the block it had in flight,
+/// with the same deduplication token, then the rest of its journal; when the dead
+/// holder's insert lands late after all, ClickHouse keeps one copy.
+#[tokio::test]
+async fn a_new_holder_finishes_a_dead_holders_flush_without_duplicates() {
+    use roster::eventstore::journal::{Entry, Journal};
+    use roster::eventstore::log::EventRow;
+    let app = spawn_app().await;
+    let store = second_store(&app, Faults::default()).await;
+    store.append("before", ExpectedVersion::Any, events("x", 1)).await.unwrap();
+    let db = roster::startup::mongo_database(&app.settings).await.unwrap();
+    let journal = Journal::new(&db, roster::migrate::clickhouse_client(&app.settings.clickhouse));
+    let entry = |first: u64, n: u64| Entry {
+        first,
+        rows: Arc::new(
+            (first..first + n)
+                .map(|p| EventRow {
+                    position: p,
+                    stream_id: "ghost".into(),
+                    stream_version: p - 1,
+                    event_id: uuid::Uuid::from_u128(0x6000 + p as u128),
+                    event_type: "haunt".into(),
+                    data: "{}".into(),
+                    metadata: Vec::new(),
+                    timestamp: 1_700_000_000_000,
+                })
+                .collect(),
+        ),
+    };
+    // The dead holder journaled positions 1 and 2-3, had 1 in flight, and let its lease lapse.
+    assert!(journal.write(&entry(1, 1), "ghost").await.is_ok());
+    assert!(journal.write(&entry(2, 2), "ghost").await.is_ok());
+    let past = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 1000);
+    db.collection::<bson::Document>("EventStore_Log")
+        .update_one(
+            bson::doc! { "_id": "log" },
+            bson::doc! { "$set": { "lease": { "by": "ghost", "until": past }, "flushing": { "from": 1_i64, "to": 1_i64 } } },
+        )
+        .await
+        .unwrap();
+    let after = store.append("after", ExpectedVersion::Any, events("y", 1)).await.unwrap();
+    assert_eq!(after.position, 4, "the journal's positions are taken");
+    // The dead holder's insert lands now.
+    journal.insert(1, 1, &[entry(1, 1)]).await.unwrap();
+    let all: Vec<(u64, String)> =
+        store.read_all(0, 100).await.unwrap().into_iter().map(|e| (e.position, e.stream_id)).collect();
+    let expect = [(0, "before"), (1, "ghost"), (2, "ghost"), (3, "ghost"), (4, "after")];
+    assert_eq!(all, expect.map(|(p, s)| (p, s.to_string())));
+    assert_eq!(store.stream_version("ghost").await.unwrap(), 2);
+    assert_eq!(journal.pending_end().await.unwrap(), None, "flushed entries leave the journal");
 }
