@@ -105,7 +105,10 @@ pub struct Request {
 
 impl Request {
     fn bytes(&self) -> usize {
-        self.events.iter().map(|e| e.data.len() + e.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()).sum()
+        self.events
+            .iter()
+            .map(|e| e.data.len() + e.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
+            .sum()
     }
 }
 
@@ -297,14 +300,18 @@ impl Appender {
             // The last holder drained its flusher and released the lease.
             Some(next) => next - 1,
             None => {
-                let flushing = before.as_ref().and_then(|d| d.get_document("flushing").ok()).and_then(|f| {
-                    Some((f.get_i64("from").ok()? as u64, f.get_i64("to").ok()? as u64))
-                });
+                let flushing = before
+                    .as_ref()
+                    .and_then(|d| d.get_document("flushing").ok())
+                    .and_then(|f| Some((f.get_i64("from").ok()? as u64, f.get_i64("to").ok()? as u64)));
                 match self.journal.recover(&id, flushing).await {
                     Ok(stored) => stored,
                     Err(e) => {
                         // Let others try at once rather than after the lease.
-                        let _ = self.log.update_one(doc! { "_id": "log", "lease.by": &id }, doc! { "$unset": { "lease": "" } }).await;
+                        let _ = self
+                            .log
+                            .update_one(doc! { "_id": "log", "lease.by": &id }, doc! { "$unset": { "lease": "" } })
+                            .await;
                         return Err(e);
                     }
                 }
@@ -440,7 +447,10 @@ impl Appender {
             Ok(()) => match tokio::time::timeout(WRITE_TIMEOUT, self.journal.write(&entry, &t.id)).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(WriteError::Taken)) => {
-                    tracing::warn!(position = t.next, "another appender journaled these positions; taking the lease afresh");
+                    tracing::warn!(
+                        position = t.next,
+                        "another appender journaled these positions; taking the lease afresh"
+                    );
                     let e = EventStoreError::Unavailable("another appender took over the log; retry".into());
                     fail(answers, &e);
                     return Outcome::Release;
@@ -476,7 +486,7 @@ impl Appender {
         Outcome::Keep
     }
 
-/// Reads from ClickHouse the heads of the batch's streams this lease does not know
+    /// Reads from ClickHouse the heads of the batch's streams this lease does not know
     /// yet, with as many last events as the longest possible retry needs.
     async fn load_heads(&self, t: &mut Tenure, batch: &[Request]) -> Result<(), EventStoreError> {
         let mut need_tail: HashMap<&str, usize> = HashMap::new();

@@ -21,7 +21,7 @@
 //!   about ([`Journal::pending_end`]): a read after an acknowledged append sees it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bson::{doc, spec::BinarySubtype, Binary, Document};
 use mongodb::options::FindOptions;
@@ -35,6 +35,10 @@ use super::EventStoreError;
 pub const JOURNAL: &str = "EventStore_Journal";
 /// Most events one flusher block carries.
 const BLOCK_EVENTS: usize = 100_000;
+/// Under load, at most one flusher block starts per this interval.
+const FLUSH_EVERY: Duration = Duration::from_millis(25);
+/// Under load, flushed journal entries are deleted at least this often.
+const FORGET_EVERY: Duration = Duration::from_millis(250);
 /// Longest a ClickHouse insert of the flusher may take before it is tried again.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -90,12 +94,7 @@ impl Journal {
 
     /// The last journaled position not yet known to be in ClickHouse, if any.
     pub async fn pending_end(&self) -> Result<Option<i64>, mongodb::error::Error> {
-        let last = self
-            .col
-            .find_one(doc! {})
-            .sort(doc! { "_id": -1 })
-            .projection(doc! { "end": 1 })
-            .await?;
+        let last = self.col.find_one(doc! {}).sort(doc! { "_id": -1 }).projection(doc! { "end": 1 }).await?;
         Ok(last.and_then(|d| d.get_i64("end").ok()))
     }
 
@@ -184,8 +183,7 @@ impl Journal {
         let entries = self.entries().await?;
         let mut stored = self.last_stored().await?;
         if let Some((from, to)) = flushing.filter(|&(_, to)| to as i64 > stored) {
-            let block: Vec<Entry> =
-                entries.iter().filter(|e| e.first >= from && e.end() <= to).cloned().collect();
+            let block: Vec<Entry> = entries.iter().filter(|e| e.first >= from && e.end() <= to).cloned().collect();
             let covered: u64 = block.iter().map(|e| e.rows.len() as u64).sum();
             if from as i64 != stored + 1 || covered != to - from + 1 {
                 return Err(corrupt(&format!("block {from}-{to} was in flight but its entries are not all journaled")));
@@ -245,21 +243,28 @@ pub struct Flusher {
 impl Flusher {
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Entry>) {
         let mut stall = self.stall;
+        let (mut flushed_at, mut forgotten_at) = (Instant::now() - FLUSH_EVERY, Instant::now());
+        let mut unforgotten = None;
         while let Some(first) = rx.recv().await {
             if !stall.is_zero() {
                 tokio::time::sleep(std::mem::take(&mut stall)).await;
             }
+            // Under load, cycles are gathered into fewer, larger blocks: each insert makes a
+            // part (and a projection part) that ClickHouse must later merge, so the part
+            // count, not the event count, is what costs. An idle log flushes at once.
+            let gather_until = flushed_at + FLUSH_EVERY;
             let mut block = vec![first];
             let mut n = block[0].rows.len();
             while n < BLOCK_EVENTS {
-                match rx.try_recv() {
-                    Ok(e) => {
-                        n += e.rows.len();
-                        block.push(e);
-                    }
-                    Err(_) => break,
-                }
+                let next = match rx.try_recv() {
+                    Ok(e) => Some(e),
+                    Err(_) => tokio::time::timeout_at(gather_until.into(), rx.recv()).await.ok().flatten(),
+                };
+                let Some(e) = next else { break };
+                n += e.rows.len();
+                block.push(e);
             }
+            flushed_at = Instant::now();
             let mut pause = Duration::from_millis(10);
             loop {
                 match self.journal.flush(&self.tenure, &block).await {
@@ -275,9 +280,20 @@ impl Flusher {
             }
             let end = block[block.len() - 1].end();
             super::log::raise(&self.stored, end as i64);
-            if let Err(e) = self.journal.forget(end).await {
-                tracing::warn!(error = %e, "could not delete flushed journal entries (the next flush retries)");
+            // Deleting flushed entries is bookkeeping: done when idle, or now and then.
+            unforgotten = Some(end);
+            if rx.is_empty() || forgotten_at.elapsed() > FORGET_EVERY {
+                self.forget(&mut unforgotten).await;
+                forgotten_at = Instant::now();
             }
+        }
+        self.forget(&mut unforgotten).await;
+    }
+
+    async fn forget(&self, end: &mut Option<u64>) {
+        let Some(e) = end.take() else { return };
+        if let Err(err) = self.journal.forget(e).await {
+            tracing::warn!(error = %err, "could not delete flushed journal entries (the next holder does)");
         }
     }
 }
@@ -367,7 +383,10 @@ mod tests {
 
     #[test]
     fn blocks_split_consecutive_entries_near_the_block_size() {
-        let entry = |first: u64, n: usize| Entry { first, rows: Arc::new((0..n as u64).map(|i| row(first + i, "1")).collect()) };
+        let entry = |first: u64, n: usize| Entry {
+            first,
+            rows: Arc::new((0..n as u64).map(|i| row(first + i, "1")).collect()),
+        };
         let entries = vec![entry(0, 60_000), entry(60_000, 30_000), entry(90_000, 20_000), entry(110_000, 5)];
         let sizes: Vec<usize> = blocks(&entries).iter().map(|b| b.len()).collect();
         assert_eq!(sizes, [2, 2]);

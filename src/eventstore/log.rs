@@ -45,6 +45,8 @@ pub const EVENTS_TABLE: &str = "EventStore_Events";
 const POLL: Duration = Duration::from_millis(100);
 /// Longest a read waits for ClickHouse to hold the journaled events.
 const SETTLE: Duration = Duration::from_secs(5);
+/// How often a waiting read asks ClickHouse whether another process flushed.
+const SETTLE_POLL: Duration = Duration::from_millis(25);
 
 /// One event row of `EventStore_Events`.
 #[derive(Debug, Clone, Row, Serialize, Deserialize)]
@@ -164,7 +166,9 @@ impl ClickHouseEventStore {
                     "events up to position {end} are stored but ClickHouse does not hold them yet; retry"
                 )));
             }
-            let _ = tokio::time::timeout(Duration::from_millis(5), last.changed()).await;
+            // This process's flusher wakes the watch at once; another's is looked for again
+            // after a while (each look is a ClickHouse query, and reads may be many).
+            let _ = tokio::time::timeout(SETTLE_POLL, last.changed()).await;
         }
     }
 
@@ -305,6 +309,10 @@ impl EventStore for ClickHouseEventStore {
         if let Err(e) = self.settle().await {
             tracing::debug!(error = %e, "read_all without the journaled events");
         }
+        self.read_log(from, max).await
+    }
+
+    async fn read_log(&self, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
         self.fetch(
             self.ch
                 .query(&format!(

@@ -240,6 +240,17 @@ pub trait EventStore: Send + Sync + 'static {
     fn read_all(&self, from: u64, max: usize)
         -> impl Future<Output = Result<Vec<StoredEvent>, EventStoreError>> + Send;
 
+    /// As [`EventStore::read_all`], but without waiting for appends that are acknowledged
+    /// and not yet readable: followers (subscriptions, projections) wait for more anyway,
+    /// so they take the log as it stands, which is still a prefix without holes.
+    fn read_log(
+        &self,
+        from: u64,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<StoredEvent>, EventStoreError>> + Send {
+        self.read_all(from, max)
+    }
+
     /// The stream's last version, -1 when it has no event.
     fn stream_version(&self, stream: &str) -> impl Future<Output = Result<i64, EventStoreError>> + Send;
 

@@ -1,7 +1,7 @@
-//! Subscriptions over any [`EventStore`]: catch up by paging `read_all`, then follow by
+//! Subscriptions over any [`EventStore`]: catch up by paging `read_log`, then follow by
 //! waiting for more and paging again.
 //!
-//! Gap safety comes from the store, not from here: `read_all` only ever returns a prefix of
+//! Gap safety comes from the store, not from here: `read_log` only ever returns a prefix of
 //! the log with no hole a later append could fill (see `log`), so a subscriber that asks
 //! for "after the last position I saw" can never skip an event.
 
@@ -27,7 +27,7 @@ pub fn subscribe<S: EventStore>(
             if let Some(e) = buffered.pop_front() {
                 return Some((Ok(e), (store, next, buffered, false)));
             }
-            match store.read_all(next, page).await {
+            match store.read_log(next, page).await {
                 Ok(events) if events.is_empty() => store.wait_for_more(next as i64 - 1).await,
                 Ok(events) => {
                     next = events.last().map_or(next, |e| e.position + 1);

@@ -138,7 +138,7 @@ impl Rebuild<'_> {
     /// Replays one batch from `next` (below `until`) into the shadow tables; returns the
     /// position after it.
     async fn batch(&self, p: &dyn Projection, next: u64, until: u64) -> Result<u64, ProjectionError> {
-        let events = self.store.read_all(next, BATCH.min((until - next) as usize)).await?;
+        let events = self.store.read_log(next, BATCH.min((until - next) as usize)).await?;
         let Some(last) = events.last().map(|e| e.position) else { return Ok(until) };
         p.handle(self.ch, &Target::SHADOW, &events).await?;
         Ok(last + 1)

@@ -269,7 +269,7 @@ impl Runner {
         let mut since_snapshot = 0u64;
         let mut renewed = Instant::now();
         loop {
-            let events = self.store.read_all((position + 1) as u64, self.config.batch).await?;
+            let events = self.store.read_log((position + 1) as u64, self.config.batch).await?;
             let Some(last) = events.last().map(|e| e.position) else {
                 // Idle: keep the lease fresh, then wait for appends.
                 if renewed.elapsed() > self.config.lease / 3 {
