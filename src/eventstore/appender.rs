@@ -44,7 +44,7 @@ use mongodb::{Collection, Database};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use super::journal::{Entry, Flusher, Journal, WriteError};
+use super::journal::{Entry, Flusher, Journal, Recent, WriteError};
 use super::log::EventRow;
 use super::{AppendResult, EventStoreError, ExpectedVersion, NewEvent};
 use crate::store::mongo::is_duplicate_key;
@@ -179,15 +179,23 @@ pub struct Appender {
     journal: Journal,
     /// The last position ClickHouse holds, as far as this process knows.
     last: Arc<watch::Sender<i64>>,
+    /// Journaled cycles, for this process's followers.
+    recent: Arc<Recent>,
     faults: Faults,
     /// The injected stalls still to happen: before the write, after it, before a flush.
     stalls: [bool; 3],
 }
 
 impl Appender {
-    pub fn new(db: &Database, ch: clickhouse::Client, last: Arc<watch::Sender<i64>>, faults: Faults) -> Appender {
+    pub fn new(
+        db: &Database,
+        ch: clickhouse::Client,
+        last: Arc<watch::Sender<i64>>,
+        recent: Arc<Recent>,
+        faults: Faults,
+    ) -> Appender {
         let stalls = [!faults.before_write.is_zero(), !faults.after_write.is_zero(), !faults.before_flush.is_zero()];
-        Appender { log: db.collection(LOG), journal: Journal::new(db, ch.clone()), ch, last, faults, stalls }
+        Appender { log: db.collection(LOG), journal: Journal::new(db, ch.clone()), ch, last, recent, faults, stalls }
     }
 
     /// Serves appends until every sender is gone, then drains the flusher and releases
@@ -481,6 +489,7 @@ impl Appender {
         }
         t.next = next;
         t.heads.extend(heads);
+        self.recent.push(entry.clone());
         let _ = t.flusher.send(entry);
         answer(answers);
         Outcome::Keep

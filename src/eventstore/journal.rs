@@ -36,7 +36,7 @@ pub const JOURNAL: &str = "EventStore_Journal";
 /// Most events one flusher block carries.
 const BLOCK_EVENTS: usize = 100_000;
 /// Under load, at most one flusher block starts per this interval.
-const FLUSH_EVERY: Duration = Duration::from_millis(25);
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// Under load, flushed journal entries are deleted at least this often.
 const FORGET_EVERY: Duration = Duration::from_millis(250);
 /// Longest a ClickHouse insert of the flusher may take before it is tried again.
@@ -229,6 +229,55 @@ fn corrupt(what: &str) -> EventStoreError {
     EventStoreError::Unavailable(format!("the event journal is inconsistent: {what}"))
 }
 
+/// The cycles this process journaled lately, for followers in this process
+/// (subscriptions, projections): journaled events are durable and final (the flusher
+/// inserts exactly these rows at these positions), so a follower can have them without
+/// waiting for ClickHouse. Only a contiguous run is kept, and only what it holds is
+/// served, from the exact position asked: a follower still never skips a position.
+pub struct Recent {
+    entries: std::sync::Mutex<std::collections::VecDeque<Entry>>,
+    /// The last position this process journaled (wakes followers).
+    pub journaled: watch::Sender<i64>,
+}
+
+/// Most events [`Recent`] keeps.
+const RECENT_EVENTS: usize = 50_000;
+
+impl Default for Recent {
+    fn default() -> Self {
+        Recent { entries: Default::default(), journaled: watch::channel(-1).0 }
+    }
+}
+
+impl Recent {
+    pub fn push(&self, entry: Entry) {
+        let end = entry.end() as i64;
+        {
+            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            // Another process wrote in between: what is kept is no longer a run.
+            if entries.back().is_some_and(|b| b.end() + 1 != entry.first) {
+                entries.clear();
+            }
+            entries.push_back(entry);
+            let mut held: usize = entries.iter().map(|e| e.rows.len()).sum();
+            while held > RECENT_EVENTS && entries.len() > 1 {
+                held -= entries.pop_front().map_or(0, |e| e.rows.len());
+            }
+        }
+        super::log::raise(&self.journaled, end);
+    }
+
+    /// Up to `max` events from position `from`, if this process journaled `from` lately.
+    pub fn read(&self, from: u64, max: usize) -> Option<Vec<super::StoredEvent>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.front()?.first > from || entries.back()?.end() < from {
+            return None;
+        }
+        let rows = entries.iter().flat_map(|e| e.rows.iter()).skip_while(|r| r.position < from).take(max);
+        Some(rows.map(|r| super::StoredEvent::from(r.clone())).collect())
+    }
+}
+
 /// Copies one tenure's journaled entries to ClickHouse, in order, until the tenure's
 /// sender is dropped (then it finishes what is queued) or the lease is lost.
 pub struct Flusher {
@@ -379,6 +428,26 @@ mod tests {
         assert_eq!(format!("{back:?}"), format!("{rows:?}"));
         let bytes = encode(&rows);
         assert!(decode(&bytes[..bytes.len() - 1]).is_none(), "a truncated entry is refused, not misread");
+    }
+
+    #[test]
+    fn recent_cycles_are_served_only_as_a_run_from_the_position_asked() {
+        let entry =
+            |first: u64, n: u64| Entry { first, rows: Arc::new((first..first + n).map(|p| row(p, "1")).collect()) };
+        let recent = Recent::default();
+        recent.push(entry(10, 3));
+        recent.push(entry(13, 2));
+        let positions = |v: Option<Vec<crate::eventstore::StoredEvent>>| {
+            v.map(|v| v.iter().map(|e| e.position).collect::<Vec<_>>())
+        };
+        assert_eq!(positions(recent.read(11, 3)), Some(vec![11, 12, 13]));
+        assert_eq!(positions(recent.read(9, 10)), None, "9 was not journaled here: ClickHouse answers");
+        assert_eq!(positions(recent.read(15, 10)), None);
+        assert_eq!(*recent.journaled.borrow(), 14);
+        // Another process wrote 15-19: the run starts again at 20.
+        recent.push(entry(20, 1));
+        assert_eq!(positions(recent.read(14, 10)), None);
+        assert_eq!(positions(recent.read(20, 10)), Some(vec![20]));
     }
 
     #[test]

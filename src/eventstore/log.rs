@@ -22,6 +22,8 @@
 //! Readers look at ClickHouse, after waiting until it holds every journaled event
 //! ([`ClickHouseEventStore::settle`]): an acknowledged append is visible to every read that
 //! starts after it, whole, and a stream's version, its events and the log always agree.
+//! Followers (`read_log`: subscriptions, projections) do not wait: they read the log as
+//! ClickHouse holds it, and then what this process journaled since (`journal::Recent`).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::appender::{Appender, Faults, Request};
-use super::journal::Journal;
+use super::journal::{Journal, Recent};
 use super::{
     validate_append, AppendResult, EventStore, EventStoreError, ExpectedVersion, NewEvent, StoredEvent, GROUP_PREFIX,
 };
@@ -89,6 +91,8 @@ pub struct ClickHouseEventStore {
     /// once, and by the poller (or a settling read) for appends of other processes.
     last: watch::Receiver<i64>,
     last_tx: Arc<watch::Sender<i64>>,
+    /// What this process journaled lately: followers get it before ClickHouse does.
+    recent: Arc<Recent>,
     /// How many callers wait in [`EventStore::wait_for_more`] (the poller only asks
     /// ClickHouse while someone does).
     waiting: Arc<AtomicUsize>,
@@ -111,12 +115,13 @@ impl ClickHouseEventStore {
         let last_tx = Arc::new(watch::channel(-1).0);
         let last = last_tx.subscribe();
         let journal = Journal::new(db, ch.clone());
-        let appender = Appender::new(db, ch.clone(), last_tx.clone(), faults);
+        let recent = Arc::new(Recent::default());
+        let appender = Appender::new(db, ch.clone(), last_tx.clone(), recent.clone(), faults);
         let task = tokio::spawn(appender.run(rx));
         let appender = Arc::new(std::sync::Mutex::new(Some(task)));
         let waiting = Arc::new(AtomicUsize::new(0));
         tokio::spawn(poll_for_others(ch.clone(), last_tx.clone(), Arc::downgrade(&waiting)));
-        ClickHouseEventStore { ch, journal, appends: tx, last, last_tx, waiting, groups: None, appender }
+        ClickHouseEventStore { ch, journal, appends: tx, last, last_tx, recent, waiting, groups: None, appender }
     }
 
     /// Stops the appender once queued appends are done and releases the log lease (a
@@ -313,6 +318,11 @@ impl EventStore for ClickHouseEventStore {
     }
 
     async fn read_log(&self, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
+        if from as i64 > *self.last.borrow() {
+            if let Some(events) = self.recent.read(from, max) {
+                return Ok(events);
+            }
+        }
         self.fetch(
             self.ch
                 .query(&format!(
@@ -368,8 +378,14 @@ impl EventStore for ClickHouseEventStore {
         }
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let _waiting = Waiting(&self.waiting);
-        let mut last = self.last.clone();
-        let _ = tokio::time::timeout(Duration::from_secs(1), last.wait_for(|&p| p > position)).await;
+        let (mut last, mut journaled) = (self.last.clone(), self.recent.journaled.subscribe());
+        let more = async {
+            tokio::select! {
+                _ = last.wait_for(|&p| p > position) => {}
+                _ = journaled.wait_for(|&p| p > position) => {}
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), more).await;
     }
 }
 
