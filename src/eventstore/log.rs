@@ -177,6 +177,20 @@ impl ClickHouseEventStore {
         }
     }
 
+    /// Up to `max` events from position `from`, as ClickHouse holds them.
+    async fn read_stored(&self, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
+        self.fetch(
+            self.ch
+                .query(&format!(
+                    "SELECT {COLUMNS} FROM EventStore_Events WHERE position >= {{f:UInt64}} \
+                     ORDER BY position LIMIT {{m:UInt64}}"
+                ))
+                .param("f", from)
+                .param("m", max as u64),
+        )
+        .await
+    }
+
     async fn fetch(&self, query: clickhouse::query::Query) -> Result<Vec<StoredEvent>, EventStoreError> {
         let rows: Vec<EventRow> = query.fetch_all().await?;
         Ok(rows.into_iter().map(StoredEvent::from).collect())
@@ -314,25 +328,16 @@ impl EventStore for ClickHouseEventStore {
         if let Err(e) = self.settle().await {
             tracing::debug!(error = %e, "read_all without the journaled events");
         }
-        self.read_log(from, max).await
+        self.read_stored(from, max).await
     }
 
     async fn read_log(&self, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
-        if from as i64 > *self.last.borrow() {
-            if let Some(events) = self.recent.read(from, max) {
-                return Ok(events);
-            }
+        // Journaled events are final: from memory when this process has them, flushed or
+        // not (the page may then be short; a follower asks again).
+        match self.recent.read(from, max) {
+            Some(events) => Ok(events),
+            None => self.read_stored(from, max).await,
         }
-        self.fetch(
-            self.ch
-                .query(&format!(
-                    "SELECT {COLUMNS} FROM EventStore_Events WHERE position >= {{f:UInt64}} \
-                     ORDER BY position LIMIT {{m:UInt64}}"
-                ))
-                .param("f", from)
-                .param("m", max as u64),
-        )
-        .await
     }
 
     async fn stream_version(&self, stream: &str) -> Result<i64, EventStoreError> {
