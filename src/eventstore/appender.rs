@@ -204,11 +204,22 @@ impl Appender {
         let mut tenure: Option<Tenure> = None;
         loop {
             let first = match &tenure {
-                Some(_) => match tokio::time::timeout(LINGER, rx.recv()).await {
+                Some(t) => match tokio::time::timeout(LINGER, rx.recv()).await {
                     Ok(r) => r,
+                    // Idle: release once the flusher is done, unless an append comes first
+                    // (then the lease is kept and the append does not wait for the flush).
                     Err(_) => {
-                        self.release(tenure.take(), true).await;
-                        rx.recv().await
+                        let idle = tokio::select! {
+                            r = rx.recv() => Err(r),
+                            _ = self.drain(t, DRAIN) => Ok(()),
+                        };
+                        match idle {
+                            Err(r) => r,
+                            Ok(()) => {
+                                self.release(tenure.take(), true).await;
+                                rx.recv().await
+                            }
+                        }
                     }
                 },
                 None => rx.recv().await,
