@@ -57,9 +57,10 @@ const MARGIN: Duration = Duration::from_secs(2);
 /// Longest a journal write may take; shorter than the lease minus the margin.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 /// One cycle takes at most about this many events, and this many bytes of event data
-/// (one more append may exceed either; a journal document must stay under 16 MiB).
+/// (one more append, of at most `MAX_APPEND_BYTES`, may exceed either; a journal document
+/// must stay under 16 MiB).
 const CYCLE_EVENTS: usize = 10_000;
-const CYCLE_BYTES: usize = 8 << 20;
+const CYCLE_BYTES: usize = super::MAX_APPEND_BYTES;
 /// How often an appender waiting for the lease tries again.
 const LEASE_POLL: Duration = Duration::from_millis(5);
 /// Most journaled events waiting for ClickHouse before appends are refused (503).

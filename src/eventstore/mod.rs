@@ -179,6 +179,9 @@ pub const GROUP_PREFIX: &str = "group:";
 pub const MAX_STREAM_ID: usize = 256;
 /// Most events one append may carry.
 pub const MAX_APPEND: usize = 10_000;
+/// Most bytes of event data, types and metadata one append may carry: a cycle is one
+/// journal document, which MongoDB caps at 16 MiB.
+pub const MAX_APPEND_BYTES: usize = 4 << 20;
 
 /// Checks a stream id and an append's events; fills in missing event ids.
 pub fn validate_append(stream: &str, events: &mut [NewEvent]) -> Result<(), EventStoreError> {
@@ -199,6 +202,16 @@ pub fn validate_append(stream: &str, events: &mut [NewEvent]) -> Result<(), Even
     }
     if events.len() > MAX_APPEND {
         return Err(EventStoreError::invalid("events", format!("at most {MAX_APPEND} events per append")));
+    }
+    let bytes: usize = events
+        .iter()
+        .map(|e| e.event_type.len() + e.data.len() + e.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
+        .sum();
+    if bytes > MAX_APPEND_BYTES {
+        return Err(EventStoreError::invalid(
+            "events",
+            format!("{bytes} bytes of event data; at most {} MiB per append", MAX_APPEND_BYTES >> 20),
+        ));
     }
     let mut seen = std::collections::HashSet::new();
     for (i, e) in events.iter_mut().enumerate() {
@@ -292,5 +305,7 @@ mod tests {
         assert!(err("s", &mut events).starts_with("[1].eventId"));
         events[1].event_type = " ".into();
         assert!(err("s", &mut events).starts_with("[1].eventType"));
+        let mut big = vec![NewEvent::new("a", &serde_json::json!("x".repeat(MAX_APPEND_BYTES)))];
+        assert!(err("s", &mut big).starts_with("events: "), "an append larger than a journal document allows");
     }
 }

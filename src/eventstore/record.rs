@@ -24,6 +24,10 @@ use super::{EventStore, ExpectedVersion, NewEvent};
 use crate::pipeline::{HookError, Interaction, PostSaveHook, RequestContext, Saved};
 use crate::store::ResourceStore;
 
+/// Largest event data a FHIR write records (an append carries at most
+/// `MAX_APPEND_BYTES`, and one write may send several events to one stream).
+const MAX_EVENT_DATA: usize = 512 << 10;
+
 /// A mark older than this is the sweep's: the hook that set it has finished or failed.
 pub const STALE: Duration = Duration::from_secs(60);
 
@@ -92,12 +96,21 @@ impl EventRecorder {
                 }
                 metadata.insert("causationId".to_string(), format!("{rt}/{}/_history/{}", saved.id, saved.version));
                 metadata.insert("source".to_string(), "fhir".to_string());
+                let mut data = d.data.to_string();
+                if data.len() > MAX_EVENT_DATA {
+                    // Too big for an event (appends are capped): point at the version instead.
+                    data = serde_json::json!({
+                        "resourceType": rt, "id": saved.id, "versionId": saved.version.to_string(),
+                        "omitted": format!("{} bytes; read {rt}/{}/_history/{}", data.len(), saved.id, saved.version),
+                    })
+                    .to_string();
+                }
                 out.push((
                     stream.clone(),
                     NewEvent {
                         event_id: Some(event_id(rt, saved.id, saved.version, d.event_type, &stream)),
                         event_type: d.event_type.to_string(),
-                        data: d.data.to_string(),
+                        data,
                         metadata,
                     },
                 ));

@@ -369,6 +369,16 @@ async fn fhir_writes_become_routed_events() {
     let created = get(&app, "/events/patient:MRN-3").await["events"][0].clone();
     assert_eq!(created["metadata"]["actor"], "Practitioner/dr-who");
     assert_eq!(created["data"]["resource"]["identifier"][1]["value"], "MRN-3");
+    // A resource too big for an event (appends are capped) is recorded as a pointer.
+    let mut big = patient_with_mrn("p4", "MRN-4");
+    big["name"][0]["family"] = json!("x".repeat(600 * 1024));
+    assert_eq!(app.put("Patient/p4", &big).await.status(), 201);
+    let created = get(&app, "/events/patient:MRN-4").await["events"][0].clone();
+    assert_eq!(
+        (created["eventType"].as_str(), created["data"]["versionId"].as_str()),
+        (Some("resource_created"), Some("1"))
+    );
+    assert!(created["data"]["omitted"].as_str().unwrap().contains("Patient/p4/_history/1"), "{}", created["data"]);
     // A write without meta.source has no `source:` stream; one with it does.
     let mut sourced = patient_with_mrn("p2", "MRN-2");
     sourced["meta"] = json!({ "source": "adt-feed" });
