@@ -106,10 +106,7 @@ pub struct Request {
 
 impl Request {
     fn bytes(&self) -> usize {
-        self.events
-            .iter()
-            .map(|e| e.data.len() + e.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
-            .sum()
+        self.events.iter().map(NewEvent::size).sum()
     }
 }
 

@@ -120,7 +120,7 @@ impl ClickHouseEventStore {
         let task = tokio::spawn(appender.run(rx));
         let appender = Arc::new(std::sync::Mutex::new(Some(task)));
         let waiting = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(poll_for_others(ch.clone(), last_tx.clone(), Arc::downgrade(&waiting)));
+        tokio::spawn(poll_for_others(journal.clone(), last_tx.clone(), Arc::downgrade(&waiting)));
         ClickHouseEventStore { ch, journal, appends: tx, last, last_tx, recent, waiting, groups: None, appender }
     }
 
@@ -367,11 +367,7 @@ impl EventStore for ClickHouseEventStore {
 
     async fn last_position(&self) -> Result<i64, EventStoreError> {
         self.settle().await?;
-        Ok(self
-            .ch
-            .query("SELECT if(count() = 0, -1, toInt64(max(position))) FROM EventStore_Events")
-            .fetch_one()
-            .await?)
+        self.journal.last_stored().await
     }
 
     async fn wait_for_more(&self, position: i64) {
@@ -408,16 +404,14 @@ pub fn raise(last: &watch::Sender<i64>, position: i64) {
 /// While anyone waits for events, asks ClickHouse for the last position every [`POLL`]:
 /// one query per process however many subscribers and projections wait (appends of this
 /// process wake them at once without it). Ends with the store.
-async fn poll_for_others(ch: clickhouse::Client, last: Arc<watch::Sender<i64>>, waiting: std::sync::Weak<AtomicUsize>) {
+async fn poll_for_others(journal: Journal, last: Arc<watch::Sender<i64>>, waiting: std::sync::Weak<AtomicUsize>) {
     loop {
         tokio::time::sleep(POLL).await;
         let Some(waiting) = waiting.upgrade() else { return };
         if waiting.load(Ordering::SeqCst) == 0 {
             continue;
         }
-        let stored: Result<i64, _> =
-            ch.query("SELECT if(count() = 0, -1, toInt64(max(position))) FROM EventStore_Events").fetch_one().await;
-        if let Ok(p) = stored {
+        if let Ok(p) = journal.last_stored().await {
             raise(&last, p);
         }
     }

@@ -89,6 +89,11 @@ impl NewEvent {
     pub fn new(event_type: &str, data: &serde_json::Value) -> NewEvent {
         NewEvent { event_id: None, event_type: event_type.into(), data: data.to_string(), metadata: BTreeMap::new() }
     }
+
+    /// Bytes of type, data and metadata (what [`MAX_APPEND_BYTES`] counts).
+    pub fn size(&self) -> usize {
+        self.event_type.len() + self.data.len() + self.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
 }
 
 /// An event as stored.
@@ -203,10 +208,7 @@ pub fn validate_append(stream: &str, events: &mut [NewEvent]) -> Result<(), Even
     if events.len() > MAX_APPEND {
         return Err(EventStoreError::invalid("events", format!("at most {MAX_APPEND} events per append")));
     }
-    let bytes: usize = events
-        .iter()
-        .map(|e| e.event_type.len() + e.data.len() + e.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
-        .sum();
+    let bytes: usize = events.iter().map(NewEvent::size).sum();
     if bytes > MAX_APPEND_BYTES {
         return Err(EventStoreError::invalid(
             "events",
