@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use bson::{doc, DateTime, Document};
 use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use uuid::Uuid;
 
 use super::journal::{Entry, Flusher, Journal, Recent, WriteError};
@@ -179,6 +179,8 @@ pub struct Appender {
     last: Arc<watch::Sender<i64>>,
     /// Journaled cycles, for this process's followers.
     recent: Arc<Recent>,
+    /// Makes the tenure's flusher flush what it is gathering now (see [`Flusher::hurry`]).
+    hurry: Arc<Notify>,
     faults: Faults,
     /// The injected stalls still to happen: before the write, after it, before a flush.
     stalls: [bool; 3],
@@ -190,10 +192,20 @@ impl Appender {
         ch: clickhouse::Client,
         last: Arc<watch::Sender<i64>>,
         recent: Arc<Recent>,
+        hurry: Arc<Notify>,
         faults: Faults,
     ) -> Appender {
         let stalls = [!faults.before_write.is_zero(), !faults.after_write.is_zero(), !faults.before_flush.is_zero()];
-        Appender { log: db.collection(LOG), journal: Journal::new(db, ch.clone()), ch, last, recent, faults, stalls }
+        Appender {
+            log: db.collection(LOG),
+            journal: Journal::new(db, ch.clone()),
+            ch,
+            last,
+            recent,
+            hurry,
+            faults,
+            stalls,
+        }
     }
 
     /// Serves appends until every sender is gone, then drains the flusher and releases
@@ -340,7 +352,13 @@ impl Appender {
             true => self.faults.before_flush,
             false => Duration::ZERO,
         };
-        let task = Flusher { journal: self.journal.clone(), tenure: id.clone(), stored: self.last.clone(), stall };
+        let task = Flusher {
+            journal: self.journal.clone(),
+            tenure: id.clone(),
+            stored: self.last.clone(),
+            hurry: self.hurry.clone(),
+            stall,
+        };
         let flushing = tokio::spawn(task.run(rx));
         Ok(Some(Tenure { id, deadline, next: (stored + 1) as u64, heads: HashMap::new(), flusher, flushing }))
     }
@@ -351,6 +369,7 @@ impl Appender {
         let target = t.next as i64 - 1;
         let mut last = self.last.subscribe();
         let give_up = Instant::now() + within;
+        self.hurry.notify_one();
         loop {
             if *last.borrow_and_update() >= target {
                 return true;

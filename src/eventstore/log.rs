@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use uuid::Uuid;
 
 use super::appender::{Appender, Faults, Request};
@@ -47,6 +47,8 @@ pub const EVENTS_TABLE: &str = "EventStore_Events";
 const POLL: Duration = Duration::from_millis(100);
 /// Longest a read waits for ClickHouse to hold the journaled events.
 const SETTLE: Duration = Duration::from_secs(5);
+/// Pages of at least this many events are read in two halves at once.
+const SPLIT_READ: usize = 20_000;
 /// How often a waiting read asks ClickHouse whether another process flushed.
 const SETTLE_POLL: Duration = Duration::from_millis(25);
 
@@ -93,6 +95,8 @@ pub struct ClickHouseEventStore {
     last_tx: Arc<watch::Sender<i64>>,
     /// What this process journaled lately: followers get it before ClickHouse does.
     recent: Arc<Recent>,
+    /// Tells this process's flusher (when it holds the lease) that a read waits for it.
+    hurry: Arc<Notify>,
     /// How many callers wait in [`EventStore::wait_for_more`] (the poller only asks
     /// ClickHouse while someone does).
     waiting: Arc<AtomicUsize>,
@@ -116,12 +120,13 @@ impl ClickHouseEventStore {
         let last = last_tx.subscribe();
         let journal = Journal::new(db, ch.clone());
         let recent = Arc::new(Recent::default());
-        let appender = Appender::new(db, ch.clone(), last_tx.clone(), recent.clone(), faults);
+        let hurry = Arc::new(Notify::new());
+        let appender = Appender::new(db, ch.clone(), last_tx.clone(), recent.clone(), hurry.clone(), faults);
         let task = tokio::spawn(appender.run(rx));
         let appender = Arc::new(std::sync::Mutex::new(Some(task)));
         let waiting = Arc::new(AtomicUsize::new(0));
         tokio::spawn(poll_for_others(journal.clone(), last_tx.clone(), Arc::downgrade(&waiting)));
-        ClickHouseEventStore { ch, journal, appends: tx, last, last_tx, recent, waiting, groups: None, appender }
+        ClickHouseEventStore { ch, journal, appends: tx, last, last_tx, recent, hurry, waiting, groups: None, appender }
     }
 
     /// Stops the appender once queued appends are done and releases the log lease (a
@@ -157,9 +162,13 @@ impl ClickHouseEventStore {
         let Some(end) = self.journal.pending_end().await? else { return Ok(()) };
         let give_up = tokio::time::Instant::now() + SETTLE;
         let mut last = self.last.clone();
+        let mut hurried = false;
         loop {
             if *last.borrow_and_update() >= end {
                 return Ok(());
+            }
+            if !std::mem::replace(&mut hurried, true) {
+                self.hurry.notify_one();
             }
             // Another process's flusher raises nothing here: ask ClickHouse.
             raise(&self.last_tx, self.journal.last_stored().await?);
@@ -178,22 +187,28 @@ impl ClickHouseEventStore {
     }
 
     /// Up to `max` events from position `from`, as ClickHouse holds them.
+    ///
+    /// A large page is read as two halves at once (two queries, decoded on two threads):
+    /// on a small machine one query leaves a core idle while the other decodes. Positions
+    /// are contiguous, so each half is a position range. If the first half comes back
+    /// short, the second is dropped: a flush may have landed between the two reads, and
+    /// the page must stay a prefix.
     async fn read_stored(&self, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
-        self.fetch(
-            self.ch
-                .query(&format!(
-                    "SELECT {COLUMNS} FROM EventStore_Events WHERE position >= {{f:UInt64}} \
-                     ORDER BY position LIMIT {{m:UInt64}}"
-                ))
-                .param("f", from)
-                .param("m", max as u64),
-        )
-        .await
+        if max < SPLIT_READ {
+            return read_range(self.ch.clone(), from, max).await;
+        }
+        let half = max / 2;
+        let second = tokio::spawn(read_range(self.ch.clone(), from + half as u64, max - half));
+        let mut events = read_range(self.ch.clone(), from, half).await?;
+        let rest = second.await.map_err(|e| EventStoreError::Unavailable(format!("reading the log: {e}")))??;
+        if events.len() == half {
+            events.extend(rest);
+        }
+        Ok(events)
     }
 
     async fn fetch(&self, query: clickhouse::query::Query) -> Result<Vec<StoredEvent>, EventStoreError> {
-        let rows: Vec<EventRow> = query.fetch_all().await?;
-        Ok(rows.into_iter().map(StoredEvent::from).collect())
+        fetch(query).await
     }
 
     /// Streams whose id starts with `prefix`: id, last version, event count, last event
@@ -388,6 +403,24 @@ impl EventStore for ClickHouseEventStore {
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), more).await;
     }
+}
+
+/// The events at positions `from .. from + max` that ClickHouse holds.
+async fn read_range(ch: clickhouse::Client, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
+    fetch(
+        ch.query(&format!(
+            "SELECT {COLUMNS} FROM EventStore_Events WHERE position >= {{f:UInt64}} AND position < {{t:UInt64}} \
+             ORDER BY position"
+        ))
+        .param("f", from)
+        .param("t", from.saturating_add(max as u64)),
+    )
+    .await
+}
+
+async fn fetch(query: clickhouse::query::Query) -> Result<Vec<StoredEvent>, EventStoreError> {
+    let rows: Vec<EventRow> = query.fetch_all().await?;
+    Ok(rows.into_iter().map(StoredEvent::from).collect())
 }
 
 /// Raises the last known position (never lowers it).

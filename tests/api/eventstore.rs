@@ -497,6 +497,25 @@ async fn retention_deletes_old_events_of_a_prefix_but_never_the_last_position() 
     assert_eq!(json(append(&app, "keep:b", None, &one("e")).await).await["position"], 4);
 }
 
+/// Large `read_all` pages are read as two position ranges at once; whatever the split,
+/// a page is the contiguous run from the position asked, never longer than asked.
+#[tokio::test]
+async fn large_read_all_pages_are_one_contiguous_run() {
+    let app = spawn_app().await;
+    let store = second_store(&app, Faults::default()).await;
+    for (stream, n) in [("big-a", 10_000), ("big-b", 10_000), ("big-c", 5_000)] {
+        store.append(stream, ExpectedVersion::NoStream, events("e", n)).await.unwrap();
+    }
+    for (from, max, expect) in
+        [(0, 30_000, 25_000), (3, 20_000, 20_000), (10_000, 20_000, 15_000), (20_000, 20_000, 5_000)]
+    {
+        let page = store.read_all(from, max).await.unwrap();
+        let positions: Vec<u64> = page.iter().map(|e| e.position).collect();
+        assert_eq!(positions, (from..from + expect as u64).collect::<Vec<_>>(), "read_all({from}, {max})");
+    }
+    assert!(store.read_all(25_000, 20_000).await.unwrap().is_empty());
+}
+
 /// An append is acknowledged once journaled, before ClickHouse has it; a read that starts
 /// after the acknowledgement, in any process, waits for it rather than miss it.
 #[tokio::test]
