@@ -4,6 +4,7 @@
 //! hooks) → `store` (MongoDB). Schema lives in `clickhouse/` and `mongo/`, applied by
 //! `migrate`.
 
+pub mod body;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -14,7 +14,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -26,7 +26,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::subscribe::subscribe;
-use super::{EventStore, EventStoreError, ExpectedVersion, NewEvent, StoredEvent};
+use super::{EventStore, EventStoreError, ExpectedVersion, NewEvent, StoredEvent, MAX_APPEND_BODY, MAX_APPEND_BYTES};
+use crate::body::{read_limited, BodyError};
 use crate::state::AppState;
 
 /// Most events one read returns.
@@ -51,6 +52,9 @@ impl IntoResponse for EventStoreError {
             ),
             EventStoreError::Invalid { field, .. } => {
                 (StatusCode::BAD_REQUEST, json!({ "error": self.to_string(), "field": field }))
+            }
+            EventStoreError::TooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, json!({ "error": self.to_string(), "field": "body" }))
             }
             EventStoreError::Unavailable(_) => {
                 tracing::warn!(error = %self, "event store unavailable");
@@ -185,8 +189,18 @@ async fn append(
     State(state): State<AppState>,
     Path(stream): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, EventStoreError> {
+    // Read here rather than by axum's extractor, whose limit (2 MB) is below what an
+    // append may carry and whose refusal is plain text.
+    let body = read_limited(&headers, body, MAX_APPEND_BODY).await.map_err(|e| match e {
+        BodyError::TooLarge => EventStoreError::TooLarge(format!(
+            "over {} MiB; an append carries at most {} MiB of event data",
+            MAX_APPEND_BODY >> 20,
+            MAX_APPEND_BYTES >> 20
+        )),
+        BodyError::Unreadable(e) => EventStoreError::invalid("body", format!("could not be read: {e}")),
+    })?;
     let expected = match headers.get("es-expected-version") {
         None => ExpectedVersion::Any,
         Some(v) => v

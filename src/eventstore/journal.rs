@@ -46,6 +46,10 @@ const GATHER: Duration = Duration::from_millis(200);
 
 /// Under load, flushed journal entries are deleted at least this often.
 const FORGET_EVERY: Duration = Duration::from_millis(250);
+/// Most journal entries one delete removes. A MongoDB that runs one operation at a time
+/// (SecantusDB here: ~0.2 ms per deleted document) holds the appender's journal writes up
+/// behind a delete; 250 ms of single-event load is ~125 entries, a 25–50 ms stall at once.
+const FORGET_CHUNK: usize = 16;
 /// Longest a ClickHouse insert of the flusher may take before it is tried again.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -128,9 +132,11 @@ impl Journal {
             .collect()
     }
 
-    /// Forgets the entries whose events ClickHouse holds (every position up to `end`).
-    async fn forget(&self, end: u64) -> Result<(), mongodb::error::Error> {
-        self.col.delete_many(doc! { "end": { "$lte": end as i64 } }).await.map(|_| ())
+    /// Forgets the entries that start in `first ..= last`, whose events ClickHouse holds.
+    /// Entries are keyed by their first position and never overlap, so a flushed run is an
+    /// `_id` range.
+    async fn forget(&self, first: u64, last: u64) -> Result<(), mongodb::error::Error> {
+        self.col.delete_many(doc! { "_id": { "$gte": first as i64, "$lte": last as i64 } }).await.map(|_| ())
     }
 
     /// Flushes `block` (consecutive entries) while `tenure` holds the lease: records it in
@@ -209,7 +215,7 @@ impl Journal {
             stored = block[block.len() - 1].end() as i64;
         }
         if stored >= 0 {
-            self.forget(stored as u64).await?;
+            self.forget(0, stored as u64).await?;
         }
         Ok(stored)
     }
@@ -306,7 +312,7 @@ impl Flusher {
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Entry>) {
         let mut stall = self.stall;
         let (mut flushed_at, mut forgotten_at) = (Instant::now() - GATHER, Instant::now());
-        let mut unforgotten = None;
+        let mut unforgotten = Vec::new();
         while let Some(first) = rx.recv().await {
             if !stall.is_zero() {
                 tokio::time::sleep(std::mem::take(&mut stall)).await;
@@ -348,7 +354,7 @@ impl Flusher {
             let end = block[block.len() - 1].end();
             super::log::raise(&self.stored, end as i64);
             // Deleting flushed entries is bookkeeping: done when idle, or now and then.
-            unforgotten = Some(end);
+            unforgotten.extend(block.iter().map(|e| e.first));
             if rx.is_empty() || forgotten_at.elapsed() > FORGET_EVERY {
                 self.forget(&mut unforgotten).await;
                 forgotten_at = Instant::now();
@@ -357,11 +363,16 @@ impl Flusher {
         self.forget(&mut unforgotten).await;
     }
 
-    async fn forget(&self, end: &mut Option<u64>) {
-        let Some(e) = end.take() else { return };
-        if let Err(err) = self.journal.forget(e).await {
-            tracing::warn!(error = %err, "could not delete flushed journal entries (the next holder does)");
+    /// Deletes flushed entries (by their first positions), a few per delete. Entries left
+    /// after a failure are harmless: the next holder forgets everything it finds flushed.
+    async fn forget(&self, firsts: &mut Vec<u64>) {
+        for chunk in firsts.chunks(FORGET_CHUNK) {
+            if let Err(err) = self.journal.forget(chunk[0], chunk[chunk.len() - 1]).await {
+                tracing::warn!(error = %err, "could not delete flushed journal entries (the next holder does)");
+                break;
+            }
         }
+        firsts.clear();
     }
 }
 

@@ -153,6 +153,9 @@ pub enum EventStoreError {
     WrongExpectedVersion { stream: String, expected: ExpectedVersion, actual: i64 },
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    /// The request body is larger than an append can be (413).
+    #[error("body: {0}")]
+    TooLarge(String),
     /// The stores did not answer, or the outcome of an append is unknown: retrying with
     /// the same event ids is safe.
     #[error("event store unavailable: {0}")]
@@ -187,6 +190,9 @@ pub const MAX_APPEND: usize = 10_000;
 /// Most bytes of event data, types and metadata one append may carry: a cycle is one
 /// journal document, which MongoDB caps at 16 MiB.
 pub const MAX_APPEND_BYTES: usize = 4 << 20;
+/// Largest append request body read: the event data cap plus room for the JSON around it
+/// (types, ids, metadata, escapes).
+pub const MAX_APPEND_BODY: usize = 2 * MAX_APPEND_BYTES;
 
 /// Checks a stream id and an append's events; fills in missing event ids.
 pub fn validate_append(stream: &str, events: &mut [NewEvent]) -> Result<(), EventStoreError> {

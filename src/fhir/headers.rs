@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use bson::DateTime;
 use serde_json::Value;
 
+use crate::body::BodyError;
 use crate::error::{operation_outcome, FhirError, IssueCode};
 use crate::fhir::FHIR_JSON;
 
@@ -71,21 +72,9 @@ pub fn require_json_acceptable(headers: &HeaderMap, format: Option<&str>) -> Res
 
 /// Reads the whole body, refusing more than `limit` bytes (413).
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, FhirError> {
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(FhirError::payload_too_large(limit));
-    }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        // axum wraps http-body-util's `LengthLimitError`, which it does not re-export.
-        let mut source: Option<&dyn std::error::Error> = Some(&e);
-        while let Some(s) = source {
-            if s.to_string().contains("length limit exceeded") {
-                return FhirError::payload_too_large(limit);
-            }
-            source = s.source();
-        }
-        FhirError::bad_request(format!("could not read the request body: {e}"))
+    crate::body::read_limited(headers, body, limit).await.map_err(|e| match e {
+        BodyError::TooLarge => FhirError::payload_too_large(limit),
+        BodyError::Unreadable(e) => FhirError::bad_request(format!("could not read the request body: {e}")),
     })
 }
 

@@ -497,6 +497,27 @@ async fn retention_deletes_old_events_of_a_prefix_but_never_the_last_position() 
     assert_eq!(json(append(&app, "keep:b", None, &one("e")).await).await["position"], 4);
 }
 
+/// An append may be larger than axum's default body limit (2 MB) up to its own cap; a body
+/// beyond what an append can carry is a 413 in the event API's JSON, naming the body.
+#[tokio::test]
+async fn append_bodies_are_limited_by_the_append_caps_not_by_axum() {
+    let app = spawn_app().await;
+    let blob = "x".repeat(300_000);
+    let ten = Value::Array((0..10).map(|i| json!({ "eventType": "scan", "data": { "i": i, "blob": blob } })).collect());
+    let r = append(&app, "big-body", Some("no-stream"), &ten).await;
+    assert_eq!(r.status(), 201, "a 3 MB append is within the 4 MiB data cap");
+    let thirty =
+        Value::Array((0..30).map(|i| json!({ "eventType": "scan", "data": { "i": i, "blob": blob } })).collect());
+    let r = append(&app, "big-body", None, &thirty).await;
+    assert_eq!(r.status(), 413);
+    let body = json(r).await;
+    assert_eq!(body["field"], "body", "{body}");
+    assert!(body["error"].as_str().unwrap().contains("at most 4 MiB of event data"), "{body}");
+    let r = append(&app, "big-body", None, &Value::Array(ten.as_array().unwrap()[..2].to_vec())).await;
+    assert_eq!(r.status(), 201, "the refused append left the stream as it was");
+    assert_eq!(json(r).await["nextExpectedVersion"], 11);
+}
+
 /// Large `read_all` pages are read as two position ranges at once; whatever the split,
 /// a page is the contiguous run from the position asked, never longer than asked.
 #[tokio::test]
