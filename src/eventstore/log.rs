@@ -189,19 +189,19 @@ impl ClickHouseEventStore {
     /// Up to `max` events from position `from`, as ClickHouse holds them.
     ///
     /// A large page is read as two halves at once (two queries, decoded on two threads):
-    /// on a small machine one query leaves a core idle while the other decodes. Positions
-    /// are contiguous, so each half is a position range. If the first half comes back
-    /// short, the second is dropped: a flush may have landed between the two reads, and
-    /// the page must stay a prefix.
+    /// on a small machine one query leaves a core idle while the other decodes. The second
+    /// half starts where the first would end if no position were missing. It is kept only
+    /// if the first half holds exactly the positions before it: retention may have left
+    /// holes, and a flush may land between the two reads (the page must stay a prefix).
     async fn read_stored(&self, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
         if max < SPLIT_READ {
-            return read_range(self.ch.clone(), from, max).await;
+            return read_from(self.ch.clone(), from, max).await;
         }
         let half = max / 2;
-        let second = tokio::spawn(read_range(self.ch.clone(), from + half as u64, max - half));
-        let mut events = read_range(self.ch.clone(), from, half).await?;
+        let second = tokio::spawn(read_from(self.ch.clone(), from + half as u64, max - half));
+        let mut events = read_from(self.ch.clone(), from, half).await?;
         let rest = second.await.map_err(|e| EventStoreError::Unavailable(format!("reading the log: {e}")))??;
-        if events.len() == half {
+        if events.len() == half && events.last().is_some_and(|e| e.position == from + half as u64 - 1) {
             events.extend(rest);
         }
         Ok(events)
@@ -405,15 +405,15 @@ impl EventStore for ClickHouseEventStore {
     }
 }
 
-/// The events at positions `from .. from + max` that ClickHouse holds.
-async fn read_range(ch: clickhouse::Client, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
+/// The first `max` events ClickHouse holds from position `from` on. Not a position range:
+/// retention may have deleted some positions.
+async fn read_from(ch: clickhouse::Client, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
     fetch(
         ch.query(&format!(
-            "SELECT {COLUMNS} FROM EventStore_Events WHERE position >= {{f:UInt64}} AND position < {{t:UInt64}} \
-             ORDER BY position"
+            "SELECT {COLUMNS} FROM EventStore_Events WHERE position >= {{f:UInt64}} ORDER BY position LIMIT {{m:UInt64}}"
         ))
         .param("f", from)
-        .param("t", from.saturating_add(max as u64)),
+        .param("m", max as u64),
     )
     .await
 }

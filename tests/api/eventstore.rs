@@ -494,6 +494,8 @@ async fn retention_deletes_old_events_of_a_prefix_but_never_the_last_position() 
         [(2, "keep:b".to_string()), (3, "source:a".to_string())],
         "the newest event stays: positions continue after it"
     );
+    let page = get(&app, "/events?from=0&max=1").await;
+    assert_eq!(page["events"][0]["position"], 2, "a page starting in a deleted run skips it: {page}");
     assert_eq!(json(append(&app, "keep:b", None, &one("e")).await).await["position"], 4);
 }
 
@@ -535,6 +537,13 @@ async fn large_read_all_pages_are_one_contiguous_run() {
         assert_eq!(positions, (from..from + expect as u64).collect::<Vec<_>>(), "read_all({from}, {max})");
     }
     assert!(store.read_all(25_000, 20_000).await.unwrap().is_empty());
+    // Retention leaves a hole (positions 0-9,999): pages skip it and stay in order.
+    let ch = roster::migrate::clickhouse_client(&app.settings.clickhouse);
+    let rule = roster::eventstore::retention::Rule { prefix: "big-a".into(), days: 0 };
+    roster::eventstore::retention::apply(&ch, std::slice::from_ref(&rule)).await.unwrap();
+    let positions = |page: Vec<roster::eventstore::StoredEvent>| page.iter().map(|e| e.position).collect::<Vec<_>>();
+    assert_eq!(positions(store.read_all(0, 20_000).await.unwrap()), (10_000..20_000).collect::<Vec<_>>());
+    assert_eq!(positions(store.read_all(20_000, 20_000).await.unwrap()), (20_000..25_000).collect::<Vec<_>>());
 }
 
 /// An append is acknowledged once journaled, before ClickHouse has it; a read that starts
