@@ -162,14 +162,11 @@ impl ClickHouseEventStore {
         let Some(end) = self.journal.pending_end().await? else { return Ok(()) };
         let give_up = tokio::time::Instant::now() + SETTLE;
         let mut last = self.last.clone();
-        let mut hurried = false;
+        if *last.borrow_and_update() >= end {
+            return Ok(());
+        }
+        self.hurry.notify_one();
         loop {
-            if *last.borrow_and_update() >= end {
-                return Ok(());
-            }
-            if !std::mem::replace(&mut hurried, true) {
-                self.hurry.notify_one();
-            }
             // Another process's flusher raises nothing here: ask ClickHouse.
             raise(&self.last_tx, self.journal.last_stored().await?);
             if *last.borrow_and_update() >= end {
@@ -183,6 +180,9 @@ impl ClickHouseEventStore {
             // This process's flusher wakes the watch at once; another's is looked for again
             // after a while (each look is a ClickHouse query, and reads may be many).
             let _ = tokio::time::timeout(SETTLE_POLL, last.changed()).await;
+            if *last.borrow_and_update() >= end {
+                return Ok(());
+            }
         }
     }
 
@@ -205,10 +205,6 @@ impl ClickHouseEventStore {
             events.extend(rest);
         }
         Ok(events)
-    }
-
-    async fn fetch(&self, query: clickhouse::query::Query) -> Result<Vec<StoredEvent>, EventStoreError> {
-        fetch(query).await
     }
 
     /// Streams whose id starts with `prefix`: id, last version, event count, last event
@@ -309,21 +305,20 @@ impl EventStore for ClickHouseEventStore {
     async fn read_stream(&self, stream: &str, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
         if let Some(group) = stream.strip_prefix(GROUP_PREFIX) {
             self.settle_group(group).await?;
-            return self
-                .fetch(
-                    self.ch
-                        .query(&format!(
-                            "SELECT {COLUMNS} FROM EventStore_GroupEvents(group = {{g:String}}) \
-                             WHERE stream_version >= {{v:UInt64}} ORDER BY stream_version LIMIT {{m:UInt64}}"
-                        ))
-                        .param("g", group)
-                        .param("v", from)
-                        .param("m", max as u64),
-                )
-                .await;
+            return fetch(
+                self.ch
+                    .query(&format!(
+                        "SELECT {COLUMNS} FROM EventStore_GroupEvents(group = {{g:String}}) \
+                         WHERE stream_version >= {{v:UInt64}} ORDER BY stream_version LIMIT {{m:UInt64}}"
+                    ))
+                    .param("g", group)
+                    .param("v", from)
+                    .param("m", max as u64),
+            )
+            .await;
         }
         self.settle().await?;
-        self.fetch(
+        fetch(
             self.ch
                 .query(&format!(
                     "SELECT {COLUMNS} FROM EventStore_Events WHERE stream_id = {{s:String}} AND stream_version >= {{v:UInt64}} \

@@ -4,7 +4,8 @@
 //! [`EventStore`] is the contract; [`memory::MemoryEventStore`] implements it for unit
 //! tests and [`log::ClickHouseEventStore`] is the product: events in ClickHouse, made
 //! durable first in a MongoDB journal, under a log lease in MongoDB (see `log` for why
-//! positions can never have gaps a reader could skip, `journal` for why two stores). `http` serves it as JSON, `cli` drives it from a terminal.
+//! positions can never have gaps a reader could skip, `journal` for why two stores).
+//! `http` serves it as JSON, `cli` drives it from a terminal.
 
 pub mod appender;
 pub mod cli;

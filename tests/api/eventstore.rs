@@ -505,23 +505,24 @@ async fn retention_deletes_old_events_of_a_prefix_but_never_the_last_position() 
 async fn append_bodies_are_limited_by_the_append_caps_not_by_axum() {
     let app = spawn_app().await;
     let blob = "x".repeat(300_000);
-    let ten = Value::Array((0..10).map(|i| json!({ "eventType": "scan", "data": { "i": i, "blob": blob } })).collect());
-    let r = append(&app, "big-body", Some("no-stream"), &ten).await;
+    let scans = |n: usize| {
+        Value::Array((0..n).map(|i| json!({ "eventType": "scan", "data": { "i": i, "blob": blob } })).collect())
+    };
+    let r = append(&app, "big-body", Some("no-stream"), &scans(10)).await;
     assert_eq!(r.status(), 201, "a 3 MB append is within the 4 MiB data cap");
-    let thirty =
-        Value::Array((0..30).map(|i| json!({ "eventType": "scan", "data": { "i": i, "blob": blob } })).collect());
-    let r = append(&app, "big-body", None, &thirty).await;
+    let r = append(&app, "big-body", None, &scans(30)).await;
     assert_eq!(r.status(), 413);
     let body = json(r).await;
     assert_eq!(body["field"], "body", "{body}");
     assert!(body["error"].as_str().unwrap().contains("at most 4 MiB of event data"), "{body}");
-    let r = append(&app, "big-body", None, &Value::Array(ten.as_array().unwrap()[..2].to_vec())).await;
+    let r = append(&app, "big-body", None, &scans(2)).await;
     assert_eq!(r.status(), 201, "the refused append left the stream as it was");
     assert_eq!(json(r).await["nextExpectedVersion"], 11);
 }
 
-/// Large `read_all` pages are read as two position ranges at once; whatever the split,
-/// a page is the contiguous run from the position asked, never longer than asked.
+/// Large `read_all` pages are read as two halves at once; whatever the split, and across a
+/// retention hole, a page is the run of stored positions from the one asked, never longer
+/// than asked.
 #[tokio::test]
 async fn large_read_all_pages_are_one_contiguous_run() {
     let app = spawn_app().await;
@@ -529,19 +530,18 @@ async fn large_read_all_pages_are_one_contiguous_run() {
     for (stream, n) in [("big-a", 10_000), ("big-b", 10_000), ("big-c", 5_000)] {
         store.append(stream, ExpectedVersion::NoStream, events("e", n)).await.unwrap();
     }
+    let positions = |page: Vec<roster::eventstore::StoredEvent>| page.iter().map(|e| e.position).collect::<Vec<_>>();
     for (from, max, expect) in
         [(0, 30_000, 25_000), (3, 20_000, 20_000), (10_000, 20_000, 15_000), (20_000, 20_000, 5_000)]
     {
         let page = store.read_all(from, max).await.unwrap();
-        let positions: Vec<u64> = page.iter().map(|e| e.position).collect();
-        assert_eq!(positions, (from..from + expect as u64).collect::<Vec<_>>(), "read_all({from}, {max})");
+        assert_eq!(positions(page), (from..from + expect as u64).collect::<Vec<_>>(), "read_all({from}, {max})");
     }
     assert!(store.read_all(25_000, 20_000).await.unwrap().is_empty());
     // Retention leaves a hole (positions 0-9,999): pages skip it and stay in order.
     let ch = roster::migrate::clickhouse_client(&app.settings.clickhouse);
     let rule = roster::eventstore::retention::Rule { prefix: "big-a".into(), days: 0 };
     roster::eventstore::retention::apply(&ch, std::slice::from_ref(&rule)).await.unwrap();
-    let positions = |page: Vec<roster::eventstore::StoredEvent>| page.iter().map(|e| e.position).collect::<Vec<_>>();
     assert_eq!(positions(store.read_all(0, 20_000).await.unwrap()), (10_000..20_000).collect::<Vec<_>>());
     assert_eq!(positions(store.read_all(20_000, 20_000).await.unwrap()), (20_000..25_000).collect::<Vec<_>>());
 }
