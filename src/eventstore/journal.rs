@@ -281,14 +281,16 @@ impl Recent {
     }
 
     /// Up to `max` events from position `from`, if this process journaled `from` lately.
+    /// Just past the last position it journaled, the page is empty: the caller decides
+    /// whether another process may have written beyond.
     pub fn read(&self, from: u64, max: usize) -> Option<Vec<super::StoredEvent>> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.front()?.first > from || entries.back()?.end() < from {
+        if entries.front()?.first > from || entries.back()?.end() + 1 < from {
             return None;
         }
         // Entries are one contiguous run: skip whole entries, then index into the first.
         let mut held = entries.iter().skip_while(|e| e.end() < from);
-        let first = held.next()?;
+        let Some(first) = held.next() else { return Some(Vec::new()) };
         let rows = first.rows[(from - first.first) as usize..].iter().chain(held.flat_map(|e| e.rows.iter()));
         Some(rows.take(max).map(|r| super::StoredEvent::from(r.clone())).collect())
     }
@@ -476,7 +478,8 @@ mod tests {
         assert_eq!(positions(recent.read(9, 10)), None, "9 was not journaled here: ClickHouse answers");
         assert_eq!(positions(recent.read(14, 10)), Some(vec![14]), "from inside the last entry");
         assert_eq!(positions(recent.read(10, 100)), Some(vec![10, 11, 12, 13, 14]));
-        assert_eq!(positions(recent.read(15, 10)), None);
+        assert_eq!(positions(recent.read(15, 10)), Some(vec![]), "just past the run: nothing more here");
+        assert_eq!(positions(recent.read(16, 10)), None);
         assert_eq!(*recent.journaled.borrow(), 14);
         // Another process wrote 15-19: the run starts again at 20.
         recent.push(entry(20, 1));

@@ -204,6 +204,26 @@ async fn a_stalled_appender_delays_the_log_but_no_subscriber_skips_its_events() 
     assert_eq!(slow_append.await.unwrap().unwrap().position, 1);
 }
 
+/// A follower serves its own process's appends from memory; once it has caught up on
+/// them it must still see another process's, which only ClickHouse has.
+#[tokio::test]
+async fn a_follower_caught_up_on_its_own_appends_sees_another_process_append() {
+    let app = spawn_app().await;
+    let (mine, theirs) = (second_store(&app, Faults::default()).await, second_store(&app, Faults::default()).await);
+    let mut sub = Box::pin(subscribe(mine.clone(), 0, 100));
+    let mut next = async || {
+        let e = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("an event").unwrap().unwrap();
+        (e.position, e.stream_id)
+    };
+    mine.append("mine", ExpectedVersion::Any, events("m", 2)).await.unwrap();
+    assert_eq!(next().await, (0, "mine".to_string()));
+    assert_eq!(next().await, (1, "mine".to_string()));
+    theirs.append("theirs", ExpectedVersion::Any, events("t", 1)).await.unwrap();
+    assert_eq!(next().await, (2, "theirs".to_string()));
+    mine.append("mine", ExpectedVersion::Any, events("m", 1)).await.unwrap();
+    assert_eq!(next().await, (3, "mine".to_string()));
+}
+
 /// The other half: an appender that dies (stalls past its lease) before its events are
 /// stored is declared dead; its append never lands, the log moves on, and the client's
 /// retry lands later.
