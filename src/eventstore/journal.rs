@@ -44,12 +44,14 @@ const BLOCK_EVENTS: usize = 100_000;
 /// inserts alone on this 2-core machine). That CPU is taken from the appends.
 const GATHER: Duration = Duration::from_millis(200);
 
-/// Under load, flushed journal entries are deleted at least this often.
-const FORGET_EVERY: Duration = Duration::from_millis(250);
-/// Most journal entries one delete removes. A MongoDB that runs one operation at a time
-/// (SecantusDB here: ~0.2 ms per deleted document) holds the appender's journal writes up
-/// behind a delete; 250 ms of single-event load is ~125 entries, a 25–50 ms stall at once.
-const FORGET_CHUNK: usize = 16;
+/// Most journal entries one delete removes, and the pause between two deletes while
+/// more wait. A MongoDB that runs one operation at a time (SecantusDB here: ~0.3 ms per
+/// deleted document) holds the appender's journal writes up behind a delete. Deleting a
+/// flush's worth of entries at once (~60-120 under single-event load) held every append
+/// of that moment 40-70 ms, every 400 ms; small deletes spaced out hold one write at most
+/// a few ms.
+const FORGET_CHUNK: usize = 8;
+const FORGET_PAUSE: Duration = Duration::from_millis(10);
 /// Longest a ClickHouse insert of the flusher may take before it is tried again.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -132,11 +134,17 @@ impl Journal {
             .collect()
     }
 
-    /// Forgets the entries that start in `first ..= last`, whose events ClickHouse holds.
-    /// Entries are keyed by their first position and never overlap, so a flushed run is an
-    /// `_id` range.
-    async fn forget(&self, first: u64, last: u64) -> Result<(), mongodb::error::Error> {
-        self.col.delete_many(doc! { "_id": { "$gte": first as i64, "$lte": last as i64 } }).await.map(|_| ())
+    /// Forgets every entry that starts at or before `last`: ClickHouse holds them all.
+    /// Entries are keyed by their first position, so that is an `_id` range.
+    async fn forget_through(&self, last: u64) -> Result<(), mongodb::error::Error> {
+        self.col.delete_many(doc! { "_id": { "$lte": last as i64 } }).await.map(|_| ())
+    }
+
+    /// Forgets the entries with these first positions, whose events ClickHouse holds. By
+    /// `_id`, not as a range: a range costs SecantusDB a scan of the whole collection.
+    async fn forget(&self, firsts: &[u64]) -> Result<(), mongodb::error::Error> {
+        let ids: Vec<i64> = firsts.iter().map(|&f| f as i64).collect();
+        self.col.delete_many(doc! { "_id": { "$in": ids } }).await.map(|_| ())
     }
 
     /// Flushes `block` (consecutive entries) while `tenure` holds the lease: records it in
@@ -215,7 +223,7 @@ impl Journal {
             stored = block[block.len() - 1].end() as i64;
         }
         if stored >= 0 {
-            self.forget(0, stored as u64).await?;
+            self.forget_through(stored as u64).await?;
         }
         Ok(stored)
     }
@@ -313,8 +321,10 @@ pub struct Flusher {
 impl Flusher {
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Entry>) {
         let mut stall = self.stall;
-        let (mut flushed_at, mut forgotten_at) = (Instant::now() - GATHER, Instant::now());
-        let mut unforgotten = Vec::new();
+        let mut flushed_at = Instant::now() - GATHER;
+        // Deleting flushed entries is bookkeeping, done beside the flushes, at its own pace.
+        let (forget, flushed) = mpsc::unbounded_channel();
+        tokio::spawn(forget_paced(self.journal.clone(), flushed));
         while let Some(first) = rx.recv().await {
             if !stall.is_zero() {
                 tokio::time::sleep(std::mem::take(&mut stall)).await;
@@ -355,29 +365,43 @@ impl Flusher {
             }
             let end = block[block.len() - 1].end();
             super::log::raise(&self.stored, end as i64);
-            // Deleting flushed entries is bookkeeping: done when idle, or now and then.
-            unforgotten.extend(block.iter().map(|e| e.first));
-            if rx.is_empty() || forgotten_at.elapsed() > FORGET_EVERY {
-                self.forget(&mut unforgotten).await;
-                forgotten_at = Instant::now();
-            }
+            let _ = forget.send(block.iter().map(|e| e.first).collect());
         }
-        self.forget(&mut unforgotten).await;
     }
+}
 
-    /// Deletes flushed entries (by their first positions), a few per delete. After a
-    /// failure the rest are tried again next time; left over, they are harmless (readers
-    /// only look at the last entry, and a holder taking over forgets what it finds flushed).
-    async fn forget(&self, firsts: &mut Vec<u64>) {
-        let mut done = 0;
-        for chunk in firsts.chunks(FORGET_CHUNK) {
-            if let Err(err) = self.journal.forget(chunk[0], chunk[chunk.len() - 1]).await {
-                tracing::warn!(error = %err, "could not delete flushed journal entries; trying again later");
-                break;
+/// Deletes flushed journal entries (by their first positions), [`FORGET_CHUNK`] per
+/// delete, [`FORGET_PAUSE`] apart while more wait, until the flusher is gone and nothing
+/// waits. A failed delete is tried again a second later, or, once the flusher is gone, left:
+/// left-over entries are harmless (readers only look at the last entry, and a holder
+/// taking over after a crash forgets what it finds flushed).
+async fn forget_paced(journal: Journal, mut flushed: mpsc::UnboundedReceiver<Vec<u64>>) {
+    let mut waiting = std::collections::VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            match flushed.recv().await {
+                Some(firsts) => waiting.extend(firsts),
+                None => return,
             }
-            done += chunk.len();
         }
-        firsts.drain(..done);
+        while let Ok(firsts) = flushed.try_recv() {
+            waiting.extend(firsts);
+        }
+        let chunk: Vec<u64> = waiting.iter().take(FORGET_CHUNK).copied().collect();
+        match journal.forget(&chunk).await {
+            Ok(()) => drop(waiting.drain(..chunk.len())),
+            Err(err) if flushed.is_closed() => {
+                tracing::warn!(error = %err, "could not delete flushed journal entries; leaving them");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not delete flushed journal entries; trying again later");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        if !waiting.is_empty() {
+            tokio::time::sleep(FORGET_PAUSE).await;
+        }
     }
 }
 

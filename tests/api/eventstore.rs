@@ -588,6 +588,39 @@ async fn a_read_after_an_acknowledged_append_sees_it_from_any_process() {
     assert_eq!(reader.last_position().await.unwrap(), 2);
 }
 
+/// Journal entries are deleted once ClickHouse holds their events, a few at a time beside
+/// the appends, whether the store stays busy or goes idle.
+#[tokio::test]
+async fn flushed_journal_entries_are_deleted() {
+    let app = spawn_app().await;
+    let store = second_store(&app, Faults::default()).await;
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..25 {
+                    store.append(&format!("busy-{w}"), ExpectedVersion::Any, events("b", 1)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(store.read_all(0, 1000).await.unwrap().len(), 100);
+    let db = roster::startup::mongo_database(&app.settings).await.unwrap();
+    let journal = db.collection::<bson::Document>("EventStore_Journal");
+    let mut left = u64::MAX;
+    for _ in 0..100 {
+        left = journal.count_documents(bson::doc! {}).await.unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "every flushed entry was deleted");
+}
+
 /// A holder that died mid-flush: the next holder re-inserts the block it had in flight,
 /// with the same deduplication token, then the rest of its journal; when the dead
 /// holder's insert lands late after all, ClickHouse keeps one copy.
