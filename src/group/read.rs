@@ -153,28 +153,55 @@ pub fn references_as_of(
     .fetch()
 }
 
-/// Ids of the groups a member currently belongs to, sorted (the table's key order).
+/// The groups `member_reference` is an active member of, in id order: `Group?member=`.
 ///
-/// `FINAL` keeps each (member, group)'s row with the highest `ver` before `active` is
-/// tested (ClickHouse does not move a non-key filter ahead of `FINAL`). It plans about 2 ms
-/// faster than the equivalent `argMax` subquery on ClickHouse 26.9, which matters on the
-/// `Group?member=` path.
+/// The reverse index keeps a row per member event until merges replace the older ones, so
+/// each group's latest row (highest `ver`) is picked here rather than with `FINAL`: on
+/// ClickHouse 26.9, with the parts a fresh 1M-member load leaves, `FINAL` took the same
+/// ~6 ms at the median but 10-12 ms at p90, against 5-6 ms for the plain read on one
+/// thread (a member has a handful of rows; a second thread only costs).
 pub async fn groups_of(
     ch: &clickhouse::Client,
     member_reference: &str,
 ) -> Result<Vec<String>, clickhouse::error::Error> {
-    ch.query(
-        "SELECT group_id FROM Group_4_0_0_MemberGroups FINAL WHERE member_reference = {m:String} AND active \
-         ORDER BY group_id",
-    )
-    .param("m", member_reference)
-    .fetch_all()
-    .await
+    #[derive(Row, Deserialize)]
+    struct Membership {
+        group_id: String,
+        ver: u64,
+        active: bool,
+    }
+    let rows: Vec<Membership> = ch
+        .query("SELECT group_id, ver, active FROM Group_4_0_0_MemberGroups WHERE member_reference = {m:String}")
+        .param("m", member_reference)
+        .with_setting("max_threads", "1")
+        .fetch_all()
+        .await?;
+    Ok(latest_active(rows.into_iter().map(|r| (r.group_id, r.ver, r.active))))
+}
+
+/// Of `(group, ver, active)` rows, the groups whose highest-`ver` row is active, sorted.
+fn latest_active(rows: impl Iterator<Item = (String, u64, bool)>) -> Vec<String> {
+    let mut latest: std::collections::BTreeMap<String, (u64, bool)> = Default::default();
+    for (group, ver, active) in rows {
+        let slot = latest.entry(group).or_insert((ver, active));
+        if ver >= slot.0 {
+            *slot = (ver, active);
+        }
+    }
+    latest.into_iter().filter(|(_, (_, active))| *active).map(|(group, _)| group).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_groups_latest_row_decides_whatever_the_row_order() {
+        let rows =
+            [("g2", 5, true), ("g1", 3, true), ("g1", 7, false), ("g3", 2, false), ("g3", 9, true), ("g2", 1, false)];
+        let groups = latest_active(rows.into_iter().map(|(g, v, a)| (g.to_string(), v, a)));
+        assert_eq!(groups, ["g2", "g3"], "g1 was left at version 7; g3 rejoined at 9");
+    }
 
     #[test]
     fn parameter_chunks_keep_every_reference_once_and_stay_small() {
