@@ -405,9 +405,14 @@ impl EventStore for ClickHouseEventStore {
 
 /// The first `max` events ClickHouse holds from position `from` on. Not a position range:
 /// retention may have deleted some positions.
+///
+/// Read as plain `RowBinary`, without the client checking every value against the column
+/// types (`RowBinaryWithNamesAndTypes`): pages of the whole log are where that check costs
+/// most. The row type is the one the flusher inserts with validation on, so a mismatch
+/// would show on the first insert, and every read test decodes through here.
 async fn read_from(ch: clickhouse::Client, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
     fetch(
-        ch.query(&format!(
+        ch.with_validation(false).query(&format!(
             "SELECT {COLUMNS} FROM EventStore_Events WHERE position >= {{f:UInt64}} ORDER BY position LIMIT {{m:UInt64}}"
         ))
         .param("f", from)
