@@ -178,7 +178,8 @@ async fn two_stores_racing_on_one_stream_never_duplicate_or_skip_a_version() {
 #[tokio::test]
 async fn a_stalled_appender_delays_the_log_but_no_subscriber_skips_its_events() {
     let app = spawn_app().await;
-    let lease = Duration::from_secs(6);
+    // As in the test below: the next holder's recovery and write must fit its fresh lease.
+    let lease = Duration::from_secs(8);
     let fast = second_store(&app, Faults { lease, ..Faults::default() }).await;
     let seen = {
         let fast = fast.clone();
@@ -191,7 +192,7 @@ async fn a_stalled_appender_delays_the_log_but_no_subscriber_skips_its_events() 
     fast.append("before", ExpectedVersion::Any, events("x", 1)).await.unwrap();
     // The slow appender journals its events, then stalls with the lease still held, before
     // its flusher gets them: only the journal has them.
-    let slow = second_store(&app, Faults { lease, after_write: Duration::from_secs(8), ..Faults::default() }).await;
+    let slow = second_store(&app, Faults { lease, after_write: Duration::from_secs(10), ..Faults::default() }).await;
     let slow_append = tokio::spawn(async move { slow.append("slow", ExpectedVersion::Any, events("s", 1)).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Later appends wait for the lease to expire; the next holder flushes the stalled one's
@@ -230,10 +231,13 @@ async fn a_follower_caught_up_on_its_own_appends_sees_another_process_append() {
 #[tokio::test]
 async fn an_appender_declared_dead_before_storing_never_lands_and_the_log_moves_on() {
     let app = spawn_app().await;
-    let lease = Duration::from_secs(6);
+    // Long enough that the retry's fresh lease leaves time to prepare its write (a holder
+    // starts no write within 2 s + the write timeout of the lease's end): a 6 s lease left
+    // 1 s, which a head lookup could take when every test of the suite runs at once.
+    let lease = Duration::from_secs(8);
     let fast = second_store(&app, Faults { lease, ..Faults::default() }).await;
     fast.append("before", ExpectedVersion::Any, events("x", 1)).await.unwrap();
-    let slow = second_store(&app, Faults { lease, before_write: Duration::from_secs(8), ..Faults::default() }).await;
+    let slow = second_store(&app, Faults { lease, before_write: Duration::from_secs(10), ..Faults::default() }).await;
     let mut lost = events("s", 2);
     for (i, e) in lost.iter_mut().enumerate() {
         e.event_id = Some(uuid::Uuid::from_u128(0x5100 + i as u128));
