@@ -144,7 +144,11 @@ struct MongoMigration {
 struct CollectionSpec {
     /// Collection name; `{type}` expands to every R4 resource type.
     name: String,
+    #[serde(default)]
     indexes: Vec<IndexSpec>,
+    /// Indexes an earlier migration created and this one removes (absent ones are skipped).
+    #[serde(default)]
+    drop: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -194,7 +198,16 @@ pub async fn mongo(db: &Database) -> Result<Vec<String>, MigrationError> {
                 })
                 .collect::<Result<_, MigrationError>>()?;
             for collection in names {
-                db.collection::<bson::Document>(&collection).create_indexes(models.clone()).await.map_err(err)?;
+                let collection = db.collection::<bson::Document>(&collection);
+                for index in &spec.drop {
+                    match collection.drop_index(index).await {
+                        Err(e) if is_missing(&e) => {}
+                        other => other.map_err(err)?,
+                    }
+                }
+                if !models.is_empty() {
+                    collection.create_indexes(models.clone()).await.map_err(err)?;
+                }
             }
         }
         record
@@ -204,6 +217,12 @@ pub async fn mongo(db: &Database) -> Result<Vec<String>, MigrationError> {
         done.push(name.to_string());
     }
     Ok(done)
+}
+
+/// The index (or its collection) is not there: dropping it again is done.
+fn is_missing(e: &mongodb::error::Error) -> bool {
+    // 26 NamespaceNotFound, 27 IndexNotFound.
+    matches!(&*e.kind, mongodb::error::ErrorKind::Command(c) if c.code == 26 || c.code == 27)
 }
 
 #[cfg(test)]

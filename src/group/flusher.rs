@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bson::{doc, DateTime, Document};
 use futures_util::TryStreamExt;
-use mongodb::options::ReturnDocument;
+use mongodb::options::{Hint, ReturnDocument};
 use mongodb::{Collection, Database};
 
 use super::events::{self, MemberEvent};
@@ -47,6 +47,8 @@ const AMBIGUOUS_GRACE: Duration = Duration::from_secs(2);
 const URGENT_ROWS: usize = 1_000;
 /// How long a background flush waits for more batches before it starts.
 const GATHER: Duration = Duration::from_millis(100);
+/// The sparse index of documents with unfinished work (`mongo/005_pending_work_index.json`).
+const PENDING_INDEX: &str = "pending_work";
 
 #[derive(Default)]
 struct GroupState {
@@ -56,6 +58,8 @@ struct GroupState {
     running: AtomicBool,
     /// Batches were committed since the task last looked.
     dirty: AtomicBool,
+    /// When the oldest of those was committed: the task gathers for [`GATHER`] from then.
+    since: Mutex<Option<Instant>>,
     /// One of them is big: no point gathering more before inserting.
     urgent: AtomicBool,
 }
@@ -126,6 +130,7 @@ impl Flusher {
         if rows >= URGENT_ROWS {
             state.urgent.store(true, Ordering::SeqCst);
         }
+        state.since.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(Instant::now);
         state.dirty.store(true, Ordering::SeqCst);
         if state.running.swap(true, Ordering::SeqCst) {
             return;
@@ -136,11 +141,16 @@ impl Flusher {
             loop {
                 // Let a few more small commits arrive: one insert and one update for all of
                 // them. A big batch goes at once (it keeps the Group document large while it
-                // waits, and every write of the document pays for that).
-                if !state.urgent.swap(false, Ordering::SeqCst) {
-                    tokio::time::sleep(GATHER).await;
+                // waits, and every write of the document pays for that). The gathering
+                // counts from the oldest waiting commit, so commits that arrived during the
+                // last flush (an insert takes tens of ms) wait no longer than the others.
+                let oldest = *state.since.lock().unwrap_or_else(|e| e.into_inner());
+                let waited = oldest.map_or(Duration::ZERO, |t| t.elapsed());
+                if !state.urgent.swap(false, Ordering::SeqCst) && waited < GATHER {
+                    tokio::time::sleep(GATHER - waited).await;
                 }
                 state.dirty.store(false, Ordering::SeqCst);
+                *state.since.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 if let Err(e) = this.flush(&group).await {
                     tracing::warn!(group, error = %e,
                         "member events committed but not yet in ClickHouse; the next reader or the sweep inserts them");
@@ -184,6 +194,10 @@ impl Flusher {
         let pending: Vec<Document> = self
             .groups()
             .find(doc! { "outboxPending": true })
+            // The flag is the second key of the sparse index of unfinished work
+            // (`mongo/005_pending_work_index.json`): a scan of that small index, not of
+            // the collection.
+            .hint(Hint::Name(PENDING_INDEX.into()))
             .projection(doc! { "outbox": 1 })
             .await?
             .try_collect()
@@ -209,6 +223,7 @@ impl Flusher {
 
     /// One attempt: take the lease, insert what ClickHouse lacks, pull the batches.
     async fn cycle(&self, group: &str) -> Result<Cycle, OutboxError> {
+        let started = Instant::now();
         let now = DateTime::now();
         let lease_id = uuid::Uuid::new_v4().to_string();
         let until = DateTime::from_millis(now.timestamp_millis() + LEASE.as_millis() as i64);
@@ -234,6 +249,7 @@ impl Flusher {
             return Ok(if pending.is_some() { Cycle::Held } else { Cycle::Done });
         };
         let batches = outbox::pending_in(&taken);
+        let leased_at = started.elapsed();
         let inserted = match tokio::time::timeout(INSERT_TIMEOUT, self.insert_missing(group, &batches)).await {
             Ok(result) => result,
             Err(_) => Err(OutboxError::Busy(format!("inserting group {group}'s events took over {INSERT_TIMEOUT:?}"))),
@@ -253,6 +269,7 @@ impl Flusher {
             let _ = self.groups().update_one(doc! { "_id": group, "flushLease.by": &lease_id }, release).await;
             return Err(e);
         }
+        let inserted_at = started.elapsed();
         let ids: Vec<&str> = batches.iter().filter_map(|b| b.get_str("batchId").ok()).collect();
         // When no batch arrived meanwhile, the outbox empties: the flag goes too.
         let emptied = self
@@ -274,9 +291,20 @@ impl Flusher {
                 .await?;
         }
         // A writer's remembered copy of the document still lists these batches.
-        self.store.forget_recent("Group", group);
+        if let Some(through) = batches.iter().filter_map(|b| b.get_i64("version").ok()).max() {
+            self.store.batches_flushed("Group", group, through);
+        }
         let done: Vec<&Document> = batches.iter().collect();
         outbox::forget_chunks(&self.db, &done).await?;
+        // Where a flush's time goes (`ROSTER_LOG=roster::group=debug`), cumulative.
+        tracing::debug!(
+            group,
+            batches = batches.len(),
+            leased_us = leased_at.as_micros() as u64,
+            inserted_us = inserted_at.as_micros() as u64,
+            pulled_us = started.elapsed().as_micros() as u64,
+            "flush timings"
+        );
         Ok(Cycle::Done)
     }
 

@@ -39,8 +39,12 @@ pub const CHUNK_ROWS: usize = 10_000;
 /// Pending inline bytes beyond which a writer finishes the pending batches itself before
 /// adding one (back-pressure, and the Group document stays far below 16 MiB).
 pub const PENDING_LIMIT: usize = 6 * 1024 * 1024;
-/// Pending batches beyond which a writer finishes them itself.
-pub const PENDING_BATCHES: usize = 32;
+/// Pending batches beyond which a writer finishes them itself. The background flusher
+/// takes a group's batches every ~100 ms (gathering) plus its insert time (tens of ms,
+/// more under load), so single-member PATCHes every few ms leave 20–40 pending: the
+/// limit sits above that, or a writer every ~30 would wait for an insert. Each pending
+/// batch costs every commit a little (~0.01 ms on SecantusDB), so it is not unbounded.
+pub const PENDING_BATCHES: usize = 64;
 
 pub const OUTBOX_COLLECTION: &str = "Group_4_0_0_MemberOutbox";
 

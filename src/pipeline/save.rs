@@ -419,6 +419,7 @@ async fn base_state<'s>(
     let mut pending = current.outbox.clone();
     let overlaid = pending.is_empty() || (keyed && outbox::can_overlay(&pending));
     if !overlaid {
+        tracing::debug!(group = id, batches = pending.len(), keyed, "pending batches finished before planning");
         finish_pending(state, id, current).await?;
         pending.clear();
     }
@@ -439,6 +440,7 @@ async fn base_state<'s>(
         _ => {}
     }
     // Built from the events as of the base version, so they must all be in ClickHouse.
+    tracing::debug!(group = id, version, batches = pending.len(), "member index rebuilt");
     if !pending.is_empty() {
         finish_pending(state, id, current).await?;
         pending.clear();
@@ -481,8 +483,11 @@ fn finish_later(state: &AppState, rt: &str, committed: bson::Document, member_ev
     tokio::spawn(async move {
         let version = committed.get_i64("versionId").unwrap_or_default();
         // A member-only version waits: while PATCHes keep coming, each carries the previous
-        // versions in its log and a later one copies them all at once.
+        // versions in its log, copied a few at a time as the log grows.
         if members_only {
+            if let Err(e) = store.copy_log_early(&rt, &committed).await {
+                tracing::warn!(resource_type = rt, id, error = %e, "logged versions stay in the log for now");
+            }
             tokio::time::sleep(SETTLE_AFTER).await;
             if store.superseded(&rt, &id, version) {
                 return;

@@ -7,7 +7,7 @@
 //! ```text
 //! current: { _id: <id>, versionId: Int64, lastUpdated: Date, deleted: bool,
 //!            historyPending?: true, resource?: { ...FHIR JSON... },
-//!            versionLog?: [{versionId, lastUpdated, method, memberCount?}…],
+//!            versionLog?: "[[versionId, lastUpdated ms, method, memberCount?]…]",
 //!            Groups only: memberCount, outbox?: [batch…], outboxPending?, flushLease? }
 //! history: { _id: "<id>/<versionId>", id, versionId, lastUpdated, deleted, method,
 //!            resource? }
@@ -23,9 +23,10 @@
 //!
 //! A write that changes only `meta` (a member-only Group PATCH) does not copy the version
 //! it replaces: it appends that version's `meta` to the document's `versionLog`, and the
-//! logged versions (the current content with their `meta`) are copied together by the
-//! next reader of history, the next content-changing write, a writer that finds 64 logged,
-//! or the background task once the PATCHes stop.
+//! logged versions (the current content with their `meta`) are copied to history off the
+//! request path, a few at a time while PATCHes keep coming (then left out of the log) and
+//! all at once when they stop; or by the next reader of history, the next
+//! content-changing write, or a writer that finds 64 logged.
 //!
 //! If the process or MongoDB fails after 1, the current document still carries
 //! `historyPending`, and the copy is written by the next write of that resource, any
@@ -33,5 +34,6 @@
 //! version is written twice.
 
 pub mod mongo;
+pub mod version_log;
 
 pub use mongo::{Commit, ResourceStore, StoreError, Version};

@@ -337,3 +337,55 @@ async fn every_member_only_version_reaches_history_with_its_own_meta_and_count()
     assert_eq!(v10["quantity"], 10);
     assert_eq!(v10["member"].as_array().unwrap().len(), 10);
 }
+
+#[tokio::test]
+async fn logged_versions_copied_early_reach_history_and_leave_the_log_of_that_process_only() {
+    use roster::store::version_log::{self, LogEntry};
+    use roster::store::ResourceStore;
+    let app = spawn_app().await;
+    app.put("Group/early", &group("early", &[])).await;
+    // The document a run of member-only PATCHes leaves: versions 2..=11 logged, 12 current.
+    let groups = app.mongo.collection::<bson::Document>("Group_4_0_0");
+    let mut doc = groups.find_one(bson::doc! { "_id": "early" }).await.unwrap().unwrap();
+    let t0 = doc.get_datetime("lastUpdated").unwrap().timestamp_millis();
+    let log: Vec<LogEntry> = (2..=11)
+        .map(|v| LogEntry {
+            version: v,
+            last_updated: bson::DateTime::from_millis(t0 + v),
+            method: "PATCH".into(),
+            member_count: Some(Some(v as u64)),
+        })
+        .collect();
+    doc.insert("versionId", 12i64);
+    doc.insert("historyPending", true);
+    doc.insert("versionLog", version_log::encode(&log));
+    groups.replace_one(bson::doc! { "_id": "early" }, &doc).await.unwrap();
+
+    let here = ResourceStore::new(app.mongo.clone());
+    here.copy_log_early("Group", &doc).await.unwrap();
+    let history = app.mongo.collection::<bson::Document>("Group_4_0_0_History");
+    for v in 2..=11i64 {
+        let entry = history.find_one(bson::doc! { "_id": format!("early/{v}") }).await.unwrap();
+        let entry = entry.unwrap_or_else(|| panic!("version {v} is in history"));
+        assert_eq!(entry.get_i64("versionId").unwrap(), v);
+        assert_eq!(entry.get_i64("memberCount").unwrap(), v);
+        assert_eq!(
+            entry.get_document("resource").unwrap().get_document("meta").unwrap().get_str("versionId").unwrap(),
+            v.to_string()
+        );
+    }
+    // This process leaves the copied versions out of the log it writes next; another
+    // process, which did not copy them, still carries them (and copies them again, harmlessly).
+    let (mine, _) = here.read_for_write("Group", "early", false, true).await.unwrap();
+    assert!(mine.unwrap().version_log.is_empty(), "copied versions leave this process's log");
+    let (theirs, _) =
+        ResourceStore::new(app.mongo.clone()).read_for_write("Group", "early", false, true).await.unwrap();
+    assert_eq!(theirs.unwrap().version_log, log);
+    // Below the threshold nothing is copied.
+    let short = bson::doc! { "_id": "early", "versionId": 14i64, "lastUpdated": bson::DateTime::from_millis(t0 + 14),
+    "deleted": false, "method": "PATCH", "resource": doc.get_document("resource").unwrap().clone(),
+    "versionLog": version_log::encode(&[LogEntry { version: 13, last_updated: bson::DateTime::from_millis(t0 + 13),
+        method: "PATCH".into(), member_count: None }]) };
+    here.copy_log_early("Group", &short).await.unwrap();
+    assert!(history.find_one(bson::doc! { "_id": "early/13" }).await.unwrap().is_none());
+}

@@ -44,6 +44,13 @@ async fn migrations_are_recorded_and_idempotent() {
     assert_eq!(version, "4.0.1");
     let indexes = app.mongo.collection::<bson::Document>("Group_4_0_0_History").list_index_names().await.unwrap();
     assert!(indexes.contains(&"by_resource_version".to_string()), "{indexes:?}");
+    // Every index costs every write of a document: the current-version collections keep
+    // only what search and the sweeps need (005 dropped three, merged two).
+    for collection in ["Group_4_0_0", "Patient_4_0_0"] {
+        let mut indexes = app.mongo.collection::<bson::Document>(collection).list_index_names().await.unwrap();
+        indexes.sort();
+        assert_eq!(indexes, ["_id_", "pending_work", "search_by_lastUpdated"], "{collection}");
+    }
 }
 
 #[tokio::test]
