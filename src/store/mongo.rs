@@ -655,6 +655,16 @@ fn member_count_bson(count: Option<u64>) -> Bson {
     count.map_or(Bson::Null, |n| Bson::Int64(n as i64))
 }
 
+/// A stored `memberCount` (see [`Version::member_count`]).
+pub(super) fn member_count_of(stored: Option<&Bson>) -> Option<Option<u64>> {
+    match stored {
+        None => None,
+        Some(Bson::Int64(n)) => Some(Some(*n as u64)),
+        Some(Bson::Int32(n)) => Some(Some(*n as u64)),
+        Some(_) => Some(None),
+    }
+}
+
 impl Version {
     /// This version's entry in a later version's `versionLog`: what differs from that
     /// version's content (the inverse of [`history_entry`]).
@@ -743,12 +753,7 @@ fn decode(doc: &Document, id: Option<&str>) -> Result<Version, StoreError> {
         outbox: crate::group::outbox::pending_in(doc),
         version_log: version_log::decode(doc.get("versionLog")).map_err(StoreError::Corrupt)?,
         history_pending: doc.get_bool("historyPending").unwrap_or(false),
-        member_count: match doc.get("memberCount") {
-            None => None,
-            Some(Bson::Int64(n)) => Some(Some(*n as u64)),
-            Some(Bson::Int32(n)) => Some(Some(*n as u64)),
-            Some(_) => Some(None),
-        },
+        member_count: member_count_of(doc.get("memberCount")),
     })
 }
 

@@ -74,12 +74,7 @@ fn from_document(d: &Document) -> Option<LogEntry> {
         version: d.get_i64("versionId").ok()?,
         last_updated: *d.get_datetime("lastUpdated").ok()?,
         method: d.get_str("method").unwrap_or("PATCH").to_string(),
-        member_count: match d.get("memberCount") {
-            None => None,
-            Some(Bson::Int64(n)) => Some(Some(*n as u64)),
-            Some(Bson::Int32(n)) => Some(Some(*n as u64)),
-            Some(_) => Some(None),
-        },
+        member_count: super::mongo::member_count_of(d.get("memberCount")),
     })
 }
 
