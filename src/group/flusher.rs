@@ -259,11 +259,10 @@ impl Flusher {
             Err(_) => Err(OutboxError::Busy(format!("inserting group {group}'s events took over {INSERT_TIMEOUT:?}"))),
         };
         if let Err(e) = inserted {
-            // ClickHouse refused the insert: nothing of it landed, the next flusher may go at
-            // once. Anything else (a cut connection, a timeout) may still land: the lease
-            // stays a little longer, so the next flusher counts what is there after it.
-            // Either way the lease stays, expired or expiring, never removed: an earlier
-            // insert of this cycle may have landed, so the next flusher must count.
+            // ClickHouse refused the insert: it did not land, the next flusher may go at once
+            // (the lease expires now). Anything else (a cut connection, a timeout) may still
+            // land: the lease stays a little longer. Either way the lease is never removed:
+            // an earlier insert of this cycle may have landed, so the next flusher counts.
             let definite = matches!(e, OutboxError::ClickHouse(clickhouse::error::Error::BadResponse(_)));
             let grace = if definite { 0 } else { AMBIGUOUS_GRACE.as_millis() as i64 };
             let until = DateTime::from_millis(DateTime::now().timestamp_millis() + grace);
