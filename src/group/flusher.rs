@@ -275,22 +275,19 @@ impl Flusher {
         // When no batch arrived meanwhile, the outbox empties: the flag goes too. When this
         // process committed more since the flush began, that update cannot match: skip it.
         let more = self.state(group).dirty.load(Ordering::SeqCst);
-        let emptied = match more {
-            true => false,
-            false => {
-                self.groups()
-                    .update_one(
-                        doc! { "_id": group, "flushLease.by": &lease_id, "outbox": { "$size": ids.len() as i64 } },
-                        doc! {
-                            "$pull": { "outbox": { "batchId": { "$in": &ids } } },
-                            "$unset": { "flushLease": "", "outboxPending": "" },
-                        },
-                    )
-                    .await?
-                    .matched_count
-                    > 0
-            }
-        };
+        let emptied = !more
+            && self
+                .groups()
+                .update_one(
+                    doc! { "_id": group, "flushLease.by": &lease_id, "outbox": { "$size": ids.len() as i64 } },
+                    doc! {
+                        "$pull": { "outbox": { "batchId": { "$in": &ids } } },
+                        "$unset": { "flushLease": "", "outboxPending": "" },
+                    },
+                )
+                .await?
+                .matched_count
+                > 0;
         if !emptied {
             self.groups()
                 .update_one(

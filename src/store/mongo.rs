@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bson::{doc, Bson, DateTime, Document};
@@ -110,7 +110,7 @@ pub struct ResourceStore {
     /// history early (see [`Self::copy_log_early`]): a writer drops them from the log.
     log_copied: Arc<Mutex<HashMap<String, (i64, i64)>>>,
     /// Resources whose log is being copied early right now (one copy at a time each).
-    log_copying: Arc<Mutex<std::collections::HashSet<String>>>,
+    log_copying: Arc<Mutex<HashSet<String>>>,
     /// Per Group, the highest version whose pending member batch this process's flusher
     /// pulled from `outbox` (see [`Self::batches_flushed`]).
     flushed: Arc<Mutex<HashMap<String, i64>>>,
