@@ -8,9 +8,11 @@ SERVICES := scripts/services.sh
 .PHONY: run test bench services-up services-down fmt lint
 
 ## run: start the local services, apply migrations, serve on 127.0.0.1:8080
+## (PROFILE=release: an optimized server, ~12 min to build cold, several times faster to serve)
+PROFILE ?= debug
 run: services-up
-	cargo build --bin roster
-	eval "$$($(SERVICES) env dev)" && $(CARGO_TARGET_DIR)/debug/roster serve
+	cargo build --bin roster $(if $(filter release,$(PROFILE)),--release,)
+	eval "$$($(SERVICES) env dev)" && $(CARGO_TARGET_DIR)/$(PROFILE)/roster serve
 
 ## test: start the test services (own ports and data), run the whole suite, stop them
 test:

@@ -42,11 +42,40 @@ impl Default for ProjectionSettings {
     }
 }
 
+/// Where the event routing comes from (`events.routes`, `ROSTER_EVENT_ROUTES`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum EventRoutes {
+    /// `builtin`: the routing file shipped in the binary (`config/event-routes.yaml`), so
+    /// a new server records events, feeds projections and answers GraphQL out of the box.
+    #[default]
+    Builtin,
+    /// `off`: no FHIR write becomes an event.
+    Off,
+    /// Any other value: a routing file (YAML) to read at start.
+    File(std::path::PathBuf),
+}
+
+impl EventRoutes {
+    pub fn parse(value: &str) -> EventRoutes {
+        match value.trim() {
+            "builtin" => EventRoutes::Builtin,
+            "off" | "none" => EventRoutes::Off,
+            path => EventRoutes::File(path.into()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for EventRoutes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| EventRoutes::parse(&s))
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventSettings {
-    /// Routing file (YAML) that turns FHIR writes into events; none: no events recorded.
-    pub routes: Option<std::path::PathBuf>,
+    /// Which FHIR writes become events: the shipped routing (default), none, or a file.
+    pub routes: EventRoutes,
     /// Retention per stream prefix; streams no rule names keep their events forever.
     pub retention: Vec<crate::eventstore::retention::Rule>,
 }
@@ -185,7 +214,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ROSTER_GROUP_MEMBERS", "events (ClickHouse member events) or embedded (members in MongoDB)"),
     ("ROSTER_GROUP_MAX_PATCH_OPS", "most operations in one Group PATCH (default 100000)"),
     ("ROSTER_GROUP_INDEX_CAPACITY", "most members in the in-process member index (default 5000000; 0 = off)"),
-    ("ROSTER_EVENT_ROUTES", "routing file (YAML) turning FHIR writes into events (default: none)"),
+    (
+        "ROSTER_EVENT_ROUTES",
+        "builtin (default: the shipped routing), off, or a routing file (YAML) turning FHIR writes into events",
+    ),
     ("ROSTER_PROJECTIONS", "on (default) or off: feed the built-in projections while serving"),
     ("ROSTER_LOG_FORMAT", "text or json"),
     ("ROSTER_LOG", "tracing filter, e.g. info or roster=debug"),
@@ -277,7 +309,7 @@ impl Settings {
             };
         }
         if let Some(v) = env("ROSTER_EVENT_ROUTES") {
-            self.events.routes = Some(v.into());
+            self.events.routes = EventRoutes::parse(&v);
         }
         if let Some(v) = env("ROSTER_GROUP_INDEX_CAPACITY") {
             self.groups.index_capacity = parse("ROSTER_GROUP_INDEX_CAPACITY", &v)?;
@@ -394,7 +426,10 @@ mod tests {
         let text = "[events]\nroutes = \"r.yaml\"\n[[events.retention]]\nprefix = \"source:\"\ndays = 30\n";
         std::fs::write(&file, text).unwrap();
         let s = Settings::load_from(Some(&file), env(&[("ROSTER_CLICKHOUSE_COMPRESSION", "lz4")])).unwrap();
-        assert_eq!(s.events.routes.as_deref(), Some(Path::new("r.yaml")));
+        assert_eq!(s.events.routes, EventRoutes::File("r.yaml".into()));
+        assert_eq!(Settings::load_from(None, env(&[])).unwrap().events.routes, EventRoutes::Builtin);
+        let off = Settings::load_from(None, env(&[("ROSTER_EVENT_ROUTES", "off")])).unwrap();
+        assert_eq!(off.events.routes, EventRoutes::Off);
         assert_eq!(s.events.retention, [crate::eventstore::retention::Rule { prefix: "source:".into(), days: 30 }]);
         assert_eq!(s.clickhouse.compression, ClickHouseCompression::Lz4);
         let err = Settings::load_from(None, env(&[("ROSTER_CLICKHOUSE_COMPRESSION", "gzip")])).unwrap_err();

@@ -289,7 +289,8 @@ impl Query {
         })
     }
 
-    /// Encounters in progress, optionally at one location.
+    /// Encounters in progress, optionally at one location: its reference, else its display,
+    /// else its identifier (`system|value`, or the value alone).
     async fn active_encounters(
         &self,
         ctx: &Context<'_>,
@@ -297,10 +298,10 @@ impl Query {
         #[graphql(default = 100)] first: i32,
     ) -> Result<Vec<Encounter>, Error> {
         let s = ctx.data::<Sources>()?;
-        let rows: Vec<EncounterRow> = s
-            .ch
-            .query(&format!(
-                "SELECT ?fields FROM {ENCOUNTERS} FINAL WHERE active AND ({{l:String}} = '' OR location = {{l:String}}) \
+        let rows: Vec<EncounterRow> =
+            s.ch.query(&format!(
+                "SELECT ?fields FROM {ENCOUNTERS} FINAL WHERE active AND ({{l:String}} = '' OR location = {{l:String}} \
+                 OR endsWith(location, concat('|', {{l:String}}))) \
                  ORDER BY encounter_id LIMIT {{n:UInt64}}"
             ))
             .param("l", location.unwrap_or_default())

@@ -22,7 +22,7 @@ use tracing::Level;
 
 use std::sync::Arc;
 
-use crate::config::Settings;
+use crate::config::{EventRoutes, Settings};
 use crate::error::FhirError;
 use crate::eventstore::record::EventRecorder;
 use crate::eventstore::routes::RoutingFile;
@@ -113,11 +113,15 @@ impl Application {
             &settings.groups,
         );
         // Member arrays of POST/PUT are synced by this hook, first in line; FHIR writes
-        // become events (when a routing file is configured) after it.
+        // become events (unless routing is off) after it.
         let mut builtin = Hooks::default().with(Arc::new(GroupMemberSync::new(state.flusher.clone())));
-        let recorder = match &settings.events.routes {
-            Some(path) => {
-                let routes = RoutingFile::load(path)?;
+        let routes = match &settings.events.routes {
+            EventRoutes::Builtin => Some(RoutingFile::builtin()),
+            EventRoutes::File(path) => Some(RoutingFile::load(path)?),
+            EventRoutes::Off => None,
+        };
+        let recorder = match routes {
+            Some(routes) => {
                 let recorder = EventRecorder::new(routes, state.events.clone(), state.store.clone());
                 recorder.ensure_indexes().await?;
                 builtin = builtin.with(recorder.clone());

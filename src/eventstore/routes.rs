@@ -76,6 +76,11 @@ pub const EVENT_TYPES: &[&str] = &[
 ];
 
 impl RoutingFile {
+    /// The routing shipped with the server (`config/event-routes.yaml`, compiled in).
+    pub fn builtin() -> RoutingFile {
+        Self::parse(include_str!("../../config/event-routes.yaml")).expect("the shipped routing file parses")
+    }
+
     pub fn load(path: &Path) -> Result<RoutingFile, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
@@ -293,8 +298,15 @@ pub fn derive(saved: &Saved<'_>) -> Vec<Derived> {
             fn status(r: Option<&Map<String, Value>>) -> Option<&str> {
                 text(r, "/status")
             }
-            fn location(r: Option<&Map<String, Value>>) -> Option<&str> {
-                text(r, "/location/0/location/reference")
+            /// Where the encounter is: the location's reference, else its display, else its
+            /// identifier (`system|value`, or the value alone): any of them is a valid
+            /// Reference, and the active-encounters projection filters by it.
+            fn location(r: Option<&Map<String, Value>>) -> Option<String> {
+                let at = |p: &str| text(r, &format!("/location/0/location/{p}")).filter(|s| !s.is_empty());
+                at("reference").or_else(|| at("display")).map(str::to_string).or_else(|| {
+                    let value = at("identifier/value")?;
+                    Some(at("identifier/system").map_or_else(|| value.to_string(), |s| format!("{s}|{value}")))
+                })
             }
             let (was, is) = (status(before), status(Some(now)));
             let base = json!({
@@ -314,7 +326,7 @@ pub fn derive(saved: &Saved<'_>) -> Vec<Derived> {
             } else if is == Some("in-progress") && location(before) != location(Some(now)) {
                 out.push(Derived {
                     event_type: "patient_transfer",
-                    data: with(base.clone(), "fromLocation", location(before)),
+                    data: with(base.clone(), "fromLocation", location(before).as_deref()),
                 });
             }
             if is == Some("finished") && was != Some("finished") {
@@ -428,6 +440,18 @@ mod tests {
         let bad_event = ok.replace("resource_types: [Patient]", "event_types: [patient_fell]");
         assert!(RoutingFile::parse(&bad_event).unwrap_err().contains("patient_fell"));
         assert!(RoutingFile::parse(&ok.replace("event_store", "kafka")).is_err());
+    }
+
+    #[test]
+    fn an_encounter_location_is_its_reference_else_display_else_identifier() {
+        let at = |location: Value| {
+            let enc = obj(json!({ "status": "in-progress", "location": [{ "location": location }] }));
+            derive(&saved(Interaction::Create, "Encounter", Some(&enc), None))[1].data["location"].clone()
+        };
+        assert_eq!(at(json!({ "reference": "Location/1", "display": "Ward 1" })), "Location/1");
+        assert_eq!(at(json!({ "display": "Ward 1" })), "Ward 1");
+        assert_eq!(at(json!({ "identifier": { "system": "urn:beds", "value": "B7" } })), "urn:beds|B7");
+        assert_eq!(at(json!({ "identifier": { "value": "B7" }, "display": "" })), "B7");
     }
 
     #[test]

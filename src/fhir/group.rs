@@ -8,6 +8,7 @@ use axum::response::Response;
 use clickhouse::query::RowCursor;
 use serde_json::{json, Map, Value};
 
+use super::format::{self, Format, Wanted};
 use super::headers::{etag, http_date};
 use super::FHIR_JSON;
 use crate::error::FhirError;
@@ -66,6 +67,7 @@ pub async fn read_response(
     v: &Version,
     as_of: Option<u32>,
     summary: bool,
+    wanted: Wanted,
 ) -> Result<Response, FhirError> {
     let mut resource = v.resource.clone().unwrap_or_default();
     // Each version records its member count; older data is counted in ClickHouse.
@@ -76,19 +78,30 @@ pub async fn read_response(
     if let Some(count) = count {
         resource.insert("quantity".into(), json!(count));
     }
+    let xml = wanted.format == Format::Xml;
     let body = if summary {
         subsetted(&mut resource, None);
+        // JSON; the format layer turns a small body into XML when asked.
         Body::from(Value::Object(resource).to_string())
     } else {
         let cursor = read::members(&state.clickhouse, &v.id, as_of).map_err(unavailable)?;
-        let mut prefix = Value::Object(resource).to_string();
-        prefix.pop(); // the closing brace: members may follow
-        Body::from_stream(member_stream(prefix, cursor, v.id.clone()))
+        let syntax = if xml {
+            // `member` is the last element of a Group in R4's order: members follow the rest.
+            let mut prefix = format::to_xml(&Value::Object(resource))?;
+            prefix.truncate(prefix.rfind("</Group>").unwrap_or(prefix.len()));
+            Syntax::Xml(prefix)
+        } else {
+            let mut prefix = Value::Object(resource).to_string();
+            prefix.pop(); // the closing brace: members may follow
+            Syntax::Json(prefix)
+        };
+        Body::from_stream(member_stream(syntax, cursor, v.id.clone()))
     };
     let mut response = Response::new(body);
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    let content_type = if xml && !summary { format::FHIR_XML } else { FHIR_JSON };
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     if let Ok(e) = HeaderValue::from_str(&etag(v.version)) {
         headers.insert(header::ETAG, e);
     }
@@ -98,34 +111,79 @@ pub async fn read_response(
     Ok(response)
 }
 
+/// The format a member stream writes, with the document's text before its members.
+enum Syntax {
+    Json(String),
+    Xml(String),
+}
+
+impl Syntax {
+    fn is_xml(&self) -> bool {
+        matches!(self, Syntax::Xml(_))
+    }
+}
+
 enum Stage {
-    Prefix(String, RowCursor<MemberRow>),
-    Rows(RowCursor<MemberRow>, bool),
+    Prefix(Syntax, RowCursor<MemberRow>),
+    Rows(RowCursor<MemberRow>, bool, bool),
     Done,
 }
 
+/// One member (its stored JSON) as a `<member>` element: written inside a minimal Group by
+/// the model's XML writer, then cut out, so members follow the same rules as everything
+/// else in XML.
+fn member_xml(member_json: &str) -> Result<String, std::io::Error> {
+    let member: Value = serde_json::from_str(member_json).map_err(std::io::Error::other)?;
+    let group = crate::group::split::group_of(&member);
+    let xml = fhir_model::to_xml(&group).map_err(std::io::Error::other)?;
+    match (xml.find("<member>"), xml.rfind("</member>")) {
+        (Some(start), Some(end)) => Ok(xml[start..end + "</member>".len()].to_string()),
+        _ => Err(std::io::Error::other("a member could not be written as XML")),
+    }
+}
+
 fn member_stream(
-    prefix: String,
+    syntax: Syntax,
     cursor: RowCursor<MemberRow>,
     group: String,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-    futures_util::stream::unfold(Stage::Prefix(prefix, cursor), move |stage| {
+    futures_util::stream::unfold(Stage::Prefix(syntax, cursor), move |stage| {
         let group = group.clone();
         async move {
             match stage {
-                Stage::Prefix(p, c) => Some((Ok(Bytes::from(p)), Stage::Rows(c, true))),
-                Stage::Rows(mut c, mut first) => {
+                Stage::Prefix(s, c) => {
+                    let xml = s.is_xml();
+                    let (Syntax::Json(p) | Syntax::Xml(p)) = s;
+                    Some((Ok(Bytes::from(p)), Stage::Rows(c, true, xml)))
+                }
+                Stage::Rows(mut c, mut first, xml) => {
                     let mut buf = Vec::with_capacity(CHUNK + 1024);
                     loop {
                         match c.next().await {
+                            Ok(Some(row)) if xml => match member_xml(&row.member_json) {
+                                Ok(m) => {
+                                    buf.extend_from_slice(m.as_bytes());
+                                    if buf.len() >= CHUNK {
+                                        return Some((Ok(Bytes::from(buf)), Stage::Rows(c, false, xml)));
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::error!(group, error = %e, "member stream failed mid-response");
+                                    return Some((Err(e), Stage::Done));
+                                }
+                            },
                             Ok(Some(row)) => {
                                 // The array opens with its first member: FHIR JSON has no empty arrays.
                                 buf.extend_from_slice(if first { b",\"member\":[" } else { b"," });
                                 first = false;
                                 buf.extend_from_slice(row.member_json.as_bytes());
                                 if buf.len() >= CHUNK {
-                                    return Some((Ok(Bytes::from(buf)), Stage::Rows(c, first)));
+                                    return Some((Ok(Bytes::from(buf)), Stage::Rows(c, first, xml)));
                                 }
+                            }
+                            Ok(None) if xml => {
+                                buf.extend_from_slice(b"</Group>");
+                                return Some((Ok(Bytes::from(buf)), Stage::Done));
                             }
                             Ok(None) => {
                                 buf.extend_from_slice(if first { b"}" } else { b"]}" });

@@ -51,25 +51,6 @@ pub fn require_content_type(headers: &HeaderMap, allowed: &[&str]) -> Result<(),
     }
 }
 
-/// 406 unless the client accepts JSON (`Accept` and `_format`).
-pub fn require_json_acceptable(headers: &HeaderMap, format: Option<&str>) -> Result<(), FhirError> {
-    let json_like = |s: &str| {
-        let s = s.trim().split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        matches!(s.as_str(), "json" | "application/json" | "application/fhir+json" | "*/*" | "application/*" | "")
-    };
-    if let Some(f) = format {
-        if !json_like(f) {
-            return Err(FhirError::not_acceptable(format!("_format '{f}' is not supported; this server speaks JSON")));
-        }
-    }
-    if let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
-        if !accept.split(',').any(json_like) {
-            return Err(FhirError::not_acceptable(format!("Accept '{accept}' excludes JSON, the only format served")));
-        }
-    }
-    Ok(())
-}
-
 /// Reads the whole body, refusing more than `limit` bytes (413).
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, FhirError> {
     crate::body::read_limited(headers, body, limit).await.map_err(|e| match e {
@@ -78,14 +59,18 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     })
 }
 
-/// Parses a JSON body (400 with the position of a syntax error).
-pub fn parse_json(bytes: &[u8]) -> Result<Value, FhirError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(FhirError::bad_request("the request body is empty"));
+/// Drops `null`, empty arrays and empty objects from a request body, or refuses them (400
+/// naming the first) under `Prefer: handling=strict`.
+pub fn drop_empty(value: &mut Value, resource_type: &str, strict: bool) -> Result<(), FhirError> {
+    match crate::model::lenient::drop_empty(value, resource_type) {
+        Some(path) if strict => Err(FhirError::new(
+            StatusCode::BAD_REQUEST,
+            IssueCode::Structure,
+            crate::model::lenient::strict_refusal(&path),
+        )
+        .at(path)),
+        _ => Ok(()),
     }
-    serde_json::from_slice(bytes).map_err(|e| {
-        FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Structure, format!("the body is not valid JSON: {e}"))
-    })
 }
 
 /// `Prefer: return=…`.

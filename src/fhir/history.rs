@@ -74,7 +74,6 @@ async fn respond(
 ) -> Result<Response, FhirError> {
     let query = query.unwrap_or_default();
     let p = parse(&query, headers::prefer_strict(headers))?;
-    headers::require_json_acceptable(headers, param(&query, "_format").as_deref())?;
     if let Some(id) = id {
         if state.store.read(rt, id).await.map_err(store_error)?.is_none() {
             return Err(FhirError::not_found(format!("{rt}/{id} does not exist")));

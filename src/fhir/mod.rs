@@ -1,6 +1,7 @@
 //! FHIR R4 REST API under `/4_0_0`.
 
 pub mod bundle;
+pub mod format;
 pub mod group;
 pub mod headers;
 pub mod history;
@@ -20,10 +21,18 @@ use crate::state::AppState;
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
 /// Content types accepted for resource bodies.
-pub const RESOURCE_CONTENT_TYPES: &[&str] = &["application/fhir+json", "application/json"];
+pub const RESOURCE_CONTENT_TYPES: &[&str] =
+    &["application/fhir+json", "application/json", "application/fhir+xml", "application/xml"];
 
-/// Content types accepted for PATCH bodies.
-pub const PATCH_CONTENT_TYPES: &[&str] = &["application/json-patch+json"];
+/// Content types accepted for PATCH bodies (see `resource::patch_body`).
+pub const PATCH_CONTENT_TYPES: &[&str] = &[
+    "application/json-patch+json",
+    "application/merge-patch+json",
+    "application/fhir+json",
+    "application/json",
+    "application/fhir+xml",
+    "application/xml",
+];
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -37,6 +46,7 @@ pub fn routes() -> Router<AppState> {
         .route("/4_0_0/{rt}/{id}/_history", get(history::instance_history))
         .route("/4_0_0/{rt}/{id}/_history/{vid}", get(resource::vread))
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(format::negotiate))
 }
 
 async fn method_not_allowed(request: Request) -> FhirError {

@@ -1,64 +1,110 @@
 //! Instance-level interactions: create, read, vread, update, patch, delete.
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use serde_json::Value;
 
+use super::format::{self, Format, Wanted};
 use super::headers::{self, VersionResponse};
 use super::{group, known_type, search, valid_id, PATCH_CONTENT_TYPES, RESOURCE_CONTENT_TYPES};
 use crate::error::FhirError;
 use crate::group::body::CompactMember;
 use crate::group::MemberStorage;
-use crate::model::patch;
+use crate::model::patching::Patch;
+use crate::model::{fhirpath_patch, patch};
 use crate::pipeline::save::finish_pending;
 use crate::pipeline::{save, Change, RequestContext, SaveOutcome, SaveRequest};
 use crate::state::AppState;
 use crate::store::Version;
 
-/// Reads a JSON body of one of `content_types` (415 otherwise), within the body limit.
-async fn json_body(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-    content_types: &[&str],
-) -> Result<Value, FhirError> {
-    headers::require_content_type(headers, content_types)?;
-    let bytes = headers::read_body(headers, body, state.body_limit).await?;
-    headers::parse_json(&bytes)
+/// Reads a request body in JSON or XML (415 for any other `Content-Type`), within the
+/// body limit.
+async fn decoded_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<(Format, Bytes), FhirError> {
+    headers::require_content_type(headers, RESOURCE_CONTENT_TYPES)?;
+    let format = format::body_format(headers).unwrap_or(Format::Json);
+    Ok((format, headers::read_body(headers, body, state.body_limit).await?))
 }
 
-/// A POST/PUT body. A Group whose members are events is read by `group::body`, which
-/// keeps a huge member array compact; every other body is plain JSON.
+/// A POST/PUT body, with empty elements dropped (or refused under `handling=strict`). A
+/// Group whose members are events is read by `group::body`, which keeps a huge member
+/// array compact; every other body is plain JSON.
 async fn resource_body(
     state: &AppState,
     rt: &str,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Value, Option<Vec<CompactMember>>), FhirError> {
+    let strict = headers::prefer_strict(headers);
+    let (format, bytes) = decoded_body(state, headers, body).await?;
     if !members_are_events(state, rt) {
-        return Ok((json_body(state, headers, body, RESOURCE_CONTENT_TYPES).await?, None));
+        let mut value = format::decode(format, &bytes)?;
+        headers::drop_empty(&mut value, rt, strict)?;
+        return Ok((value, None));
     }
-    headers::require_content_type(headers, RESOURCE_CONTENT_TYPES)?;
-    let bytes = headers::read_body(headers, body, state.body_limit).await?;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(FhirError::bad_request("the request body is empty"));
-    }
-    let parsed = crate::group::body::parse(&bytes)?;
+    let parsed = match format {
+        Format::Json if bytes.iter().all(u8::is_ascii_whitespace) => {
+            return Err(FhirError::bad_request("the request body is empty"))
+        }
+        Format::Json => crate::group::body::parse(&bytes, strict)?,
+        // An XML Group is read whole, then as JSON (XML bodies are not streamed).
+        Format::Xml => {
+            let value = format::decode(format, &bytes)?;
+            crate::group::body::parse(value.to_string().as_bytes(), strict)?
+        }
+    };
     Ok((parsed.rest, parsed.members))
+}
+
+/// A PATCH body in one of the three formats, by `Content-Type` (see `model::patching`):
+/// `application/json-patch+json` is JSON Patch; `application/merge-patch+json` is a merge
+/// patch; `application/json` and `application/fhir+json` are a merge patch when the body is
+/// a plain object and a FHIRPath Patch when it is a `Parameters` resource (also in XML).
+async fn patch_body(state: &AppState, rt: &str, headers: &HeaderMap, body: Body) -> Result<Patch, FhirError> {
+    headers::require_content_type(headers, PATCH_CONTENT_TYPES)?;
+    let essence = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let bytes = headers::read_body(headers, body, state.body_limit).await?;
+    let format = format::body_format(headers).unwrap_or(Format::Json);
+    let doc = format::decode(format, &bytes)?;
+    if essence == "application/json-patch+json" {
+        return patch::parse(&doc)
+            .map(Patch::Json)
+            .map_err(|e| FhirError::bad_request(format!("invalid JSON Patch: {e}")));
+    }
+    if fhirpath_patch::is_fhirpath_patch(&doc) {
+        return fhirpath_patch::parse(&doc, rt)
+            .map(Patch::FhirPath)
+            .map_err(|e| FhirError::bad_request(format!("invalid FHIRPath Patch: {e}")));
+    }
+    match doc {
+        Value::Object(map) if essence != "application/merge-patch+json" || format == Format::Json => {
+            Ok(Patch::Merge(map))
+        }
+        Value::Array(_) => Err(FhirError::unsupported_media_type(format!(
+            "a JSON array is a JSON Patch: send it as application/json-patch+json, not {essence}"
+        ))),
+        _ => Err(FhirError::bad_request(
+            "a PATCH body must be a JSON Patch array, a merge-patch object or a FHIRPath Patch Parameters resource",
+        )),
+    }
 }
 
 pub async fn read(
     State(state): State<AppState>,
     Path((rt, id)): Path<(String, String)>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    Extension(wanted): Extension<Wanted>,
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
     let id = valid_id(&id)?;
-    headers::require_json_acceptable(&headers, query.as_deref().and_then(|q| search::param(q, "_format")).as_deref())?;
     let current = state.store.read(rt, id).await.map_err(crate::pipeline::save::store_error)?;
     match current {
         None => Err(FhirError::not_found(format!("{rt}/{id} does not exist"))),
@@ -67,7 +113,7 @@ pub async fn read(
         }
         Some(v) if members_are_events(&state, rt) => {
             finish_pending(&state, id, &v).await?;
-            group::read_response(&state, &v, None, group::wants_summary(query.as_deref())?).await
+            group::read_response(&state, &v, None, group::wants_summary(query.as_deref())?, wanted).await
         }
         Some(v) => Ok(version_response(StatusCode::OK, &v, None, headers::Return::Representation, "")),
     }
@@ -77,11 +123,10 @@ pub async fn vread(
     State(state): State<AppState>,
     Path((rt, id, vid)): Path<(String, String, String)>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    Extension(wanted): Extension<Wanted>,
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
     let id = valid_id(&id)?;
-    headers::require_json_acceptable(&headers, None)?;
     let version: i64 = vid
         .parse()
         .ok()
@@ -104,7 +149,7 @@ pub async fn vread(
         }
         Some(v) if members_are_events(&state, rt) => {
             let as_of = u32::try_from(version).map_err(|_| FhirError::bad_request("version id out of range"))?;
-            group::read_response(&state, &v, Some(as_of), group::wants_summary(query.as_deref())?).await
+            group::read_response(&state, &v, Some(as_of), group::wants_summary(query.as_deref())?, wanted).await
         }
         Some(v) => Ok(version_response(StatusCode::OK, &v, None, headers::Return::Representation, "")),
     }
@@ -186,8 +231,7 @@ pub async fn patch(
     let rt = known_type(&rt)?;
     let id = valid_id(&id)?;
     let if_match = headers::if_match(&headers)?;
-    let doc = json_body(&state, &headers, body, PATCH_CONTENT_TYPES).await?;
-    let ops = patch::parse(&doc).map_err(|e| FhirError::bad_request(format!("invalid JSON Patch: {e}")))?;
+    let ops = patch_body(&state, rt, &headers, body).await?;
     if ops.len() > state.group_max_patch_ops {
         return Err(FhirError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -307,8 +307,6 @@ pub async fn search_type(
         page_is_total = params.cursor.is_none() && (ids.len() as i64) <= params.count.unwrap_or(DEFAULT_COUNT);
         params.filter.push(doc! { "_id": { "$in": ids } });
     }
-    let format = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "_format").map(|(_, v)| v.into_owned());
-    headers::require_json_acceptable(&headers, format.as_deref())?;
     let base = format!("{}/{rt}", state.fhir_base());
     let filter = params.filter();
     let count = params.count.unwrap_or(DEFAULT_COUNT);

@@ -16,6 +16,7 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Map, Value};
 
 use crate::error::{FhirError, IssueCode};
+use crate::model::lenient;
 use crate::model::validate::validate_resource;
 
 /// Members validated per fhirbolt parse.
@@ -121,10 +122,14 @@ pub struct GroupBody {
 }
 
 /// Parses and checks a Group body. Errors are 400s naming the element.
-pub fn parse(bytes: &[u8]) -> Result<GroupBody, FhirError> {
+///
+/// `null`, empty arrays and empty objects are dropped (a `member` that is `null` or `[]`
+/// is no member at all), unless `strict` (`Prefer: handling=strict`) refuses them: see
+/// `model::lenient`.
+pub fn parse(bytes: &[u8], strict: bool) -> Result<GroupBody, FhirError> {
     let failure = RefCell::new(None);
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let result = BodySeed { failure: &failure }.deserialize(&mut de).and_then(|body| de.end().map(|_| body));
+    let result = BodySeed { failure: &failure, strict }.deserialize(&mut de).and_then(|body| de.end().map(|_| body));
     match (result, failure.into_inner()) {
         (_, Some(e)) => Err(e),
         (Ok(body), None) => Ok(body),
@@ -141,6 +146,12 @@ pub fn parse(bytes: &[u8]) -> Result<GroupBody, FhirError> {
 
 struct BodySeed<'a> {
     failure: &'a RefCell<Option<FhirError>>,
+    strict: bool,
+}
+
+/// A refusal of an empty element under `handling=strict`.
+fn empty_refused(path: String) -> FhirError {
+    FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Structure, lenient::strict_refusal(&path)).at(path)
 }
 
 impl<'de> DeserializeSeed<'de> for BodySeed<'_> {
@@ -162,18 +173,61 @@ impl<'de> Visitor<'de> for BodySeed<'_> {
         let mut members = None;
         while let Some(key) = map.next_key::<String>()? {
             if key == "member" {
-                members = Some(map.next_value_seed(MembersSeed { failure: self.failure })?);
+                let seed = MembersSeed { failure: self.failure, strict: self.strict };
+                members = map.next_value_seed(OptionalMembers(seed))?.filter(|m: &Vec<_>| !m.is_empty());
+                if members.is_none() && self.strict {
+                    *self.failure.borrow_mut() = Some(empty_refused("Group.member".into()));
+                    return Err(serde::de::Error::custom("invalid member"));
+                }
             } else {
                 let value: Value = map.next_value()?;
                 rest.insert(key, value);
             }
         }
-        Ok(GroupBody { rest: Value::Object(rest), members })
+        let mut rest = Value::Object(rest);
+        if let Some(path) = lenient::drop_empty(&mut rest, "Group") {
+            if self.strict {
+                *self.failure.borrow_mut() = Some(empty_refused(path));
+                return Err(serde::de::Error::custom("empty element"));
+            }
+        }
+        Ok(GroupBody { rest, members })
     }
 }
 
 struct MembersSeed<'a> {
     failure: &'a RefCell<Option<FhirError>>,
+    strict: bool,
+}
+
+/// `member` may be `null` (no members).
+struct OptionalMembers<'a>(MembersSeed<'a>);
+
+impl<'de> DeserializeSeed<'de> for OptionalMembers<'_> {
+    type Value = Option<Vec<CompactMember>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for OptionalMembers<'_> {
+    type Value = Option<Vec<CompactMember>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("Group.member as a JSON array")
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        self.0.deserialize(d).map(Some)
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for MembersSeed<'_> {
@@ -201,7 +255,12 @@ impl<'de> Visitor<'de> for MembersSeed<'_> {
         let mut seen: HashMap<u64, Vec<usize>> = HashMap::new();
         let mut batch: Vec<(usize, Value)> = Vec::with_capacity(VALIDATE_BATCH);
         let mut index = 0usize;
-        while let Some(member) = seq.next_element::<Value>()? {
+        while let Some(mut member) = seq.next_element::<Value>()? {
+            if let Some(path) = lenient::drop_empty(&mut member, &format!("Group.member[{index}]")) {
+                if self.strict {
+                    return Err(fail(empty_refused(path)));
+                }
+            }
             let compact = CompactMember::from_value(&member).ok_or_else(|| {
                 fail(
                     FhirError::new(
@@ -233,11 +292,6 @@ impl<'de> Visitor<'de> for MembersSeed<'_> {
             }
         }
         validate_batch(&mut batch).map_err(fail)?;
-        if out.is_empty() {
-            return Err(fail(
-                FhirError::bad_request("Group.member must not be an empty array (omit it)").at("Group.member"),
-            ));
-        }
         Ok(out)
     }
 }
@@ -278,7 +332,7 @@ mod tests {
         let body = br#"{"resourceType":"Group","type":"person","actual":true,"member":[
             {"entity":{"reference":"Patient/1"},"period":{"start":"2024-01-01"},"inactive":true},
             {"entity":{"reference":"Patient/2"}}],"name":"x"}"#;
-        let parsed = parse(body).unwrap();
+        let parsed = parse(body, false).unwrap();
         assert!(parsed.rest.get("member").is_none());
         assert_eq!(parsed.rest["name"], "x");
         let members = parsed.members.unwrap();
@@ -331,17 +385,34 @@ mod tests {
         let mut bad = many.clone();
         bad[1203] = r#"{"entity":{"reference":"Patient/x"},"colour":"red"}"#.into();
         let body = format!(r#"{{"resourceType":"Group","type":"person","actual":true,"member":[{}]}}"#, bad.join(","));
-        let e = parse(body.as_bytes()).err().unwrap();
+        let e = parse(body.as_bytes(), false).err().unwrap();
         assert_eq!(e.expression.as_deref(), Some("Group.member[1203].colour"));
 
         let body = r#"{"resourceType":"Group","member":[{"entity":{"reference":"Patient/1"}},{"entity":{"reference":"Patient/1"}}]}"#;
-        assert_eq!(parse(body.as_bytes()).err().unwrap().expression.as_deref(), Some("Group.member[1]"));
+        assert_eq!(parse(body.as_bytes(), false).err().unwrap().expression.as_deref(), Some("Group.member[1]"));
         let body = r#"{"resourceType":"Group","member":[{"entity":{"display":"x"}}]}"#;
         assert_eq!(
-            parse(body.as_bytes()).err().unwrap().expression.as_deref(),
+            parse(body.as_bytes(), false).err().unwrap().expression.as_deref(),
             Some("Group.member[0].entity.reference")
         );
-        assert_eq!(parse(b"{\"member\": 3}").err().unwrap().status, StatusCode::BAD_REQUEST);
-        assert_eq!(parse(b"{\"a\":1} x").err().unwrap().status, StatusCode::BAD_REQUEST);
+        assert_eq!(parse(b"{\"member\": 3}", false).err().unwrap().status, StatusCode::BAD_REQUEST);
+        assert_eq!(parse(b"{\"a\":1} x", false).err().unwrap().status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn empty_members_and_elements_are_dropped_unless_strict() {
+        for body in
+            [&br#"{"resourceType":"Group","member":[],"name":null}"#[..], br#"{"member":null,"resourceType":"Group"}"#]
+        {
+            let parsed = parse(body, false).unwrap();
+            assert!(parsed.members.is_none());
+            assert!(parsed.rest.get("name").is_none());
+            assert_eq!(parse(body, true).err().unwrap().expression.as_deref(), Some("Group.member"));
+        }
+        let body = br#"{"resourceType":"Group","member":[{"entity":{"reference":"Patient/1"},"period":{}}],"code":{}}"#;
+        let parsed = parse(body, false).unwrap();
+        assert_eq!(parsed.members.unwrap()[0].value(), json!({"entity":{"reference":"Patient/1"}}));
+        assert!(parsed.rest.get("code").is_none());
+        assert_eq!(parse(body, true).err().unwrap().expression.as_deref(), Some("Group.member[0].period"));
     }
 }

@@ -32,9 +32,11 @@ use super::events::{ver, EventType};
 use super::index::{MemberIndex, Presence};
 use super::outbox;
 use super::read::{self, MemberRow};
+use super::split::{self, MemberOp, Selector};
 use crate::error::{FhirError, IssueCode};
+use crate::model::fhirpath_patch;
 use crate::model::patch::{self, Operation};
-use crate::model::validate::validate_resource;
+use crate::model::validate::{repeat_as_arrays, validate_resource};
 
 /// Who and what wrote the events.
 #[derive(Debug, Clone)]
@@ -207,16 +209,22 @@ impl<'a> Planner<'a> {
 
     /// Loads, in batched round trips, every member a patch names by reference, so adding
     /// 10,000 members costs two queries, not 10,000.
-    pub async fn prefetch_ops(&mut self, ops: &[(usize, Operation)]) -> Result<(), FhirError> {
+    pub async fn prefetch_ops(&mut self, ops: &[(usize, MemberOp)]) -> Result<(), FhirError> {
         let mut refs = Vec::new();
         for (_, op) in ops {
             match op {
-                Operation::Add { value, .. }
-                | Operation::Replace { value, .. }
-                | Operation::Remove { value: Some(value), .. } => match value {
+                MemberOp::Json(
+                    Operation::Add { value, .. }
+                    | Operation::Replace { value, .. }
+                    | Operation::Remove { value: Some(value), .. },
+                ) => match value {
                     Value::Array(items) => refs.extend(items.iter().filter_map(member_reference).map(str::to_string)),
                     other => refs.extend(member_reference(other).map(str::to_string)),
                 },
+                MemberOp::Add(value) => refs.extend(member_reference(value).map(str::to_string)),
+                MemberOp::Remove(Selector::Reference(r))
+                | MemberOp::Replace(Selector::Reference(r), _)
+                | MemberOp::Edit(Selector::Reference(r), _) => refs.push(r.clone()),
                 _ => {}
             }
         }
@@ -516,19 +524,8 @@ impl<'a> Planner<'a> {
                 self.remove(&reference).await
             }
             (Operation::Replace { value, .. }, 2) => {
-                let (reference, old, position) = self.resolve(index, &path, &tokens[1]).await?;
-                match member_reference(value) {
-                    Some(r) if r == reference => {
-                        if !patch::json_equal(&old.value(), value) {
-                            self.update(index, value.clone(), position);
-                        }
-                        Ok(())
-                    }
-                    _ => {
-                        self.remove(&reference).await?;
-                        self.add(index, value).await
-                    }
-                }
+                let found = self.resolve(index, &path, &tokens[1]).await?;
+                self.replace_member(index, found, value).await
             }
             (Operation::Test { value, .. }, 2) => {
                 let (_, current, _) = self.resolve(index, &path, &tokens[1]).await?;
@@ -543,6 +540,96 @@ impl<'a> Planner<'a> {
             }
             (_, 1) => Err(op_error(index, &path, "test on the whole member array is not supported")),
             (_, _) => self.apply_inside(index, op, &tokens).await,
+        }
+    }
+
+    /// Replaces a member: the same entity is an update, another entity a removal and an add.
+    async fn replace_member(
+        &mut self,
+        index: usize,
+        (reference, old, position): (String, CompactMember, u64),
+        value: &Value,
+    ) -> Result<(), FhirError> {
+        match member_reference(value) {
+            Some(r) if r == reference => {
+                if !patch::json_equal(&old.value(), value) {
+                    self.update(index, value.clone(), position);
+                }
+                Ok(())
+            }
+            _ => {
+                self.remove(&reference).await?;
+                self.add(index, value).await
+            }
+        }
+    }
+
+    /// The member a FHIRPath Patch selects: (reference, member, position), `None` when
+    /// there is none.
+    async fn select(
+        &mut self,
+        index: usize,
+        path: &str,
+        selector: &Selector,
+    ) -> Result<Option<(String, CompactMember, u64)>, FhirError> {
+        let n = match selector {
+            Selector::Reference(r) => return Ok(self.current(r).await?.map(|(m, p)| (r.clone(), m, p))),
+            Selector::At(n) => *n,
+            Selector::Last => match self.virtual_len() {
+                0 => return Ok(None),
+                len => len - 1,
+            },
+        };
+        if n >= self.virtual_len() {
+            return Err(op_error(
+                index,
+                path,
+                format!("index {n} is out of bounds (the group has {} members)", self.virtual_len()),
+            ));
+        }
+        self.at(n).await
+    }
+
+    /// Applies one member change of any PATCH format (see `split`).
+    pub async fn apply_member(&mut self, index: usize, op: &MemberOp) -> Result<(), FhirError> {
+        let (selector, path) = match op {
+            MemberOp::Json(op) => return self.apply(index, op).await,
+            MemberOp::Add(value) => return self.add(index, value).await,
+            MemberOp::Remove(s) => (s, "Group.member"),
+            MemberOp::Replace(s, _) => (s, "Group.member"),
+            MemberOp::Edit(s, edit) => (s, edit.text.as_str()),
+        };
+        let Some(found) = self.select(index, path, selector).await? else {
+            return match op {
+                MemberOp::Remove(_) => Ok(()),
+                _ => Err(op_error(index, path, "the path selects no member")),
+            };
+        };
+        match op {
+            MemberOp::Remove(_) => self.remove(&found.0).await,
+            MemberOp::Replace(_, value) => self.replace_member(index, found, value).await,
+            MemberOp::Edit(_, edit) => {
+                let (_, current, position) = found;
+                let before = current.value();
+                let mut member = before.clone();
+                fhirpath_patch::apply_one(&mut member, edit).map_err(|e| op_error(index, path, e))?;
+                crate::model::lenient::drop_empty(&mut member, "");
+                let mut group = split::group_of(&member);
+                repeat_as_arrays(&mut group);
+                let member = group["member"][0].take();
+                if member_reference(&member) != member_reference(&before) {
+                    return Err(op_error(
+                        index,
+                        path,
+                        "a member's entity cannot change; remove it and add the new one",
+                    ));
+                }
+                if member != before {
+                    self.update(index, member, position);
+                }
+                Ok(())
+            }
+            MemberOp::Json(_) | MemberOp::Add(_) => unreachable!("answered above"),
         }
     }
 

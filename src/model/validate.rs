@@ -56,6 +56,36 @@ pub fn validate_resource(resource_type: &str, resource: &Value) -> Result<(), Fh
     Ok(())
 }
 
+/// Puts a single value where R4 has a repeating element into an array, as the R4 model
+/// says (FHIRPath Patch values carry no cardinality). Leaves an invalid resource as it is:
+/// validation words its errors.
+pub fn repeat_as_arrays(resource: &mut Value) {
+    if let Ok(typed) = fhir_model::parse(resource) {
+        wrap_singletons(resource, &typed);
+    }
+}
+
+fn wrap_singletons(input: &mut Value, typed: &Value) {
+    match (input, typed) {
+        (Value::Object(i), Value::Object(t)) => {
+            for (k, v) in i.iter_mut() {
+                if let Some(tv) = t.get(k) {
+                    wrap_singletons(v, tv);
+                }
+            }
+        }
+        (Value::Array(i), Value::Array(t)) => i.iter_mut().zip(t).for_each(|(iv, tv)| wrap_singletons(iv, tv)),
+        (other, Value::Array(t)) => {
+            let mut single = other.take();
+            if let Some(tv) = t.first() {
+                wrap_singletons(&mut single, tv);
+            }
+            *other = Value::Array(vec![single]);
+        }
+        _ => {}
+    }
+}
+
 /// fhirbolt accepts a single object where R4 has a repeating element; its own output then
 /// has an array there. Returns the path of the first such element.
 fn object_where_array_expected(input: &Value, typed: &Value, path: &str) -> Option<String> {
@@ -375,6 +405,13 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.0, "Bundle.entry[0].resource.gender");
+    }
+
+    #[test]
+    fn singletons_become_arrays_where_r4_repeats() {
+        let mut v = json!({"resourceType":"Patient","name":{"given":"A","family":"B"},"gender":"male"});
+        repeat_as_arrays(&mut v);
+        assert_eq!(v, json!({"resourceType":"Patient","name":[{"given":["A"],"family":"B"}],"gender":"male"}));
     }
 
     #[test]

@@ -8,8 +8,10 @@ use crate::error::{FhirError, IssueCode};
 use crate::group::body::CompactMember;
 use crate::group::index::MemberIndex;
 use crate::group::plan::{Known, Origin, Planner};
+use crate::group::split::MemberOp;
 use crate::group::{outbox, split, MemberStorage};
-use crate::model::{datetime, json_bson, patch, validate};
+use crate::model::patching::Patch;
+use crate::model::{datetime, json_bson, lenient, validate};
 use crate::state::AppState;
 use crate::store::{Commit, StoreError, Version};
 
@@ -24,8 +26,8 @@ pub enum Change {
     Create(Value),
     /// `PUT`: update, or create at the client's id.
     Update(Value),
-    /// `PATCH`: operations applied to the current version.
-    Patch(Vec<patch::Operation>),
+    /// `PATCH`, in any of the three formats: applied to the current version.
+    Patch(Patch),
     Delete,
 }
 
@@ -54,7 +56,7 @@ pub struct SaveOutcome {
 /// Changes to `Group.member` carried by a write, when members are event-sourced.
 enum MemberChange<'a> {
     /// A PATCH's member operations, with their index in the patch.
-    Ops(&'a [(usize, patch::Operation)]),
+    Ops(&'a [(usize, MemberOp)]),
     /// A full member array (POST, PUT): the membership becomes exactly this.
     Replace(&'a [CompactMember]),
 }
@@ -103,6 +105,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             if let Some(obj) = body.as_object_mut() {
                 obj.insert("id".into(), Value::String(req.id.to_string()));
             }
+            refuse_subset(rt, &body, StatusCode::BAD_REQUEST)?;
             validate::validate_resource(rt, &body)?;
         }
         Change::Patch(_) | Change::Delete => {}
@@ -110,7 +113,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
     // A Group PATCH's member operations are split from the rest once, whatever the retries.
     let (change, member_ops) = match req.change {
         Change::Patch(ops) if member_events => {
-            let (member, other) = split::split(ops);
+            let (member, other) = split::split(ops).map_err(|e| FhirError::unprocessable(e.to_string()))?;
             (Change::Patch(other), member)
         }
         other => (other, Vec::new()),
@@ -254,7 +257,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 MemberChange::Ops(ops) => {
                     planner.prefetch_ops(ops).await?;
                     for (index, op) in ops {
-                        planner.apply(*index, op).await?;
+                        planner.apply_member(*index, op).await?;
                     }
                 }
                 MemberChange::Replace(members) => planner.replace_all(members).await?,
@@ -523,19 +526,53 @@ async fn backoff(attempt: usize) {
     tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;
 }
 
-/// Applies a patch and validates the result (422 when either fails).
-fn patched(rt: &str, id: &str, old: Map<String, Value>, ops: &[patch::Operation]) -> Result<Value, FhirError> {
+/// Applies a patch and validates the result (422 when either fails). Empty elements the
+/// patch leaves behind are dropped, as on every write.
+fn patched(rt: &str, id: &str, old: Map<String, Value>, ops: &Patch) -> Result<Value, FhirError> {
     let mut doc = Value::Object(old);
-    patch::apply(&mut doc, ops).map_err(|e| FhirError::unprocessable(format!("the patch cannot be applied: {e}")))?;
+    ops.apply(&mut doc)
+        .map_err(|e| FhirError::unprocessable(format!("the {} cannot be applied: {e}", ops.format())))?;
+    lenient::drop_empty(&mut doc, rt);
     if doc.get("id").and_then(Value::as_str) != Some(id) {
         return Err(FhirError::unprocessable("a patch may not change or remove the resource id").at(format!("{rt}.id")));
     }
+    if doc.get("resourceType").and_then(Value::as_str) != Some(rt) {
+        return Err(
+            FhirError::unprocessable("a patch may not change the resourceType").at(format!("{rt}.resourceType"))
+        );
+    }
+    refuse_subset(rt, &doc, StatusCode::UNPROCESSABLE_ENTITY)?;
     validate::validate_resource(rt, &doc).map_err(|mut e| {
         e.status = StatusCode::UNPROCESSABLE_ENTITY;
         e.diagnostics = format!("the patched resource is not valid: {}", e.diagnostics);
         e
     })?;
     Ok(doc)
+}
+
+/// The tag FHIR puts on a resource shown in part (`_summary`, `_elements`, a Group without
+/// its members).
+const SUBSETTED: &str = "SUBSETTED";
+
+/// Refuses to store a resource tagged `SUBSETTED`: it is a partial copy, and storing it
+/// (a PUT is a full replacement) would delete what was left out, e.g. every member of a
+/// Group read from a search result or a write response. FHIR: subsetted resources must
+/// not be used for updates.
+fn refuse_subset(rt: &str, resource: &Value, status: StatusCode) -> Result<(), FhirError> {
+    let tags = resource.pointer("/meta/tag").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    let Some(i) = tags.iter().position(|t| t.get("code").and_then(Value::as_str) == Some(SUBSETTED)) else {
+        return Ok(());
+    };
+    Err(FhirError::new(
+        status,
+        IssueCode::Invalid,
+        format!(
+            "this {rt} is tagged SUBSETTED: it is a partial copy (from a search, a write response, \
+             _summary or _elements) and writing it would delete what it leaves out. Read the \
+             full resource with GET [base]/{rt}/[id] and write that, or change it with PATCH"
+        ),
+    )
+    .at(format!("{rt}.meta.tag[{i}]")))
 }
 
 /// Now, at millisecond precision, and strictly after the previous version, so a resource's

@@ -154,7 +154,7 @@ async fn media_types_and_body_limit() {
         .await
         .unwrap();
     assert_outcome(r, 413).await;
-    let r = app.client.get(app.url("Patient")).header("accept", "application/fhir+xml").send().await.unwrap();
+    let r = app.client.get(app.url("Patient")).header("accept", "text/turtle").send().await.unwrap();
     assert_outcome(r, 406).await;
     let count = json(app.get("Patient?_summary=count").await).await;
     assert_eq!(count["total"], 1);

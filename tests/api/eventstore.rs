@@ -306,7 +306,7 @@ async fn spawn_routed(routes: &str) -> TestApp {
     let mut settings = crate::helpers::test_settings();
     let path = std::env::temp_dir().join(format!("routes-{}.yaml", settings.mongo.database));
     std::fs::write(&path, routes).unwrap();
-    settings.events.routes = Some(path);
+    settings.events.routes = roster::config::EventRoutes::File(path);
     crate::helpers::spawn_with(settings, roster::pipeline::Hooks::default()).await
 }
 

@@ -39,6 +39,8 @@ pub fn test_settings() -> Settings {
     // Each test app would otherwise poll ClickHouse for its projections every 100 ms;
     // the projection tests turn them on.
     settings.projections.run = false;
+    // Tests about events turn them on; the others need not pay for them.
+    settings.events.routes = roster::config::EventRoutes::Off;
     settings
 }
 

@@ -9,6 +9,7 @@ mod faults;
 mod group;
 mod helpers;
 mod hooks;
+mod interop;
 mod ops;
 mod patch;
 mod projections;

@@ -21,7 +21,7 @@ async fn spawn(projections: bool) -> TestApp {
     let mut settings = test_settings();
     let path = std::env::temp_dir().join(format!("routes-{}.yaml", settings.mongo.database));
     std::fs::copy("config/event-routes.yaml", &path).unwrap();
-    settings.events.routes = Some(path);
+    settings.events.routes = roster::config::EventRoutes::File(path);
     settings.projections.run = projections;
     spawn_with(settings, roster::pipeline::Hooks::default()).await
 }

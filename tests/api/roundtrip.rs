@@ -2,6 +2,10 @@
 //! (same JSON, numbers compared by their exact text, ignoring the server-owned
 //! `meta.versionId` and `meta.lastUpdated`). Examples the model rejects are listed with
 //! the server's reason, never silently skipped.
+//!
+//! Three encodings of the same examples: as published, with their properties shuffled at
+//! every depth (JSON property order carries no meaning; clients such as fhirpy put
+//! `resourceType` last), and in XML.
 
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -25,8 +29,79 @@ fn strip_server_meta(v: &mut Value) {
     }
 }
 
+/// How an example is sent: (content type, body).
+type Encode = fn(&str, &Value) -> (&'static str, String);
+
+fn as_published(text: &str, _: &Value) -> (&'static str, String) {
+    (FHIR_JSON, text.to_string())
+}
+
+/// The example with the members of every object in a pseudo-random order (seeded by the
+/// example's text, so a failure repeats), `resourceType` moved last where it stays first.
+fn shuffled(text: &str, value: &Value) -> (&'static str, String) {
+    fn shuffle(v: &Value, seed: &mut u64) -> Value {
+        match v {
+            Value::Object(map) => {
+                let mut entries: Vec<(String, Value)> =
+                    map.iter().map(|(k, v)| (k.clone(), shuffle(v, seed))).collect();
+                for i in (1..entries.len()).rev() {
+                    *seed ^= *seed << 13;
+                    *seed ^= *seed >> 7;
+                    *seed ^= *seed << 17;
+                    entries.swap(i, (*seed % (i as u64 + 1)) as usize);
+                }
+                if entries.first().is_some_and(|(k, _)| k == "resourceType") && entries.len() > 1 {
+                    let rt = entries.remove(0);
+                    entries.push(rt);
+                }
+                Value::Object(entries.into_iter().collect())
+            }
+            Value::Array(items) => Value::Array(items.iter().map(|i| shuffle(i, seed)).collect()),
+            other => other.clone(),
+        }
+    }
+    let mut seed = text.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3));
+    (FHIR_JSON, shuffle(value, &mut seed).to_string())
+}
+
+fn as_xml(_: &str, value: &Value) -> (&'static str, String) {
+    ("application/fhir+xml", fhir_model::to_xml(value).expect("the example as XML"))
+}
+
 #[tokio::test]
 async fn every_hl7_example_round_trips() {
+    round_trip(as_published, "as published").await;
+}
+
+#[tokio::test]
+async fn every_hl7_example_round_trips_with_its_properties_shuffled() {
+    round_trip(shuffled, "shuffled").await;
+}
+
+#[tokio::test]
+async fn every_hl7_example_round_trips_through_xml() {
+    round_trip(as_xml, "XML").await;
+}
+
+/// The first path where two values differ, for a readable failure.
+fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => x
+            .iter()
+            .find_map(|(k, v)| match y.get(k) {
+                Some(w) => first_difference(v, w, &format!("{path}.{k}")),
+                None => Some(format!("{path}.{k} is missing")),
+            })
+            .or_else(|| y.keys().find(|k| !x.contains_key(*k)).map(|k| format!("{path}.{k} was added"))),
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            x.iter().zip(y).enumerate().find_map(|(i, (v, w))| first_difference(v, w, &format!("{path}[{i}]")))
+        }
+        _ if a == b => None,
+        _ => Some(format!("{path}: {a} became {b}")),
+    }
+}
+
+async fn round_trip(encode: Encode, label: &str) {
     let app = spawn_app().await;
     let dir = shared_dir().join("fhir-r4-examples");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
@@ -53,7 +128,8 @@ async fn every_hl7_example_round_trips() {
                     Some(id) => app.client.put(app.url(&format!("{rt}/{id}"))),
                     None => app.client.post(app.url(&rt)),
                 };
-                let put = request.header("content-type", FHIR_JSON).body(text).send().await.unwrap();
+                let (content_type, body) = encode(&text, &original);
+                let put = request.header("content-type", content_type).body(body).send().await.unwrap();
                 let status = put.status().as_u16();
                 if status != 201 && status != 200 {
                     let body = json(put).await;
@@ -80,7 +156,8 @@ async fn every_hl7_example_round_trips() {
                 if back == expected {
                     (name, Ok(()))
                 } else {
-                    (name, Err(format!("MISMATCH: stored {back}")))
+                    let diff = first_difference(&expected, &back, &rt).unwrap_or_default();
+                    (name, Err(format!("MISMATCH: {diff}")))
                 }
             }
         })
@@ -92,7 +169,7 @@ async fn every_hl7_example_round_trips() {
     let mut rejected: Vec<&(String, Result<(), String>)> = results.iter().filter(|(_, r)| r.is_err()).collect();
     rejected.sort_by(|a, b| a.0.cmp(&b.0));
     println!(
-        "round trip: {ok} of {} HL7 R4 examples stored and read back equal; {} rejected:",
+        "round trip ({label}): {ok} of {} HL7 R4 examples stored and read back equal; {} rejected:",
         results.len(),
         rejected.len()
     );
