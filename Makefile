@@ -16,11 +16,11 @@ run: services-up
 
 ## test: start the test services (own ports and data), run the whole suite, stop them
 test:
-	cargo build --tests --bin roster
+	cargo build --workspace --tests --bin roster
 	$(SERVICES) stop test
 	rm -rf .local/test
 	$(SERVICES) start test
-	eval "$$($(SERVICES) env test)" && cargo test --no-fail-fast -- --test-threads=$${TEST_THREADS:-8} --show-output; \
+	eval "$$($(SERVICES) env test)" && cargo test --workspace --no-fail-fast -- --test-threads=$${TEST_THREADS:-8} --show-output; \
 	  status=$$?; [ -n "$$KEEP_SERVICES" ] || $(SERVICES) stop test; exit $$status
 
 ## bench: release build, fresh services (the test profile's ports and data), results in docs/benchmarks.md

@@ -238,7 +238,7 @@ pub fn parse_path(text: &str) -> Result<Vec<Step>, String> {
         return Err(format!("the path is longer than {MAX_PATH} bytes"));
     }
     let mut p = Parser { s: text.as_bytes(), pos: 0, depth: 0 };
-    let steps = p.path()?;
+    let steps = p.path(false)?;
     p.ws();
     if p.pos != p.s.len() {
         return Err(format!("unexpected '{}' at offset {} of the path", &text[p.pos..], p.pos));
@@ -279,13 +279,23 @@ impl Parser<'_> {
         (!id.is_empty() && !id[0].is_ascii_digit()).then(|| String::from_utf8_lossy(id).into_owned())
     }
 
-    fn path(&mut self) -> Result<Vec<Step>, String> {
+    /// A path; inside `where()` (`criterion`), `exists()`, `empty()` and `not()` come
+    /// back as pseudo-names ending in `()`.
+    fn path(&mut self, criterion: bool) -> Result<Vec<Step>, String> {
         let mut steps = Vec::new();
         loop {
             let at = self.pos;
             let name = self.identifier().ok_or_else(|| format!("expected an element name at offset {at}"))?;
             if self.eat("(") {
-                steps.push(self.function(&name)?);
+                match name.as_str() {
+                    "exists" | "empty" | "not" if criterion => {
+                        if !self.eat(")") {
+                            return Err(format!("{name}() takes no arguments here"));
+                        }
+                        steps.push(Step::Name(format!("{name}()")));
+                    }
+                    _ => steps.push(self.function(&name)?),
+                }
             } else {
                 steps.push(Step::Name(name));
             }
@@ -379,7 +389,7 @@ impl Parser<'_> {
             }
             return Ok(inner);
         }
-        let mut path = self.criterion_path()?;
+        let mut path = self.path(true)?;
         let mut criterion = match path.last() {
             Some(Step::Name(n)) if n == "exists" || n == "empty" || n == "not" => {
                 return Err(format!("{n} must be called: {n}()"));
@@ -412,32 +422,6 @@ impl Parser<'_> {
         };
         let literal = self.literal()?;
         Ok(Criterion::Compare { path, equal, literal })
-    }
-
-    /// A relative path inside `where()`; `exists()`, `empty()` and `not()` come back as
-    /// pseudo-names ending in `()`.
-    fn criterion_path(&mut self) -> Result<Vec<Step>, String> {
-        let mut steps = Vec::new();
-        loop {
-            let at = self.pos;
-            let name = self.identifier().ok_or_else(|| format!("expected an element name at offset {at}"))?;
-            if self.eat("(") {
-                match name.as_str() {
-                    "exists" | "empty" | "not" => {
-                        if !self.eat(")") {
-                            return Err(format!("{name}() takes no arguments here"));
-                        }
-                        steps.push(Step::Name(format!("{name}()")));
-                    }
-                    _ => steps.push(self.function(&name)?),
-                }
-            } else {
-                steps.push(Step::Name(name));
-            }
-            if !self.eat(".") {
-                return Ok(steps);
-            }
-        }
     }
 
     fn literal(&mut self) -> Result<Value, String> {

@@ -65,6 +65,11 @@ async fn a_patient_with_resource_type_last_is_created_and_read_back() {
     assert_eq!((back["gender"].as_str(), back["contained"][0]["id"].as_str()), (Some("male"), Some("o2")));
 }
 
+async fn post_strict(app: &TestApp, path: &str, body: &Value) -> reqwest::Response {
+    let request = app.client.post(app.url(path)).header("content-type", FHIR_JSON);
+    request.header("prefer", "handling=strict").body(body.to_string()).send().await.unwrap()
+}
+
 #[tokio::test]
 async fn empty_arrays_objects_and_nulls_are_dropped_unless_strict() {
     let app = spawn_app().await;
@@ -81,31 +86,14 @@ async fn empty_arrays_objects_and_nulls_are_dropped_unless_strict() {
     let read = json(app.get(&format!("Patient/{}", created["id"].as_str().unwrap())).await).await;
     assert_eq!(without_meta(read), without_meta(created));
 
-    let strict = app
-        .client
-        .post(app.url("Patient"))
-        .header("content-type", FHIR_JSON)
-        .header("prefer", "handling=strict")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let issue = assert_outcome(strict, 400).await;
+    let issue = assert_outcome(post_strict(&app, "Patient", &body).await, 400).await;
     assert_eq!(issue["expression"][0], "Patient.name[0].given", "{issue}");
 
     // A Group with `"member": []` is a Group without members.
     let group = json!({"resourceType":"Group","type":"person","actual":true,"member":[],"characteristic":null});
     let r = app.post("Group", &group).await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    let strict = app
-        .client
-        .post(app.url("Group"))
-        .header("content-type", FHIR_JSON)
-        .header("prefer", "handling=strict")
-        .body(group.to_string())
-        .send()
-        .await
-        .unwrap();
+    let strict = post_strict(&app, "Group", &group).await;
     assert_eq!(assert_outcome(strict, 400).await["expression"][0], "Group.member");
 }
 
