@@ -25,10 +25,29 @@ fn is_empty(value: &Value) -> bool {
 /// Drops every `null`, empty array and empty object member of an object, at any depth,
 /// including objects that become empty once their own empty members are gone. Returns the
 /// path (`path.element[i].child`) of the first element dropped, for `handling=strict`.
+///
+/// The common case, a body with nothing to drop, is one read-only pass that allocates
+/// nothing (this runs on every member of a million-member Group body).
 pub fn drop_empty(value: &mut Value, path: &str) -> Option<String> {
+    if !has_empty(value) {
+        return None;
+    }
     let mut first = None;
     walk(value, path, &mut first);
     first
+}
+
+/// Whether anything in `value` would be dropped.
+fn has_empty(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map.values().any(|child| is_empty(child) || has_empty(child)),
+        Value::Array(items) => items.iter().any(|item| match item {
+            Value::Object(map) => map.is_empty() || has_empty(item),
+            Value::Array(_) => has_empty(item),
+            _ => false,
+        }),
+        _ => false,
+    }
 }
 
 fn walk(value: &mut Value, path: &str, first: &mut Option<String>) {
@@ -86,6 +105,22 @@ mod tests {
         let first = drop_empty(&mut v, "Patient");
         assert_eq!(first.as_deref(), Some("Patient.telecom"));
         assert_eq!(v, json!({"resourceType": "Patient", "name": [{"family": "X"}], "gender": "female"}));
+    }
+
+    #[test]
+    fn the_quick_check_agrees_with_the_walk() {
+        for v in [
+            json!({"a": [{"b": {}}]}),
+            json!({"a": [[{}]]}),
+            json!({"a": [null, 1]}),
+            json!({"a": {"b": {"c": null}}}),
+            json!({"a": [{"b": 1}], "c": "d"}),
+        ] {
+            let mut walked = v.clone();
+            let mut first = None;
+            walk(&mut walked, "X", &mut first);
+            assert_eq!(has_empty(&v), first.is_some(), "{v}");
+        }
     }
 
     #[test]
