@@ -68,8 +68,7 @@ fn classify(value: &str, wildcard: bool) -> Option<Format> {
 
 /// The media types of request bodies, by format.
 pub fn body_format(headers: &HeaderMap) -> Option<Format> {
-    let given = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    classify(given, false)
+    classify(&super::headers::media_type(headers), false)
 }
 
 /// The response format asked for by `_format` or `Accept` (406 when neither JSON nor XML
@@ -118,11 +117,17 @@ pub fn wanted(headers: &HeaderMap, query: Option<&str>) -> Result<Wanted, FhirEr
     Ok(wanted)
 }
 
-/// Decodes a request body in `format` into JSON.
-pub fn decode(format: Format, bytes: &[u8]) -> Result<Value, FhirError> {
+/// 400 for a body that is empty or only whitespace.
+pub fn require_content(bytes: &[u8]) -> Result<(), FhirError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(FhirError::bad_request("the request body is empty"));
     }
+    Ok(())
+}
+
+/// Decodes a request body in `format` into JSON.
+pub fn decode(format: Format, bytes: &[u8]) -> Result<Value, FhirError> {
+    require_content(bytes)?;
     match format {
         Format::Json => serde_json::from_slice(bytes).map_err(|e| {
             FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Structure, format!("the body is not valid JSON: {e}"))

@@ -85,17 +85,17 @@ pub async fn read_response(
         Body::from(Value::Object(resource).to_string())
     } else {
         let cursor = read::members(&state.clickhouse, &v.id, as_of).map_err(unavailable)?;
-        let syntax = if xml {
+        let prefix = if xml {
             // `member` is the last element of a Group in R4's order: members follow the rest.
             let mut prefix = format::to_xml(&Value::Object(resource))?;
             prefix.truncate(prefix.rfind("</Group>").unwrap_or(prefix.len()));
-            Syntax::Xml(prefix)
+            prefix
         } else {
             let mut prefix = Value::Object(resource).to_string();
             prefix.pop(); // the closing brace: members may follow
-            Syntax::Json(prefix)
+            prefix
         };
-        Body::from_stream(member_stream(syntax, cursor, v.id.clone()))
+        Body::from_stream(member_stream(prefix, wanted.format, cursor, v.id.clone()))
     };
     let mut response = Response::new(body);
     *response.status_mut() = StatusCode::OK;
@@ -111,21 +111,11 @@ pub async fn read_response(
     Ok(response)
 }
 
-/// The format a member stream writes, with the document's text before its members.
-enum Syntax {
-    Json(String),
-    Xml(String),
-}
-
-impl Syntax {
-    fn is_xml(&self) -> bool {
-        matches!(self, Syntax::Xml(_))
-    }
-}
-
+/// Where a member stream is: the document's text before its members, then the rows (in
+/// JSON, `true` until the first member opened the array), then done.
 enum Stage {
-    Prefix(Syntax, RowCursor<MemberRow>),
-    Rows(RowCursor<MemberRow>, bool, bool),
+    Prefix(String, RowCursor<MemberRow>),
+    Rows(RowCursor<MemberRow>, bool),
     Done,
 }
 
@@ -134,7 +124,7 @@ enum Stage {
 /// else in XML.
 fn member_xml(member_json: &str) -> Result<String, std::io::Error> {
     let member: Value = serde_json::from_str(member_json).map_err(std::io::Error::other)?;
-    let group = crate::group::split::group_of(&member);
+    let group = crate::group::body::group_of(vec![member]);
     let xml = fhir_model::to_xml(&group).map_err(std::io::Error::other)?;
     match (xml.find("<member>"), xml.rfind("</member>")) {
         (Some(start), Some(end)) => Ok(xml[start..end + "</member>".len()].to_string()),
@@ -143,20 +133,18 @@ fn member_xml(member_json: &str) -> Result<String, std::io::Error> {
 }
 
 fn member_stream(
-    syntax: Syntax,
+    prefix: String,
+    format: Format,
     cursor: RowCursor<MemberRow>,
     group: String,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-    futures_util::stream::unfold(Stage::Prefix(syntax, cursor), move |stage| {
+    let xml = format == Format::Xml;
+    futures_util::stream::unfold(Stage::Prefix(prefix, cursor), move |stage| {
         let group = group.clone();
         async move {
             match stage {
-                Stage::Prefix(s, c) => {
-                    let xml = s.is_xml();
-                    let (Syntax::Json(p) | Syntax::Xml(p)) = s;
-                    Some((Ok(Bytes::from(p)), Stage::Rows(c, true, xml)))
-                }
-                Stage::Rows(mut c, mut first, xml) => {
+                Stage::Prefix(p, c) => Some((Ok(Bytes::from(p)), Stage::Rows(c, true))),
+                Stage::Rows(mut c, mut first) => {
                     let mut buf = Vec::with_capacity(CHUNK + 1024);
                     loop {
                         match c.next().await {
@@ -164,7 +152,7 @@ fn member_stream(
                                 Ok(m) => {
                                     buf.extend_from_slice(m.as_bytes());
                                     if buf.len() >= CHUNK {
-                                        return Some((Ok(Bytes::from(buf)), Stage::Rows(c, false, xml)));
+                                        return Some((Ok(Bytes::from(buf)), Stage::Rows(c, false)));
                                     }
                                 }
                                 Err(e) => {
@@ -178,7 +166,7 @@ fn member_stream(
                                 first = false;
                                 buf.extend_from_slice(row.member_json.as_bytes());
                                 if buf.len() >= CHUNK {
-                                    return Some((Ok(Bytes::from(buf)), Stage::Rows(c, first, xml)));
+                                    return Some((Ok(Bytes::from(buf)), Stage::Rows(c, first)));
                                 }
                             }
                             Ok(None) if xml => {

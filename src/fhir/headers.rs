@@ -35,10 +35,17 @@ pub fn if_match(headers: &HeaderMap) -> Result<Option<i64>, FhirError> {
     }
 }
 
+/// The media type of the body (`Content-Type` without parameters, lower case; empty when
+/// absent).
+pub fn media_type(headers: &HeaderMap) -> String {
+    let given = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    given.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
 /// Rejects a request whose `Content-Type` is not one of `allowed` (415).
 pub fn require_content_type(headers: &HeaderMap, allowed: &[&str]) -> Result<(), FhirError> {
     let given = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let essence = given.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = media_type(headers);
     if allowed.contains(&essence.as_str()) {
         Ok(())
     } else if essence.is_empty() {
@@ -63,12 +70,7 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
 /// naming the first) under `Prefer: handling=strict`.
 pub fn drop_empty(value: &mut Value, resource_type: &str, strict: bool) -> Result<(), FhirError> {
     match crate::model::lenient::drop_empty(value, resource_type) {
-        Some(path) if strict => Err(FhirError::new(
-            StatusCode::BAD_REQUEST,
-            IssueCode::Structure,
-            crate::model::lenient::strict_refusal(&path),
-        )
-        .at(path)),
+        Some(path) if strict => Err(crate::model::lenient::refusal(path)),
         _ => Ok(()),
     }
 }

@@ -45,10 +45,10 @@ async fn resource_body(
         return Ok((value, None));
     }
     let parsed = match format {
-        Format::Json if bytes.iter().all(u8::is_ascii_whitespace) => {
-            return Err(FhirError::bad_request("the request body is empty"))
+        Format::Json => {
+            format::require_content(&bytes)?;
+            crate::group::body::parse(&bytes, strict)?
         }
-        Format::Json => crate::group::body::parse(&bytes, strict)?,
         // An XML Group is read whole, then as JSON (XML bodies are not streamed).
         Format::Xml => {
             let value = format::decode(format, &bytes)?;
@@ -64,13 +64,7 @@ async fn resource_body(
 /// a plain object and a FHIRPath Patch when it is a `Parameters` resource (also in XML).
 async fn patch_body(state: &AppState, rt: &str, headers: &HeaderMap, body: Body) -> Result<Patch, FhirError> {
     headers::require_content_type(headers, PATCH_CONTENT_TYPES)?;
-    let essence = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let essence = headers::media_type(headers);
     let bytes = headers::read_body(headers, body, state.body_limit).await?;
     let format = format::body_format(headers).unwrap_or(Format::Json);
     let doc = format::decode(format, &bytes)?;

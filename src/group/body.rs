@@ -149,11 +149,6 @@ struct BodySeed<'a> {
     strict: bool,
 }
 
-/// A refusal of an empty element under `handling=strict`.
-fn empty_refused(path: String) -> FhirError {
-    FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Structure, lenient::strict_refusal(&path)).at(path)
-}
-
 impl<'de> DeserializeSeed<'de> for BodySeed<'_> {
     type Value = GroupBody;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<GroupBody, D::Error> {
@@ -176,7 +171,7 @@ impl<'de> Visitor<'de> for BodySeed<'_> {
                 let seed = MembersSeed { failure: self.failure, strict: self.strict };
                 members = map.next_value_seed(OptionalMembers(seed))?.filter(|m: &Vec<_>| !m.is_empty());
                 if members.is_none() && self.strict {
-                    *self.failure.borrow_mut() = Some(empty_refused("Group.member".into()));
+                    *self.failure.borrow_mut() = Some(lenient::refusal("Group.member".into()));
                     return Err(serde::de::Error::custom("invalid member"));
                 }
             } else {
@@ -187,7 +182,7 @@ impl<'de> Visitor<'de> for BodySeed<'_> {
         let mut rest = Value::Object(rest);
         if let Some(path) = lenient::drop_empty(&mut rest, "Group") {
             if self.strict {
-                *self.failure.borrow_mut() = Some(empty_refused(path));
+                *self.failure.borrow_mut() = Some(lenient::refusal(path));
                 return Err(serde::de::Error::custom("empty element"));
             }
         }
@@ -258,7 +253,7 @@ impl<'de> Visitor<'de> for MembersSeed<'_> {
         while let Some(mut member) = seq.next_element::<Value>()? {
             if let Some(path) = lenient::drop_empty(&mut member, &format!("Group.member[{index}]")) {
                 if self.strict {
-                    return Err(fail(empty_refused(path)));
+                    return Err(fail(lenient::refusal(path)));
                 }
             }
             let compact = CompactMember::from_value(&member).ok_or_else(|| {
@@ -301,14 +296,19 @@ fn hash(s: &str) -> u64 {
     KEYS.get_or_init(Default::default).hash_one(s)
 }
 
-/// Validates members `first..` as elements of an R4 Group; paths name the real index.
+/// The smallest valid Group holding `members`: how a member (which is not a resource) is
+/// validated, shaped by the R4 model or written as XML.
+pub fn group_of(members: Vec<Value>) -> Value {
+    json!({ "resourceType": "Group", "type": "person", "actual": true, "member": members })
+}
+
 /// Validates members with one fhirbolt parse; errors name the member's index in the body.
 fn validate_batch(batch: &mut Vec<(usize, Value)>) -> Result<(), FhirError> {
     if batch.is_empty() {
         return Ok(());
     }
     let (indexes, members): (Vec<usize>, Vec<Value>) = std::mem::take(batch).into_iter().unzip();
-    let group = json!({ "resourceType": "Group", "type": "person", "actual": true, "member": members });
+    let group = group_of(members);
     validate_resource("Group", &group).map_err(|mut e| {
         if let Some(expr) = e.expression.as_deref() {
             if let Some(rest) = expr.strip_prefix("Group.member[") {

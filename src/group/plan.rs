@@ -25,14 +25,14 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use axum::http::StatusCode;
 use bson::Document;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::body::{is_plain_member, CompactMember};
+use super::body::{group_of, is_plain_member, CompactMember};
 use super::events::{ver, EventType};
 use super::index::{MemberIndex, Presence};
 use super::outbox;
 use super::read::{self, MemberRow};
-use super::split::{self, MemberOp, Selector};
+use super::split::{MemberOp, Selector};
 use crate::error::{FhirError, IssueCode};
 use crate::model::fhirpath_patch;
 use crate::model::patch::{self, Operation};
@@ -614,7 +614,7 @@ impl<'a> Planner<'a> {
                 let mut member = before.clone();
                 fhirpath_patch::apply_one(&mut member, edit).map_err(|e| op_error(index, path, e))?;
                 crate::model::lenient::drop_empty(&mut member, "");
-                let mut group = split::group_of(&member);
+                let mut group = group_of(vec![member]);
                 repeat_as_arrays(&mut group);
                 let member = group["member"][0].take();
                 if member_reference(&member) != member_reference(&before) {
@@ -731,10 +731,7 @@ fn validate_members(members: &[(usize, Value)]) -> Result<(), FhirError> {
     if members.is_empty() {
         return Ok(());
     }
-    let group = json!({
-        "resourceType": "Group", "type": "person", "actual": true,
-        "member": members.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>(),
-    });
+    let group = group_of(members.iter().map(|(_, m)| m.clone()).collect());
     validate_resource("Group", &group).map_err(|mut e| {
         // "Group.member[k]…" → the operation that brought member k.
         if let Some(expr) = &e.expression {

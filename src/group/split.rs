@@ -11,7 +11,7 @@
 //!   other elements, several members at once) is refused rather than evaluated over a
 //!   membership that may have millions of entries.
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::model::fhirpath_patch::{self as fp, Criterion, Kind, Step};
 use crate::model::patch::{tokens, Operation};
@@ -191,15 +191,11 @@ fn member_op(op: &fp::Operation) -> Result<Option<MemberOp>, String> {
     Ok(Some(MemberOp::Edit(selector, fp::Operation { path: inner.to_vec(), ..op.clone() })))
 }
 
-/// A Group holding just `member`, for validating one member value.
-pub fn group_of(member: &Value) -> Value {
-    json!({"resourceType": "Group", "type": "person", "actual": true, "member": [member]})
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::patch::parse;
+    use serde_json::json;
 
     #[test]
     fn splits_json_patch_by_path() {

@@ -10,7 +10,10 @@
 //! its `_element` array of ids and extensions (`"given": ["Ann", null]`). An array made
 //! only of such nulls is kept too; fhirbolt decides whether it is valid.
 
+use axum::http::StatusCode;
 use serde_json::Value;
+
+use crate::error::{FhirError, IssueCode};
 
 /// Whether a value is one of the empty forms this module drops.
 fn is_empty(value: &Value) -> bool {
@@ -80,12 +83,13 @@ fn walk(value: &mut Value, path: &str, first: &mut Option<String>) {
     }
 }
 
-/// The diagnostic for an empty element refused under `Prefer: handling=strict`.
-pub fn strict_refusal(path: &str) -> String {
-    format!(
+/// The 400 for an empty element refused under `Prefer: handling=strict`.
+pub fn refusal(path: String) -> FhirError {
+    let diagnostics = format!(
         "{path} is null, an empty array or an empty object, which FHIR JSON forbids; without \
          'Prefer: handling=strict' such elements are dropped"
-    )
+    );
+    FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Structure, diagnostics).at(path)
 }
 
 #[cfg(test)]
