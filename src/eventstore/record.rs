@@ -80,8 +80,10 @@ impl EventRecorder {
                         }
                     }
                 }
+                // Documented: a template without a value sends nothing (the shipped
+                // `source:{{meta.source}}` has none for most writes), so this is no warning.
                 let Some(stream) = template.render(rt, content, &related) else {
-                    tracing::warn!(
+                    tracing::debug!(
                         resource_type = rt,
                         id = saved.id,
                         event = d.event_type,

@@ -443,6 +443,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_routing_follows_clinical_types_not_groups() {
+        let builtin = RoutingFile::builtin();
+        for rt in ["Patient", "Encounter", "Observation", "Claim"] {
+            assert!(builtin.covers(rt), "{rt}");
+        }
+        // Every covered type pays for a durable mark on each write.
+        assert!(!builtin.covers("Group") && !builtin.covers("Practitioner"));
+    }
+
+    #[test]
     fn an_encounter_location_is_its_reference_else_display_else_identifier() {
         let at = |location: Value| {
             let enc = obj(json!({ "status": "in-progress", "location": [{ "location": location }] }));
