@@ -165,7 +165,7 @@ pub async fn negotiate(mut request: Request, next: Next) -> Response {
     if wanted == Wanted::default() || !is_fhir_json(response.headers()) {
         return response;
     }
-    let (mut parts, body) = response.into_parts();
+    let (parts, body) = response.into_parts();
     let bytes = match axum::body::to_bytes(body, MAX_CONVERTED).await {
         Ok(b) => b,
         Err(e) => {
@@ -177,27 +177,25 @@ pub async fn negotiate(mut request: Request, next: Next) -> Response {
         return Response::from_parts(parts, Body::empty());
     }
     match convert(&bytes, wanted) {
-        Ok((body, content_type)) => {
-            parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-            parts.headers.remove(header::CONTENT_LENGTH);
-            Response::from_parts(parts, Body::from(body))
-        }
+        Ok(converted) => with_body(parts, converted),
         Err(e) => {
-            // Not the client's fault: say so in the format it asked for.
-            let mut response = e.into_response();
-            if wanted.format == Format::Xml {
-                let (mut parts, body) = response.into_parts();
-                let bytes = axum::body::to_bytes(body, MAX_CONVERTED).await.unwrap_or_default();
-                if let Ok((xml, ct)) = convert(&bytes, Wanted { format: Format::Xml, pretty: false }) {
-                    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-                    parts.headers.remove(header::CONTENT_LENGTH);
-                    return Response::from_parts(parts, Body::from(xml));
-                }
-                response = Response::from_parts(parts, Body::from(bytes));
+            // Not the client's fault: say so in the format it asked for (as is, if even the
+            // OperationOutcome cannot be converted).
+            let (parts, body) = e.into_response().into_parts();
+            let bytes = axum::body::to_bytes(body, MAX_CONVERTED).await.unwrap_or_default();
+            match convert(&bytes, wanted) {
+                Ok(converted) => with_body(parts, converted),
+                Err(_) => Response::from_parts(parts, Body::from(bytes)),
             }
-            response
         }
     }
+}
+
+/// A response with a converted body and its content type.
+fn with_body(mut parts: axum::http::response::Parts, (body, content_type): (Vec<u8>, &'static str)) -> Response {
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
 }
 
 fn is_fhir_json(headers: &HeaderMap) -> bool {
