@@ -210,6 +210,11 @@ impl PostSaveHook for EventRecorder {
 
     fn after_save<'a>(&'a self, ctx: &'a RequestContext, saved: &'a Saved<'a>) -> BoxFuture<'a, Result<(), HookError>> {
         Box::pin(async move {
+            // A type no route names was not marked and yields no event: nothing to record
+            // and no mark to clear (that clear is a MongoDB update, on every write).
+            if !self.routes.covers(saved.resource_type) {
+                return Ok(());
+            }
             let origin = Origin { request_id: &ctx.request_id, actor: ctx.actor.as_deref() };
             self.record(saved, &origin, false).await?;
             self.store

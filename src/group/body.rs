@@ -251,7 +251,7 @@ impl<'de> Visitor<'de> for MembersSeed<'_> {
         let mut batch: Vec<(usize, Value)> = Vec::with_capacity(VALIDATE_BATCH);
         let mut index = 0usize;
         while let Some(mut member) = seq.next_element::<Value>()? {
-            if let Some(path) = lenient::drop_empty(&mut member, &format!("Group.member[{index}]")) {
+            if let Some(path) = lenient::drop_empty(&mut member, format_args!("Group.member[{index}]")) {
                 if self.strict {
                     return Err(fail(lenient::refusal(path)));
                 }

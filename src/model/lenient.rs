@@ -30,13 +30,14 @@ fn is_empty(value: &Value) -> bool {
 /// path (`path.element[i].child`) of the first element dropped, for `handling=strict`.
 ///
 /// The common case, a body with nothing to drop, is one read-only pass that allocates
-/// nothing (this runs on every member of a million-member Group body).
-pub fn drop_empty(value: &mut Value, path: &str) -> Option<String> {
+/// nothing, not even the path, which is only formatted when something is dropped (this
+/// runs on every member of a million-member Group body).
+pub fn drop_empty(value: &mut Value, path: impl std::fmt::Display) -> Option<String> {
     if !has_empty(value) {
         return None;
     }
     let mut first = None;
-    walk(value, path, &mut first);
+    walk(value, &path.to_string(), &mut first);
     first
 }
 
