@@ -7,6 +7,8 @@ use axum::http::{header, HeaderMap};
 pub enum BodyError {
     /// Longer than the limit, declared or as read.
     TooLarge,
+    /// The body paused, or took in all, longer than the server's limits (see `server`).
+    TimedOut,
     /// The connection failed while reading.
     Unreadable(String),
 }
@@ -23,6 +25,9 @@ pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Resu
         // axum wraps http-body-util's `LengthLimitError`, which it does not re-export.
         let mut source: Option<&dyn std::error::Error> = Some(&e);
         while let Some(s) = source {
+            if s.is::<tower_http::timeout::TimeoutError>() {
+                return BodyError::TimedOut;
+            }
             if s.to_string().contains("length limit exceeded") {
                 return BodyError::TooLarge;
             }

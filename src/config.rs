@@ -18,12 +18,41 @@ pub struct Settings {
     pub base_url: Option<String>,
     /// Largest accepted request body, in bytes (larger bodies get 413).
     pub body_limit_bytes: usize,
+    pub http: HttpSettings,
     pub mongo: MongoSettings,
     pub clickhouse: ClickHouseSettings,
     pub groups: GroupSettings,
     pub events: EventSettings,
     pub projections: ProjectionSettings,
     pub log: LogSettings,
+}
+
+/// Limits on connections, against clients that hold them open without finishing a request
+/// (slowloris) and against more connections than the process can serve.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// A request's headers must arrive within this time of its first byte (an idle
+    /// keep-alive connection is closed after it too); otherwise the connection is closed.
+    pub header_timeout_ms: u64,
+    /// The longest pause between two pieces of a request body (408 after it).
+    pub body_timeout_ms: u64,
+    /// The longest a whole request body may take to arrive (408 after it): a client dripping
+    /// one byte per pause cannot hold a connection for longer.
+    pub body_deadline_ms: u64,
+    /// Connections served at once; further clients wait in the listen queue until one ends.
+    pub max_connections: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            header_timeout_ms: 30_000,
+            body_timeout_ms: 30_000,
+            body_deadline_ms: 600_000,
+            max_connections: 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +174,7 @@ impl Default for Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             base_url: None,
             body_limit_bytes: 64 * 1024 * 1024,
+            http: HttpSettings::default(),
             mongo: MongoSettings::default(),
             clickhouse: ClickHouseSettings::default(),
             groups: GroupSettings::default(),
@@ -204,6 +234,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ROSTER_LISTEN", "listen address, e.g. 127.0.0.1:8080"),
     ("ROSTER_BASE_URL", "public base URL, e.g. https://fhir.example.org"),
     ("ROSTER_BODY_LIMIT_BYTES", "largest request body in bytes"),
+    ("ROSTER_HTTP_HEADER_TIMEOUT_MS", "request headers must arrive within this (default 30000)"),
+    ("ROSTER_HTTP_BODY_TIMEOUT_MS", "longest pause inside a request body (default 30000)"),
+    ("ROSTER_HTTP_BODY_DEADLINE_MS", "longest a whole request body may take (default 600000)"),
+    ("ROSTER_HTTP_MAX_CONNECTIONS", "connections served at once (default 1024)"),
     ("ROSTER_MONGO_URI", "MongoDB connection string"),
     ("ROSTER_MONGO_DATABASE", "MongoDB database name"),
     ("ROSTER_CLICKHOUSE_URL", "ClickHouse HTTP URL"),
@@ -329,6 +363,19 @@ impl Settings {
                 }
             };
         }
+        let limits: [(&'static str, &mut u64); 3] = [
+            ("ROSTER_HTTP_HEADER_TIMEOUT_MS", &mut self.http.header_timeout_ms),
+            ("ROSTER_HTTP_BODY_TIMEOUT_MS", &mut self.http.body_timeout_ms),
+            ("ROSTER_HTTP_BODY_DEADLINE_MS", &mut self.http.body_deadline_ms),
+        ];
+        for (var, slot) in limits {
+            if let Some(v) = env(var) {
+                *slot = parse(var, &v)?;
+            }
+        }
+        if let Some(v) = env("ROSTER_HTTP_MAX_CONNECTIONS") {
+            self.http.max_connections = parse("ROSTER_HTTP_MAX_CONNECTIONS", &v)?;
+        }
         if let Some(v) = env("ROSTER_LOG_FORMAT") {
             self.log.format = match v.as_str() {
                 "text" => LogFormat::Text,
@@ -355,6 +402,17 @@ impl Settings {
                     var,
                     message: format!("'{name}' must match [A-Za-z_][A-Za-z0-9_]{{0,62}}"),
                 });
+            }
+        }
+        let http = &self.http;
+        for (var, zero) in [
+            ("ROSTER_HTTP_HEADER_TIMEOUT_MS", http.header_timeout_ms == 0),
+            ("ROSTER_HTTP_BODY_TIMEOUT_MS", http.body_timeout_ms == 0),
+            ("ROSTER_HTTP_BODY_DEADLINE_MS", http.body_deadline_ms == 0),
+            ("ROSTER_HTTP_MAX_CONNECTIONS", http.max_connections == 0),
+        ] {
+            if zero {
+                return Err(ConfigError::Env { var, message: "must be greater than 0".into() });
             }
         }
         if self.body_limit_bytes == 0 {

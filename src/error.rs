@@ -24,6 +24,7 @@ pub enum IssueCode {
     Exception,
     Duplicate,
     Informational,
+    Timeout,
 }
 
 impl IssueCode {
@@ -43,6 +44,7 @@ impl IssueCode {
             IssueCode::Exception => "exception",
             IssueCode::Duplicate => "duplicate",
             IssueCode::Informational => "informational",
+            IssueCode::Timeout => "timeout",
         }
     }
 }
@@ -107,6 +109,14 @@ impl FhirError {
     }
     /// A genuine server fault: the cause is logged (with the request id, via the span) and
     /// the client gets a generic message.
+    /// 408: the request body did not arrive in time (see `server`).
+    pub fn request_timeout() -> Self {
+        FhirError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            IssueCode::Timeout,
+            "the request body did not arrive in time; the client paused too long or sent too slowly",
+        )
+    }
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, IssueCode::Exception, cause.to_string())
     }

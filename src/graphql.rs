@@ -4,18 +4,34 @@
 //! Queries are bounded: depth ≤ [`MAX_DEPTH`], complexity ≤ [`MAX_COMPLEXITY`], and every
 //! list takes a `first` of at most [`MAX_FIRST`]. Errors come back in GraphQL's own
 //! format (`{"errors":[{"message",…}]}`), never as HTTP 500s.
+//!
+//! Before async-graphql sees a request, [`guard`] bounds what its parser and validators
+//! would cost: the body is at most [`MAX_BODY`] bytes, brackets nest at most
+//! [`MAX_NESTING`] deep (the parser recurses per bracket), and the operation, with every
+//! fragment spread expanded, selects at most [`MAX_SELECTIONS`] fields. The last is
+//! counted without expanding (once per fragment), so a "fragment bomb", where each fragment
+//! spreads the next twice, is refused in microseconds instead of doubling the validators'
+//! work per level; the complexity limit alone counts only after expansion.
+//!
+//! Status codes follow GraphQL over HTTP (`application/graphql-response+json`): a request
+//! that cannot be parsed or validated is a 400; one that ran answers 200, with field errors
+//! in `errors`.
 
 use std::sync::Arc;
 
 use async_graphql::{Context, EmptyMutation, EmptySubscription, Error, Object, Schema, SimpleObject};
-use axum::body::Bytes;
+use std::collections::HashMap;
+
+use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde_json::Value;
 
+use crate::body::{read_limited, BodyError};
 use crate::eventstore::log::ClickHouseEventStore;
 use crate::projection::builtin::{EncounterRow, ENCOUNTERS, STATISTICS, TIMELINE};
 use crate::projection::runner::Checkpoints;
@@ -26,6 +42,12 @@ use crate::state::AppState;
 pub const MAX_DEPTH: usize = 8;
 pub const MAX_COMPLEXITY: usize = 1_000;
 pub const MAX_FIRST: i32 = 1_000;
+/// Largest request body (query, variables and all).
+pub const MAX_BODY: usize = 64 * 1024;
+/// Deepest nesting of `{`, `(` and `[` in a query.
+pub const MAX_NESTING: usize = 64;
+/// Most fields one operation may select once fragments are expanded.
+pub const MAX_SELECTIONS: u64 = 5_000;
 
 pub type RosterSchema = Schema<Query, EmptyMutation, EmptySubscription>;
 
@@ -50,17 +72,147 @@ pub fn routes() -> Router<AppState> {
     Router::new().route("/graphql", get(graphiql).post(execute))
 }
 
-async fn execute(State(state): State<AppState>, body: Bytes) -> Response {
-    let response = match serde_json::from_slice::<async_graphql::Request>(&body) {
-        Ok(request) => state.graphql.execute(request).await,
-        Err(e) => async_graphql::Response::from_errors(vec![async_graphql::ServerError::new(
-            format!("the body is not a GraphQL request (JSON with `query`): {e}"),
-            None,
-        )]),
+async fn execute(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_limited(&headers, body, MAX_BODY).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => {
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("the request is over {} KiB", MAX_BODY >> 10))
+        }
+        Err(BodyError::TimedOut) => {
+            return refuse(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time".into())
+        }
+        Err(BodyError::Unreadable(e)) => return refuse(StatusCode::BAD_REQUEST, format!("unreadable body: {e}")),
     };
+    let request = match serde_json::from_slice::<async_graphql::Request>(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not a GraphQL request (JSON with `query`): {e}"),
+            )
+        }
+    };
+    if let Err(message) = guard(&request.query) {
+        return refuse(StatusCode::BAD_REQUEST, message);
+    }
+    let response = state.graphql.execute(request).await;
+    // Errors without a path come from parsing or validation: nothing ran.
+    let refused = response.data == async_graphql::Value::Null
+        && !response.errors.is_empty()
+        && response.errors.iter().all(|e| e.path.is_empty());
+    let status = if refused { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+    graphql_response(status, &response)
+}
+
+fn refuse(status: StatusCode, message: String) -> Response {
+    let response = async_graphql::Response::from_errors(vec![async_graphql::ServerError::new(message, None)]);
+    graphql_response(status, &response)
+}
+
+fn graphql_response(status: StatusCode, response: &async_graphql::Response) -> Response {
     let body =
-        serde_json::to_string(&response).unwrap_or_else(|_| r#"{"errors":[{"message":"unserializable"}]}"#.into());
-    ([(header::CONTENT_TYPE, "application/graphql-response+json")], body).into_response()
+        serde_json::to_string(response).unwrap_or_else(|_| r#"{"errors":[{"message":"unserializable"}]}"#.into());
+    (status, [(header::CONTENT_TYPE, "application/graphql-response+json")], body).into_response()
+}
+
+/// Refuses a query whose parsing or validation would cost more than its size suggests
+/// (see the module doc). Linear in the query's length.
+pub fn guard(query: &str) -> Result<(), String> {
+    let nesting = nesting_depth(query);
+    if nesting > MAX_NESTING {
+        return Err(format!("brackets nest {nesting} deep; at most {MAX_NESTING} are allowed"));
+    }
+    let document = async_graphql::parser::parse_query(query).map_err(|e| e.to_string())?;
+    let mut count = Expansion { document: &document, sizes: HashMap::new(), open: Vec::new() };
+    for (_, operation) in document.operations.iter() {
+        let n = count.selections(&operation.node.selection_set.node)?;
+        if n > MAX_SELECTIONS {
+            return Err(format!(
+                "the operation selects {n} fields once its fragments are expanded; at most {MAX_SELECTIONS} are allowed"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The deepest nesting of `{`, `(` and `[` outside strings and comments.
+fn nesting_depth(query: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut chars = query.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' | '(' | '[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            '}' | ')' | ']' => depth = depth.saturating_sub(1),
+            '#' => {
+                for c in chars.by_ref() {
+                    if c == '\n' || c == '\r' {
+                        break;
+                    }
+                }
+            }
+            '"' => {
+                // A string or a block string: skip to its end (escapes included).
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// Counts the fields an operation selects with fragments expanded, once per fragment.
+struct Expansion<'a> {
+    document: &'a ExecutableDocument,
+    sizes: HashMap<&'a str, u64>,
+    /// Fragments being counted (a spread of one of them is a cycle).
+    open: Vec<&'a str>,
+}
+
+impl<'a> Expansion<'a> {
+    fn selections(&mut self, set: &'a SelectionSet) -> Result<u64, String> {
+        let mut n = 0u64;
+        for item in &set.items {
+            let size = match &item.node {
+                Selection::Field(f) => 1 + self.selections(&f.node.selection_set.node)?,
+                Selection::InlineFragment(f) => self.selections(&f.node.selection_set.node)?,
+                Selection::FragmentSpread(s) => self.fragment(s.node.fragment_name.node.as_str())?,
+            };
+            n = n.saturating_add(size);
+        }
+        Ok(n)
+    }
+
+    fn fragment(&mut self, name: &'a str) -> Result<u64, String> {
+        if let Some(n) = self.sizes.get(name) {
+            return Ok(*n);
+        }
+        if self.open.contains(&name) {
+            return Err(format!("fragment '{name}' spreads itself"));
+        }
+        if self.open.len() >= MAX_NESTING {
+            return Err(format!("fragments spread each other more than {MAX_NESTING} deep"));
+        }
+        let Some(definition) = self.document.fragments.get(name) else {
+            return Err(format!("unknown fragment '{name}'"));
+        };
+        self.open.push(name);
+        let n = self.selections(&definition.node.selection_set.node);
+        self.open.pop();
+        let n = n?;
+        self.sizes.insert(name, n);
+        Ok(n)
+    }
 }
 
 async fn graphiql() -> Html<&'static str> {
@@ -459,5 +611,45 @@ impl From<TimelineRow> for TimelineEntryOut {
             stream_id: t.stream_id,
             stream_version: t.stream_version,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `levels` fragments, each spreading the next twice; the last selects one field.
+    fn fragment_bomb(levels: usize) -> String {
+        let mut q = String::from("query Q { ...F0 }\n");
+        for i in 0..levels {
+            q.push_str(&format!("fragment F{i} on Query {{ ... on Query {{ ...F{n} }} ...F{n} }}\n", n = i + 1));
+        }
+        q.push_str(&format!("fragment F{levels} on Query {{ __typename }}\n"));
+        q
+    }
+
+    #[test]
+    fn a_fragment_bomb_is_refused_before_expansion() {
+        let started = std::time::Instant::now();
+        let refused = guard(&fragment_bomb(30)).unwrap_err();
+        assert!(refused.contains("fragments are expanded") && refused.contains("1073741824"), "{refused}");
+        // Counting is linear: even 1,000 levels (a count far past u64) is refused, saturated.
+        assert!(guard(&fragment_bomb(1000)).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "the guard must not expand");
+        assert!(guard(&fragment_bomb(10)).is_ok(), "1,024 fields are within the limit");
+    }
+
+    #[test]
+    fn cycles_unknown_fragments_and_deep_brackets_are_refused() {
+        assert!(guard("query { ...A } fragment A on Query { ...B } fragment B on Query { ...A }")
+            .unwrap_err()
+            .contains("spreads itself"));
+        assert!(guard("query { ...Nope }").unwrap_err().contains("unknown fragment"));
+        let deep = format!("{}{}", "{a".repeat(10_000), "}".repeat(10_000));
+        assert!(guard(&deep).unwrap_err().contains("nest 10000 deep"));
+        // Brackets inside strings and comments do not count.
+        let quoted = format!("{{ a(s: \"{}\\\"\") # {}\n }}", "{".repeat(100), "[".repeat(100));
+        assert_eq!(nesting_depth(&quoted), 2);
+        assert!(guard("{ nope ").is_err());
     }
 }

@@ -16,6 +16,8 @@ pub mod migrate;
 pub mod model;
 pub mod pipeline;
 pub mod projection;
+pub mod rejection;
+pub mod server;
 pub mod startup;
 pub mod state;
 pub mod store;

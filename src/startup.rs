@@ -9,20 +9,20 @@ use axum::http::{HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use mongodb::options::ClientOptions;
 use serde_json::json;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::timeout::{RequestBodyDeadlineLayer, RequestBodyTimeoutLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tower_http::LatencyUnit;
 use tracing::Level;
 
 use std::sync::Arc;
 
-use crate::config::{EventRoutes, Settings};
+use crate::config::{EventRoutes, HttpSettings, Settings};
 use crate::error::FhirError;
 use crate::eventstore::record::EventRecorder;
 use crate::eventstore::routes::RoutingFile;
@@ -42,6 +42,7 @@ pub struct Application {
     address: SocketAddr,
     state: AppState,
     background: Background,
+    http: HttpSettings,
 }
 
 /// Background work besides the member batches: event recording recovery, retention.
@@ -130,13 +131,13 @@ impl Application {
             None => None,
         };
         state.hooks = builtin.extend(hooks);
-        let router = router(state.clone());
+        let router = router(state.clone(), &settings.http);
         let projections = settings.projections.run.then(|| crate::projection::runner::RunnerConfig {
             batch: settings.projections.batch,
             ..Default::default()
         });
         let background = Background { recorder, retention: settings.events.retention.clone(), projections };
-        Ok(Application { listener, router, address, state, background })
+        Ok(Application { listener, router, address, state, background, http: settings.http.clone() })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -170,14 +171,7 @@ impl Application {
             None => Vec::new(),
         };
         let events = tokio::spawn(event_upkeep(self.background, self.state.clickhouse.clone()));
-        // Responses go out in more than one write; without TCP_NODELAY, Nagle's algorithm
-        // and the client's delayed ACK add ~40 ms to each.
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let served = axum::serve(listener, self.router).with_graceful_shutdown(stop).await;
+        let served = crate::server::serve(self.listener, self.router, &self.http, stop).await;
         recovery.abort();
         events.abort();
         for task in feeding {
@@ -271,7 +265,10 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received; finishing in-flight requests");
 }
 
-pub fn router(state: AppState) -> Router {
+/// The whole HTTP surface. `limits` bound how long a request body may take: a body that
+/// pauses for longer than `body_timeout_ms`, or is not complete `body_deadline_ms` after the
+/// request began, fails its read, which handlers answer with a 408 in their own format.
+pub fn router(state: AppState, limits: &HttpSettings) -> Router {
     Router::new()
         .merge(fhir::routes())
         .merge(crate::eventstore::http::routes())
@@ -280,6 +277,8 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .fallback(not_found)
         .layer(middleware::from_fn(request_context))
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_millis(limits.body_timeout_ms)))
+        .layer(RequestBodyDeadlineLayer::new(Duration::from_millis(limits.body_deadline_ms)))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
             TraceLayer::new_for_http()
@@ -306,8 +305,16 @@ async fn request_context(mut request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
-async fn not_found(request: Request) -> FhirError {
-    FhirError::not_found(format!("no route for {} {}", request.method(), request.uri().path()))
+/// 404 in the format of the API the path is under: the event store's JSON under `/events`,
+/// an OperationOutcome everywhere else.
+async fn not_found(request: Request) -> Response {
+    let message = format!("no route for {} {}", request.method(), request.uri().path());
+    let path = request.uri().path();
+    if path == "/events" || path.starts_with("/events/") {
+        json_response(StatusCode::NOT_FOUND, json!({ "error": message }))
+    } else {
+        FhirError::not_found(message).into_response()
+    }
 }
 
 /// A plain JSON response (operational endpoints are not FHIR).

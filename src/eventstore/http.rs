@@ -26,7 +26,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::subscribe::subscribe;
-use super::{EventStore, EventStoreError, ExpectedVersion, NewEvent, StoredEvent, MAX_APPEND_BODY, MAX_APPEND_BYTES};
+use super::{
+    parse_position, EventStore, EventStoreError, ExpectedVersion, NewEvent, StoredEvent, MAX_APPEND_BODY,
+    MAX_APPEND_BYTES,
+};
 use crate::body::{read_limited, BodyError};
 use crate::state::AppState;
 
@@ -40,6 +43,7 @@ pub fn routes() -> Router<AppState> {
         .route("/events/subscribe", get(sse))
         .route("/events/{stream}", get(read_stream).post(append))
         .route("/events/{stream}/version", get(stream_version))
+        .layer(axum::middleware::from_fn(crate::rejection::events))
 }
 
 impl IntoResponse for EventStoreError {
@@ -55,6 +59,9 @@ impl IntoResponse for EventStoreError {
             }
             EventStoreError::TooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, json!({ "error": self.to_string(), "field": "body" }))
+            }
+            EventStoreError::TimedOut => {
+                (StatusCode::REQUEST_TIMEOUT, json!({ "error": self.to_string(), "field": "body" }))
             }
             EventStoreError::Unavailable(_) => {
                 tracing::warn!(error = %self, "event store unavailable");
@@ -80,9 +87,7 @@ impl Paging {
     fn parse(&self) -> Result<(u64, usize), EventStoreError> {
         let number = |field: &str, v: &Option<String>, default: u64| match v {
             None => Ok(default),
-            Some(s) => {
-                s.parse::<u64>().map_err(|_| EventStoreError::invalid(field, format!("'{s}' is not a number ≥ 0")))
-            }
+            Some(s) => parse_position(s).map_err(|m| EventStoreError::invalid(field, m)),
         };
         let from = number("from", &self.from, 0)?;
         let max = number("max", &self.max, DEFAULT_READ as u64)?;
@@ -199,6 +204,7 @@ async fn append(
             MAX_APPEND_BODY >> 20,
             MAX_APPEND_BYTES >> 20
         )),
+        BodyError::TimedOut => EventStoreError::TimedOut,
         BodyError::Unreadable(e) => EventStoreError::invalid("body", format!("could not be read: {e}")),
     })?;
     let expected = match headers.get("es-expected-version") {
@@ -225,14 +231,13 @@ async fn sse(
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, EventStoreError> {
     // Last-Event-ID (a reconnect) wins over `from`: it is the last position delivered.
-    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-    let from = match (resume, &q.from) {
+    let from = match (headers.get("last-event-id"), &q.from) {
         (Some(id), _) => {
-            id.trim().parse::<u64>().map_err(|_| EventStoreError::invalid("Last-Event-ID", "not a position"))? + 1
+            let id = id.to_str().map_err(|_| EventStoreError::invalid("Last-Event-ID", "not text"))?;
+            // `parse_position` leaves room for the + 1.
+            parse_position(id.trim()).map_err(|m| EventStoreError::invalid("Last-Event-ID", m))? + 1
         }
-        (None, Some(f)) => {
-            f.parse().map_err(|_| EventStoreError::invalid("from", format!("'{f}' is not a number ≥ 0")))?
-        }
+        (None, Some(f)) => parse_position(f).map_err(|m| EventStoreError::invalid("from", m))?,
         (None, None) => 0,
     };
     let events = subscribe(state.events.clone(), from, 1000).map(|r| -> Result<Event, Infallible> {

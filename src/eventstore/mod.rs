@@ -45,9 +45,23 @@ impl ExpectedVersion {
             ExpectedVersion::Any => true,
             ExpectedVersion::NoStream => current < 0,
             ExpectedVersion::Exists => current >= 0,
-            ExpectedVersion::Exact(n) => current == n as i64,
+            ExpectedVersion::Exact(n) => i64::try_from(n).is_ok_and(|n| n == current),
         }
     }
+}
+
+/// The largest position or stream version a request may name: positions and versions are
+/// stored as `i64`, and a reader asks for "the one after" (`+ 1`), which must not overflow.
+pub const MAX_POSITION: u64 = i64::MAX as u64 - 1;
+
+/// A position or version from a request: decimal digits, 0 to [`MAX_POSITION`]. Anything else
+/// (a sign, spaces inside, a number past the range) is an error message naming the range,
+/// never a wrap to another number.
+pub fn parse_position(text: &str) -> Result<u64, String> {
+    text.parse::<u64>()
+        .ok()
+        .filter(|n| *n <= MAX_POSITION && text.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| format!("'{text}' is not a number from 0 to {MAX_POSITION}"))
 }
 
 impl FromStr for ExpectedVersion {
@@ -57,8 +71,10 @@ impl FromStr for ExpectedVersion {
             "any" => Ok(ExpectedVersion::Any),
             "no-stream" => Ok(ExpectedVersion::NoStream),
             "exists" => Ok(ExpectedVersion::Exists),
-            n => n.parse::<u64>().map(ExpectedVersion::Exact).map_err(|_| {
-                format!("'{n}' is not an expected version: use any, no-stream, exists or a version number (0 or more)")
+            n => parse_position(n).map(ExpectedVersion::Exact).map_err(|_| {
+                format!(
+                    "'{n}' is not an expected version: use any, no-stream, exists or a version number (0 to {MAX_POSITION})"
+                )
             }),
         }
     }
@@ -157,6 +173,9 @@ pub enum EventStoreError {
     /// The request body is larger than an append can be (413).
     #[error("body: {0}")]
     TooLarge(String),
+    /// The request body did not arrive in time (408).
+    #[error("body: did not arrive in time; the client paused too long or sent too slowly")]
+    TimedOut,
     /// The stores did not answer, or the outcome of an append is unknown: retrying with
     /// the same event ids is safe.
     #[error("event store unavailable: {0}")]

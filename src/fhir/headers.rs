@@ -14,11 +14,19 @@ pub fn etag(version: i64) -> String {
     format!("W/\"{version}\"")
 }
 
-/// Parses `W/"3"` (also `"3"` and `3`) to a version number.
+/// Parses `W/"3"` (also `"3"`, and a bare `3` as some clients send it) to a version
+/// number. Quotes must come in a pair around the digits (RFC 9110 entity-tag): `"3`, `3"`,
+/// `W/3"` and `""3""` are not ETags, nor is anything but decimal digits inside.
 pub fn parse_etag(value: &str) -> Option<i64> {
     let v = value.trim();
     let v = v.strip_prefix("W/").unwrap_or(v);
-    let v = v.trim_matches('"');
+    let v = match v.strip_prefix('"') {
+        Some(quoted) => quoted.strip_suffix('"')?,
+        None => v,
+    };
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     v.parse().ok().filter(|n: &i64| *n > 0)
 }
 
@@ -62,6 +70,7 @@ pub fn require_content_type(headers: &HeaderMap, allowed: &[&str]) -> Result<(),
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, FhirError> {
     crate::body::read_limited(headers, body, limit).await.map_err(|e| match e {
         BodyError::TooLarge => FhirError::payload_too_large(limit),
+        BodyError::TimedOut => FhirError::request_timeout(),
         BodyError::Unreadable(e) => FhirError::bad_request(format!("could not read the request body: {e}")),
     })
 }
@@ -173,6 +182,12 @@ mod tests {
         assert_eq!(parse_etag("\"3\""), Some(3));
         assert_eq!(parse_etag("W/\"x\""), None);
         assert_eq!(parse_etag("W/\"0\""), None);
+        assert_eq!(parse_etag("3"), Some(3));
+        for malformed in
+            ["\"1", "1\"", "W/1\"", "\"\"1\"\"", "W/\"+1\"", "\" 1\"", "W/\"\"", "W/\"99999999999999999999\""]
+        {
+            assert_eq!(parse_etag(malformed), None, "{malformed}");
+        }
     }
 
     #[test]

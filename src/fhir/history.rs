@@ -13,7 +13,7 @@ use super::headers::{self, fhir_json};
 use super::search::{param, DEFAULT_COUNT, MAX_COUNT};
 use super::{known_type, valid_id};
 use crate::error::FhirError;
-use crate::model::datetime::parse_instant;
+use crate::model::datetime::{self, parse_instant};
 use crate::pipeline::save::store_error;
 use crate::state::AppState;
 use crate::store::mongo::history_key;
@@ -51,7 +51,7 @@ fn parse(query: &str, strict: bool) -> Result<HistoryParams, FhirError> {
         Some(v) => {
             let t = parse_instant(v)
                 .ok_or_else(|| FhirError::bad_request(format!("_since: '{v}' is not a FHIR instant")))?;
-            Some(DateTime::from_millis((t.start.unix_timestamp_nanos() / 1_000_000) as i64))
+            Some(datetime::to_bson(t.start))
         }
     };
     let cursor = match param(query, "_cursor") {
@@ -59,7 +59,7 @@ fn parse(query: &str, strict: bool) -> Result<HistoryParams, FhirError> {
         Some(c) => {
             let bad = || FhirError::bad_request("_cursor: this paging cursor is not valid for this history");
             let (ms, key) = c.strip_prefix("h:").and_then(|r| r.split_once(':')).ok_or_else(bad)?;
-            Some((DateTime::from_millis(ms.parse().map_err(|_| bad())?), key.to_string()))
+            Some((ms.parse().ok().and_then(datetime::bson_from_millis).ok_or_else(bad)?, key.to_string()))
         }
     };
     Ok(HistoryParams { count, since, since_raw, cursor })

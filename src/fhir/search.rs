@@ -4,13 +4,13 @@
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use bson::{doc, Bson, DateTime, Document};
+use bson::{doc, Bson, Document};
 
 use super::bundle::{searchset, Links};
 use super::headers::{self, fhir_json};
 use super::known_type;
 use crate::error::{operation_outcome, FhirError, IssueCode};
-use crate::model::datetime::{parse_date_time, FhirDateTime};
+use crate::model::datetime::{self, parse_date_time, FhirDateTime};
 use crate::model::validate::is_valid_id;
 use crate::pipeline::save::store_error;
 use crate::state::AppState;
@@ -110,9 +110,7 @@ fn last_updated_condition(value: &str) -> Result<Document, FhirError> {
     let parsed: FhirDateTime = parse_date_time(date)
         .ok_or_else(|| FhirError::bad_request(format!("_lastUpdated: '{date}' is not a FHIR date or dateTime")))?;
     let (start, end) = parsed.range();
-    let ms =
-        |t: time::OffsetDateTime| Bson::DateTime(DateTime::from_millis((t.unix_timestamp_nanos() / 1_000_000) as i64));
-    let (s, e) = (ms(start), ms(end));
+    let (s, e) = (Bson::DateTime(datetime::to_bson(start)), Bson::DateTime(datetime::to_bson(end)));
     Ok(match prefix {
         "eq" => doc! { "lastUpdated": { "$gte": s, "$lt": e } },
         "ne" => doc! { "$or": [ { "lastUpdated": { "$lt": s } }, { "lastUpdated": { "$gte": e } } ] },
@@ -235,8 +233,8 @@ impl SearchParams {
                     Some(c) => {
                         let rest = c.strip_prefix("lu:").ok_or_else(bad)?;
                         let (ms, id) = rest.split_once(':').ok_or_else(bad)?;
-                        let ms: i64 = ms.parse().map_err(|_| bad())?;
-                        Some((DateTime::from_millis(ms), id.to_string()))
+                        let at = ms.parse().ok().and_then(datetime::bson_from_millis).ok_or_else(bad)?;
+                        Some((at, id.to_string()))
                     }
                 },
             },

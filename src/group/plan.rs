@@ -8,11 +8,13 @@
 //! Rules:
 //! * `add /member/-` and `add /member/N` add a member at the end (the stable order is the
 //!   order of addition; an index on `add` is accepted but not honoured). Adding a member
-//!   that is already active is a no-op.
+//!   that is already active is a no-op, but its value is validated all the same.
 //! * `remove /member/N` removes the N-th member of the virtual list, so earlier operations
 //!   of the same patch shift indexes exactly as RFC 6902 says.
 //! * `remove /member` with `value.entity.reference` (the extension of the peer server)
-//!   removes that member if active; without a value it removes every member.
+//!   removes that member; a member that is not active is a 422 naming the operation, as
+//!   RFC 6902 makes removing a missing target an error. Without a value it removes every
+//!   member.
 //! * `replace /member/N` with the same entity updates it; with another entity it removes
 //!   the old and adds the new. `add`/`replace`/`remove`/`test` below `/member/N/` change or
 //!   check that member (`entity` cannot change: remove and add instead).
@@ -346,9 +348,10 @@ impl<'a> Planner<'a> {
                 ),
             )
         })?;
-        if self.add_compact(Cow::Owned(compact)).await? {
-            self.check_later(index, member);
-        }
+        // Validated whether or not it changes anything: a no-op add is no licence for an
+        // invalid value.
+        self.check_later(index, member);
+        self.add_compact(Cow::Owned(compact)).await?;
         Ok(())
     }
 
@@ -365,10 +368,10 @@ impl<'a> Planner<'a> {
         Ok(true)
     }
 
-    /// Removes a member if it is active.
-    pub async fn remove(&mut self, reference: &str) -> Result<(), FhirError> {
+    /// Removes a member if it is active; false when it was not.
+    pub async fn remove(&mut self, reference: &str) -> Result<bool, FhirError> {
         let Some((_, position)) = self.current(reference).await? else {
-            return Ok(());
+            return Ok(false);
         };
         if let Some(i) = self.appended.iter().position(|r| r == reference) {
             self.appended.remove(i);
@@ -377,7 +380,7 @@ impl<'a> Planner<'a> {
         }
         self.draft(EventType::Removed, Cow::Owned(CompactMember::gone(reference)), Some(position));
         self.touched.insert(reference.to_string(), Touched::Removed);
-        Ok(())
+        Ok(true)
     }
 
     fn update(&mut self, index: usize, member: Value, position: u64) {
@@ -498,7 +501,11 @@ impl<'a> Planner<'a> {
                 let reference = member_reference(value)
                     .ok_or_else(|| op_error(index, &path, "remove by value needs value.entity.reference"))?
                     .to_string();
-                self.remove(&reference).await
+                // RFC 6902: removing what is not there is an error, not a silent success.
+                match self.remove(&reference).await? {
+                    true => Ok(()),
+                    false => Err(op_error(index, &path, format!("{reference} is not an active member of the group"))),
+                }
             }
             (Operation::Remove { value: None, .. }, 1) => {
                 for reference in self.all_active().await? {
@@ -521,7 +528,7 @@ impl<'a> Planner<'a> {
             }
             (Operation::Remove { .. }, 2) => {
                 let (reference, _, _) = self.resolve(index, &path, &tokens[1]).await?;
-                self.remove(&reference).await
+                self.remove(&reference).await.map(drop)
             }
             (Operation::Replace { value, .. }, 2) => {
                 let found = self.resolve(index, &path, &tokens[1]).await?;
@@ -606,7 +613,7 @@ impl<'a> Planner<'a> {
             };
         };
         match op {
-            MemberOp::Remove(_) => self.remove(&found.0).await,
+            MemberOp::Remove(_) => self.remove(&found.0).await.map(drop),
             MemberOp::Replace(_, value) => self.replace_member(index, found, value).await,
             MemberOp::Edit(_, edit) => {
                 let (_, current, position) = found;

@@ -81,9 +81,19 @@ pub fn is_keyed(op: &MemberOp) -> bool {
     }
 }
 
-/// (member operations with their index in the patch, the other operations).
-pub fn split(patch: Patch) -> Result<(Vec<(usize, MemberOp)>, Patch), SplitError> {
-    match patch {
+/// A patch split in two: the member operations and the rest, each with the index its
+/// operations had in the patch the client sent (errors name those).
+pub struct Split {
+    pub member: Vec<(usize, MemberOp)>,
+    pub other: Patch,
+    /// `other_numbers[i]`: the index of `other`'s operation `i` in the whole patch.
+    pub other_numbers: Vec<usize>,
+}
+
+/// Splits a Group patch into member operations and the others.
+pub fn split(patch: Patch) -> Result<Split, SplitError> {
+    let mut other_numbers = Vec::new();
+    let (member, other) = match patch {
         Patch::Json(ops) => {
             let mut member = Vec::new();
             let mut other = Vec::new();
@@ -92,9 +102,10 @@ pub fn split(patch: Patch) -> Result<(Vec<(usize, MemberOp)>, Patch), SplitError
                     member.push((i, MemberOp::Json(op)));
                 } else {
                     other.push(op);
+                    other_numbers.push(i);
                 }
             }
-            Ok((member, Patch::Json(other)))
+            (member, Patch::Json(other))
         }
         Patch::Merge(mut doc) => {
             let member = match doc.shift_remove("member") {
@@ -114,7 +125,7 @@ pub fn split(patch: Patch) -> Result<(Vec<(usize, MemberOp)>, Patch), SplitError
                     })
                 }
             };
-            Ok((member, Patch::Merge(doc)))
+            (member, Patch::Merge(doc))
         }
         Patch::FhirPath(ops) => {
             let mut member = Vec::new();
@@ -127,12 +138,16 @@ pub fn split(patch: Patch) -> Result<(Vec<(usize, MemberOp)>, Patch), SplitError
                     reason,
                 })? {
                     Some(m) => member.push((i, m)),
-                    None => other.push(op),
+                    None => {
+                        other.push(op);
+                        other_numbers.push(i);
+                    }
                 }
             }
-            Ok((member, Patch::FhirPath(other)))
+            (member, Patch::FhirPath(other))
         }
-    }
+    };
+    Ok(Split { member, other, other_numbers })
 }
 
 const SELECTORS: &str = "on Group.member, a FHIRPath Patch selects one member by [n], first(), last() or \
@@ -207,9 +222,10 @@ mod tests {
             {"op":"add","path":"/memberX","value":1}
         ]))
         .unwrap();
-        let (member, other) = split(Patch::Json(ops)).unwrap();
+        let Split { member, other, other_numbers } = split(Patch::Json(ops)).unwrap();
         assert_eq!(member.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 2, 3]);
         assert_eq!(other.len(), 2);
+        assert_eq!(other_numbers, [1, 4], "the others keep their place in the client's patch");
         let keyed: Vec<bool> = member.iter().map(|(_, op)| is_keyed(op)).collect();
         assert_eq!(keyed, [true, false, false]);
         let by_value = parse(&json!([{"op":"remove","path":"/member","value":{"entity":{"reference":"Patient/1"}}}]));
@@ -219,10 +235,10 @@ mod tests {
     #[test]
     fn merge_patch_member_replaces_or_clears() {
         let doc = json!({"name":"n","member":[{"entity":{"reference":"Patient/1"}}]});
-        let (member, rest) = split(Patch::Merge(doc.as_object().unwrap().clone())).unwrap();
+        let Split { member, other, .. } = split(Patch::Merge(doc.as_object().unwrap().clone())).unwrap();
         assert!(matches!(&member[0].1, MemberOp::Json(Operation::Replace { path, .. }) if path == "/member"));
-        assert_eq!(rest.len(), 1);
-        let (member, _) = split(Patch::Merge(json!({"member":null}).as_object().unwrap().clone())).unwrap();
+        assert_eq!(other.len(), 1);
+        let Split { member, .. } = split(Patch::Merge(json!({"member":null}).as_object().unwrap().clone())).unwrap();
         assert!(matches!(&member[0].1, MemberOp::Json(Operation::Remove { value: None, .. })));
         assert!(split(Patch::Merge(json!({"member":3}).as_object().unwrap().clone())).is_err());
     }
@@ -238,17 +254,17 @@ mod tests {
     fn fhirpath_member_operations_map_to_selectors() {
         let value = json!({"name":"value","part":[{"name":"entity","valueReference":{"reference":"Patient/9"}}]});
         let name = json!({"name":"name","valueString":"member"});
-        let (m, rest) = split(fhirpath("add", "Group", vec![name, value.clone()])).unwrap();
+        let Split { member: m, other: rest, .. } = split(fhirpath("add", "Group", vec![name, value.clone()])).unwrap();
         assert!(matches!(&m[0].1, MemberOp::Add(v) if v["entity"]["reference"] == "Patient/9") && rest.is_empty());
-        let (m, _) = split(fhirpath("delete", "Group.member.where(entity.reference='Patient/9')", vec![])).unwrap();
+        let m = split(fhirpath("delete", "Group.member.where(entity.reference='Patient/9')", vec![])).unwrap().member;
         assert!(matches!(&m[0].1, MemberOp::Remove(Selector::Reference(r)) if r == "Patient/9"));
         assert!(is_keyed(&m[0].1));
-        let (m, _) = split(fhirpath("delete", "Group.member.last()", vec![])).unwrap();
+        let m = split(fhirpath("delete", "Group.member.last()", vec![])).unwrap().member;
         assert!(matches!(&m[0].1, MemberOp::Remove(Selector::Last)));
         let period = json!({"name":"value","valueDateTime":"2024-01-01"});
-        let (m, _) = split(fhirpath("replace", "Group.member[2].period.start", vec![period])).unwrap();
+        let m = split(fhirpath("replace", "Group.member[2].period.start", vec![period])).unwrap().member;
         assert!(matches!(&m[0].1, MemberOp::Edit(Selector::At(2), op) if op.path.len() == 2));
-        let (m, rest) =
+        let Split { member: m, other: rest, .. } =
             split(fhirpath("replace", "Group.name", vec![json!({"name":"value","valueString":"x"})])).unwrap();
         assert!(m.is_empty() && rest.len() == 1);
         for refused in ["Group.member", "Group.member.where(inactive=true)", "Group.member[0].entity.reference"] {

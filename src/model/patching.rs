@@ -40,14 +40,28 @@ impl Patch {
     /// Applies the patch to `doc` whole or not at all; the error names the failing
     /// operation (index and path) where the format has operations.
     pub fn apply(&self, doc: &mut Value) -> Result<(), String> {
+        self.apply_numbered(doc, &[])
+    }
+
+    /// [`Self::apply`] for a patch that is part of a larger one (the operations left after a
+    /// Group's member operations are split off): `numbers[i]` is operation `i`'s index in the
+    /// patch the client sent, so an error names the operation the client wrote.
+    pub fn apply_numbered(&self, doc: &mut Value, numbers: &[usize]) -> Result<(), String> {
+        let number = |i: usize| numbers.get(i).copied().unwrap_or(i);
         match self {
-            Patch::Json(ops) => patch::apply(doc, ops).map_err(|e| e.to_string()),
+            Patch::Json(ops) => patch::apply(doc, ops).map_err(|mut e| {
+                e.index = number(e.index);
+                e.to_string()
+            }),
             Patch::Merge(m) => {
                 merge(doc, m);
                 Ok(())
             }
             Patch::FhirPath(ops) => {
-                fhirpath_patch::apply(doc, ops).map_err(|e| e.to_string())?;
+                fhirpath_patch::apply(doc, ops).map_err(|mut e| {
+                    e.index = number(e.index);
+                    e.to_string()
+                })?;
                 super::validate::repeat_as_arrays(doc);
                 Ok(())
             }

@@ -2,7 +2,8 @@
 //!
 //! 1. structure, via the `fhir-model` facade (fhirbolt, strict R4: unknown elements, wrong
 //!    JSON types, missing required elements);
-//! 2. what fhirbolt does not check: R4 primitive formats and the required code bindings of
+//! 2. what fhirbolt does not check: R4 primitive formats, JSON numbers and booleans and the
+//!    ranges of the integer types (`json_primitives`), and the required code bindings of
 //!    elements this server interprets.
 //!
 //! Layer 2 works on JSON by element name, which FHIR's JSON rules make reliable for choice
@@ -42,6 +43,11 @@ pub fn validate_resource(resource_type: &str, resource: &Value) -> Result<(), Fh
     let mut checker = Checker { errors: Vec::new() };
     checker.resource(resource_type, object, resource_type);
     if let Some((path, msg)) = checker.errors.into_iter().next() {
+        return Err(FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Value, msg).at(path));
+    }
+    // Before fhirbolt, which would wrap an out-of-range integer, take a string for a number,
+    // or refuse without naming the element.
+    if let Some((path, msg)) = super::json_primitives::out_of_range(resource_type, object) {
         return Err(FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Value, msg).at(path));
     }
     let typed = fhir_model::parse(resource).map_err(|message| structural_error(resource_type, resource, &message))?;

@@ -111,12 +111,12 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         Change::Patch(_) | Change::Delete => {}
     }
     // A Group PATCH's member operations are split from the rest once, whatever the retries.
-    let (change, member_ops) = match req.change {
+    let (change, member_ops, numbers) = match req.change {
         Change::Patch(ops) if member_events => {
-            let (member, other) = split::split(ops).map_err(|e| FhirError::unprocessable(e.to_string()))?;
-            (Change::Patch(other), member)
+            let split = split::split(ops).map_err(|e| FhirError::unprocessable(e.to_string()))?;
+            (Change::Patch(split.other), split.member, split.other_numbers)
         }
-        other => (other, Vec::new()),
+        other => (other, Vec::new(), Vec::new()),
     };
     // A POST's fresh id has no other writer; everything else queues per resource.
     let _queued = match change {
@@ -187,10 +187,11 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                     let members = (!member_ops.is_empty()).then_some(MemberChange::Ops(&member_ops));
                     // Only members change: the stored content stays as it is, but for meta.
                     meta_only = ops.is_empty();
-                    let resource = if meta_only { Value::Object(old) } else { patched(rt, req.id, old, ops)? };
+                    let resource =
+                        if meta_only { Value::Object(old) } else { patched(rt, req.id, old, ops, &numbers)? };
                     (Interaction::Patch, Some(resource), members)
                 } else {
-                    (Interaction::Patch, Some(patched(rt, req.id, old, ops)?), None)
+                    (Interaction::Patch, Some(patched(rt, req.id, old, ops, &numbers)?), None)
                 }
             }
             Change::Delete => match &current {
@@ -275,6 +276,23 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                     .await
                     .map_err(|e| FhirError::unavailable(format!("the member store is unavailable: {e}")))?,
             };
+        }
+        // A write that changes nothing (an empty patch, re-adding an active member, a PUT of
+        // the same content) answers the current version and writes nothing: no version, no
+        // history entry, no event. A guessed base is re-read first, so the answer is never a
+        // version this process merely remembers.
+        if let (Some(c), Some(new), None) = (live, stored.as_ref(), &staged) {
+            let old = c.resource.as_ref();
+            if interaction != Interaction::Create && old.is_some_and(|old| same_content(old, new)) {
+                if guessed {
+                    store.forget_recent(rt, req.id);
+                    continue;
+                }
+                let mut version = c.clone();
+                version.outbox.clear();
+                version.version_log.clear();
+                return Ok(SaveOutcome { version, created: false, changed: false, member_count });
+            }
         }
         // The base version goes to the log when it is not in history yet (only a member-only
         // PATCH defers that; every other write finds the log copied and empty).
@@ -518,6 +536,26 @@ fn finish_later(state: &AppState, rt: &str, committed: bson::Document, member_ev
     });
 }
 
+/// Whether two versions of a resource have the same content: equal but for
+/// `meta.versionId` and `meta.lastUpdated`, which every write sets.
+fn same_content(old: &Map<String, Value>, new: &Map<String, Value>) -> bool {
+    fn meta_rest(resource: &Map<String, Value>) -> Vec<(&String, &Value)> {
+        match resource.get("meta") {
+            Some(Value::Object(meta)) => {
+                meta.iter().filter(|(k, _)| !matches!(k.as_str(), "versionId" | "lastUpdated")).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+    let content = |r: &Map<String, Value>| r.iter().filter(|(k, _)| *k != "meta").count();
+    content(old) == content(new) && new.iter().filter(|(k, _)| *k != "meta").all(|(k, v)| old.get(k) == Some(v)) && {
+        let (mut a, mut b) = (meta_rest(old), meta_rest(new));
+        a.sort_by_key(|(k, _)| *k);
+        b.sort_by_key(|(k, _)| *k);
+        a == b
+    }
+}
+
 /// After losing a version race to another process: wait a random 0..2^attempt ms (at most
 /// 50 ms) so the writers spread out.
 async fn backoff(attempt: usize) {
@@ -527,10 +565,10 @@ async fn backoff(attempt: usize) {
 }
 
 /// Applies a patch and validates the result (422 when either fails). Empty elements the
-/// patch leaves behind are dropped, as on every write.
-fn patched(rt: &str, id: &str, old: Map<String, Value>, ops: &Patch) -> Result<Value, FhirError> {
+/// patch leaves behind are dropped, as on every write. `numbers`: see `Patch::apply_numbered`.
+fn patched(rt: &str, id: &str, old: Map<String, Value>, ops: &Patch, numbers: &[usize]) -> Result<Value, FhirError> {
     let mut doc = Value::Object(old);
-    ops.apply(&mut doc)
+    ops.apply_numbered(&mut doc, numbers)
         .map_err(|e| FhirError::unprocessable(format!("the {} cannot be applied: {e}", ops.format())))?;
     lenient::drop_empty(&mut doc, rt);
     if doc.get("id").and_then(Value::as_str) != Some(id) {

@@ -91,9 +91,10 @@ async fn post_ignores_the_body_id() {
 #[tokio::test]
 async fn if_match_guards_updates_and_deletes() {
     let app = spawn_app().await;
-    let body = json(app.post("Patient", &patient("Curie")).await).await;
-    let id = body["id"].as_str().unwrap();
+    let mut body = json(app.post("Patient", &patient("Curie")).await).await;
+    let id = body["id"].as_str().unwrap().to_string();
     let path = format!("Patient/{id}");
+    body["gender"] = json!("other"); // a change: a PUT of the same content writes nothing
 
     assert_outcome(app.put_if_match(&path, &body, "W/\"7\"").await, 412).await;
     let ok = app.put_if_match(&path, &body, "W/\"1\"").await;
@@ -235,8 +236,9 @@ async fn prefer_return_controls_the_body() {
 #[tokio::test]
 async fn history_is_repaired_after_a_crash_between_commit_and_copy() {
     let app = spawn_app().await;
-    let body = json(app.post("Patient", &patient("Crash")).await).await;
+    let mut body = json(app.post("Patient", &patient("Crash")).await).await;
     let id = body["id"].as_str().unwrap().to_string();
+    body["gender"] = json!("other");
     app.put(&format!("Patient/{id}"), &body).await;
     // The PUT's own background copy finishes first (it would otherwise clear the flag set
     // below: in a real crash there is no such task).

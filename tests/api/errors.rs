@@ -101,8 +101,9 @@ async fn not_found_gone_and_method_not_allowed() {
 #[tokio::test]
 async fn conflict_on_a_stale_version_in_the_body() {
     let app = spawn_app().await;
-    let v1 = json(app.post("Patient", &patient("Stale")).await).await;
-    let id = v1["id"].as_str().unwrap();
+    let mut v1 = json(app.post("Patient", &patient("Stale")).await).await;
+    let id = v1["id"].as_str().unwrap().to_string();
+    v1["gender"] = json!("other");
     assert_eq!(app.put(&format!("Patient/{id}"), &v1).await.status(), 200);
     // v1 still says meta.versionId 1; the resource is at 2.
     let issue = assert_outcome(app.put(&format!("Patient/{id}"), &v1).await, 409).await;
@@ -193,7 +194,7 @@ async fn an_unreachable_store_is_a_503() {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, roster::startup::router(state)).await });
+    tokio::spawn(async move { axum::serve(listener, roster::startup::router(state, &settings.http)).await });
     let client = reqwest::Client::new();
     let r = client.get(format!("http://{address}/4_0_0/Patient/x")).send().await.unwrap();
     assert_outcome(r, 503).await;

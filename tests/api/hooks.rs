@@ -19,8 +19,9 @@ async fn post_save_hooks_see_every_write_with_its_request_context() {
         .await
         .unwrap();
     assert_eq!(created.headers()["x-request-id"], "req-create-1", "the request id is echoed");
-    let body = json(created).await;
+    let mut body = json(created).await;
     let id = body["id"].as_str().unwrap().to_string();
+    body["active"] = json!(true);
     let updated = app.put(&format!("Patient/{id}"), &body).await;
     let generated = updated.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(generated.len(), 36, "a request id is generated when absent");

@@ -9,6 +9,7 @@ mod faults;
 mod group;
 mod helpers;
 mod hooks;
+mod hostile;
 mod interop;
 mod ops;
 mod patch;

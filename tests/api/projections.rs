@@ -27,6 +27,15 @@ async fn spawn(projections: bool) -> TestApp {
 }
 
 async fn graphql(app: &TestApp, query: &str) -> Value {
+    graphql_answering(app, query, 200).await
+}
+
+/// A query that cannot be parsed or validated: 400 (GraphQL over HTTP), errors in the body.
+async fn graphql_refused(app: &TestApp, query: &str) -> Value {
+    graphql_answering(app, query, 400).await
+}
+
+async fn graphql_answering(app: &TestApp, query: &str, status: u16) -> Value {
     let r = app
         .client
         .post(format!("{}/graphql", app.address))
@@ -34,7 +43,7 @@ async fn graphql(app: &TestApp, query: &str) -> Value {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), status, "{query}");
     json(r).await
 }
 
@@ -161,12 +170,12 @@ async fn read_models_and_graphql_follow_fhir_writes() {
     );
     let bad = graphql(&app, r#"{ patientTimeline(mrn: "MRN-1", first: 0) { position } }"#).await;
     assert!(bad["errors"][0]["message"].as_str().unwrap().contains("first"), "{bad}");
-    let unknown = graphql(&app, "{ nothingLikeThis }").await;
+    let unknown = graphql_refused(&app, "{ nothingLikeThis }").await;
     assert!(unknown["errors"][0]["message"].as_str().unwrap().contains("nothingLikeThis"), "{unknown}");
     let r = app.client.post(format!("{}/graphql", app.address)).body("not json").send().await.unwrap();
     assert!(json(r).await["errors"][0]["message"].as_str().unwrap().contains("not a GraphQL request"));
     let many: String = (0..600).map(|i| format!("a{i}: projectionStatus {{ name }} ")).collect();
-    let costly = graphql(&app, &format!("{{ {many} }}")).await;
+    let costly = graphql_refused(&app, &format!("{{ {many} }}")).await;
     assert!(costly["errors"][0]["message"].as_str().unwrap().to_lowercase().contains("complex"), "{costly}");
     let page = app.client.get(format!("{}/graphql", app.address)).send().await.unwrap();
     assert!(page.text().await.unwrap().contains("GraphiQL"));
