@@ -157,6 +157,7 @@ impl Application {
     /// Serves until `stop` resolves, with the background recovery running meanwhile.
     pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let recovery = tokio::spawn(background_recovery(self.state.store.clone(), self.state.flusher.clone()));
+        self.state.events.recover_journal();
         let feeding = match self.background.projections.clone() {
             Some(config) => {
                 let state = &self.state;

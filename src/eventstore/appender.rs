@@ -71,6 +71,8 @@ const MAX_UNFLUSHED: u64 = 200_000;
 const HEADS_KEPT: usize = 100_000;
 /// Longest a releasing holder waits for its flusher.
 const DRAIN: Duration = Duration::from_secs(3);
+/// How often a waiting appender reads the lease to see whether its holder died.
+const DEAD_CHECK: Duration = Duration::from_millis(250);
 
 /// Lease length and injected stalls (each happens once, in the first cycle that reaches
 /// it), for fault tests. The defaults are the product's.
@@ -186,6 +188,10 @@ pub struct Appender {
     faults: Faults,
     /// The injected stalls still to happen: before the write, after it, before a flush.
     stalls: [bool; 3],
+    /// When the lease's holder was last checked for being dead.
+    dead_checked: Option<Instant>,
+    /// A reader found journaled events nobody flushes: take the lease to flush them.
+    recover: Arc<Notify>,
 }
 
 impl Appender {
@@ -195,6 +201,7 @@ impl Appender {
         last: Arc<watch::Sender<i64>>,
         recent: Arc<Recent>,
         hurry: Arc<Notify>,
+        recover: Arc<Notify>,
         faults: Faults,
     ) -> Appender {
         let stalls = [!faults.before_write.is_zero(), !faults.after_write.is_zero(), !faults.before_flush.is_zero()];
@@ -207,6 +214,8 @@ impl Appender {
             hurry,
             faults,
             stalls,
+            dead_checked: None,
+            recover,
         }
     }
 
@@ -237,7 +246,18 @@ impl Appender {
                         }
                     }
                 },
-                None => rx.recv().await,
+                // No lease: wait for an append, or for a reader that found journaled events
+                // nobody is flushing (a holder that died): then take the lease, which
+                // flushes the journal first, and let it go once idle.
+                None => tokio::select! {
+                    r = rx.recv() => r,
+                    () = self.recover.notified() => {
+                        if let Err(e) = self.hold(&mut tenure).await {
+                            tracing::warn!(error = %e, "could not take the log lease to flush the journal");
+                        }
+                        continue;
+                    }
+                },
             };
             let Some(first) = first else { break };
             let batch = gather(first, &mut rx, expect).await;
@@ -305,19 +325,34 @@ impl Appender {
         let started = Instant::now();
         let now = DateTime::now();
         let until = DateTime::from_millis(now.timestamp_millis() + self.faults.lease.as_millis() as i64);
+        let lease = doc! { "by": &id, "until": until, "holder": crate::store::holder::this_process() };
+        let free =
+            doc! { "_id": "log", "$or": [ { "lease": { "$exists": false } }, { "lease.until": { "$lt": now } } ] };
         let before = self
             .log
-            .find_one_and_update(
-                doc! { "_id": "log", "$or": [ { "lease": { "$exists": false } }, { "lease.until": { "$lt": now } } ] },
-                doc! { "$set": { "lease": { "by": &id, "until": until } } },
-            )
+            .find_one_and_update(free, doc! { "$set": { "lease": lease.clone() } })
             .upsert(true)
             .return_document(ReturnDocument::Before)
             .await;
         let before = match before {
             Ok(b) => b,
-            // The upsert collided with the existing, held document.
-            Err(e) if is_duplicate_key(&e) => return Ok(None),
+            // The upsert collided with the existing, held document: unless its holder is a
+            // process that is gone (this machine's previous run), wait for it.
+            Err(e) if is_duplicate_key(&e) => match self.dead_holder().await? {
+                None => return Ok(None),
+                Some(by) => {
+                    tracing::info!("taking over the log lease of a process that is gone");
+                    let taken = self
+                        .log
+                        .find_one_and_update(doc! { "_id": "log", "lease.by": by }, doc! { "$set": { "lease": lease } })
+                        .return_document(ReturnDocument::Before)
+                        .await?;
+                    match taken {
+                        Some(before) => Some(before),
+                        None => return Ok(None),
+                    }
+                }
+            },
             Err(e) => return Err(e.into()),
         };
         let deadline = started + self.faults.lease - MARGIN;
@@ -358,6 +393,21 @@ impl Appender {
         };
         let flushing = tokio::spawn(task.run(rx));
         Ok(Some(Tenure { id, deadline, next: (stored + 1) as u64, heads: HashMap::new(), flusher, flushing }))
+    }
+
+    /// The tenure id of the log lease when its holder is certainly dead (see
+    /// `store::holder`). Looked at most every [`DEAD_CHECK`] while the lease is contended.
+    async fn dead_holder(&mut self) -> Result<Option<String>, EventStoreError> {
+        if self.dead_checked.is_some_and(|t| t.elapsed() < DEAD_CHECK) {
+            return Ok(None);
+        }
+        self.dead_checked = Some(Instant::now());
+        let log = self.log.find_one(doc! { "_id": "log" }).projection(doc! { "lease": 1 }).await?;
+        let lease = log.as_ref().and_then(|d| d.get_document("lease").ok());
+        Ok(lease
+            .filter(|l| l.get_document("holder").is_ok_and(crate::store::holder::is_dead))
+            .and_then(|l| l.get_str("by").ok())
+            .map(str::to_string))
     }
 
     /// Waits (at most `within`) until ClickHouse holds everything this tenure journaled.

@@ -51,6 +51,9 @@ const SETTLE: Duration = Duration::from_secs(5);
 const SPLIT_READ: usize = 20_000;
 /// How often a waiting read asks ClickHouse whether another process flushed.
 const SETTLE_POLL: Duration = Duration::from_millis(25);
+/// How long a settling read waits for a flusher before asking its own appender to take
+/// the lease and flush (a live holder's flusher is done well within this).
+const RECOVER_AFTER: Duration = Duration::from_millis(300);
 
 /// One event row of `EventStore_Events`.
 #[derive(Debug, Clone, Row, Serialize, Deserialize)]
@@ -97,6 +100,9 @@ pub struct ClickHouseEventStore {
     recent: Arc<Recent>,
     /// Tells this process's flusher (when it holds the lease) that a read waits for it.
     hurry: Arc<Notify>,
+    /// Tells this process's appender (when it holds no lease) to take it and flush the
+    /// journal: journaled events wait and nobody may be flushing them.
+    recover: Arc<Notify>,
     /// How many callers wait in [`EventStore::wait_for_more`] (the poller only asks
     /// ClickHouse while someone does).
     waiting: Arc<AtomicUsize>,
@@ -121,12 +127,26 @@ impl ClickHouseEventStore {
         let journal = Journal::new(db, ch.clone());
         let recent = Arc::new(Recent::default());
         let hurry = Arc::new(Notify::new());
-        let appender = Appender::new(db, ch.clone(), last_tx.clone(), recent.clone(), hurry.clone(), faults);
+        let recover = Arc::new(Notify::new());
+        let appender =
+            Appender::new(db, ch.clone(), last_tx.clone(), recent.clone(), hurry.clone(), recover.clone(), faults);
         let task = tokio::spawn(appender.run(rx));
         let appender = Arc::new(std::sync::Mutex::new(Some(task)));
         let waiting = Arc::new(AtomicUsize::new(0));
         tokio::spawn(poll_for_others(journal.clone(), last_tx.clone(), Arc::downgrade(&waiting)));
-        ClickHouseEventStore { ch, journal, appends: tx, last, last_tx, recent, hurry, waiting, groups: None, appender }
+        ClickHouseEventStore {
+            ch,
+            journal,
+            appends: tx,
+            last,
+            last_tx,
+            recent,
+            hurry,
+            recover,
+            waiting,
+            groups: None,
+            appender,
+        }
     }
 
     /// Stops the appender once queued appends are done and releases the log lease (a
@@ -138,6 +158,24 @@ impl ClickHouseEventStore {
         if let Some(task) = task {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
+    }
+
+    /// At start-up: if the journal holds events ClickHouse may lack (a holder that died, this
+    /// machine's previous run perhaps), takes the log lease and flushes them, without
+    /// waiting for an append or a reader to ask.
+    pub fn recover_journal(&self) {
+        let (journal, recover) = (self.journal.clone(), self.recover.clone());
+        tokio::spawn(async move {
+            match (journal.pending_end().await, journal.last_stored().await) {
+                (Ok(Some(end)), Ok(stored)) if end > stored => {
+                    tracing::info!(stored, journaled = end, "flushing journaled events left by an earlier holder");
+                    recover.notify_one();
+                }
+                (Err(e), _) => tracing::warn!(error = %e, "could not look at the event journal at start-up"),
+                (_, Err(e)) => tracing::warn!(error = %e, "could not look at the event log at start-up"),
+                _ => {}
+            }
+        });
     }
 
     /// `group:` streams first finish the group's pending member batches with `flusher`.
@@ -166,6 +204,7 @@ impl ClickHouseEventStore {
             return Ok(());
         }
         self.hurry.notify_one();
+        let mut recovering = false;
         loop {
             // Another process's flusher raises nothing here: ask ClickHouse.
             raise(&self.last_tx, self.journal.last_stored().await?);
@@ -176,6 +215,13 @@ impl ClickHouseEventStore {
                 return Err(EventStoreError::Unavailable(format!(
                     "events up to position {end} are stored but ClickHouse does not hold them yet; retry"
                 )));
+            }
+            // Nothing moved for a while: maybe no process is flushing (the holder died, or
+            // released the lease without draining). This process's appender takes the lease
+            // when it can, and flushes the journal first.
+            if !recovering && tokio::time::Instant::now() > give_up - SETTLE + RECOVER_AFTER {
+                recovering = true;
+                self.recover.notify_one();
             }
             // This process's flusher wakes the watch at once; another's is looked for again
             // after a while (each look is a ClickHouse query, and reads may be many).
@@ -332,13 +378,15 @@ impl EventStore for ClickHouseEventStore {
     }
 
     async fn read_all(&self, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
-        // What ClickHouse holds is a gap-free prefix of the log, so returning it is never
-        // wrong, only short: when journaled events stay unflushed (a stalled holder, until
-        // its lease expires) the log is read as it is rather than failed.
-        if let Err(e) = self.settle().await {
-            tracing::debug!(error = %e, "read_all without the journaled events");
+        // What ClickHouse holds is a gap-free prefix of the log. When journaled events stay
+        // unflushed (a stalled holder, until its lease expires), a full page of that prefix
+        // is still exact; a short one would end before acknowledged events: 503 instead.
+        let settled = self.settle().await;
+        let events = self.read_stored(from, max).await?;
+        match settled {
+            Err(e) if events.len() < max => Err(e),
+            _ => Ok(events),
         }
-        self.read_stored(from, max).await
     }
 
     async fn read_log(&self, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {

@@ -33,6 +33,7 @@
 //! history read of its type, or the sweep at start-up. Nothing acknowledged is lost and no
 //! version is written twice.
 
+pub mod holder;
 pub mod mongo;
 pub mod version_log;
 
