@@ -5,7 +5,7 @@ CARGO_TARGET_DIR ?= $(HOME)/.cache/roster/target
 export CARGO_TARGET_DIR
 SERVICES := scripts/services.sh
 
-.PHONY: run test bench services-up services-down fmt lint
+.PHONY: run test bench fuzz services-up services-down fmt lint
 
 ## run: start the local services, apply migrations, serve on 127.0.0.1:8080
 ## (PROFILE=release: an optimized server, ~12 min to build cold, several times faster to serve)
@@ -34,6 +34,12 @@ bench:
 	eval "$$($(SERVICES) env test)" && $(BENCH_TARGET_DIR)/release/examples/bench $(BENCH_ARGS) \
 	  && $(BENCH_TARGET_DIR)/release/examples/bench_events $(BENCH_ARGS); \
 	  status=$$?; $(SERVICES) stop test; exit $$status
+
+## fuzz: the property tests (no parser input panics; a failed patch changes nothing) with
+## FUZZ_CASES cases each (default a million), optimized; `make test` runs 256 of each
+FUZZ_CASES ?= 1000000
+fuzz:
+	CARGO_TARGET_DIR=$(BENCH_TARGET_DIR) PROPTEST_CASES=$(FUZZ_CASES) cargo test --release --lib properties -- --test-threads=2
 
 services-up:
 	$(SERVICES) start dev

@@ -10,7 +10,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use mongodb::options::ClientOptions;
+use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use serde_json::json;
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -55,13 +55,32 @@ struct Background {
 
 /// Connects to MongoDB. Server selection is bounded so an unreachable store becomes a
 /// quick 503, not a 30 s hang.
+///
+/// Every write waits for MongoDB's journal (`j: true`), and on a replica set for a majority
+/// of its members (`w: "majority"`), unless the URI sets its own write concern: a client is
+/// answered after the version guard, the outbox batch, the event journal or a lease is
+/// written, and without `j` a standalone mongod acknowledges before its journal is flushed
+/// (every 100 ms), so a power failure could lose writes a client was told were stored.
+/// What it costs is in `docs/benchmarks.md`.
 pub async fn mongo_database(settings: &Settings) -> Result<mongodb::Database, BoxError> {
     let mut options = ClientOptions::parse(&settings.mongo.uri).await?;
     options.app_name.get_or_insert_with(|| "roster".to_string());
     options.server_selection_timeout.get_or_insert(Duration::from_secs(5));
     options.connect_timeout.get_or_insert(Duration::from_secs(5));
+    let replica_set = options.repl_set_name.is_some();
+    options.write_concern.get_or_insert_with(|| durable_writes(replica_set));
     let client = mongodb::Client::with_options(options)?;
     Ok(client.database(&settings.mongo.database))
+}
+
+/// The write concern of every write: journaled, and on a replica set acknowledged by a
+/// majority (a write only the old primary had is rolled back after a failover).
+pub fn durable_writes(replica_set: bool) -> WriteConcern {
+    let concern = WriteConcern::builder().journal(true);
+    match replica_set {
+        true => concern.w(Acknowledgment::Majority).build(),
+        false => concern.build(),
+    }
 }
 
 /// Applies both stores' migrations.

@@ -341,4 +341,103 @@ mod tests {
         assert!(run(json!([1]), json!([{"op":"add","path":"/01","value":2}])).is_err());
         assert!(run(json!([1]), json!([{"op":"remove","path":"/1"}])).is_err());
     }
+
+    mod properties {
+        //! No document and no patch make the engine panic; a failed patch changes nothing; a
+        //! successful add or replace is seen by a `test` of the same path.
+        //! `PROPTEST_CASES=1000000 cargo test --release --lib properties` (`make fuzz`).
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                "[a-c]{0,3}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 32, 4, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    proptest::collection::btree_map("[a-c01~/-]{0,2}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Pointers that often name something in [`json_value`]'s documents, and often not.
+        fn pointer() -> impl Strategy<Value = String> {
+            let segment = prop_oneof![
+                Just("a"),
+                Just("b"),
+                Just("c"),
+                Just("0"),
+                Just("1"),
+                Just("-"),
+                Just("~0"),
+                Just("~1"),
+                Just("~2"),
+                Just("01"),
+                Just(""),
+                Just("99999999999999999999999"),
+            ];
+            proptest::collection::vec(segment, 0..4).prop_map(|s| s.iter().map(|p| format!("/{p}")).collect())
+        }
+
+        fn operation() -> impl Strategy<Value = Value> {
+            let op = prop_oneof![
+                Just("add"),
+                Just("remove"),
+                Just("replace"),
+                Just("move"),
+                Just("copy"),
+                Just("test"),
+                Just("nope")
+            ];
+            (op, pointer(), pointer(), json_value(), any::<u8>()).prop_map(|(op, path, from, value, shape)| {
+                let mut o = serde_json::json!({ "op": op, "path": path, "from": from, "value": value });
+                // Now and then a malformed operation: a field missing or of the wrong type.
+                match shape % 8 {
+                    0 => o["path"] = Value::from(1),
+                    1 => {
+                        o.as_object_mut().map(|m| m.remove("value"));
+                    }
+                    _ => {}
+                }
+                o
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn patches_never_panic_and_fail_atomically(
+                doc in json_value(),
+                ops in proptest::collection::vec(operation(), 0..6),
+            ) {
+                let Ok(parsed) = parse(&Value::Array(ops)) else { return Ok(()) };
+                let mut patched = doc.clone();
+                match apply(&mut patched, &parsed) {
+                    Err(e) => {
+                        prop_assert_eq!(&patched, &doc, "a failed patch changed the document");
+                        prop_assert!(e.index < parsed.len());
+                    }
+                    Ok(()) => {
+                        if let Some(Operation::Add { path, value } | Operation::Replace { path, value }) = parsed.last() {
+                            if !path.ends_with("/-") {
+                                let check = [Operation::Test { path: path.clone(), value: value.clone() }];
+                                prop_assert!(apply(&mut patched.clone(), &check).is_ok(), "{path} does not hold {value}");
+                            }
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn arbitrary_patch_documents_never_panic(doc in json_value(), patch in json_value()) {
+                if let Ok(parsed) = parse(&patch) {
+                    let _ = apply(&mut doc.clone(), &parsed);
+                }
+            }
+        }
+    }
 }

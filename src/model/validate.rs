@@ -40,9 +40,19 @@ pub fn validate_resource(resource_type: &str, resource: &Value) -> Result<(), Fh
             )
         }
     }
-    let mut checker = Checker { errors: Vec::new() };
+    // Cheap, linear checks first, each stopping at its first finding, so a huge invalid body
+    // is refused before fhirbolt reads all of it (seconds for a million elements).
+    if let Some(path) = oversized_array(resource, resource_type) {
+        return Err(FhirError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            IssueCode::TooLong,
+            format!("this element repeats more than {MAX_REPEATS} times; no R4 resource needs that many"),
+        )
+        .at(path));
+    }
+    let mut checker = Checker { error: None };
     checker.resource(resource_type, object, resource_type);
-    if let Some((path, msg)) = checker.errors.into_iter().next() {
+    if let Some((path, msg)) = checker.error {
         return Err(FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Value, msg).at(path));
     }
     // Before fhirbolt, which would wrap an out-of-range integer, take a string for a number,
@@ -226,8 +236,33 @@ fn remove(root: &mut Value, parent: &[Step], child: &Step) {
     }
 }
 
+/// Most items one array of a resource may hold. `Group.member` (streamed into member events,
+/// bounded by the body limit) and `Bundle.entry` (bounded by the body limit) are exempt.
+pub const MAX_REPEATS: usize = 20_000;
+
+/// The path of the first array longer than [`MAX_REPEATS`], outside the exempt elements.
+fn oversized_array(value: &Value, path: &str) -> Option<String> {
+    match value {
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let exempt = matches!((path, k.as_str()), ("Group", "member") | ("Bundle", "entry"));
+            match v {
+                Value::Array(items) if items.len() > MAX_REPEATS && !exempt => Some(format!("{path}.{k}")),
+                Value::Array(items) => items
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, item)| item.is_object())
+                    .find_map(|(i, item)| oversized_array(item, &format!("{path}.{k}[{i}]"))),
+                Value::Object(_) => oversized_array(v, &format!("{path}.{k}")),
+                _ => None,
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// Layer 2; stops at the first finding.
 struct Checker {
-    errors: Vec<(String, String)>,
+    error: Option<(String, String)>,
 }
 
 /// Required bindings of coded elements this server reads (resource type, element, codes).
@@ -238,7 +273,7 @@ const REQUIRED_CODES: &[(&str, &str, &[&str])] = &[
 
 impl Checker {
     fn fail(&mut self, path: &str, msg: String) {
-        self.errors.push((path.to_string(), msg));
+        self.error.get_or_insert_with(|| (path.to_string(), msg));
     }
 
     fn resource(&mut self, resource_type: &str, obj: &Map<String, Value>, path: &str) {
@@ -278,6 +313,9 @@ impl Checker {
 
     fn walk_object(&mut self, obj: &Map<String, Value>, path: &str, resource_level: bool) {
         for (key, value) in obj {
+            if self.error.is_some() {
+                return;
+            }
             if resource_level && (key == "resourceType" || key == "id") {
                 continue;
             }
@@ -296,6 +334,9 @@ impl Checker {
                 Value::Object(inner) => self.walk_object(inner, &child, false),
                 Value::Array(items) => {
                     for (i, item) in items.iter().enumerate() {
+                        if self.error.is_some() {
+                            return;
+                        }
                         let ipath = format!("{child}[{i}]");
                         match item {
                             Value::Object(inner) => match inner.get("resourceType").and_then(Value::as_str) {
@@ -374,9 +415,21 @@ mod tests {
     use serde_json::json;
 
     fn check(rt: &str, v: Value) -> Result<(), (String, String)> {
-        let mut c = Checker { errors: vec![] };
+        let mut c = Checker { error: None };
         c.resource(rt, v.as_object().unwrap(), rt);
-        c.errors.into_iter().next().map_or(Ok(()), Err)
+        c.error.map_or(Ok(()), Err)
+    }
+
+    #[test]
+    fn arrays_past_the_cap_are_refused_before_anything_else() {
+        let many: Vec<Value> = (0..=MAX_REPEATS).map(|i| json!(i)).collect();
+        let patient = json!({"resourceType":"Patient","name":[{"given": many.clone()}]});
+        let e = validate_resource("Patient", &patient).unwrap_err();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(e.expression.as_deref(), Some("Patient.name[0].given"));
+        let members: Vec<Value> = many.iter().map(|_| json!({"entity":{"reference":"Patient/1"}})).collect();
+        let group = json!({"resourceType":"Group","type":"person","actual":true,"member": members});
+        assert!(oversized_array(&group, "Group").is_none(), "Group.member is bounded elsewhere");
     }
 
     #[test]
@@ -426,5 +479,169 @@ mod tests {
         assert!(!is_code(" a"));
         assert!(!is_code("a  b"));
         assert!(!is_code(""));
+    }
+
+    mod properties {
+        //! Whatever a client sends, reading and validating it never panics: arbitrary bytes
+        //! as JSON, XML and a Group body, and JSON objects built from real R4 element names
+        //! with values of any type (what reaches fhirbolt and the checks around it).
+        //! `PROPTEST_CASES=1000000 cargo test --release --lib properties` (`make fuzz`).
+        use super::super::*;
+        use crate::fhir::format::{decode, Format};
+        use proptest::prelude::*;
+
+        const NAMES: &[&str] = &[
+            "resourceType",
+            "id",
+            "meta",
+            "versionId",
+            "lastUpdated",
+            "name",
+            "family",
+            "given",
+            "gender",
+            "birthDate",
+            "deceasedDateTime",
+            "active",
+            "valueInteger",
+            "valueQuantity",
+            "value",
+            "code",
+            "coding",
+            "system",
+            "status",
+            "member",
+            "entity",
+            "reference",
+            "period",
+            "start",
+            "end",
+            "inactive",
+            "quantity",
+            "contained",
+            "extension",
+            "url",
+            "valueBoolean",
+            "valuePositiveInt",
+            "diagnosis",
+            "rank",
+            "text",
+            "div",
+            "_family",
+            "type",
+            "actual",
+            "characteristic",
+            "exclude",
+            "multipleBirthInteger",
+        ];
+        const TYPES: &[&str] = &["Patient", "Group", "Observation", "Encounter", "Bundle", "Nope"];
+        const XML: &[&str] = &[
+            "<Patient xmlns=\"http://hl7.org/fhir\">",
+            "</Patient>",
+            "<Group xmlns=\"http://hl7.org/fhir\">",
+            "</Group>",
+            "<name>",
+            "</name>",
+            "<family value=\"a\"/>",
+            "<given value=\"\"/>",
+            "<valueInteger value=\"2147483648\"/>",
+            "<active value=\"yes\"/>",
+            "<text>",
+            "</text>",
+            "<div xmlns=\"http://www.w3.org/1999/xhtml\">",
+            "</div>",
+            "<member>",
+            "</member>",
+            "<entity>",
+            "</entity>",
+            "<reference value=\"Patient/1\"/>",
+            "<contained>",
+            "</contained>",
+            "&amp;",
+            "&bogus;",
+            "<![CDATA[x]]>",
+            "<!-- c -->",
+            "<?xml version=\"1.0\"?>",
+            "<extension url=\"u\">",
+            "</extension>",
+            "<period><start value=\"9999-12-31T23:59:59-01:00\"/></period>",
+            "x",
+            " ",
+            ">",
+            "<",
+            "\"",
+        ];
+
+        fn element() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+                prop_oneof![
+                    Just("2024-01-01".to_string()),
+                    Just("9999-12-31T23:59:59-01:00".to_string()),
+                    Just("Patient/1".to_string()),
+                    "\\PC{0,8}"
+                ]
+                .prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 48, 5, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    proptest::collection::vec((proptest::sample::select(NAMES), inner), 0..5)
+                        .prop_map(|kv| Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+                ]
+            })
+        }
+
+        fn resource() -> impl Strategy<Value = (String, Value)> {
+            (
+                proptest::sample::select(TYPES),
+                proptest::collection::vec((proptest::sample::select(NAMES), element()), 0..6),
+            )
+                .prop_map(|(rt, kv)| {
+                    let mut map: Map<String, Value> = kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                    map.insert("resourceType".into(), Value::from(rt));
+                    (rt.to_string(), Value::Object(map))
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn resources_of_real_element_names_never_panic((rt, body) in resource()) {
+                let _ = validate_resource(&rt, &body);
+                let mut dropped = body.clone();
+                crate::model::lenient::drop_empty(&mut dropped, &rt);
+                let _ = validate_resource(&rt, &dropped);
+                if rt == "Group" {
+                    let _ = crate::group::body::parse(body.to_string().as_bytes(), false);
+                    let _ = crate::group::body::parse(body.to_string().as_bytes(), true);
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+                let _ = decode(Format::Json, &bytes);
+                let _ = decode(Format::Xml, &bytes);
+                let _ = crate::group::body::parse(&bytes, true);
+            }
+
+            #[test]
+            fn xml_shaped_text_never_panics(tokens in proptest::collection::vec(proptest::sample::select(XML), 0..24)) {
+                let text = tokens.concat();
+                if let Ok(value) = decode(Format::Xml, text.as_bytes()) {
+                    if let Some(rt) = value.get("resourceType").and_then(Value::as_str) {
+                        let _ = validate_resource(rt, &value);
+                    }
+                }
+            }
+
+            #[test]
+            fn json_shaped_text_never_panics(text in "[\\[\\]{}:,\"a-z0-9 .eE+-]{0,80}") {
+                let _ = decode(Format::Json, text.as_bytes());
+                let _ = crate::group::body::parse(text.as_bytes(), false);
+            }
+        }
     }
 }

@@ -216,3 +216,19 @@ fn process_start_time(pid: u32) -> i64 {
     let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
     rest.split_whitespace().nth(19).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
+
+#[tokio::test]
+async fn every_write_waits_for_the_journal_unless_the_uri_says_otherwise() {
+    let app = crate::helpers::spawn_app().await;
+    let concern = app.mongo.write_concern().cloned().unwrap_or_default();
+    assert_eq!(concern.journal, Some(true), "{concern:?}");
+    assert_eq!(concern.w, None, "a standalone server has no majority to wait for");
+    let majority = roster::startup::durable_writes(true);
+    assert_eq!(majority.w, Some(mongodb::options::Acknowledgment::Majority));
+
+    let mut settings = test_settings();
+    let sep = if settings.mongo.uri.contains('?') { '&' } else { '?' };
+    settings.mongo.uri = format!("{}{sep}journal=false", settings.mongo.uri);
+    let db = roster::startup::mongo_database(&settings).await.unwrap();
+    assert_eq!(db.write_concern().and_then(|c| c.journal), Some(false), "the operator's choice stands");
+}
