@@ -12,7 +12,8 @@
 //!   costing a task and buffers.
 //!
 //! Shutdown: when `stop` resolves the loop stops accepting, every open connection finishes
-//! its in-flight request and closes (keep-alive off), and `serve` returns once they have.
+//! its in-flight request and closes (keep-alive off), and `serve` returns once they have,
+//! or after [`SHUTDOWN_GRACE`] (an event subscription never finishes on its own).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,6 +28,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::config::HttpSettings;
+
+/// Longest a shutdown waits for open connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// How long to wait before accepting again after the listener fails (out of descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -75,6 +79,8 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; stopping without them");
+    }
     Ok(())
 }
