@@ -1,4 +1,4 @@
-//! Framework rejections in the API's own error formats.
+//! Framework rejections, and handler panics, in the API's own error formats.
 //!
 //! axum answers a request its extractors cannot take (a path segment that is not UTF-8
 //! after percent-decoding, a query string `serde` cannot read, a body that fails to arrive)
@@ -7,6 +7,12 @@
 //! so these middlewares turn such a response into one, keeping its status and its text as
 //! the diagnostic. Invariant: no handler of this server answers an error as `text/plain`,
 //! so only the framework's rejections are rewritten.
+//!
+//! A handler that panics (a bug: none is known) would drop the connection without an
+//! answer; each API's router catches it (`CatchPanicLayer` with [`fhir_panic`] or
+//! [`events_panic`]) and answers a logged 500 instead, as for any other server fault.
+
+use std::any::Any;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -59,5 +65,52 @@ pub async fn events(request: Request, next: Next) -> Response {
             let body = serde_json::json!({ "error": text }).to_string();
             (status, [(header::CONTENT_TYPE, "application/json")], Body::from(body)).into_response()
         }
+    }
+}
+
+/// What a panic carried, for the log.
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("?")
+}
+
+/// A panicked handler under `/4_0_0`: a 500 OperationOutcome (the cause is logged).
+pub fn fhir_panic(panic: Box<dyn Any + Send + 'static>) -> Response {
+    FhirError::internal(format!("a handler panicked: {}", panic_message(&*panic))).into_response()
+}
+
+/// A panicked handler under `/events`: a 500 `{"error": …}` (the cause is logged).
+pub fn events_panic(panic: Box<dyn Any + Send + 'static>) -> Response {
+    tracing::error!(panic = panic_message(&*panic), "an event store handler panicked");
+    let body = serde_json::json!({ "error": "internal error; it has been logged" }).to_string();
+    (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "application/json")], Body::from(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use axum::Router;
+    use tower::ServiceExt;
+    use tower_http::catch_panic::CatchPanicLayer;
+
+    async fn boom() -> &'static str {
+        panic!("boom")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_in_its_api_format() {
+        let router = Router::new().route("/4_0_0/boom", get(boom)).layer(CatchPanicLayer::custom(fhir_panic));
+        let request = axum::http::Request::get("/4_0_0/boom").body(Body::empty()).unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+        let outcome: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(outcome["resourceType"], "OperationOutcome");
+        assert!(!outcome.to_string().contains("boom"), "internals are logged, not shown: {outcome}");
+
+        let response = events_panic(Box::new("boom"));
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("\"error\""));
     }
 }

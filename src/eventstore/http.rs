@@ -43,6 +43,7 @@ pub fn routes() -> Router<AppState> {
         .route("/events/subscribe", get(sse))
         .route("/events/{stream}", get(read_stream).post(append))
         .route("/events/{stream}/version", get(stream_version))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(crate::rejection::events_panic))
         .layer(axum::middleware::from_fn(crate::rejection::events))
 }
 

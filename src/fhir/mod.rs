@@ -46,6 +46,7 @@ pub fn routes() -> Router<AppState> {
         .route("/4_0_0/{rt}/{id}/_history", get(history::instance_history))
         .route("/4_0_0/{rt}/{id}/_history/{vid}", get(resource::vread))
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(crate::rejection::fhir_panic))
         .layer(axum::middleware::from_fn(crate::rejection::fhir))
         .layer(axum::middleware::from_fn(format::negotiate))
 }
