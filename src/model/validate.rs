@@ -121,8 +121,22 @@ fn object_where_array_expected(input: &Value, typed: &Value, path: &str) -> Opti
 
 /// Turns a fhirbolt message (which has no location) into an error naming the element.
 fn structural_error(resource_type: &str, resource: &Value, message: &str) -> FhirError {
-    let (diagnostics, path) = if let Some(field) = between(message, "unknown field `", "`") {
-        (format!("unknown element '{field}'"), find_key(resource, field, resource_type))
+    let unknown = between(message, "unknown field `", "`");
+    let sent = unknown.and_then(|field| find_key(resource, field, resource_type));
+    let (diagnostics, path) = if let (Some(field), Some(path)) = (unknown, &sent) {
+        (format!("unknown element '{field}'"), Some(path.clone()))
+    } else if let Some(field) = unknown {
+        // fhirbolt reads a primitive where R4 has an element with children as `{value: …}`
+        // and then finds no element `value`: the client sent no such key, so say what it did.
+        let steps = locate_by_pruning(resource, message);
+        let found = steps.as_ref().and_then(|s| get(resource, s)).filter(|v| !v.is_object() && !v.is_array());
+        match (found, steps) {
+            (Some(v), Some(steps)) => (
+                format!("{v} is a primitive where R4 has an element with children (a JSON object)"),
+                Some(render_path(resource_type, &steps)),
+            ),
+            _ => (format!("unknown element '{field}'"), None),
+        }
     } else {
         let path = locate_by_pruning(resource, message).map(|p| render_path(resource_type, &p));
         let diagnostics = match between(message, "missing field `", "`") {
@@ -418,6 +432,22 @@ mod tests {
         let mut c = Checker { error: None };
         c.resource(rt, v.as_object().unwrap(), rt);
         c.error.map_or(Ok(()), Err)
+    }
+
+    #[test]
+    fn a_primitive_where_an_element_with_children_belongs_is_named() {
+        for (body, path) in [
+            (json!({"resourceType":"Patient","name":"x"}), "Patient.name"),
+            (json!({"resourceType":"Patient","name":[{"family":"f"}, 7]}), "Patient.name[1]"),
+        ] {
+            let e = validate_resource("Patient", &body).unwrap_err();
+            assert_eq!(e.expression.as_deref(), Some(path), "{body}");
+            assert!(
+                e.diagnostics.contains("is a primitive where R4 has an element with children"),
+                "{}",
+                e.diagnostics
+            );
+        }
     }
 
     #[test]
