@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -106,7 +106,27 @@ pub struct EventSettings {
     /// Which FHIR writes become events: the shipped routing (default), none, or a file.
     pub routes: EventRoutes,
     /// Retention per stream prefix; streams no rule names keep their events forever.
-    pub retention: Vec<crate::eventstore::retention::Rule>,
+    pub retention: Vec<RetentionRule>,
+}
+
+/// How Group members are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberStorage {
+    /// Member events in ClickHouse (the product).
+    #[default]
+    Events,
+    /// Members embedded in the MongoDB document like any other element (the baseline the
+    /// benchmark compares against).
+    Embedded,
+}
+
+/// Events of streams whose id starts with `prefix` are deleted once older than `days`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    pub prefix: String,
+    pub days: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,7 +134,7 @@ pub struct EventSettings {
 pub struct GroupSettings {
     /// `events` (members as ClickHouse events, the product) or `embedded` (members in the
     /// MongoDB document: the benchmark baseline).
-    pub members: crate::group::MemberStorage,
+    pub members: MemberStorage,
     /// Most operations one Group PATCH may carry (more: 413).
     pub max_patch_ops: usize,
     /// Most members the in-process member index holds over all groups (about 26 bytes
@@ -124,11 +144,7 @@ pub struct GroupSettings {
 
 impl Default for GroupSettings {
     fn default() -> Self {
-        GroupSettings {
-            members: crate::group::MemberStorage::Events,
-            max_patch_ops: 100_000,
-            index_capacity: 5_000_000,
-        }
+        GroupSettings { members: MemberStorage::Events, max_patch_ops: 100_000, index_capacity: 5_000_000 }
     }
 }
 
@@ -353,8 +369,8 @@ impl Settings {
         }
         if let Some(v) = env("ROSTER_GROUP_MEMBERS") {
             self.groups.members = match v.as_str() {
-                "events" => crate::group::MemberStorage::Events,
-                "embedded" => crate::group::MemberStorage::Embedded,
+                "events" => MemberStorage::Events,
+                "embedded" => MemberStorage::Embedded,
                 other => {
                     return Err(ConfigError::Env {
                         var: "ROSTER_GROUP_MEMBERS",
@@ -488,7 +504,7 @@ mod tests {
         assert_eq!(Settings::load_from(None, env(&[])).unwrap().events.routes, EventRoutes::Builtin);
         let off = Settings::load_from(None, env(&[("ROSTER_EVENT_ROUTES", "off")])).unwrap();
         assert_eq!(off.events.routes, EventRoutes::Off);
-        assert_eq!(s.events.retention, [crate::eventstore::retention::Rule { prefix: "source:".into(), days: 30 }]);
+        assert_eq!(s.events.retention, [RetentionRule { prefix: "source:".into(), days: 30 }]);
         assert_eq!(s.clickhouse.compression, ClickHouseCompression::Lz4);
         let err = Settings::load_from(None, env(&[("ROSTER_CLICKHOUSE_COMPRESSION", "gzip")])).unwrap_err();
         assert!(err.to_string().contains("gzip"));

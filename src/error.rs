@@ -5,7 +5,13 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use crate::fhir::FHIR_JSON;
+/// The media type of FHIR JSON bodies (the server's default answer).
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+/// The weak ETag of a version: `W/"3"`.
+pub fn etag(version: i64) -> String {
+    format!("W/\"{version}\"")
+}
 
 /// `OperationOutcome.issue.code` values this server uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +85,7 @@ impl FhirError {
     }
     pub fn gone(msg: impl Into<String>, version: i64) -> Self {
         let mut e = Self::new(StatusCode::GONE, IssueCode::Deleted, msg);
-        e.etag = Some(crate::fhir::headers::etag(version));
+        e.etag = Some(etag(version));
         e
     }
     pub fn conflict(msg: impl Into<String>) -> Self {

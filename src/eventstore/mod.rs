@@ -8,7 +8,6 @@
 //! `http` serves it as JSON, `cli` drives it from a terminal.
 
 pub mod appender;
-pub mod cli;
 pub mod http;
 pub mod journal;
 pub mod log;

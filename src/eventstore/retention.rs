@@ -5,14 +5,7 @@
 //! event is always kept: appenders continue numbering after the last position stored, and
 //! removing it would let a position be used twice.
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rule {
-    pub prefix: String,
-    pub days: u32,
-}
+pub use crate::config::RetentionRule as Rule;
 
 /// Applies every rule now (a ClickHouse mutation each, waited for). Returns the events
 /// deleted per rule.

@@ -10,9 +10,7 @@ use crate::body::BodyError;
 use crate::error::{operation_outcome, FhirError, IssueCode};
 use crate::fhir::FHIR_JSON;
 
-pub fn etag(version: i64) -> String {
-    format!("W/\"{version}\"")
-}
+pub use crate::error::etag;
 
 /// Parses `W/"3"` (also `"3"`, and a bare `3` as some clients send it) to a version
 /// number. Quotes must come in a pair around the digits (RFC 9110 entity-tag): `"3`, `3"`,

@@ -18,7 +18,7 @@ use crate::model::validate::is_valid_id;
 use crate::state::AppState;
 
 /// The content type of every FHIR response.
-pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+pub use crate::error::FHIR_JSON;
 
 /// Content types accepted for resource bodies.
 pub const RESOURCE_CONTENT_TYPES: &[&str] =

@@ -27,14 +27,4 @@ pub mod plan;
 pub mod read;
 pub mod split;
 
-/// How Group members are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum MemberStorage {
-    /// Member events in ClickHouse (the product).
-    #[default]
-    Events,
-    /// Members embedded in the MongoDB document like any other element (the baseline the
-    /// benchmark compares against).
-    Embedded,
-}
+pub use crate::config::MemberStorage;

@@ -22,7 +22,7 @@
 //! (text = the member's JSON, or a removed member's reference); the columns are derived
 //! when the rows are built for ClickHouse.
 
-use bson::{doc, Bson, Document};
+use bson::{doc, Document};
 use mongodb::Database;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -294,13 +294,7 @@ pub async fn forget_chunks(db: &Database, batches: &[&Document]) -> Result<(), O
     Ok(())
 }
 
-/// The batches pending in a stored Group document (`outbox`, oldest first).
-pub fn pending_in(doc: &Document) -> Vec<Document> {
-    match doc.get("outbox") {
-        Some(Bson::Array(items)) => items.iter().filter_map(|b| b.as_document().cloned()).collect(),
-        _ => Vec::new(),
-    }
-}
+pub use crate::store::mongo::pending_in;
 
 /// True when a writer may lay these pending batches over ClickHouse's state instead of
 /// finishing them first: all inline, and few and small enough.

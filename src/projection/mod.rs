@@ -12,7 +12,6 @@
 //! answers "what was true at time T".
 
 pub mod builtin;
-pub mod cli;
 pub mod rebuild;
 pub mod runner;
 pub mod snapshot;

@@ -750,11 +750,20 @@ fn decode(doc: &Document, id: Option<&str>) -> Result<Version, StoreError> {
         deleted: doc.get_bool("deleted").map_err(corrupt)?,
         method: doc.get_str("method").unwrap_or("PUT").to_string(),
         resource,
-        outbox: crate::group::outbox::pending_in(doc),
+        outbox: pending_in(doc),
         version_log: version_log::decode(doc.get("versionLog")).map_err(StoreError::Corrupt)?,
         history_pending: doc.get_bool("historyPending").unwrap_or(false),
         member_count: member_count_of(doc.get("memberCount")),
     })
+}
+
+/// The member batches pending in a stored Group document (`outbox`, oldest first; their
+/// content is `group::outbox`'s business, the field is this module's).
+pub fn pending_in(doc: &Document) -> Vec<Document> {
+    match doc.get("outbox") {
+        Some(Bson::Array(items)) => items.iter().filter_map(|b| b.as_document().cloned()).collect(),
+        _ => Vec::new(),
+    }
 }
 
 #[cfg(test)]

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use clap::Subcommand;
 use serde_json::json;
 
-use super::builtin;
-use super::rebuild::{Progress, Rebuild};
-use super::runner::{Checkpoints, Runner, RunnerConfig};
-use super::snapshot::SnapshotStore;
 use crate::config::Settings;
 use crate::eventstore::log::ClickHouseEventStore;
 use crate::eventstore::EventStore;
+use crate::projection::builtin;
+use crate::projection::rebuild::{Progress, Rebuild};
+use crate::projection::runner::{Checkpoints, Runner, RunnerConfig};
+use crate::projection::snapshot::SnapshotStore;
 use crate::startup::{self, BoxError};
 
 #[derive(Subcommand)]
@@ -37,7 +37,7 @@ pub enum ProjectionCommand {
     Run,
 }
 
-fn find(name: &str) -> Result<Arc<dyn super::Projection>, BoxError> {
+fn find(name: &str) -> Result<Arc<dyn crate::projection::Projection>, BoxError> {
     builtin::all().into_iter().find(|p| p.name() == name).ok_or_else(|| {
         let names: Vec<_> = builtin::all().iter().map(|p| p.name()).collect();
         format!("no projection '{name}' (there are: {})", names.join(", ")).into()

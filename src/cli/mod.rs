@@ -1,5 +1,8 @@
 //! Command line: `roster serve | migrate | config | eventstore … | projection …`.
 
+mod eventstore;
+mod projection;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -33,7 +36,7 @@ pub enum Command {
         #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
-        command: crate::eventstore::cli::EventStoreCommand,
+        command: eventstore::EventStoreCommand,
     },
     /// Projections (read models): list, status, rebuild, reset, run.
     Projection {
@@ -41,7 +44,7 @@ pub enum Command {
         #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
-        command: crate::projection::cli::ProjectionCommand,
+        command: projection::ProjectionCommand,
     },
 }
 
@@ -65,8 +68,8 @@ pub async fn run(cli: Cli) -> Result<(), BoxError> {
             println!("ClickHouse `{}`: applied {:?}", settings.clickhouse.database, ch);
             println!("MongoDB `{}`: applied {:?}", settings.mongo.database, mg);
         }
-        Command::Eventstore { json, command } => crate::eventstore::cli::run(&settings, command, json).await?,
-        Command::Projection { json, command } => crate::projection::cli::run(&settings, command, json).await?,
+        Command::Eventstore { json, command } => eventstore::run(&settings, command, json).await?,
+        Command::Projection { json, command } => projection::run(&settings, command, json).await?,
         Command::Config => {
             let mut shown = settings.clone();
             if !shown.clickhouse.password.is_empty() {

@@ -4,9 +4,9 @@
 use clap::Subcommand;
 use serde_json::json;
 
-use super::log::ClickHouseEventStore;
-use super::{EventStore, ExpectedVersion, NewEvent};
 use crate::config::Settings;
+use crate::eventstore::log::ClickHouseEventStore;
+use crate::eventstore::{EventStore, ExpectedVersion, NewEvent};
 use crate::startup::{self, BoxError};
 
 #[derive(Subcommand)]
@@ -181,7 +181,7 @@ async fn run_with(
             }
         }
         EventStoreCommand::Retention => {
-            let done = super::retention::apply(ch, &settings.events.retention).await?;
+            let done = crate::eventstore::retention::apply(ch, &settings.events.retention).await?;
             if as_json {
                 let rows: Vec<_> =
                     done.iter().map(|(r, n)| json!({ "prefix": r.prefix, "days": r.days, "deleted": n })).collect();
