@@ -32,7 +32,10 @@ def dependencies():
             if module in ROOTS:
                 continue
             text = open(path, encoding="utf-8").read()
-            text = text.split("#[cfg(test)]")[0]
+            text, _, tests = text.partition("#[cfg(test)]")
+            closed = re.search(r"\n\}\n", tests)
+            if closed and tests[closed.end():].strip():
+                sys.exit(f"{path}: code after the test module; this check reads only what precedes #[cfg(test)]")
             text = re.sub(r"//[^\n]*", "", text)
             names = set(re.findall(r"\bcrate::(\w+)", text))
             # `use crate::{a, b::c}` groups

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 
 use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{FromRef, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -37,7 +37,6 @@ use crate::projection::builtin::{EncounterRow, ENCOUNTERS, STATISTICS, TIMELINE}
 use crate::projection::runner::Checkpoints;
 use crate::projection::snapshot::SnapshotStore;
 use crate::projection::temporal;
-use crate::state::AppState;
 
 pub const MAX_DEPTH: usize = 8;
 pub const MAX_COMPLEXITY: usize = 1_000;
@@ -68,11 +67,16 @@ pub fn schema(sources: Sources) -> RosterSchema {
         .finish()
 }
 
-pub fn routes() -> Router<AppState> {
+/// The routes, for any application state the schema can be taken from.
+pub fn routes<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    RosterSchema: FromRef<S>,
+{
     Router::new().route("/graphql", get(graphiql).post(execute))
 }
 
-async fn execute(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+async fn execute(State(schema): State<RosterSchema>, headers: HeaderMap, body: Body) -> Response {
     let body = match read_limited(&headers, body, MAX_BODY).await {
         Ok(body) => body,
         Err(BodyError::TooLarge) => {
@@ -95,7 +99,7 @@ async fn execute(State(state): State<AppState>, headers: HeaderMap, body: Body) 
     if let Err(message) = guard(&request.query) {
         return refuse(StatusCode::BAD_REQUEST, message);
     }
-    let response = state.graphql.execute(request).await;
+    let response = schema.execute(request).await;
     // Errors without a path come from parsing or validation: nothing ran.
     let refused = response.data == async_graphql::Value::Null
         && !response.errors.is_empty()

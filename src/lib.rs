@@ -16,6 +16,7 @@ pub mod migrate;
 pub mod model;
 pub mod pipeline;
 pub mod projection;
+pub mod recording;
 pub mod rejection;
 pub mod server;
 pub mod startup;

@@ -24,10 +24,10 @@ use std::sync::Arc;
 
 use crate::config::{EventRoutes, HttpSettings, Settings};
 use crate::error::FhirError;
-use crate::eventstore::record::EventRecorder;
-use crate::eventstore::routes::RoutingFile;
 use crate::group::hook::GroupMemberSync;
 use crate::pipeline::{Hooks, RequestContext};
+use crate::recording::recorder::EventRecorder;
+use crate::recording::routes::RoutingFile;
 use crate::state::AppState;
 use crate::store::ResourceStore;
 use crate::{fhir, migrate};
@@ -204,7 +204,7 @@ impl Application {
 /// How often retention rules are applied while serving.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
-/// Records events of writes whose hook did not finish (see `eventstore::record`) and
+/// Records events of writes whose hook did not finish (see `recording::recorder`) and
 /// applies retention.
 async fn event_upkeep(background: Background, ch: clickhouse::Client) {
     let mut last_retention: Option<std::time::Instant> = None;

@@ -1,4 +1,6 @@
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::FromRef;
 
 use crate::config::GroupSettings;
 use crate::eventstore::log::{ClickHouseEventStore, SharedEventStore};
@@ -17,8 +19,9 @@ pub struct AppState {
     /// Public base URL, no trailing slash (e.g. `http://127.0.0.1:8080`).
     pub base_url: Arc<str>,
     pub body_limit: usize,
-    /// The CapabilityStatement, rendered once: it only changes with the code.
-    pub capability_statement: Arc<str>,
+    /// The CapabilityStatement, rendered on first request (`fhir::metadata`): it only
+    /// changes with the code and the base URL.
+    pub capability_statement: Arc<OnceLock<Arc<str>>>,
     pub group_members: MemberStorage,
     pub group_max_patch_ops: usize,
     pub write_locks: WriteLocks,
@@ -42,11 +45,9 @@ impl AppState {
         groups: &GroupSettings,
     ) -> AppState {
         let base_url: Arc<str> = Arc::from(base_url.trim_end_matches('/'));
-        let fhir_base = format!("{base_url}/4_0_0");
-        let capability_statement = crate::fhir::metadata::capability_statement_json(&fhir_base).to_string().into();
         let flusher = Flusher::new(store.clone(), clickhouse.clone());
         let events =
-            ClickHouseEventStore::new(store.database(), clickhouse.clone()).with_group_flusher(flusher.clone());
+            ClickHouseEventStore::new(store.database(), clickhouse.clone()).with_group_members(flusher.clone());
         let events = Arc::new(events);
         let graphql = crate::graphql::schema(crate::graphql::Sources {
             ch: clickhouse.clone(),
@@ -64,7 +65,7 @@ impl AppState {
             hooks,
             base_url,
             body_limit,
-            capability_statement,
+            capability_statement: Arc::default(),
             group_members: groups.members,
             group_max_patch_ops: groups.max_patch_ops,
             write_locks: WriteLocks::default(),
@@ -75,5 +76,17 @@ impl AppState {
     /// `{base}/4_0_0`.
     pub fn fhir_base(&self) -> String {
         format!("{}/4_0_0", self.base_url)
+    }
+}
+
+impl FromRef<AppState> for SharedEventStore {
+    fn from_ref(state: &AppState) -> SharedEventStore {
+        state.events.clone()
+    }
+}
+
+impl FromRef<AppState> for crate::graphql::RosterSchema {
+    fn from_ref(state: &AppState) -> crate::graphql::RosterSchema {
+        state.graphql.clone()
     }
 }

@@ -15,7 +15,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRef, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -25,19 +25,24 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::log::SharedEventStore;
 use super::subscribe::subscribe;
 use super::{
     parse_position, EventStore, EventStoreError, ExpectedVersion, NewEvent, StoredEvent, MAX_APPEND_BODY,
     MAX_APPEND_BYTES,
 };
 use crate::body::{read_limited, BodyError};
-use crate::state::AppState;
 
 /// Most events one read returns.
 pub const MAX_READ: usize = 10_000;
 const DEFAULT_READ: usize = 100;
 
-pub fn routes() -> Router<AppState> {
+/// The routes, for any application state the event store can be taken from.
+pub fn routes<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    SharedEventStore: FromRef<S>,
+{
     Router::new()
         .route("/events", get(read_all))
         .route("/events/subscribe", get(sse))
@@ -114,30 +119,33 @@ fn events_json(events: &[StoredEvent], extra: &str) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], out).into_response()
 }
 
-async fn read_all(State(state): State<AppState>, Query(p): Query<Paging>) -> Result<Response, EventStoreError> {
+async fn read_all(
+    State(events): State<SharedEventStore>,
+    Query(p): Query<Paging>,
+) -> Result<Response, EventStoreError> {
     let (from, max) = p.parse()?;
-    let events = state.events.read_all(from, max).await?;
+    let events = events.read_all(from, max).await?;
     let next = events.last().map_or(from, |e| e.position + 1);
     Ok(events_json(&events, &format!("\"next\":{next},")))
 }
 
 async fn read_stream(
-    State(state): State<AppState>,
+    State(events): State<SharedEventStore>,
     Path(stream): Path<String>,
     Query(p): Query<Paging>,
 ) -> Result<Response, EventStoreError> {
     let (from, max) = p.parse()?;
-    let events = state.events.read_stream(&stream, from, max).await?;
+    let events = events.read_stream(&stream, from, max).await?;
     let next = events.last().map_or(from, |e| e.stream_version + 1);
     let id = serde_json::to_string(&stream).unwrap_or_default();
     Ok(events_json(&events, &format!("\"streamId\":{id},\"next\":{next},")))
 }
 
 async fn stream_version(
-    State(state): State<AppState>,
+    State(events): State<SharedEventStore>,
     Path(stream): Path<String>,
 ) -> Result<Response, EventStoreError> {
-    let version = state.events.stream_version(&stream).await?;
+    let version = events.stream_version(&stream).await?;
     Ok(json_response(StatusCode::OK, &json!({ "streamId": stream, "version": version })))
 }
 
@@ -192,7 +200,7 @@ pub fn parse_events(body: &[u8]) -> Result<Vec<NewEvent>, EventStoreError> {
 }
 
 async fn append(
-    State(state): State<AppState>,
+    State(events): State<SharedEventStore>,
     Path(stream): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -216,8 +224,8 @@ async fn append(
             .parse()
             .map_err(|m: String| EventStoreError::invalid("ES-Expected-Version", m))?,
     };
-    let events = parse_events(&body)?;
-    let result = state.events.append(&stream, expected, events).await?;
+    let batch = parse_events(&body)?;
+    let result = events.append(&stream, expected, batch).await?;
     Ok(json_response(StatusCode::CREATED, &result))
 }
 
@@ -227,7 +235,7 @@ struct Resume {
 }
 
 async fn sse(
-    State(state): State<AppState>,
+    State(events): State<SharedEventStore>,
     Query(q): Query<Resume>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, EventStoreError> {
@@ -241,7 +249,7 @@ async fn sse(
         (None, Some(f)) => parse_position(f).map_err(|m| EventStoreError::invalid("from", m))?,
         (None, None) => 0,
     };
-    let events = subscribe(state.events.clone(), from, 1000).map(|r| -> Result<Event, Infallible> {
+    let events = subscribe(events.clone(), from, 1000).map(|r| -> Result<Event, Infallible> {
         Ok(match r {
             Ok(e) => {
                 let mut data = String::with_capacity(256);

@@ -40,7 +40,6 @@ use super::journal::{Journal, Recent};
 use super::{
     validate_append, AppendResult, EventStore, EventStoreError, ExpectedVersion, NewEvent, StoredEvent, GROUP_PREFIX,
 };
-use crate::group::flusher::Flusher;
 
 pub const EVENTS_TABLE: &str = "EventStore_Events";
 /// How often the store looks for appends made by other processes while someone waits.
@@ -87,6 +86,15 @@ impl From<EventRow> for StoredEvent {
 
 const COLUMNS: &str = "position, stream_id, stream_version, event_id, event_type, data, metadata, timestamp";
 
+/// Where `group:` streams come from: Group member events, whose latest batches may still be
+/// pending in MongoDB. Implemented by the Group flusher (`group::flusher`), so this module
+/// does not depend on `group`.
+pub trait GroupMembers: Send + Sync {
+    /// Finishes the group's pending member batches (every batch acknowledged before the
+    /// call is in ClickHouse afterwards).
+    fn finish_pending<'a>(&'a self, group: &'a str) -> futures_util::future::BoxFuture<'a, Result<(), String>>;
+}
+
 #[derive(Clone)]
 pub struct ClickHouseEventStore {
     ch: clickhouse::Client,
@@ -108,7 +116,7 @@ pub struct ClickHouseEventStore {
     waiting: Arc<AtomicUsize>,
     /// Finishes a group's pending member batches before its `group:` stream is read, so
     /// an acknowledged PATCH is in it.
-    groups: Option<Arc<Flusher>>,
+    groups: Option<Arc<dyn GroupMembers>>,
     /// The appender task, for [`Self::close`].
     appender: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
@@ -178,9 +186,9 @@ impl ClickHouseEventStore {
         });
     }
 
-    /// `group:` streams first finish the group's pending member batches with `flusher`.
-    pub fn with_group_flusher(mut self, flusher: Arc<Flusher>) -> ClickHouseEventStore {
-        self.groups = Some(flusher);
+    /// `group:` streams first finish the group's pending member batches with `members`.
+    pub fn with_group_members(mut self, members: Arc<dyn GroupMembers>) -> ClickHouseEventStore {
+        self.groups = Some(members);
         self
     }
 
@@ -188,7 +196,9 @@ impl ClickHouseEventStore {
     /// see every acknowledged write.
     pub async fn settle_group(&self, group: &str) -> Result<(), EventStoreError> {
         match &self.groups {
-            Some(f) => f.flush(group).await.map_err(|e| EventStoreError::Unavailable(format!("member events: {e}"))),
+            Some(f) => {
+                f.finish_pending(group).await.map_err(|e| EventStoreError::Unavailable(format!("member events: {e}")))
+            }
             None => Ok(()),
         }
     }

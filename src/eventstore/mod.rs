@@ -12,9 +12,7 @@ pub mod http;
 pub mod journal;
 pub mod log;
 pub mod memory;
-pub mod record;
 pub mod retention;
-pub mod routes;
 pub mod subscribe;
 
 use std::collections::BTreeMap;

@@ -77,7 +77,11 @@ pub fn capability_statement_json(fhir_base: &str) -> Value {
 }
 
 pub async fn capability_statement(State(state): State<AppState>) -> Response {
-    let mut response = (StatusCode::OK, state.capability_statement.to_string()).into_response();
+    let rendered = state
+        .capability_statement
+        .get_or_init(|| capability_statement_json(&state.fhir_base()).to_string().into())
+        .to_string();
+    let mut response = (StatusCode::OK, rendered).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     response
 }

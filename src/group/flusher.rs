@@ -391,6 +391,12 @@ impl Flusher {
     }
 }
 
+impl crate::eventstore::log::GroupMembers for Flusher {
+    fn finish_pending<'a>(&'a self, group: &'a str) -> futures_util::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { self.flush(group).await.map_err(|e| e.to_string()) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,7 +51,7 @@ pub struct HookError(pub String);
 pub trait PostSaveHook: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// True when this hook's work for writes of `rt` must survive a crash: the save path
-    /// then marks the write in its commit (see `eventstore::record`).
+    /// then marks the write in its commit (see `recording::recorder`).
     fn durable_for(&self, _rt: &str) -> bool {
         false
     }

@@ -443,11 +443,11 @@ async fn events_of_a_write_whose_hook_never_ran_are_recorded_by_the_sweep_once()
         .await
         .unwrap();
     let routes =
-        roster::eventstore::routes::RoutingFile::parse(&std::fs::read_to_string("config/event-routes.yaml").unwrap())
+        roster::recording::routes::RoutingFile::parse(&std::fs::read_to_string("config/event-routes.yaml").unwrap())
             .unwrap();
     let store = roster::store::ResourceStore::new(app.mongo.clone());
     let events = second_store(&app, Faults::default()).await;
-    let recorder = roster::eventstore::record::EventRecorder::new(routes, events, store);
+    let recorder = roster::recording::recorder::EventRecorder::new(routes, events, store);
     assert_eq!(recorder.sweep().await.unwrap(), 1);
     assert_eq!(stream_types(&app, "encounter:e1").await, ["resource_created", "patient_admit"]);
     assert_eq!(stream_types(&app, "patient:MRN-1").await, ["resource_created", "patient_admit"]);

@@ -18,9 +18,9 @@ use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::log::SharedEventStore;
 use super::routes::{derive, patient_id, RoutingFile};
-use super::{EventStore, ExpectedVersion, NewEvent};
+use crate::eventstore::log::SharedEventStore;
+use crate::eventstore::{EventStore, ExpectedVersion, NewEvent};
 use crate::pipeline::{HookError, Interaction, PostSaveHook, RequestContext, Saved};
 use crate::store::ResourceStore;
 
