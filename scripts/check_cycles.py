@@ -5,7 +5,11 @@ A module is a file `src/NAME.rs` or a directory `src/NAME/`; it depends on every
 top-level module its files name through `crate::OTHER` (in `use` lines or paths). Test
 modules (`#[cfg(test)]` to the end of a file) are left out: tests may reach anywhere.
 
-Usage: python3 scripts/check_cycles.py   (exit 1 and the cycles when there are any)
+Cycles still being taken apart are listed in `scripts/cycles-allowed.txt` (one cycle per
+line, its modules comma-separated); a cycle among modules not all on one such line fails.
+The list may only shrink.
+
+Usage: python3 scripts/check_cycles.py [--graph]   (exit 1 and the new cycles when there are any)
 """
 import os
 import re
@@ -77,9 +81,21 @@ def cycles(graph):
     return out
 
 
+def allowed():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cycles-allowed.txt")
+    if not os.path.exists(path):
+        return []
+    lines = [l.split("#")[0].strip() for l in open(path, encoding="utf-8")]
+    return [set(m.strip() for m in l.split(",")) for l in lines if l]
+
+
 def main():
     graph = dependencies()
-    found = cycles(graph)
+    known = allowed()
+    found = [c for c in cycles(graph) if not any(set(c) <= k for k in known)]
+    for c in cycles(graph):
+        if c not in found:
+            print("known cycle, being taken apart: " + ", ".join(c))
     if "--graph" in sys.argv:
         for m in sorted(graph):
             print(f"{m} -> {', '.join(sorted(graph[m])) or '-'}")

@@ -39,7 +39,7 @@ pub enum EventStoreCommand {
         /// The event's data, JSON.
         #[arg(long)]
         data: String,
-        /// any | no-stream | exists | <version>
+        /// any | no-stream | exists | a version number
         #[arg(long, default_value = "any")]
         expected_version: String,
     },

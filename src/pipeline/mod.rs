@@ -1,4 +1,4 @@
-//! The one write path: every create, update, patch and delete goes through [`save`], which
+//! The one write path: every create, update, patch and delete goes through [`save()`], which
 //! validates, commits under the version guard, and then runs the post-save hooks with the
 //! request's [`RequestContext`].
 

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! A write yields `resource_created | resource_updated | resource_deleted` and the
-//! clinical events derived from the change ([`derive`]); each route whose filter admits
+//! clinical events derived from the change ([`derive()`]); each route whose filter admits
 //! the resource type and the event type sends the event to the stream its template names.
 //! Empty filter lists admit everything.
 //!

@@ -351,7 +351,7 @@ impl ResourceStore {
     }
 
     /// Writes a version under the version guard; `Err(Conflict)` when the guard fails.
-    /// Returns the committed document, which the caller passes to [`Self::finish`] once
+    /// Returns the committed document, which the caller passes to [`Self::copy_history`] once
     /// any work tied to the commit is done (see the module docs).
     pub async fn commit(&self, rt: &str, c: Commit<'_>) -> Result<Document, StoreError> {
         let mut current = doc! {

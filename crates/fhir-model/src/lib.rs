@@ -325,8 +325,8 @@ fn entities_ok(text: &str) -> bool {
 /// error). The result is then validated like any JSON body.
 ///
 /// fhirbolt's XML reader trims the text of every node, which is right for FHIR elements
-/// (values live in attributes) but loses the spaces of the narrative's XHTML ("Mapping
-/// from <a>" became "Mapping from<a>"). Each XHTML `<div>` is therefore cut out of the
+/// (values live in attributes) but loses the spaces of the narrative's XHTML (`Mapping
+/// from <a>` became `Mapping from<a>`). Each XHTML `<div>` is therefore cut out of the
 /// text before parsing, replaced by a placeholder, and put back verbatim afterwards: the
 /// JSON form of `div` is exactly that XHTML text.
 pub fn from_xml(xml: &str) -> Result<Value, String> {
