@@ -100,7 +100,7 @@ def main():
         for m in sorted(graph):
             print(f"{m} -> {', '.join(sorted(graph[m])) or '-'}")
     if not found:
-        print(f"no import cycle between the {len(graph)} top-level modules")
+        print(f"no new import cycle between the {len(graph)} top-level modules")
         return 0
     for component in found:
         inside = {m: sorted(graph[m] & set(component)) for m in component}

@@ -64,11 +64,13 @@ pub struct FhirError {
     pub expression: Option<String>,
     /// `ETag` to send along (a 410 names the deleted version).
     pub etag: Option<String>,
+    /// What went wrong underneath (a driver's message): logged, never sent to the client.
+    pub cause: Option<String>,
 }
 
 impl FhirError {
     pub fn new(status: StatusCode, code: IssueCode, diagnostics: impl Into<String>) -> Self {
-        FhirError { status, code, diagnostics: diagnostics.into(), expression: None, etag: None }
+        FhirError { status, code, diagnostics: diagnostics.into(), expression: None, etag: None, cause: None }
     }
 
     /// Names the element the problem is about.
@@ -126,9 +128,12 @@ impl FhirError {
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, IssueCode::Exception, cause.to_string())
     }
-    /// A backing store did not answer: 503, so clients and proxies know to retry.
-    pub fn unavailable(cause: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, IssueCode::Exception, cause.to_string())
+    /// A backing store did not answer: 503, so clients and proxies know to retry. `what`
+    /// is shown (which store, what could not be done); `cause` is only logged.
+    pub fn unavailable(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, IssueCode::Exception, what);
+        e.cause = Some(cause.to_string());
+        e
     }
 
     pub fn to_operation_outcome(&self) -> Value {
@@ -158,10 +163,18 @@ pub fn operation_outcome(severity: &str, code: IssueCode, diagnostics: &str, exp
     json!({ "resourceType": "OperationOutcome", "issue": [issue] })
 }
 
+/// The member store (ClickHouse) failed: a 503 whose body names the store, not the driver.
+impl From<clickhouse::error::Error> for FhirError {
+    fn from(e: clickhouse::error::Error) -> Self {
+        FhirError::unavailable("the member store is unavailable; retry", e)
+    }
+}
+
 impl IntoResponse for FhirError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::error!(status = self.status.as_u16(), error = %self.diagnostics, "request failed");
+            let cause = self.cause.as_deref().unwrap_or("");
+            tracing::error!(status = self.status.as_u16(), error = %self.diagnostics, cause, "request failed");
         } else {
             tracing::debug!(status = self.status.as_u16(), error = %self.diagnostics, "request rejected");
         }

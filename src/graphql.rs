@@ -253,9 +253,10 @@ fn first(n: i32) -> Result<u64, Error> {
     }
 }
 
+/// A store failed under a resolver: the cause is logged, the client reads which part.
 fn unavailable(e: impl std::fmt::Display) -> Error {
     tracing::warn!(error = %e, "GraphQL resolver failed");
-    Error::new(format!("the read models are unavailable: {e}"))
+    Error::new("the read models are unavailable; retry (the cause is in the server log)")
 }
 
 /// A timeline row as read.

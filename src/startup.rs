@@ -349,15 +349,22 @@ async fn health() -> Response {
 /// Ready when both stores answer within 2 s.
 async fn ready(State(state): State<AppState>) -> Response {
     let timeout = Duration::from_secs(2);
+    // Which store is down is shown; the driver's message is logged (it may name hosts).
     let mongo = match tokio::time::timeout(timeout, state.store.ping()).await {
-        Ok(Ok(())) => "up".to_string(),
-        Ok(Err(e)) => format!("down: {e}"),
-        Err(_) => "down: timed out".to_string(),
+        Ok(Ok(())) => "up",
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: MongoDB is down");
+            "down"
+        }
+        Err(_) => "down: timed out",
     };
     let ch = match tokio::time::timeout(timeout, state.clickhouse.query("SELECT 1").execute()).await {
-        Ok(Ok(())) => "up".to_string(),
-        Ok(Err(e)) => format!("down: {e}"),
-        Err(_) => "down: timed out".to_string(),
+        Ok(Ok(())) => "up",
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: ClickHouse is down");
+            "down"
+        }
+        Err(_) => "down: timed out",
     };
     let ok = mongo == "up" && ch == "up";
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -699,6 +699,7 @@ fn answer_all(batch: Vec<Request>, e: &EventStoreError) {
 fn again(e: &EventStoreError) -> EventStoreError {
     match e {
         EventStoreError::Unavailable(m) => EventStoreError::Unavailable(m.clone()),
+        EventStoreError::Store { store, cause } => EventStoreError::Store { store, cause: cause.clone() },
         other => EventStoreError::Unavailable(other.to_string()),
     }
 }

@@ -73,6 +73,11 @@ impl IntoResponse for EventStoreError {
                 tracing::warn!(error = %self, "event store unavailable");
                 (StatusCode::SERVICE_UNAVAILABLE, json!({ "error": self.to_string() }))
             }
+            EventStoreError::Store { store, cause } => {
+                tracing::warn!(store, cause, "event store unavailable");
+                let message = format!("event store unavailable: {store} did not answer; retry with the same event ids");
+                (StatusCode::SERVICE_UNAVAILABLE, json!({ "error": message }))
+            }
         };
         json_response(status, &body)
     }

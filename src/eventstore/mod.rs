@@ -177,6 +177,10 @@ pub enum EventStoreError {
     /// the same event ids is safe.
     #[error("event store unavailable: {0}")]
     Unavailable(String),
+    /// A store's driver failed (`store` names it; `cause` is the driver's message, which is
+    /// logged and not shown to clients). Retrying with the same event ids is safe.
+    #[error("event store unavailable: {store}: {cause}")]
+    Store { store: &'static str, cause: String },
 }
 
 impl EventStoreError {
@@ -187,13 +191,13 @@ impl EventStoreError {
 
 impl From<clickhouse::error::Error> for EventStoreError {
     fn from(e: clickhouse::error::Error) -> Self {
-        EventStoreError::Unavailable(format!("ClickHouse: {e}"))
+        EventStoreError::Store { store: "ClickHouse", cause: e.to_string() }
     }
 }
 
 impl From<mongodb::error::Error> for EventStoreError {
     fn from(e: mongodb::error::Error) -> Self {
-        EventStoreError::Unavailable(format!("MongoDB: {e}"))
+        EventStoreError::Store { store: "MongoDB", cause: e.to_string() }
     }
 }
 

@@ -18,10 +18,6 @@ use crate::store::Version;
 
 const CHUNK: usize = 64 * 1024;
 
-fn unavailable(e: clickhouse::error::Error) -> FhirError {
-    FhirError::unavailable(format!("the member store is unavailable: {e}"))
-}
-
 /// Marks a Group shown without its members (FHIR's `SUBSETTED` tag) and sets `quantity`.
 pub fn subsetted(resource: &mut Map<String, Value>, quantity: Option<u64>) {
     if let Some(q) = quantity {
@@ -73,7 +69,7 @@ pub async fn read_response(
     // Each version records its member count; older data is counted in ClickHouse.
     let count = match v.member_count {
         Some(known) => known,
-        None => read::enumerated_count(&state.clickhouse, &v.id, as_of).await.map_err(unavailable)?,
+        None => read::enumerated_count(&state.clickhouse, &v.id, as_of).await?,
     };
     if let Some(count) = count {
         resource.insert("quantity".into(), json!(count));
@@ -84,7 +80,7 @@ pub async fn read_response(
         // JSON; the format layer turns a small body into XML when asked.
         Body::from(Value::Object(resource).to_string())
     } else {
-        let cursor = read::members(&state.clickhouse, &v.id, as_of).map_err(unavailable)?;
+        let cursor = read::members(&state.clickhouse, &v.id, as_of)?;
         let prefix = if xml {
             // `member` is the last element of a Group in R4's order: members follow the rest.
             let mut prefix = format::to_xml(&Value::Object(resource))?;

@@ -280,7 +280,7 @@ pub async fn search_type(
         // once they are known: a batch not seen then was already in ClickHouse when it left
         // MongoDB, so the query sees its rows; if some were flushed now, it is asked again.
         let unavailable =
-            |e: &dyn std::fmt::Display| FhirError::unavailable(format!("the member store is unavailable: {e}"));
+            |e: &dyn std::fmt::Display| FhirError::unavailable("the member store is unavailable; retry", e);
         let started = std::time::Instant::now();
         let concerned = state.flusher.pending_touching(Some(member)).await.map_err(|e| unavailable(&e))?;
         let pending_at = started.elapsed();

@@ -113,10 +113,6 @@ pub struct Planner<'a> {
     to_validate: Vec<(usize, Value)>,
 }
 
-fn ch_error(e: clickhouse::error::Error) -> FhirError {
-    FhirError::unavailable(format!("the member store is unavailable: {e}"))
-}
-
 fn op_error(index: usize, path: &str, message: impl std::fmt::Display) -> FhirError {
     FhirError::unprocessable(format!("operation {index} ({path}): {message}"))
 }
@@ -137,7 +133,7 @@ impl<'a> Planner<'a> {
     ) -> Result<Planner<'a>, FhirError> {
         let base = match known {
             Some(known) => known,
-            None => read::enumerated_count(ch, &origin.group_id, None).await.map_err(ch_error)?,
+            None => read::enumerated_count(ch, &origin.group_id, None).await?,
         };
         Ok(Planner {
             ch,
@@ -170,7 +166,7 @@ impl<'a> Planner<'a> {
             }
         }
         for chunk in read::parameter_chunks(&wanted) {
-            let found = read::lookup(self.ch, &self.origin.group_id, chunk).await.map_err(ch_error)?;
+            let found = read::lookup(self.ch, &self.origin.group_id, chunk).await?;
             for r in chunk {
                 self.base.insert(r.clone(), found.get(r).cloned());
             }
@@ -280,7 +276,7 @@ impl<'a> Planner<'a> {
         self.settled()?;
         let mut b = n;
         loop {
-            let Some(row) = read::at_index(self.ch, &self.origin.group_id, b).await.map_err(ch_error)? else {
+            let Some(row) = read::at_index(self.ch, &self.origin.group_id, b).await? else {
                 return Ok(None);
             };
             let removed_before = self.removed_base.range(..row.position).count() as u64;
@@ -393,9 +389,9 @@ impl<'a> Planner<'a> {
     /// Every active member's reference (for remove-all and whole-array replacement).
     async fn all_active(&mut self) -> Result<Vec<String>, FhirError> {
         self.settled()?;
-        let mut cursor = read::members(self.ch, &self.origin.group_id, None).map_err(ch_error)?;
+        let mut cursor = read::members(self.ch, &self.origin.group_id, None)?;
         let mut base = Vec::new();
-        while let Some(row) = cursor.next().await.map_err(ch_error)? {
+        while let Some(row) = cursor.next().await? {
             base.push(row.member_reference.clone());
             self.base.insert(row.member_reference.clone(), Some(row));
         }

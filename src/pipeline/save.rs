@@ -72,7 +72,7 @@ fn outbox_error(e: outbox::OutboxError) -> FhirError {
         {
             FhirError::internal(e)
         }
-        _ => FhirError::unavailable(format!("could not finish the group's pending member events: {e}")),
+        _ => FhirError::unavailable("could not finish the group's pending member events; retry", e),
     }
 }
 
@@ -88,7 +88,7 @@ pub async fn finish_pending(state: &AppState, id: &str, current: &Version) -> Re
 /// Maps a store failure: unreachable MongoDB is 503 (retry), anything else 500.
 pub fn store_error(e: StoreError) -> FhirError {
     if e.is_unavailable() {
-        FhirError::unavailable(format!("the resource store is unavailable: {e}"))
+        FhirError::unavailable("the resource store is unavailable; retry", e)
     } else {
         FhirError::internal(e)
     }
@@ -274,7 +274,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 Some(known) => known,
                 None => crate::group::read::enumerated_count(&state.clickhouse, req.id, None)
                     .await
-                    .map_err(|e| FhirError::unavailable(format!("the member store is unavailable: {e}")))?,
+                    .map_err(FhirError::from)?,
             };
         }
         // A write that changes nothing (an empty patch, re-adding an active member, a PUT of

@@ -199,7 +199,13 @@ async fn clickhouse_down_before_the_write_changes_nothing_it_cannot_finish() {
     proxy.set(DOWN);
     // Positional: needs the views, which are unreachable → 503, nothing written.
     let r = app.patch("Group/f2", &json!([{ "op": "remove", "path": "/member/0" }])).await;
-    assert_outcome(r, 503).await;
+    let issue = assert_outcome(r, 503).await;
+    // The body names the store, not the driver's message (which is logged).
+    let shown = issue["diagnostics"].as_str().unwrap();
+    assert!(shown.contains("member store is unavailable"), "{shown}");
+    for internal in ["error", "Connect", "127.0.0.1", "http"] {
+        assert!(!shown.contains(internal), "driver text in a 503 body: {shown}");
+    }
     // A member that could be active needs its row: Patient/a is, so this asks ClickHouse.
     let r = app.patch("Group/f2", &json!([{ "op": "remove", "path": "/member", "value": member("Patient/a") }])).await;
     assert_outcome(r, 503).await;
