@@ -22,4 +22,5 @@ pub mod server;
 pub mod startup;
 pub mod state;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;

@@ -46,6 +46,7 @@ pub struct Application {
 }
 
 /// Background work besides the member batches: event recording recovery, retention.
+#[derive(Clone)]
 struct Background {
     recorder: Option<Arc<EventRecorder>>,
     retention: Vec<crate::eventstore::retention::Rule>,
@@ -175,26 +176,28 @@ impl Application {
 
     /// Serves until `stop` resolves, with the background recovery running meanwhile.
     pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let recovery = tokio::spawn(background_recovery(self.state.store.clone(), self.state.flusher.clone()));
+        // Every background loop runs supervised: restarted after a panic, and reported by
+        // `/ready` while it waits to be (see `supervise`).
+        let tasks = self.state.tasks.clone();
+        let (store, flusher) = (self.state.store.clone(), self.state.flusher.clone());
+        let mut running =
+            vec![tasks.spawn("member batch sweep", move || background_recovery(store.clone(), flusher.clone()))];
         self.state.events.recover_journal();
-        let feeding = match self.background.projections.clone() {
-            Some(config) => {
-                let state = &self.state;
-                let runner = crate::projection::runner::Runner::new(
-                    state.store.database(),
-                    state.clickhouse.clone(),
-                    state.events.clone(),
-                    config,
-                );
-                runner.spawn(crate::projection::builtin::all())
-            }
-            None => Vec::new(),
-        };
-        let events = tokio::spawn(event_upkeep(self.background, self.state.clickhouse.clone()));
+        if let Some(config) = self.background.projections.clone() {
+            let state = &self.state;
+            let runner = crate::projection::runner::Runner::new(
+                state.store.database(),
+                state.clickhouse.clone(),
+                state.events.clone(),
+                config,
+            );
+            running.extend(runner.spawn_supervised(&tasks, crate::projection::builtin::all()));
+        }
+        let (background, ch) = (self.background, self.state.clickhouse.clone());
+        running
+            .push(tasks.spawn("event recording and retention", move || event_upkeep(background.clone(), ch.clone())));
         let served = crate::server::serve(self.listener, self.router, &self.http, stop).await;
-        recovery.abort();
-        events.abort();
-        for task in feeding {
+        for task in running {
             task.abort();
         }
         served
@@ -366,7 +369,12 @@ async fn ready(State(state): State<AppState>) -> Response {
         }
         Err(_) => "down: timed out",
     };
-    let ok = mongo == "up" && ch == "up";
+    // A background task that panicked and waits to be restarted makes the server not ready.
+    let down = state.tasks.down();
+    let ok = mongo == "up" && ch == "up" && down.is_empty();
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    json_response(status, json!({ "status": if ok { "ready" } else { "not ready" }, "mongo": mongo, "clickhouse": ch }))
+    json_response(
+        status,
+        json!({ "status": if ok { "ready" } else { "not ready" }, "mongo": mongo, "clickhouse": ch, "tasksDown": down }),
+    )
 }

@@ -33,6 +33,8 @@ pub struct AppState {
     pub events: SharedEventStore,
     /// GraphQL over the read models (`/graphql`).
     pub graphql: crate::graphql::RosterSchema,
+    /// The supervised background tasks, and which are down (`/ready`).
+    pub tasks: crate::supervise::Tasks,
 }
 
 impl AppState {
@@ -57,6 +59,7 @@ impl AppState {
             projections: crate::projection::builtin::all().iter().map(|p| p.name()).collect(),
         });
         AppState {
+            tasks: crate::supervise::Tasks::default(),
             graphql,
             events,
             flusher,

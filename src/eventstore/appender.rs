@@ -35,10 +35,12 @@
 //! journal write collides with the successor's, a late flush is deduplicated.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bson::{doc, DateTime, Document};
+use futures_util::FutureExt;
 use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -266,8 +268,29 @@ impl Appender {
                 answer_all(batch, &e);
                 continue;
             }
-            let t = tenure.as_mut().expect("held");
-            let outcome = self.cycle(t, batch).await;
+            let Some(t) = tenure.as_mut() else {
+                answer_all(batch, &EventStoreError::Unavailable("the log lease was not held; retry".into()));
+                continue;
+            };
+            // A panic inside a cycle (a bug) must not end the appender: every later append
+            // would fail until a restart. Its appends are answered 503 (their reply channels
+            // drop), and the tenure is abandoned: whether its journal write landed is unknown,
+            // so the next holder starts from the journal, as after a crash.
+            let outcome = match AssertUnwindSafe(self.cycle(t, batch)).catch_unwind().await {
+                Ok(outcome) => outcome,
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("?");
+                    tracing::error!(
+                        panic = message,
+                        "an append cycle panicked; its appends get 503, the lease is abandoned"
+                    );
+                    Outcome::Abandon
+                }
+            };
             expect = taken + rx.len();
             match outcome {
                 Outcome::Keep => {}
@@ -473,7 +496,13 @@ impl Appender {
         let mut rows = Vec::new();
         let mut answers = Vec::new();
         for r in batch {
-            let head = heads.get(&r.stream).or_else(|| t.heads.get(&r.stream)).cloned().expect("loaded");
+            let Some(head) = heads.get(&r.stream).or_else(|| t.heads.get(&r.stream)).cloned() else {
+                // `load_heads` loads every stream of the batch; answer rather than panic.
+                let e =
+                    EventStoreError::Unavailable(format!("the head of stream '{}' was not loaded; retry", r.stream));
+                answers.push(Answer { reply: r.reply, result: Err(e), accepted: false });
+                continue;
+            };
             if let Some(done) = r.client_ids.then(|| head.retry_of(&r.events)).flatten() {
                 answers.push(Answer { reply: r.reply, result: Ok(done), accepted: false });
                 continue;
@@ -491,7 +520,8 @@ impl Appender {
             let mut tail = Vec::with_capacity(r.events.len());
             for (i, e) in r.events.into_iter().enumerate() {
                 let (version, position) = (head.version + 1 + i as i64, next + i as u64);
-                let id = e.event_id.expect("validated");
+                // `append` gives every event an id before it queues; a new one is as good.
+                let id = e.event_id.unwrap_or_else(Uuid::new_v4);
                 tail.push((id, version, position as i64));
                 rows.push(EventRow {
                     position,

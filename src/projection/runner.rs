@@ -229,11 +229,24 @@ impl Runner {
 
     /// One task per projection; abort the handles to stop.
     pub fn spawn(self: &Arc<Self>, projections: Vec<Arc<dyn Projection>>) -> Vec<tokio::task::JoinHandle<()>> {
+        self.spawn_supervised(&crate::supervise::Tasks::default(), projections)
+    }
+
+    /// [`Self::spawn`], each projection's feeding a task of `tasks` (restarted after a
+    /// panic, reported while down).
+    pub fn spawn_supervised(
+        self: &Arc<Self>,
+        tasks: &crate::supervise::Tasks,
+        projections: Vec<Arc<dyn Projection>>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         projections
             .into_iter()
             .map(|p| {
                 let runner = self.clone();
-                tokio::spawn(async move { runner.feed(p).await })
+                tasks.spawn(format!("projection {}", p.name()), move || {
+                    let (runner, p) = (runner.clone(), p.clone());
+                    async move { runner.feed(p).await }
+                })
             })
             .collect()
     }

@@ -18,6 +18,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub settings: Settings,
     pub mongo: mongodb::Database,
+    /// The running application's state (its stores, its supervised tasks).
+    pub state: roster::state::AppState,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -52,11 +54,20 @@ pub async fn spawn_with(settings: Settings, hooks: Hooks) -> TestApp {
     let app = Application::build(settings.clone(), hooks).await.expect("application starts");
     let address = format!("http://{}", app.address());
     let mongo = app.state().store.database().clone();
+    let state = app.state().clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(app.run_until(async move {
         let _ = stopped.await;
     }));
-    TestApp { fhir: format!("{address}/4_0_0"), address, client: reqwest::Client::new(), settings, mongo, _stop: stop }
+    TestApp {
+        fhir: format!("{address}/4_0_0"),
+        address,
+        client: reqwest::Client::new(),
+        settings,
+        mongo,
+        state,
+        _stop: stop,
+    }
 }
 
 pub const FHIR_JSON: &str = "application/fhir+json";

@@ -61,3 +61,21 @@ async fn two_test_servers_do_not_see_each_other() {
     let count = json(b.get("Patient?_summary=count").await).await;
     assert_eq!(count["total"], 0);
 }
+
+#[tokio::test]
+async fn ready_is_503_while_a_background_task_waits_to_be_restarted() {
+    let app = spawn_app().await;
+    let ready = || async { app.client.get(format!("{}/ready", app.address)).send().await.unwrap() };
+    let r = ready().await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(json(r).await["tasksDown"], serde_json::json!([]));
+    // A background task that panics at every start: down while the supervisor waits.
+    let failing = app.state.tasks.spawn("always failing", || async { panic!("a bug") });
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let r = ready().await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(json(r).await["tasksDown"], serde_json::json!(["always failing"]));
+    failing.abort();
+    let _ = failing.await;
+    assert_eq!(ready().await.status(), 200, "ready again once the task is gone");
+}
