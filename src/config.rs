@@ -19,6 +19,7 @@ pub struct Settings {
     /// Largest accepted request body, in bytes (larger bodies get 413).
     pub body_limit_bytes: usize,
     pub http: HttpSettings,
+    pub fhir: FhirSettings,
     pub mongo: MongoSettings,
     pub clickhouse: ClickHouseSettings,
     pub groups: GroupSettings,
@@ -129,14 +130,27 @@ pub struct RetentionRule {
     pub days: u32,
 }
 
+/// Limits of the FHIR API that hold for every resource type.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FhirSettings {
+    /// Most operations one PATCH may carry, in any format (more: 413). Default
+    /// [`DEFAULT_MAX_PATCH_OPS`].
+    pub max_patch_ops: Option<usize>,
+}
+
+/// The default of `fhir.max_patch_ops`.
+pub const DEFAULT_MAX_PATCH_OPS: usize = 100_000;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GroupSettings {
     /// `events` (members as ClickHouse events, the product) or `embedded` (members in the
     /// MongoDB document: the benchmark baseline).
     pub members: MemberStorage,
-    /// Most operations one Group PATCH may carry (more: 413).
-    pub max_patch_ops: usize,
+    /// Deprecated: `fhir.max_patch_ops` (which wins when both are set). Kept so that
+    /// existing configurations go on working; a warning is logged at start.
+    pub max_patch_ops: Option<usize>,
     /// Most members the in-process member index holds over all groups (about 26 bytes
     /// each; 0 turns it off and every membership check asks ClickHouse).
     pub index_capacity: usize,
@@ -144,7 +158,7 @@ pub struct GroupSettings {
 
 impl Default for GroupSettings {
     fn default() -> Self {
-        GroupSettings { members: MemberStorage::Events, max_patch_ops: 100_000, index_capacity: 5_000_000 }
+        GroupSettings { members: MemberStorage::Events, max_patch_ops: None, index_capacity: 5_000_000 }
     }
 }
 
@@ -191,6 +205,7 @@ impl Default for Settings {
             base_url: None,
             body_limit_bytes: 64 * 1024 * 1024,
             http: HttpSettings::default(),
+            fhir: FhirSettings::default(),
             mongo: MongoSettings::default(),
             clickhouse: ClickHouseSettings::default(),
             groups: GroupSettings::default(),
@@ -262,7 +277,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ROSTER_CLICKHOUSE_DATABASE", "ClickHouse database name"),
     ("ROSTER_CLICKHOUSE_COMPRESSION", "none (default: same host) or lz4 (across a network)"),
     ("ROSTER_GROUP_MEMBERS", "events (ClickHouse member events) or embedded (members in MongoDB)"),
-    ("ROSTER_GROUP_MAX_PATCH_OPS", "most operations in one Group PATCH (default 100000)"),
+    ("ROSTER_FHIR_MAX_PATCH_OPS", "most operations in one PATCH (default 100000)"),
+    ("ROSTER_GROUP_MAX_PATCH_OPS", "deprecated: ROSTER_FHIR_MAX_PATCH_OPS"),
     ("ROSTER_GROUP_INDEX_CAPACITY", "most members in the in-process member index (default 5000000; 0 = off)"),
     (
         "ROSTER_EVENT_ROUTES",
@@ -364,8 +380,11 @@ impl Settings {
         if let Some(v) = env("ROSTER_GROUP_INDEX_CAPACITY") {
             self.groups.index_capacity = parse("ROSTER_GROUP_INDEX_CAPACITY", &v)?;
         }
+        if let Some(v) = env("ROSTER_FHIR_MAX_PATCH_OPS") {
+            self.fhir.max_patch_ops = Some(parse("ROSTER_FHIR_MAX_PATCH_OPS", &v)?);
+        }
         if let Some(v) = env("ROSTER_GROUP_MAX_PATCH_OPS") {
-            self.groups.max_patch_ops = parse("ROSTER_GROUP_MAX_PATCH_OPS", &v)?;
+            self.groups.max_patch_ops = Some(parse("ROSTER_GROUP_MAX_PATCH_OPS", &v)?);
         }
         if let Some(v) = env("ROSTER_GROUP_MEMBERS") {
             self.groups.members = match v.as_str() {
@@ -435,6 +454,12 @@ impl Settings {
             return Err(ConfigError::Env { var: "ROSTER_BODY_LIMIT_BYTES", message: "must be greater than 0".into() });
         }
         Ok(())
+    }
+
+    /// Most operations one PATCH may carry: `fhir.max_patch_ops`, else the deprecated
+    /// `groups.max_patch_ops`, else [`DEFAULT_MAX_PATCH_OPS`].
+    pub fn max_patch_ops(&self) -> usize {
+        self.fhir.max_patch_ops.or(self.groups.max_patch_ops).unwrap_or(DEFAULT_MAX_PATCH_OPS)
     }
 
     /// The base URL clients see, without a trailing slash.
@@ -508,5 +533,21 @@ mod tests {
         assert_eq!(s.clickhouse.compression, ClickHouseCompression::Lz4);
         let err = Settings::load_from(None, env(&[("ROSTER_CLICKHOUSE_COMPRESSION", "gzip")])).unwrap_err();
         assert!(err.to_string().contains("gzip"));
+    }
+
+    #[test]
+    fn the_patch_limit_is_a_fhir_setting_and_the_old_group_key_still_works() {
+        assert_eq!(Settings::load_from(None, env(&[])).unwrap().max_patch_ops(), DEFAULT_MAX_PATCH_OPS);
+        let old = Settings::load_from(None, env(&[("ROSTER_GROUP_MAX_PATCH_OPS", "7")])).unwrap();
+        assert_eq!(old.max_patch_ops(), 7);
+        let both =
+            Settings::load_from(None, env(&[("ROSTER_GROUP_MAX_PATCH_OPS", "7"), ("ROSTER_FHIR_MAX_PATCH_OPS", "9")]))
+                .unwrap();
+        assert_eq!(both.max_patch_ops(), 9, "the new key wins");
+        let dir = std::env::temp_dir().join(format!("roster-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("roster.toml");
+        std::fs::write(&file, "[groups]\nmax_patch_ops = 5\n").unwrap();
+        assert_eq!(Settings::load_from(Some(&file), env(&[])).unwrap().max_patch_ops(), 5);
     }
 }

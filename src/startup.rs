@@ -151,6 +151,10 @@ impl Application {
             None => None,
         };
         state.hooks = builtin.extend(hooks);
+        state.max_patch_ops = settings.max_patch_ops();
+        if settings.groups.max_patch_ops.is_some() {
+            tracing::warn!("groups.max_patch_ops (ROSTER_GROUP_MAX_PATCH_OPS) is deprecated: use fhir.max_patch_ops");
+        }
         let router = router(state.clone(), &settings.http);
         let projections = settings.projections.run.then(|| crate::projection::runner::RunnerConfig {
             batch: settings.projections.batch,

@@ -23,7 +23,8 @@ pub struct AppState {
     /// changes with the code and the base URL.
     pub capability_statement: Arc<OnceLock<Arc<str>>>,
     pub group_members: MemberStorage,
-    pub group_max_patch_ops: usize,
+    /// Most operations one PATCH may carry (`Settings::max_patch_ops`).
+    pub max_patch_ops: usize,
     pub write_locks: WriteLocks,
     /// Who is an active member of recently written groups (see `group::index`).
     pub member_index: Arc<MemberIndex>,
@@ -70,7 +71,7 @@ impl AppState {
             body_limit,
             capability_statement: Arc::default(),
             group_members: groups.members,
-            group_max_patch_ops: groups.max_patch_ops,
+            max_patch_ops: groups.max_patch_ops.unwrap_or(crate::config::DEFAULT_MAX_PATCH_OPS),
             write_locks: WriteLocks::default(),
             member_index: Arc::new(MemberIndex::new(groups.index_capacity)),
         }

@@ -30,7 +30,7 @@ impl Server {
             .env("ROSTER_MONGO_DATABASE", &db)
             .env("ROSTER_CLICKHOUSE_DATABASE", &db)
             .env("ROSTER_GROUP_MEMBERS", mode)
-            .env("ROSTER_GROUP_MAX_PATCH_OPS", "100000")
+            .env("ROSTER_FHIR_MAX_PATCH_OPS", "100000")
             .env("ROSTER_BODY_LIMIT_BYTES", "1073741824")
             .env("ROSTER_LOG", std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
             .envs(extra.iter().copied())

@@ -101,6 +101,14 @@ impl Default for Faults {
     }
 }
 
+/// Which of the injected stalls of [`Faults`] are still to happen (each happens once).
+#[derive(Debug, Default)]
+struct Stalls {
+    before_write: bool,
+    after_write: bool,
+    before_flush: bool,
+}
+
 pub struct Request {
     pub stream: String,
     pub expected: ExpectedVersion,
@@ -188,8 +196,8 @@ pub struct Appender {
     /// Makes the tenure's flusher flush what it is gathering now (see [`Flusher::hurry`]).
     hurry: Arc<Notify>,
     faults: Faults,
-    /// The injected stalls still to happen: before the write, after it, before a flush.
-    stalls: [bool; 3],
+    /// The injected stalls still to happen.
+    stalls: Stalls,
     /// When the lease's holder was last checked for being dead.
     dead_checked: Option<Instant>,
     /// A reader found journaled events nobody flushes: take the lease to flush them.
@@ -206,7 +214,11 @@ impl Appender {
         recover: Arc<Notify>,
         faults: Faults,
     ) -> Appender {
-        let stalls = [!faults.before_write.is_zero(), !faults.after_write.is_zero(), !faults.before_flush.is_zero()];
+        let stalls = Stalls {
+            before_write: !faults.before_write.is_zero(),
+            after_write: !faults.after_write.is_zero(),
+            before_flush: !faults.before_flush.is_zero(),
+        };
         Appender {
             log: db.collection(LOG),
             journal: Journal::new(db, ch.clone()),
@@ -403,7 +415,7 @@ impl Appender {
         };
         super::log::raise(&self.last, stored);
         let (flusher, rx) = mpsc::unbounded_channel();
-        let stall = match std::mem::take(&mut self.stalls[2]) {
+        let stall = match std::mem::take(&mut self.stalls.before_flush) {
             true => self.faults.before_flush,
             false => Duration::ZERO,
         };
@@ -547,7 +559,7 @@ impl Appender {
             answer(answers);
             return Outcome::Keep;
         }
-        if std::mem::take(&mut self.stalls[0]) {
+        if std::mem::take(&mut self.stalls.before_write) {
             tokio::time::sleep(self.faults.before_write).await;
         }
         if let Err(e) = self.room(t).await {
@@ -589,7 +601,7 @@ impl Appender {
                 return Outcome::Abandon;
             }
         }
-        if std::mem::take(&mut self.stalls[1]) {
+        if std::mem::take(&mut self.stalls.after_write) {
             tokio::time::sleep(self.faults.after_write).await;
         }
         t.next = next;

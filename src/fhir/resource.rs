@@ -226,14 +226,14 @@ pub async fn patch(
     let id = valid_id(&id)?;
     let if_match = headers::if_match(&headers)?;
     let ops = patch_body(&state, rt, &headers, body).await?;
-    if ops.len() > state.group_max_patch_ops {
+    if ops.len() > state.max_patch_ops {
         return Err(FhirError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             crate::error::IssueCode::TooCostly,
             format!(
                 "the patch has {} operations; at most {} are accepted in one PATCH (split it)",
                 ops.len(),
-                state.group_max_patch_ops
+                state.max_patch_ops
             ),
         ));
     }

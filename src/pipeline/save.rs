@@ -13,7 +13,7 @@ use crate::group::{outbox, split, MemberStorage};
 use crate::model::patching::Patch;
 use crate::model::{datetime, json_bson, lenient, validate};
 use crate::state::AppState;
-use crate::store::{Commit, StoreError, Version};
+use crate::store::{Base, Commit, StoreError, Version, Writes};
 
 /// How often a write without `If-Match` re-reads and retries after losing a version race
 /// before answering 409.
@@ -135,7 +135,10 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         // can wait in the document's version log (copied in batches) instead of one copy
         // per version on the write path.
         let members_only = member_events && matches!(&change, Change::Patch(other) if other.is_empty());
-        let (current, guessed) = store.read_for_write(rt, req.id, guess, members_only).await.map_err(store_error)?;
+        let base = if guess { Base::Remembered } else { Base::Stored };
+        let writes = if members_only { Writes::MetaOnly } else { Writes::Content };
+        let (current, from) = store.read_for_write(rt, req.id, base, writes).await.map_err(store_error)?;
+        let guessed = from == Base::Remembered;
         let read_at = started.elapsed();
         if let Some(expected) = req.if_match {
             match &current {

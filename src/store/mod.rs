@@ -37,4 +37,4 @@ pub mod holder;
 pub mod mongo;
 pub mod version_log;
 
-pub use mongo::{Commit, ResourceStore, StoreError, Version};
+pub use mongo::{Base, Commit, ResourceStore, StoreError, Version, Writes};

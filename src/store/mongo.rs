@@ -35,6 +35,24 @@ pub struct Version {
     pub history_pending: bool,
 }
 
+/// Where the base version of a write is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Base {
+    /// MongoDB.
+    Stored,
+    /// The document this process committed last, if it remembers one (else MongoDB).
+    Remembered,
+}
+
+/// What a write is going to change, which decides what must reach history first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// The resource's content.
+    Content,
+    /// Only `meta.versionId` and `meta.lastUpdated` (a member-only Group PATCH).
+    MetaOnly,
+}
+
 /// What a write stores; see the module docs for the protocol.
 pub struct Commit<'a> {
     pub id: &'a str,
@@ -186,28 +204,29 @@ impl ResourceStore {
     /// version must reach history before it is overwritten), but its flag is left for the
     /// commit that follows to overwrite (one write fewer on the write path).
     ///
-    /// `recent`: the document this process committed last may stand in for the read (one
-    /// MongoDB round trip fewer). It is only a guess: if another process wrote since, the
-    /// version-guarded commit fails and the caller retries with a real read. Returns
-    /// whether the guess was used.
+    /// [`Base::Remembered`]: the document this process committed last may stand in for the
+    /// read (one MongoDB round trip fewer). It is only a guess: if another process wrote
+    /// since, the version-guarded commit fails and the caller retries with
+    /// [`Base::Stored`]. Returns where the version came from.
     ///
-    /// `defer_history`: the write changes only `meta` (a member-only Group PATCH), so the
+    /// [`Writes::MetaOnly`]: the write changes only `meta` (a member-only Group PATCH), so the
     /// versions not yet in history may go into its `versionLog` instead of being copied
     /// now (until the log is [`VERSION_LOG_LIMIT`] long).
     pub async fn read_for_write(
         &self,
         rt: &str,
         id: &str,
-        recent: bool,
-        defer_history: bool,
-    ) -> Result<(Option<Version>, bool), StoreError> {
-        let remembered = recent.then(|| self.recent_doc(rt, id)).flatten();
-        let guessed = remembered.is_some();
+        base: Base,
+        writes: Writes,
+    ) -> Result<(Option<Version>, Base), StoreError> {
+        let remembered = (base == Base::Remembered).then(|| self.recent_doc(rt, id)).flatten();
+        let from = if remembered.is_some() { Base::Remembered } else { Base::Stored };
+        let defer_history = writes == Writes::MetaOnly;
         let doc = match remembered {
             Some(doc) => doc,
             None => match self.current(rt).find_one(doc! { "_id": id }).await? {
                 Some(doc) => doc,
-                None => return Ok((None, false)),
+                None => return Ok((None, Base::Stored)),
             },
         };
         let mut version = decode(&doc, None)?;
@@ -220,7 +239,7 @@ impl ResourceStore {
             version.history_pending = false;
             version.version_log.clear();
         }
-        Ok((Some(version), guessed))
+        Ok((Some(version), from))
     }
 
     fn recent_doc(&self, rt: &str, id: &str) -> Option<Document> {

@@ -275,7 +275,7 @@ async fn search_by_member_uses_current_membership() {
 #[tokio::test]
 async fn put_rules_and_limits() {
     let mut settings = test_settings();
-    settings.groups.max_patch_ops = 3;
+    settings.fhir.max_patch_ops = Some(3);
     let app = spawn_with(settings, Default::default()).await;
     app.put("Group/p", &group("p", &["Patient/a", "Patient/b"])).await;
     // PUT is a full replacement: a body without `member` empties the group.
@@ -376,10 +376,15 @@ async fn logged_versions_copied_early_reach_history_and_leave_the_log_of_that_pr
     }
     // This process leaves the copied versions out of the log it writes next; another
     // process, which did not copy them, still carries them (and copies them again, harmlessly).
-    let (mine, _) = here.read_for_write("Group", "early", false, true).await.unwrap();
+    let (mine, _) = here
+        .read_for_write("Group", "early", roster::store::Base::Stored, roster::store::Writes::MetaOnly)
+        .await
+        .unwrap();
     assert!(mine.unwrap().version_log.is_empty(), "copied versions leave this process's log");
-    let (theirs, _) =
-        ResourceStore::new(app.mongo.clone()).read_for_write("Group", "early", false, true).await.unwrap();
+    let (theirs, _) = ResourceStore::new(app.mongo.clone())
+        .read_for_write("Group", "early", roster::store::Base::Stored, roster::store::Writes::MetaOnly)
+        .await
+        .unwrap();
     assert_eq!(theirs.unwrap().version_log, log);
     // Below the threshold nothing is copied.
     let short = bson::doc! { "_id": "early", "versionId": 14i64, "lastUpdated": bson::DateTime::from_millis(t0 + 14),
