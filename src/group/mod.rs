@@ -25,6 +25,7 @@ pub mod index;
 pub mod outbox;
 pub mod plan;
 pub mod read;
+pub mod source;
 pub mod split;
 
 pub use crate::config::MemberStorage;
