@@ -41,7 +41,6 @@ use std::time::{Duration, Instant};
 
 use bson::{doc, DateTime, Document};
 use futures_util::FutureExt;
-use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use uuid::Uuid;
@@ -49,7 +48,7 @@ use uuid::Uuid;
 use super::journal::{Entry, Flusher, Journal, Recent, WriteError};
 use super::log::EventRow;
 use super::{AppendResult, EventStoreError, ExpectedVersion, NewEvent};
-use crate::store::mongo::is_duplicate_key;
+use crate::store::lease::{self, Taken};
 
 pub const LOG: &str = "EventStore_Log";
 /// How long an idle holder keeps the lease, hoping for another append.
@@ -73,8 +72,6 @@ const MAX_UNFLUSHED: u64 = 200_000;
 const HEADS_KEPT: usize = 100_000;
 /// Longest a releasing holder waits for its flusher.
 const DRAIN: Duration = Duration::from_secs(3);
-/// How often a waiting appender reads the lease to see whether its holder died.
-const DEAD_CHECK: Duration = Duration::from_millis(250);
 
 /// Lease length and injected stalls (each happens once, in the first cycle that reaches
 /// it), for fault tests. The defaults are the product's.
@@ -198,8 +195,6 @@ pub struct Appender {
     faults: Faults,
     /// The injected stalls still to happen.
     stalls: Stalls,
-    /// When the lease's holder was last checked for being dead.
-    dead_checked: Option<Instant>,
     /// A reader found journaled events nobody flushes: take the lease to flush them.
     recover: Arc<Notify>,
 }
@@ -228,7 +223,6 @@ impl Appender {
             hurry,
             faults,
             stalls,
-            dead_checked: None,
             recover,
         }
     }
@@ -358,36 +352,11 @@ impl Appender {
     async fn acquire(&mut self) -> Result<Option<Tenure>, EventStoreError> {
         let id = Uuid::new_v4().to_string();
         let started = Instant::now();
-        let now = DateTime::now();
-        let until = DateTime::from_millis(now.timestamp_millis() + self.faults.lease.as_millis() as i64);
-        let lease = doc! { "by": &id, "until": until, "holder": crate::store::holder::this_process() };
-        let free =
-            doc! { "_id": "log", "$or": [ { "lease": { "$exists": false } }, { "lease.until": { "$lt": now } } ] };
-        let before = self
-            .log
-            .find_one_and_update(free, doc! { "$set": { "lease": lease.clone() } })
-            .upsert(true)
-            .return_document(ReturnDocument::Before)
-            .await;
-        let before = match before {
-            Ok(b) => b,
-            // The upsert collided with the existing, held document: unless its holder is a
-            // process that is gone (this machine's previous run), wait for it.
-            Err(e) if is_duplicate_key(&e) => match self.dead_holder().await? {
-                None => return Ok(None),
-                Some(by) => {
-                    tracing::info!("taking over the log lease of a process that is gone");
-                    let taken = self
-                        .log
-                        .find_one_and_update(doc! { "_id": "log", "lease.by": by }, doc! { "$set": { "lease": lease } })
-                        .return_document(ReturnDocument::Before)
-                        .await?;
-                    match taken {
-                        Some(before) => Some(before),
-                        None => return Ok(None),
-                    }
-                }
-            },
+        // Free, expired, or held by a process that is gone (see `store::lease`).
+        let log = doc! { "_id": "log" };
+        let before = match lease::take(&self.log, &log, "lease", &id, self.faults.lease, true, Document::new()).await {
+            Ok(Taken::Granted(before)) => before,
+            Ok(Taken::Held | Taken::Absent) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
         let deadline = started + self.faults.lease - MARGIN;
@@ -428,21 +397,6 @@ impl Appender {
         };
         let flushing = tokio::spawn(task.run(rx));
         Ok(Some(Tenure { id, deadline, next: (stored + 1) as u64, heads: HashMap::new(), flusher, flushing }))
-    }
-
-    /// The tenure id of the log lease when its holder is certainly dead (see
-    /// `store::holder`). Looked at most every [`DEAD_CHECK`] while the lease is contended.
-    async fn dead_holder(&mut self) -> Result<Option<String>, EventStoreError> {
-        if self.dead_checked.is_some_and(|t| t.elapsed() < DEAD_CHECK) {
-            return Ok(None);
-        }
-        self.dead_checked = Some(Instant::now());
-        let log = self.log.find_one(doc! { "_id": "log" }).projection(doc! { "lease": 1 }).await?;
-        let lease = log.as_ref().and_then(|d| d.get_document("lease").ok());
-        Ok(lease
-            .filter(|l| l.get_document("holder").is_ok_and(crate::store::holder::is_dead))
-            .and_then(|l| l.get_str("by").ok())
-            .map(str::to_string))
     }
 
     /// Waits (at most `within`) until ClickHouse holds everything this tenure journaled.

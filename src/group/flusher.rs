@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 
 use bson::{doc, DateTime, Document};
 use futures_util::TryStreamExt;
-use mongodb::options::{Hint, ReturnDocument};
+use mongodb::options::Hint;
 use mongodb::{Collection, Database};
 
 use super::events::{self, MemberEvent};
 use super::outbox::{self, OutboxError, CHUNK_ROWS};
+use crate::store::lease::{self, Taken};
 use crate::store::mongo::current_collection;
 use crate::store::ResourceStore;
 
@@ -221,53 +222,18 @@ impl Flusher {
         Ok(())
     }
 
-    /// Takes the group's flush lease where `condition` (on the lease) holds and a batch is
-    /// pending; returns the document as it was (its batches and any earlier lease).
-    async fn take_lease(
-        &self,
-        group: &str,
-        condition: Document,
-        lease_id: &str,
-        until: DateTime,
-    ) -> Result<Option<Document>, OutboxError> {
-        let mut filter = doc! { "_id": group, "outbox.batchId": { "$exists": true } };
-        filter.extend(condition);
-        let lease = doc! { "by": lease_id, "until": until, "holder": crate::store::holder::this_process() };
-        Ok(self
-            .groups()
-            .find_one_and_update(filter, doc! { "$set": { "flushLease": lease } })
-            .projection(doc! { "outbox": 1, "flushLease": 1 })
-            .return_document(ReturnDocument::Before)
-            .await?)
-    }
-
     /// One attempt: take the lease, insert what ClickHouse lacks, pull the batches.
     async fn cycle(&self, group: &str) -> Result<Cycle, OutboxError> {
         let started = Instant::now();
-        let now = DateTime::now();
         let lease_id = uuid::Uuid::new_v4().to_string();
-        let until = DateTime::from_millis(now.timestamp_millis() + LEASE.as_millis() as i64);
-        let free = doc! { "$or": [ { "flushLease": { "$exists": false } }, { "flushLease.until": { "$lt": now } } ] };
-        let mut taken = self.take_lease(group, free, &lease_id, until).await?;
-        if taken.is_none() {
-            let pending = self
-                .groups()
-                .find_one(doc! { "_id": group, "outbox.batchId": { "$exists": true } })
-                .projection(doc! { "_id": 1, "flushLease": 1 })
-                .await?;
-            let Some(pending) = pending else { return Ok(Cycle::Done) };
-            // A holder that died mid-flush (this machine's previous run): take over at once
-            // rather than after its lease (see `store::holder`).
-            let dead = pending
-                .get_document("flushLease")
-                .ok()
-                .filter(|l| l.get_document("holder").is_ok_and(crate::store::holder::is_dead));
-            if let Some(by) = dead.and_then(|l| l.get_str("by").ok()) {
-                tracing::info!(group, "taking over the flush lease of a process that is gone");
-                taken = self.take_lease(group, doc! { "flushLease.by": by }, &lease_id, until).await?;
-            }
-        }
-        let Some(taken) = taken else { return Ok(Cycle::Held) };
+        let pending = doc! { "_id": group, "outbox.batchId": { "$exists": true } };
+        let projection = doc! { "outbox": 1, "flushLease": 1 };
+        let taken =
+            match lease::take(&self.groups(), &pending, "flushLease", &lease_id, LEASE, false, projection).await? {
+                Taken::Granted(Some(before)) => before,
+                Taken::Granted(None) | Taken::Absent => return Ok(Cycle::Done),
+                Taken::Held => return Ok(Cycle::Held),
+            };
         let batches = outbox::pending_in(&taken);
         // No lease at all (not even an expired one): the last flusher pulled what it
         // inserted, or none ever ran. Every failure below leaves the lease in place, so

@@ -99,16 +99,14 @@ impl Checkpoints {
     /// Takes the lease of `name` for `holder` if it is free, expired or already
     /// `holder`'s. Returns the record as it was.
     pub async fn take(&self, name: &str, holder: &str, lease: Duration) -> Result<Option<Status>, ProjectionError> {
-        let now = DateTime::now();
-        let until = DateTime::from_millis(now.timestamp_millis() + lease.as_millis() as i64);
+        // Free (see `store::lease`), or already this runner's (a renewal by taking).
+        let free_or_mine =
+            doc! { "$or": [ crate::store::lease::free("lease", DateTime::now()), { "lease.by": holder } ] };
+        let mut filter = doc! { "_id": name };
+        filter.extend(free_or_mine);
         let taken = self
             .docs
-            .find_one_and_update(
-                doc! { "_id": name, "$or": [
-                    { "lease": { "$exists": false } }, { "lease.until": { "$lt": now } }, { "lease.by": holder },
-                ] },
-                doc! { "$set": { "lease": { "by": holder, "until": until } } },
-            )
+            .find_one_and_update(filter, doc! { "$set": { "lease": crate::store::lease::grant(holder, lease) } })
             .upsert(true)
             .return_document(ReturnDocument::After)
             .await;

@@ -34,6 +34,7 @@
 //! version is written twice.
 
 pub mod holder;
+pub mod lease;
 pub mod mongo;
 pub mod version_log;
 
