@@ -578,7 +578,7 @@ impl Query {
             None => 0,
         };
         let n = self::first(first)? as usize;
-        s.events.settle_group(&group_id).await.map_err(unavailable)?;
+        s.events.finish_group_batches(&group_id).await.map_err(unavailable)?;
         let (rows, more) = temporal::group_members_at(&s.ch, &group_id, at, n, after).await.map_err(unavailable)?;
         let end_cursor = rows.last().map(|m| m.position.to_string());
         Ok(MemberConnection {

@@ -45,7 +45,7 @@ use mongodb::{Collection, Database};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use uuid::Uuid;
 
-use super::journal::{Entry, Flusher, Journal, Recent, WriteError};
+use super::journal::{Entry, Journal, JournalFlusher, Recent, WriteError};
 use super::log::EventRow;
 use super::{AppendResult, EventStoreError, ExpectedVersion, NewEvent};
 use crate::store::lease::{self, Taken};
@@ -190,7 +190,7 @@ pub struct Appender {
     last: Arc<watch::Sender<i64>>,
     /// Journaled cycles, for this process's followers.
     recent: Arc<Recent>,
-    /// Makes the tenure's flusher flush what it is gathering now (see [`Flusher::hurry`]).
+    /// Makes the tenure's flusher flush what it is gathering now (see [`JournalFlusher::hurry`]).
     hurry: Arc<Notify>,
     faults: Faults,
     /// The injected stalls still to happen.
@@ -388,7 +388,7 @@ impl Appender {
             true => self.faults.before_flush,
             false => Duration::ZERO,
         };
-        let task = Flusher {
+        let task = JournalFlusher {
             journal: self.journal.clone(),
             tenure: id.clone(),
             stored: self.last.clone(),

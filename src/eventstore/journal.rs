@@ -29,14 +29,14 @@ use mongodb::{Collection, Database};
 use tokio::sync::{mpsc, watch, Notify};
 use uuid::Uuid;
 
-use super::log::{EventRow, EVENTS_TABLE};
+use super::log::{EventRow, LOG_TABLE};
 use super::EventStoreError;
 
 pub const JOURNAL: &str = "EventStore_Journal";
 /// Most events one flusher block carries.
 const BLOCK_EVENTS: usize = 100_000;
 /// Under load, at most one flusher block starts per this interval, unless a reader of
-/// this process waits for the journaled events (see [`Flusher::hurry`]).
+/// this process waits for the journaled events (see [`JournalFlusher::hurry`]).
 ///
 /// Each ClickHouse insert costs about 15–25 ms of server CPU whatever its size, plus
 /// merging the part it makes: at 40,000 events/s, 2,000-event blocks every 50 ms kept
@@ -173,7 +173,7 @@ impl Journal {
         let insert = async {
             let mut insert = self
                 .ch
-                .insert::<EventRow>(EVENTS_TABLE)
+                .insert::<EventRow>(LOG_TABLE)
                 .await?
                 .with_setting("insert_deduplication_token", &token)
                 .with_setting("async_insert", "0")
@@ -306,19 +306,19 @@ impl Recent {
 
 /// Copies one tenure's journaled entries to ClickHouse, in order, until the tenure's
 /// sender is dropped (then it finishes what is queued) or the lease is lost.
-pub struct Flusher {
+pub struct JournalFlusher {
     pub journal: Journal,
     pub tenure: String,
     /// Raised to the last position stored after each block.
     pub stored: Arc<watch::Sender<i64>>,
-    /// Notified by whoever waits for ClickHouse to hold journaled events (a settling read,
+    /// Notified by whoever waits for ClickHouse to hold journaled events (a read waiting for them,
     /// a releasing holder): the block being gathered is flushed at once.
     pub hurry: Arc<Notify>,
     /// Injected stall before the first block (fault tests).
     pub stall: Duration,
 }
 
-impl Flusher {
+impl JournalFlusher {
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Entry>) {
         let mut stall = self.stall;
         let mut flushed_at = Instant::now() - GATHER;

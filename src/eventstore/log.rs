@@ -20,7 +20,7 @@
 //! the `EventStore_GroupEvents` view (read-only; not part of the log).
 //!
 //! Readers look at ClickHouse, after waiting until it holds every journaled event
-//! ([`ClickHouseEventStore::settle`]): an acknowledged append is visible to every read that
+//! ([`ClickHouseEventStore::await_journaled`]): an acknowledged append is visible to every read that
 //! starts after it, whole, and a stream's version, its events and the log always agree.
 //! Followers (`read_log`: subscriptions, projections) do not wait: they read the log as
 //! ClickHouse holds it, and then what this process journaled since (`journal::Recent`).
@@ -41,16 +41,16 @@ use super::{
     validate_append, AppendResult, EventStore, EventStoreError, ExpectedVersion, NewEvent, StoredEvent, GROUP_PREFIX,
 };
 
-pub const EVENTS_TABLE: &str = "EventStore_Events";
+pub const LOG_TABLE: &str = "EventStore_Events";
 /// How often the store looks for appends made by other processes while someone waits.
 const POLL: Duration = Duration::from_millis(100);
 /// Longest a read waits for ClickHouse to hold the journaled events.
-const SETTLE: Duration = Duration::from_secs(5);
+const JOURNALED_WAIT: Duration = Duration::from_secs(5);
 /// Pages of at least this many events are read in two halves at once.
 const SPLIT_READ: usize = 20_000;
 /// How often a waiting read asks ClickHouse whether another process flushed.
-const SETTLE_POLL: Duration = Duration::from_millis(25);
-/// How long a settling read waits for a flusher before asking its own appender to take
+const JOURNALED_POLL: Duration = Duration::from_millis(25);
+/// How long a read waiting for journaled events waits for a flusher before asking its own appender to take
 /// the lease and flush (a live holder's flusher is done well within this).
 const RECOVER_AFTER: Duration = Duration::from_millis(300);
 
@@ -101,7 +101,7 @@ pub struct ClickHouseEventStore {
     journal: Journal,
     appends: mpsc::Sender<Request>,
     /// The last position known to be in ClickHouse: raised by this process's flusher at
-    /// once, and by the poller (or a settling read) for appends of other processes.
+    /// once, and by the poller (or a read waiting for journaled events) for appends of other processes.
     last: watch::Receiver<i64>,
     last_tx: Arc<watch::Sender<i64>>,
     /// What this process journaled lately: followers get it before ClickHouse does.
@@ -194,7 +194,7 @@ impl ClickHouseEventStore {
 
     /// Finishes the pending member batches of a group, so that reads of its member events
     /// see every acknowledged write.
-    pub async fn settle_group(&self, group: &str) -> Result<(), EventStoreError> {
+    pub async fn finish_group_batches(&self, group: &str) -> Result<(), EventStoreError> {
         match &self.groups {
             Some(f) => {
                 f.finish_pending(group).await.map_err(|e| EventStoreError::Unavailable(format!("member events: {e}")))
@@ -206,9 +206,9 @@ impl ClickHouseEventStore {
     /// Waits until ClickHouse holds every event journaled so far, by any process, so that a
     /// read starting now sees every append acknowledged before it. Costs one MongoDB read
     /// when nothing is pending.
-    pub async fn settle(&self) -> Result<(), EventStoreError> {
+    pub async fn await_journaled(&self) -> Result<(), EventStoreError> {
         let Some(end) = self.journal.pending_end().await? else { return Ok(()) };
-        let give_up = tokio::time::Instant::now() + SETTLE;
+        let give_up = tokio::time::Instant::now() + JOURNALED_WAIT;
         let mut last = self.last.clone();
         if *last.borrow_and_update() >= end {
             return Ok(());
@@ -229,13 +229,13 @@ impl ClickHouseEventStore {
             // Nothing moved for a while: maybe no process is flushing (the holder died, or
             // released the lease without draining). This process's appender takes the lease
             // when it can, and flushes the journal first.
-            if !recovering && tokio::time::Instant::now() > give_up - SETTLE + RECOVER_AFTER {
+            if !recovering && tokio::time::Instant::now() > give_up - JOURNALED_WAIT + RECOVER_AFTER {
                 recovering = true;
                 self.recover.notify_one();
             }
             // This process's flusher wakes the watch at once; another's is looked for again
             // after a while (each look is a ClickHouse query, and reads may be many).
-            let _ = tokio::time::timeout(SETTLE_POLL, last.changed()).await;
+            let _ = tokio::time::timeout(JOURNALED_POLL, last.changed()).await;
             if *last.borrow_and_update() >= end {
                 return Ok(());
             }
@@ -266,7 +266,7 @@ impl ClickHouseEventStore {
     /// Streams whose id starts with `prefix`: id, last version, event count, last event
     /// time (ms), in id order.
     pub async fn streams(&self, prefix: &str, max: usize) -> Result<Vec<StreamSummary>, EventStoreError> {
-        self.settle().await?;
+        self.await_journaled().await?;
         Ok(self
             .ch
             .query(
@@ -285,7 +285,7 @@ impl ClickHouseEventStore {
         if ids.is_empty() {
             return Ok(HashSet::new());
         }
-        self.settle().await?;
+        self.await_journaled().await?;
         let texts: Vec<String> = ids.iter().map(Uuid::to_string).collect();
         let found: Vec<String> = self
             .ch
@@ -302,7 +302,7 @@ impl ClickHouseEventStore {
 
     /// Totals for `roster eventstore stats`.
     pub async fn stats(&self) -> Result<Stats, EventStoreError> {
-        self.settle().await?;
+        self.await_journaled().await?;
         let (events, streams, last, first_time, last_time): (u64, u64, i64, i64, i64) = self
             .ch
             .query(
@@ -360,7 +360,7 @@ impl EventStore for ClickHouseEventStore {
 
     async fn read_stream(&self, stream: &str, from: u64, max: usize) -> Result<Vec<StoredEvent>, EventStoreError> {
         if let Some(group) = stream.strip_prefix(GROUP_PREFIX) {
-            self.settle_group(group).await?;
+            self.finish_group_batches(group).await?;
             return fetch(
                 self.ch
                     .query(&format!(
@@ -373,7 +373,7 @@ impl EventStore for ClickHouseEventStore {
             )
             .await;
         }
-        self.settle().await?;
+        self.await_journaled().await?;
         fetch(
             self.ch
                 .query(&format!(
@@ -391,9 +391,9 @@ impl EventStore for ClickHouseEventStore {
         // What ClickHouse holds is a gap-free prefix of the log. When journaled events stay
         // unflushed (a stalled holder, until its lease expires), a full page of that prefix
         // is still exact; a short one would end before acknowledged events: 503 instead.
-        let settled = self.settle().await;
+        let journaled = self.await_journaled().await;
         let events = self.read_stored(from, max).await?;
-        match settled {
+        match journaled {
             Err(e) if events.len() < max => Err(e),
             _ => Ok(events),
         }
@@ -413,7 +413,7 @@ impl EventStore for ClickHouseEventStore {
 
     async fn stream_version(&self, stream: &str) -> Result<i64, EventStoreError> {
         if let Some(group) = stream.strip_prefix(GROUP_PREFIX) {
-            self.settle_group(group).await?;
+            self.finish_group_batches(group).await?;
             let events: u64 = self
                 .ch
                 .query(
@@ -425,7 +425,7 @@ impl EventStore for ClickHouseEventStore {
                 .await?;
             return Ok(events as i64 - 1);
         }
-        self.settle().await?;
+        self.await_journaled().await?;
         Ok(self
             .ch
             .query(
@@ -437,7 +437,7 @@ impl EventStore for ClickHouseEventStore {
     }
 
     async fn last_position(&self) -> Result<i64, EventStoreError> {
-        self.settle().await?;
+        self.await_journaled().await?;
         self.journal.last_stored().await
     }
 

@@ -4,7 +4,7 @@ use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 use serde_repr::{Deserialize_repr, Serialize_repr};
 
-pub const EVENTS_TABLE: &str = "Group_4_0_0_MemberEvents";
+pub const MEMBER_EVENTS_TABLE: &str = "Group_4_0_0_MemberEvents";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize_repr, Deserialize_repr)]
 #[repr(i8)]
@@ -52,7 +52,7 @@ pub async fn insert(client: &clickhouse::Client, events: &[MemberEvent]) -> Resu
     };
     let token = format!("{}/{}.{}-{}.{}", first.group_id, first.group_version, first.seq, last.group_version, last.seq);
     let mut insert = client
-        .insert::<MemberEvent>(EVENTS_TABLE)
+        .insert::<MemberEvent>(MEMBER_EVENTS_TABLE)
         .await?
         .with_setting("insert_deduplication_token", token)
         .with_setting("async_insert", "0");

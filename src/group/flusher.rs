@@ -170,7 +170,7 @@ impl Flusher {
     pub async fn flush_all(&self) -> Result<usize, OutboxError> {
         let mut flushed = 0;
         for group in self.pending_touching(None).await? {
-            match self.flush_settled(&group).await {
+            match self.flush_and_clear_flag(&group).await {
                 Ok(()) => flushed += 1,
                 Err(e) => tracing::warn!(group, error = %e, "pending member batches not flushed; retried later"),
             }
@@ -182,7 +182,7 @@ impl Flusher {
     pub async fn flush_each(&self, groups: &[String]) -> Result<(), OutboxError> {
         let mut first = None;
         for group in groups {
-            if let Err(e) = self.flush_settled(group).await {
+            if let Err(e) = self.flush_and_clear_flag(group).await {
                 first.get_or_insert(e);
             }
         }
@@ -211,7 +211,7 @@ impl Flusher {
     }
 
     /// [`Self::flush`], then drops a pending flag left over by an interrupted flusher.
-    async fn flush_settled(&self, group: &str) -> Result<(), OutboxError> {
+    async fn flush_and_clear_flag(&self, group: &str) -> Result<(), OutboxError> {
         self.flush(group).await?;
         self.groups()
             .update_one(

@@ -198,7 +198,7 @@ impl<'a> Planner<'a> {
     }
 
     /// Positional reads need the views to hold every committed event.
-    fn settled(&self) -> Result<(), FhirError> {
+    fn require_no_pending(&self) -> Result<(), FhirError> {
         if self.pending.is_empty() {
             Ok(())
         } else {
@@ -274,7 +274,7 @@ impl<'a> Planner<'a> {
         }
         // Find base index b whose member is not removed and has exactly n visible members
         // before it: b = n + (removed members positioned before it).
-        self.settled()?;
+        self.require_no_pending()?;
         let mut b = n;
         loop {
             let Some(row) = self.source.at_index(&self.origin.group_id, b).await? else {
@@ -389,7 +389,7 @@ impl<'a> Planner<'a> {
 
     /// Every active member's reference (for remove-all and whole-array replacement).
     async fn all_active(&mut self) -> Result<Vec<String>, FhirError> {
-        self.settled()?;
+        self.require_no_pending()?;
         let mut base = Vec::new();
         for row in self.source.all_active(&self.origin.group_id).await? {
             base.push(row.member_reference.clone());

@@ -491,7 +491,7 @@ async fn base_state<'s>(
 }
 
 /// How long the background history copy waits before clearing the version's flag.
-const SETTLE_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+const QUIET_BEFORE_COPY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The rest of a committed write, off the request path: the history copy (then its flag is
 /// cleared) and, for a Group PATCH, the flush of its `member_events` (see `group::flusher`).
@@ -512,7 +512,7 @@ fn finish_later(state: &AppState, rt: &str, committed: bson::Document, member_ev
             if let Err(e) = store.copy_log_early(&rt, &committed).await {
                 tracing::warn!(resource_type = rt, id, error = %e, "logged versions stay in the log for now");
             }
-            tokio::time::sleep(SETTLE_AFTER).await;
+            tokio::time::sleep(QUIET_BEFORE_COPY).await;
             if store.superseded(&rt, &id, version) {
                 return;
             }
@@ -523,12 +523,12 @@ fn finish_later(state: &AppState, rt: &str, committed: bson::Document, member_ev
                 // keep coming, clearing it is a wasted write (MongoDB's time is the scarce
                 // resource under a stream of PATCHes).
                 if !members_only {
-                    tokio::time::sleep(SETTLE_AFTER).await;
+                    tokio::time::sleep(QUIET_BEFORE_COPY).await;
                 }
                 if store.superseded(&rt, &id, version) {
                     Ok(())
                 } else {
-                    store.settle(&rt, &id, version).await
+                    store.clear_history_flag(&rt, &id, version).await
                 }
             }
             Err(e) => Err(e),

@@ -32,7 +32,7 @@ const MAX_EVENT_DATA: usize = 512 << 10;
 pub const STALE: Duration = Duration::from_secs(60);
 
 /// Who caused a write: becomes the events' `correlationId` and `actor` metadata.
-pub struct Origin<'a> {
+pub struct Cause<'a> {
     pub request_id: &'a str,
     pub actor: Option<&'a str>,
 }
@@ -64,7 +64,7 @@ impl EventRecorder {
     }
 
     /// The (stream, event) pairs a write yields, in order.
-    async fn plan(&self, saved: &Saved<'_>, origin: &Origin<'_>) -> Result<Vec<(String, NewEvent)>, HookError> {
+    async fn plan(&self, saved: &Saved<'_>, origin: &Cause<'_>) -> Result<Vec<(String, NewEvent)>, HookError> {
         let rt = saved.resource_type;
         let derived = derive(saved);
         // The resource the templates read: the new content, or for a delete the last one.
@@ -137,7 +137,7 @@ impl EventRecorder {
     }
 
     /// Appends a write's events. `replay`: skip events their stream already holds.
-    pub async fn record(&self, saved: &Saved<'_>, origin: &Origin<'_>, replay: bool) -> Result<usize, HookError> {
+    pub async fn record(&self, saved: &Saved<'_>, origin: &Cause<'_>, replay: bool) -> Result<usize, HookError> {
         let planned = self.plan(saved, origin).await?;
         let mut streams: Vec<(String, Vec<NewEvent>)> = Vec::new();
         for (stream, event) in planned {
@@ -189,7 +189,7 @@ impl EventRecorder {
                         resource: version.resource.as_ref(),
                         previous: previous.as_ref().and_then(|p| p.resource.as_ref()),
                     };
-                    self.record(&saved, &Origin { request_id: "recovery", actor: None }, true).await?;
+                    self.record(&saved, &Cause { request_id: "recovery", actor: None }, true).await?;
                     self.store.clear_events_pending(rt, &id, v).await.map_err(err)?;
                     done += 1;
                 }
@@ -215,7 +215,7 @@ impl PostSaveHook for EventRecorder {
             if !self.routes.covers(saved.resource_type) {
                 return Ok(());
             }
-            let origin = Origin { request_id: &ctx.request_id, actor: ctx.actor.as_deref() };
+            let origin = Cause { request_id: &ctx.request_id, actor: ctx.actor.as_deref() };
             self.record(saved, &origin, false).await?;
             self.store
                 .clear_events_pending(saved.resource_type, saved.id, saved.version)

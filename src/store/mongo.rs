@@ -504,7 +504,7 @@ impl ResourceStore {
     }
 
     /// Clears the history flag of a version whose copy is written, if it is still current.
-    pub async fn settle(&self, rt: &str, id: &str, version: i64) -> Result<(), StoreError> {
+    pub async fn clear_history_flag(&self, rt: &str, id: &str, version: i64) -> Result<(), StoreError> {
         self.current(rt)
             .update_one(
                 doc! { "_id": id, "versionId": version },
@@ -540,7 +540,7 @@ impl ResourceStore {
         self.copy_history(rt, current).await?;
         let id = current.get_str("_id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let version = current.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.settle(rt, id, version).await
+        self.clear_history_flag(rt, id, version).await
     }
 
     /// Inserts the history copy of a committed document (idempotent).
