@@ -14,6 +14,7 @@ use super::FHIR_JSON;
 use crate::error::FhirError;
 use crate::group::read::{self, MemberRow};
 use crate::state::AppState;
+use crate::store::MemberCount;
 use crate::store::Version;
 
 const CHUNK: usize = 64 * 1024;
@@ -68,8 +69,9 @@ pub async fn read_response(
     let mut resource = v.resource.clone().unwrap_or_default();
     // Each version records its member count; older data is counted in ClickHouse.
     let count = match v.member_count {
-        Some(known) => known,
-        None => read::enumerated_count(&state.clickhouse, &v.id, as_of).await?,
+        MemberCount::Active(n) => Some(n),
+        MemberCount::NeverEnumerated => None,
+        MemberCount::Unrecorded => read::enumerated_count(&state.clickhouse, &v.id, as_of).await?,
     };
     if let Some(count) = count {
         resource.insert("quantity".into(), json!(count));

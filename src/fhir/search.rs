@@ -350,7 +350,7 @@ pub async fn search_type(
         // Members are never inlined in a searchset (a page could hold millions): each Group
         // carries its quantity (recorded with its version) and the SUBSETTED tag.
         for v in &mut page {
-            let quantity = v.member_count.flatten();
+            let quantity = v.member_count.active();
             if let Some(resource) = v.resource.as_mut() {
                 super::group::subsetted(resource, quantity);
             }

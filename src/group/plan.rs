@@ -40,6 +40,7 @@ use crate::error::{FhirError, IssueCode};
 use crate::model::fhirpath_patch;
 use crate::model::patch::{self, Operation};
 use crate::model::validate::{repeat_as_arrays, validate_resource};
+use crate::store::MemberCount;
 
 /// Who and what wrote the events.
 #[derive(Debug, Clone)]
@@ -124,17 +125,18 @@ pub fn member_reference(member: &Value) -> Option<&str> {
 }
 
 impl<'a> Planner<'a> {
-    /// `known` = the group's member count at the base version when the caller knows it
-    /// (`Some(None)`: never enumerated); otherwise it is read from ClickHouse.
+    /// `known` = the group's member count at the base version as its version records it;
+    /// when unrecorded it is read from `source`.
     pub async fn new(
         source: &'a dyn MemberSource,
         origin: Origin,
-        known: Option<Option<u64>>,
+        known: MemberCount,
         state: Known<'a>,
     ) -> Result<Planner<'a>, FhirError> {
         let base = match known {
-            Some(known) => known,
-            None => source.enumerated_count(&origin.group_id).await?,
+            MemberCount::Unrecorded => source.enumerated_count(&origin.group_id).await?,
+            MemberCount::NeverEnumerated => None,
+            MemberCount::Active(n) => Some(n),
         };
         Ok(Planner {
             source,
@@ -800,7 +802,7 @@ mod tests {
         let ops = crate::model::patch::parse(&patch).expect("a JSON Patch");
         let member = split(Patch::Json(ops)).expect("splits").member;
         let known = Known { index: None, pending };
-        let mut planner = Planner::new(source, origin(), None, known).await?;
+        let mut planner = Planner::new(source, origin(), MemberCount::Unrecorded, known).await?;
         planner.prefetch_ops(&member).await?;
         for (index, op) in &member {
             planner.apply_member(*index, op).await?;

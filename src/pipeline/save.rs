@@ -13,7 +13,7 @@ use crate::group::{outbox, split, MemberStorage};
 use crate::model::patching::Patch;
 use crate::model::{datetime, json_bson, lenient, validate};
 use crate::state::AppState;
-use crate::store::{Base, Commit, StoreError, Version, Writes};
+use crate::store::{Base, Commit, MemberCount, StoreError, Version, Writes};
 
 /// How often a write without `If-Match` re-reads and retries after losing a version race
 /// before answering 409.
@@ -235,7 +235,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         // existing one carries its count in its document (unknown only for data written
         // before counts were recorded, then ClickHouse is asked).
         let known_count = match &current {
-            None => Some(None),
+            None => MemberCount::NeverEnumerated,
             Some(c) => c.member_count,
         };
         // The batches still pending at the base version, as far as this write knows (when
@@ -274,8 +274,9 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             planned = Some(p);
         } else if member_events && interaction != Interaction::Delete {
             member_count = match known_count {
-                Some(known) => known,
-                None => crate::group::read::enumerated_count(&state.clickhouse, req.id, None)
+                MemberCount::NeverEnumerated => None,
+                MemberCount::Active(n) => Some(n),
+                MemberCount::Unrecorded => crate::group::read::enumerated_count(&state.clickhouse, req.id, None)
                     .await
                     .map_err(FhirError::from)?,
             };
@@ -313,7 +314,10 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
             resource: document,
             meta_only,
             outbox: staged.as_ref().map(|s| s.doc.clone()),
-            member_count: (member_events && interaction != Interaction::Delete).then_some(member_count),
+            member_count: match member_events && interaction != Interaction::Delete {
+                true => MemberCount::known(member_count),
+                false => MemberCount::Unrecorded,
+            },
             events_pending: state.hooks.durable_for(rt),
         };
         let planned_at = started.elapsed();
@@ -350,7 +354,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         };
         if member_events {
             let base = current.as_ref().map(|c| c.version);
-            let empty_before = matches!(known_count, Some(None) | Some(Some(0)));
+            let empty_before = matches!(known_count, MemberCount::NeverEnumerated | MemberCount::Active(0));
             match (&interaction, &planned) {
                 (Interaction::Delete, _) => state.member_index.forget(req.id),
                 (_, Some(p)) => state.member_index.advance(req.id, base, version, empty_before, p.changes()),
@@ -410,7 +414,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                 method: interaction.method().to_string(),
                 resource: stored,
                 outbox: Vec::new(),
-                member_count: Some(member_count),
+                member_count: MemberCount::known(member_count),
                 version_log: Vec::new(),
                 history_pending: false,
             },
@@ -432,7 +436,7 @@ async fn base_state<'s>(
     state: &'s AppState,
     id: &str,
     current: Option<&Version>,
-    known_count: Option<Option<u64>>,
+    known_count: MemberCount,
     change: &MemberChange<'_>,
 ) -> Result<Known<'s>, FhirError> {
     let Some(current) = current else { return Ok(Known::default()) };
@@ -456,11 +460,11 @@ async fn base_state<'s>(
         return Ok(Known { index: Some(index), pending });
     }
     match known_count {
-        Some(None) | Some(Some(0)) => {
+        MemberCount::NeverEnumerated | MemberCount::Active(0) => {
             index.load(id, version, []);
             return Ok(Known { index: Some(index), pending });
         }
-        Some(Some(n)) if !index.fits(n) => return Ok(Known { index: None, pending }),
+        MemberCount::Active(n) if !index.fits(n) => return Ok(Known { index: None, pending }),
         _ => {}
     }
     // Built from the events as of the base version, so they must all be in ClickHouse.

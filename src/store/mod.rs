@@ -38,4 +38,4 @@ pub mod lease;
 pub mod mongo;
 pub mod version_log;
 
-pub use mongo::{Base, Commit, ResourceStore, StoreError, Version, Writes};
+pub use mongo::{Base, Commit, MemberCount, ResourceStore, StoreError, Version, Writes};

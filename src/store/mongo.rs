@@ -26,13 +26,49 @@ pub struct Version {
     pub outbox: Vec<Document>,
     /// A Group's active member count at this version: `None` unknown (not recorded),
     /// `Some(None)` members never enumerated, `Some(Some(n))` n members.
-    pub member_count: Option<Option<u64>>,
+    pub member_count: MemberCount,
     /// Earlier versions not yet in history whose content is this version's but for
     /// `meta` and member count (member-only Group PATCHes), as `{versionId, lastUpdated,
     /// method, memberCount?}`.
     pub version_log: Vec<LogEntry>,
     /// This version is not in history yet.
     pub history_pending: bool,
+}
+
+/// A Group's active member count, as a version records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemberCount {
+    /// Not recorded: not a Group whose members are events, or written before counts were.
+    #[default]
+    Unrecorded,
+    /// The group never had a member event.
+    NeverEnumerated,
+    /// This many active members.
+    Active(u64),
+}
+
+impl MemberCount {
+    /// From a count that is known: `None` when the members were never enumerated.
+    pub fn known(count: Option<u64>) -> MemberCount {
+        count.map_or(MemberCount::NeverEnumerated, MemberCount::Active)
+    }
+
+    /// The active members, when counted.
+    pub fn active(self) -> Option<u64> {
+        match self {
+            MemberCount::Active(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// `None` unrecorded, `Some(None)` never enumerated, `Some(Some(n))` (the stored forms).
+    pub(super) fn recorded(self) -> Option<Option<u64>> {
+        match self {
+            MemberCount::Unrecorded => None,
+            MemberCount::NeverEnumerated => Some(None),
+            MemberCount::Active(n) => Some(Some(n)),
+        }
+    }
 }
 
 /// Where the base version of a write is read from.
@@ -71,7 +107,7 @@ pub struct Commit<'a> {
     /// Stored as `versionLog` (see [`Version::version_log`]).
     pub version_log: Vec<LogEntry>,
     /// Stored as `memberCount` (see [`Version::member_count`]); `None` writes nothing.
-    pub member_count: Option<Option<u64>>,
+    pub member_count: MemberCount,
     /// Mark the version as awaiting a durable hook (`eventsPending`, `eventsVersions`).
     pub events_pending: bool,
 }
@@ -382,7 +418,7 @@ impl ResourceStore {
             "historyPending": true,
         };
         current.insert("versionLog", version_log::encode(&c.version_log));
-        if let Some(count) = c.member_count {
+        if let Some(count) = c.member_count.recorded() {
             current.insert("memberCount", member_count_bson(count));
         }
         let Some(base) = c.base else {
@@ -423,7 +459,7 @@ impl ResourceStore {
                 unset.insert("resource", "");
             }
         }
-        if c.member_count.is_none() {
+        if c.member_count == MemberCount::Unrecorded {
             unset.insert("memberCount", "");
         }
         let mut update = doc! { "$set": set };
@@ -675,12 +711,12 @@ fn member_count_bson(count: Option<u64>) -> Bson {
 }
 
 /// A stored `memberCount` (see [`Version::member_count`]).
-pub(super) fn member_count_of(stored: Option<&Bson>) -> Option<Option<u64>> {
+pub(super) fn member_count_of(stored: Option<&Bson>) -> MemberCount {
     match stored {
-        None => None,
-        Some(Bson::Int64(n)) => Some(Some(*n as u64)),
-        Some(Bson::Int32(n)) => Some(Some(*n as u64)),
-        Some(_) => Some(None),
+        None => MemberCount::Unrecorded,
+        Some(Bson::Int64(n)) => MemberCount::Active(*n as u64),
+        Some(Bson::Int32(n)) => MemberCount::Active(*n as u64),
+        Some(_) => MemberCount::NeverEnumerated,
     }
 }
 
@@ -719,7 +755,7 @@ fn history_entry(current: &Document, logged: Option<&LogEntry>) -> Result<Docume
         entry.insert("versionId", version);
         entry.insert("lastUpdated", last_updated);
         entry.insert("method", &meta.method);
-        match meta.member_count {
+        match meta.member_count.recorded() {
             Some(count) => entry.insert("memberCount", member_count_bson(count)),
             None => entry.remove("memberCount"),
         };

@@ -10,6 +10,7 @@
 //! Documents written before this format (an array of `{versionId, lastUpdated, method,
 //! memberCount?}`) are still read.
 
+use super::mongo::MemberCount;
 use bson::{Bson, DateTime, Document};
 use serde_json::{json, Value};
 
@@ -19,9 +20,8 @@ pub struct LogEntry {
     pub version: i64,
     pub last_updated: DateTime,
     pub method: String,
-    /// As [`super::Version::member_count`]: `None` not recorded, `Some(None)` never
-    /// enumerated.
-    pub member_count: Option<Option<u64>>,
+    /// As [`super::Version::member_count`].
+    pub member_count: MemberCount,
 }
 
 /// The stored form of a log.
@@ -30,7 +30,7 @@ pub fn encode(log: &[LogEntry]) -> Bson {
         .iter()
         .map(|e| {
             let mut row = vec![json!(e.version), json!(e.last_updated.timestamp_millis()), json!(e.method)];
-            if let Some(count) = e.member_count {
+            if let Some(count) = e.member_count.recorded() {
                 row.push(json!(count));
             }
             Value::Array(row)
@@ -61,9 +61,9 @@ fn from_row(row: &[Value]) -> Option<LogEntry> {
         last_updated: DateTime::from_millis(row.get(1)?.as_i64()?),
         method: row.get(2)?.as_str()?.to_string(),
         member_count: match row.get(3) {
-            None => None,
-            Some(Value::Null) => Some(None),
-            Some(n) => Some(Some(n.as_u64()?)),
+            None => MemberCount::Unrecorded,
+            Some(Value::Null) => MemberCount::NeverEnumerated,
+            Some(n) => MemberCount::Active(n.as_u64()?),
         },
     })
 }
@@ -83,7 +83,7 @@ mod tests {
     use super::*;
     use bson::doc;
 
-    fn entry(version: i64, member_count: Option<Option<u64>>) -> LogEntry {
+    fn entry(version: i64, member_count: MemberCount) -> LogEntry {
         LogEntry {
             version,
             last_updated: DateTime::from_millis(1_763_821_546_190 + version),
@@ -94,7 +94,11 @@ mod tests {
 
     #[test]
     fn round_trips_every_kind_of_count() {
-        let log = vec![entry(3, None), entry(4, Some(None)), entry(5, Some(Some(12)))];
+        let log = vec![
+            entry(3, MemberCount::Unrecorded),
+            entry(4, MemberCount::NeverEnumerated),
+            entry(5, MemberCount::Active(12)),
+        ];
         let stored = encode(&log);
         assert!(matches!(stored, Bson::String(_)), "one element, not sub-documents");
         assert_eq!(decode(Some(&stored)).unwrap(), log);
@@ -110,7 +114,10 @@ mod tests {
             Bson::Document(doc! { "versionId": 5i64, "lastUpdated": DateTime::from_millis(1_763_821_546_195),
             "method": "PATCH", "memberCount": 12i64 }),
         ]);
-        assert_eq!(decode(Some(&old)).unwrap(), vec![entry(3, None), entry(5, Some(Some(12)))]);
+        assert_eq!(
+            decode(Some(&old)).unwrap(),
+            vec![entry(3, MemberCount::Unrecorded), entry(5, MemberCount::Active(12))]
+        );
         assert!(decode(Some(&Bson::String("[[1]]".into()))).is_err(), "a malformed entry is an error, not dropped");
     }
 }

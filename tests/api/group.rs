@@ -353,7 +353,7 @@ async fn logged_versions_copied_early_reach_history_and_leave_the_log_of_that_pr
             version: v,
             last_updated: bson::DateTime::from_millis(t0 + v),
             method: "PATCH".into(),
-            member_count: Some(Some(v as u64)),
+            member_count: roster::store::MemberCount::Active(v as u64),
         })
         .collect();
     doc.insert("versionId", 12i64);
@@ -390,7 +390,7 @@ async fn logged_versions_copied_early_reach_history_and_leave_the_log_of_that_pr
     let short = bson::doc! { "_id": "early", "versionId": 14i64, "lastUpdated": bson::DateTime::from_millis(t0 + 14),
     "deleted": false, "method": "PATCH", "resource": doc.get_document("resource").unwrap().clone(),
     "versionLog": version_log::encode(&[LogEntry { version: 13, last_updated: bson::DateTime::from_millis(t0 + 13),
-        method: "PATCH".into(), member_count: None }]) };
+        method: "PATCH".into(), member_count: roster::store::MemberCount::Unrecorded }]) };
     here.copy_log_early("Group", &short).await.unwrap();
     assert!(history.find_one(bson::doc! { "_id": "early/13" }).await.unwrap().is_none());
 }
