@@ -507,7 +507,7 @@ impl Query {
             let st = s.checkpoints.status(name).await.map_err(unavailable)?;
             out.push(ProjectionStatus {
                 name: st.name,
-                state: st.state,
+                state: st.state.to_string(),
                 position: st.position,
                 lag: last - st.position,
                 events_processed: st.events_processed,

@@ -134,7 +134,7 @@ pub async fn run(settings: &Settings, command: ProjectionCommand, as_json: bool)
         ProjectionCommand::Reset { name } => {
             let p = find(&name)?;
             let s = checkpoints.status(p.name()).await?;
-            checkpoints.set(p.name(), s.position, "running", false).await?;
+            checkpoints.set(p.name(), s.position, crate::projection::runner::ProjectionState::Running, false).await?;
             println!("{}: will be fed again from position {}", p.name(), s.position + 1);
         }
         ProjectionCommand::Run => {

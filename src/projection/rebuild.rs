@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::runner::Checkpoints;
+use super::runner::{Checkpoints, ProjectionState};
 use super::snapshot::SnapshotStore;
 use super::{Projection, ProjectionError, Target};
 use crate::eventstore::log::ClickHouseEventStore;
@@ -121,7 +121,7 @@ impl Rebuild<'_> {
             self.ch.query(&format!("EXCHANGE TABLES {table} AND {}", Target::SHADOW.table(table))).execute().await?;
         }
         let position = next as i64 - 1;
-        self.checkpoints.set(p.name(), position, "running", true).await?;
+        self.checkpoints.set(p.name(), position, ProjectionState::Running, true).await?;
         self.drop_shadow(p).await?;
         let rows = self.rows(p, &Target::LIVE).await?;
         Ok(Report {

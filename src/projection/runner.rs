@@ -43,13 +43,59 @@ impl Default for RunnerConfig {
     }
 }
 
+/// What a projection is doing, as its record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProjectionState {
+    /// Never run.
+    Idle,
+    /// Fed by a runner (or ready to be).
+    Running,
+    /// Stopped on an event it could not handle (`error`, `failedPosition`); fed again after a
+    /// rebuild or reset.
+    Failed,
+    /// Being rebuilt into shadow tables; not fed meanwhile.
+    Rebuilding,
+}
+
+impl ProjectionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProjectionState::Idle => "idle",
+            ProjectionState::Running => "running",
+            ProjectionState::Failed => "failed",
+            ProjectionState::Rebuilding => "rebuilding",
+        }
+    }
+
+    /// The stored text; anything unknown reads as `Failed` (not fed until someone looks).
+    fn parse(text: Option<&str>) -> ProjectionState {
+        match text {
+            None | Some("idle") => ProjectionState::Idle,
+            Some("running") => ProjectionState::Running,
+            Some("rebuilding") => ProjectionState::Rebuilding,
+            Some(_) => ProjectionState::Failed,
+        }
+    }
+
+    /// Whether a runner may feed the projection.
+    pub fn is_fed(self) -> bool {
+        matches!(self, ProjectionState::Idle | ProjectionState::Running)
+    }
+}
+
+impl std::fmt::Display for ProjectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A projection's record: checkpoint, state, lease.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     pub name: String,
-    /// `idle` (never run), `running`, `failed`, `rebuilding`.
-    pub state: String,
+    pub state: ProjectionState,
     /// Last position handled, -1 for none.
     pub position: i64,
     pub events_processed: i64,
@@ -65,7 +111,7 @@ impl Status {
         let get_i64 = |k: &str| d.and_then(|d| d.get_i64(k).ok());
         Status {
             name: name.to_string(),
-            state: d.and_then(|d| d.get_str("state").ok()).unwrap_or("idle").to_string(),
+            state: ProjectionState::parse(d.and_then(|d| d.get_str("state").ok())),
             position: get_i64("position").unwrap_or(-1),
             events_processed: get_i64("eventsProcessed").unwrap_or(0),
             error: d.and_then(|d| d.get_str("error").ok()).map(str::to_string),
@@ -168,9 +214,15 @@ impl Checkpoints {
 
     /// Sets the checkpoint and state outright (rebuild, reset), keeping the lease with
     /// `holder` or dropping it.
-    pub async fn set(&self, name: &str, position: i64, state: &str, release: bool) -> Result<(), ProjectionError> {
+    pub async fn set(
+        &self,
+        name: &str,
+        position: i64,
+        state: ProjectionState,
+        release: bool,
+    ) -> Result<(), ProjectionError> {
         let mut update = doc! {
-            "$set": { "position": position, "state": state, "updatedAt": DateTime::now() },
+            "$set": { "position": position, "state": state.as_str(), "updatedAt": DateTime::now() },
             "$unset": { "error": "", "failedPosition": "" },
         };
         if release {
@@ -183,9 +235,8 @@ impl Checkpoints {
     /// Takes the lease whoever holds it (a rebuild swapping tables in); the runner that
     /// held it finds out at its next checkpoint.
     pub async fn seize(&self, name: &str, holder: &str, lease: Duration) -> Result<(), ProjectionError> {
-        let until = DateTime::from_millis(DateTime::now().timestamp_millis() + lease.as_millis() as i64);
         self.docs
-            .update_one(doc! { "_id": name }, doc! { "$set": { "lease": { "by": holder, "until": until } } })
+            .update_one(doc! { "_id": name }, doc! { "$set": { "lease": crate::store::lease::grant(holder, lease) } })
             .upsert(true)
             .await?;
         Ok(())
@@ -253,7 +304,7 @@ impl Runner {
     async fn feed(&self, p: Arc<dyn Projection>) {
         loop {
             match self.checkpoints.take(p.name(), &self.id, self.config.lease).await {
-                Ok(Some(status)) if status.state == "failed" || status.state == "rebuilding" => {
+                Ok(Some(status)) if !status.state.is_fed() => {
                     // Held but not to be fed: wait for a rebuild or reset.
                     let _ = self.checkpoints.release(p.name(), &self.id).await;
                     tokio::time::sleep(LEASE_POLL * 4).await;
@@ -314,5 +365,22 @@ impl Runner {
                 since_snapshot = 0;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_states_read_back_and_unknown_ones_are_not_fed() {
+        for state in
+            [ProjectionState::Idle, ProjectionState::Running, ProjectionState::Failed, ProjectionState::Rebuilding]
+        {
+            assert_eq!(ProjectionState::parse(Some(state.as_str())), state);
+        }
+        assert_eq!(ProjectionState::parse(None), ProjectionState::Idle);
+        assert!(!ProjectionState::parse(Some("paused-by-someone")).is_fed());
+        assert!(ProjectionState::Running.is_fed() && !ProjectionState::Rebuilding.is_fed());
     }
 }

@@ -442,7 +442,7 @@ async fn two_runners_for_one_projection_only_one_feeds_it_and_a_poison_event_sto
     wait_for(&checkpoints, "event_statistics", bad.position as i64 + 1).await;
     let mut failed = checkpoints.status("active_encounters").await.unwrap();
     for _ in 0..100 {
-        if failed.state == "failed" {
+        if failed.state.as_str() == "failed" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
