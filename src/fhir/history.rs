@@ -14,7 +14,6 @@ use super::search::{param, DEFAULT_COUNT, MAX_COUNT};
 use super::{known_type, valid_id};
 use crate::error::FhirError;
 use crate::model::datetime::{self, parse_instant};
-use crate::pipeline::save::store_error;
 use crate::state::AppState;
 use crate::store::mongo::history_key;
 
@@ -75,12 +74,11 @@ async fn respond(
     let query = query.unwrap_or_default();
     let p = parse(&query, headers::prefer_strict(headers))?;
     if let Some(id) = id {
-        if state.store.read(rt, id).await.map_err(store_error)?.is_none() {
+        if state.store.read(rt, id).await?.is_none() {
             return Err(FhirError::not_found(format!("{rt}/{id} does not exist")));
         }
     }
-    let (mut entries, total) =
-        state.store.history_page(rt, id, p.since, p.cursor.clone(), p.count + 1).await.map_err(store_error)?;
+    let (mut entries, total) = state.store.history_page(rt, id, p.since, p.cursor.clone(), p.count + 1).await?;
     let more = entries.len() as i64 > p.count;
     entries.truncate(p.count as usize);
     if rt == "Group" && state.group_members == crate::group::MemberStorage::Events {

@@ -99,7 +99,7 @@ pub async fn read(
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
     let id = valid_id(&id)?;
-    let current = state.store.read(rt, id).await.map_err(crate::pipeline::save::store_error)?;
+    let current = state.store.read(rt, id).await?;
     match current {
         None => Err(FhirError::not_found(format!("{rt}/{id} does not exist"))),
         Some(v) if v.deleted => {
@@ -128,13 +128,13 @@ pub async fn vread(
         .ok_or_else(|| FhirError::bad_request(format!("'{vid}' is not a version id (a positive integer)")))?;
     // One read of the current version serves both: it may be the version asked for, and a
     // Group's pending member events must be in place before any version is shown.
-    let current = state.store.read(rt, id).await.map_err(crate::pipeline::save::store_error)?;
+    let current = state.store.read(rt, id).await?;
     if let (true, Some(c)) = (members_are_events(&state, rt), &current) {
         finish_pending(&state, id, c).await?;
     }
     let found = match current {
         Some(c) if c.version == version => Some(c),
-        _ => state.store.history_version(rt, id, version).await.map_err(crate::pipeline::save::store_error)?,
+        _ => state.store.history_version(rt, id, version).await?,
     };
     match found {
         None => Err(FhirError::not_found(format!("{rt}/{id} has no version {version}"))),

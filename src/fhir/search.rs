@@ -12,7 +12,6 @@ use super::known_type;
 use crate::error::{operation_outcome, FhirError, IssueCode};
 use crate::model::datetime::{self, parse_date_time, FhirDateTime};
 use crate::model::validate::is_valid_id;
-use crate::pipeline::save::store_error;
 use crate::state::AppState;
 use crate::store::mongo::Order;
 use crate::store::Version;
@@ -325,7 +324,7 @@ pub async fn search_type(
             }
         }
     );
-    let total = total.map_err(store_error)?;
+    let total = total?;
     let outcome = (!params.unknown.is_empty()).then(|| {
         operation_outcome(
             "warning",
@@ -338,7 +337,7 @@ pub async fn search_type(
         let links = Links { self_link: params.link(&base, count, params.cursor.as_deref()), next: None };
         return Ok(fhir_json(StatusCode::OK, &searchset(&state.fhir_base(), rt, &[], total, &links, outcome)));
     }
-    let mut page = page.map_err(store_error)?;
+    let mut page = page?;
     let total = total.or(Some(page.len() as u64));
     let more = page.len() as i64 > count;
     page.truncate(count as usize);
@@ -372,7 +371,7 @@ pub async fn conditional_match(state: &AppState, rt: &str, condition: &str) -> R
     if params.filter.is_empty() {
         return Err(FhirError::bad_request("If-None-Exist must contain at least one search parameter"));
     }
-    let found = state.store.search(rt, params.filter(), &Order::Id { after: None }, 2).await.map_err(store_error)?;
+    let found = state.store.search(rt, params.filter(), &Order::Id { after: None }, 2).await?;
     match found.len() {
         0 => Ok(None),
         1 => Ok(found.into_iter().next()),

@@ -85,15 +85,6 @@ pub async fn finish_pending(state: &AppState, id: &str, current: &Version) -> Re
     Ok(())
 }
 
-/// Maps a store failure: unreachable MongoDB is 503 (retry), anything else 500.
-pub fn store_error(e: StoreError) -> FhirError {
-    if e.is_unavailable() {
-        FhirError::unavailable("the resource store is unavailable; retry", e)
-    } else {
-        FhirError::internal(e)
-    }
-}
-
 pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'_>) -> Result<SaveOutcome, FhirError> {
     let store = &state.store;
     let rt = req.resource_type;
@@ -137,7 +128,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
         let members_only = member_events && matches!(&change, Change::Patch(other) if other.is_empty());
         let base = if guess { Base::Remembered } else { Base::Stored };
         let writes = if members_only { Writes::MetaOnly } else { Writes::Content };
-        let (current, from) = store.read_for_write(rt, req.id, base, writes).await.map_err(store_error)?;
+        let (current, from) = store.read_for_write(rt, req.id, base, writes).await?;
         let guessed = from == Base::Remembered;
         let read_at = started.elapsed();
         if let Some(expected) = req.if_match {
@@ -347,7 +338,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
                         // of the resource and the group's members is no longer trustworthy.
                         store.forget_recent(rt, req.id);
                         state.member_index.forget(req.id);
-                        return Err(store_error(e));
+                        return Err(FhirError::from(e));
                     }
                 }
             }

@@ -39,3 +39,15 @@ pub mod mongo;
 pub mod version_log;
 
 pub use mongo::{Base, Commit, MemberCount, ResourceStore, StoreError, Version, Writes};
+
+/// A store failure at the HTTP edge: unreachable MongoDB is a 503 (retry), anything else a
+/// 500; the driver's message is logged, not shown.
+impl From<StoreError> for crate::error::FhirError {
+    fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            crate::error::FhirError::unavailable("the resource store is unavailable; retry", e)
+        } else {
+            crate::error::FhirError::internal(e)
+        }
+    }
+}
