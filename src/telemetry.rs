@@ -11,6 +11,11 @@ use crate::config::{LogFormat, LogSettings};
 /// format, one JSON object, rather than free text on stderr.
 pub fn init(settings: &LogSettings) {
     std::panic::set_hook(Box::new(|info| {
+        if fhir_model::panic_is_expected() {
+            // fhirbolt on malformed input: the client gets a 400; no backtrace, no alarm.
+            tracing::debug!(panic = %info, "fhirbolt panicked on malformed input (caught)");
+            return;
+        }
         let backtrace = std::backtrace::Backtrace::capture();
         tracing::error!(panic = %info, backtrace = %backtrace, "panic");
     }));

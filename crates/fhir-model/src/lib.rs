@@ -189,12 +189,32 @@ pub fn parse(resource: &Value) -> Result<Value, String> {
     // fhirbolt 0.4 panics (an `unwrap` on `None` in its element deserializer) on some
     // malformed input, e.g. a string where an object with a choice element is expected:
     // that is the client's error, not the server's, so it becomes an `Err`.
-    std::panic::catch_unwind(move || {
+    guarded(move || {
         let element = to_element_model(resource, DeserializationMode::Strict)?;
         let typed: Resource = from_element(element, config(DeserializationMode::Strict)).map_err(|e| e.to_string())?;
         fhirbolt::json::to_json_value(typed, None).map_err(|e| e.to_string())
     })
-    .unwrap_or_else(|_| Err("the resource's structure does not match R4".to_string()))
+    .unwrap_or_else(|| Err("the resource's structure does not match R4".to_string()))
+}
+
+thread_local! {
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs fhirbolt, turning its panics on malformed input into `None`. While it runs,
+/// [`panic_is_expected`] is true on this thread, so the application's panic hook can log
+/// such a panic quietly: it is the client's error, and one request may cause hundreds
+/// (validation re-parses to locate a problem).
+fn guarded<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Option<T> {
+    GUARDED.with(|g| g.set(true));
+    let result = std::panic::catch_unwind(f).ok();
+    GUARDED.with(|g| g.set(false));
+    result
+}
+
+/// True while this thread runs fhirbolt under [`guarded`] (for the panic hook).
+pub fn panic_is_expected() -> bool {
+    GUARDED.with(|g| g.get())
 }
 
 fn config(mode: DeserializationMode) -> Option<DeserializationConfig> {
@@ -235,11 +255,11 @@ pub fn to_xml(resource: &Value) -> Result<String, String> {
     resource_type_first(&mut resource);
     let mut divs = Vec::new();
     lower_narratives(&mut resource, &mut divs);
-    let mut xml = std::panic::catch_unwind(move || {
+    let mut xml = guarded(move || {
         let element = to_element_model(resource, DeserializationMode::Lax)?;
         fhirbolt::xml::to_string(&element, None).map_err(|e| e.to_string())
     })
-    .unwrap_or_else(|_| Err("the resource cannot be written as XML".to_string()))?;
+    .unwrap_or_else(|| Err("the resource cannot be written as XML".to_string()))?;
     for (n, div) in divs.iter().enumerate().rev() {
         let marker = format!("{PLACEHOLDER}{n}<");
         let Some(at) =
@@ -331,12 +351,12 @@ fn entities_ok(text: &str) -> bool {
 /// JSON form of `div` is exactly that XHTML text.
 pub fn from_xml(xml: &str) -> Result<Value, String> {
     let (xml, divs) = lift_narratives(xml);
-    let mut value = std::panic::catch_unwind(|| {
+    let mut value = guarded(|| {
         let element: Element<{ FhirReleases::R4 }> =
             fhirbolt::xml::from_str(&xml, config(DeserializationMode::Strict)).map_err(|e| e.to_string())?;
         fhirbolt::json::to_json_value(element, None).map_err(|e| e.to_string())
     })
-    .unwrap_or_else(|_| Err("the XML's structure does not match R4".to_string()))?;
+    .unwrap_or_else(|| Err("the XML's structure does not match R4".to_string()))?;
     if !divs.is_empty() {
         restore_narratives(&mut value, &divs);
     }
@@ -417,6 +437,14 @@ fn restore_narratives(value: &mut Value, divs: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn panics_under_guard_are_marked_expected_only_while_it_runs() {
+        assert!(!panic_is_expected());
+        assert_eq!(guarded(panic_is_expected), Some(true));
+        assert_eq!(guarded(|| -> bool { panic!("fhirbolt") }), None);
+        assert!(!panic_is_expected(), "reset after a caught panic");
+    }
 
     #[test]
     fn malformed_input_that_makes_fhirbolt_panic_is_an_error() {
