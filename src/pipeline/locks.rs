@@ -11,12 +11,14 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::OwnedMutexGuard;
 
+use crate::store::ResourceKey;
+
 #[derive(Clone, Default)]
-pub struct WriteLocks(Arc<Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>>);
+pub struct WriteLocks(Arc<Mutex<HashMap<ResourceKey, Weak<tokio::sync::Mutex<()>>>>>);
 
 impl WriteLocks {
     /// Waits for exclusive write access to `key` within this process.
-    pub async fn lock(&self, key: String) -> OwnedMutexGuard<()> {
+    pub async fn lock(&self, key: ResourceKey) -> OwnedMutexGuard<()> {
         let lock = {
             let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
             match map.get(&key).and_then(Weak::upgrade) {
@@ -42,12 +44,18 @@ mod tests {
     #[tokio::test]
     async fn one_writer_per_key() {
         let locks = WriteLocks::default();
-        let a = locks.lock("Group/1".into()).await;
-        let other = tokio::time::timeout(std::time::Duration::from_millis(50), locks.lock("Group/2".into())).await;
+        let a = locks.lock(ResourceKey::new("Group", "1")).await;
+        let other =
+            tokio::time::timeout(std::time::Duration::from_millis(50), locks.lock(ResourceKey::new("Group", "2")))
+                .await;
         assert!(other.is_ok(), "other keys are free");
-        let same = tokio::time::timeout(std::time::Duration::from_millis(50), locks.lock("Group/1".into())).await;
+        let same =
+            tokio::time::timeout(std::time::Duration::from_millis(50), locks.lock(ResourceKey::new("Group", "1")))
+                .await;
         assert!(same.is_err(), "the same key waits");
         drop(a);
-        assert!(tokio::time::timeout(std::time::Duration::from_millis(50), locks.lock("Group/1".into())).await.is_ok());
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(50), locks.lock(ResourceKey::new("Group", "1")))
+            .await
+            .is_ok());
     }
 }

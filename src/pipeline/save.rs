@@ -13,7 +13,7 @@ use crate::group::{outbox, split, MemberStorage};
 use crate::model::patching::Patch;
 use crate::model::{datetime, json_bson, lenient, validate};
 use crate::state::AppState;
-use crate::store::{Base, Commit, MemberCount, StoreError, Version, Writes};
+use crate::store::{Base, Commit, MemberCount, ResourceKey, StoreError, Version, Writes};
 
 /// How often a write without `If-Match` re-reads and retries after losing a version race
 /// before answering 409.
@@ -112,7 +112,7 @@ pub async fn save(state: &AppState, ctx: &mut RequestContext, req: SaveRequest<'
     // A POST's fresh id has no other writer; everything else queues per resource.
     let _queued = match change {
         Change::Create(_) => None,
-        _ => Some(state.write_locks.lock(format!("{rt}/{}", req.id)).await),
+        _ => Some(state.write_locks.lock(ResourceKey::new(rt, req.id)).await),
     };
     for attempt in 0..MAX_ATTEMPTS {
         if attempt > 0 {

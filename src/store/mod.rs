@@ -40,6 +40,23 @@ pub mod version_log;
 
 pub use mongo::{Base, Commit, MemberCount, ResourceStore, StoreError, Version, Writes};
 
+/// A resource's identity in this server, `Patient/123`: the key of every per-resource map
+/// and lock (one type, so a key is never built two ways).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceKey(String);
+
+impl ResourceKey {
+    pub fn new(resource_type: &str, id: &str) -> ResourceKey {
+        ResourceKey(format!("{resource_type}/{id}"))
+    }
+}
+
+impl std::fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A store failure at the HTTP edge: unreachable MongoDB is a 503 (retry), anything else a
 /// 500; the driver's message is logged, not shown.
 impl From<StoreError> for crate::error::FhirError {

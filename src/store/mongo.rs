@@ -9,6 +9,7 @@ use mongodb::{Collection, Database};
 use serde_json::{Map, Value};
 
 use super::version_log::{self, LogEntry};
+use super::ResourceKey;
 use crate::model::json_bson;
 
 /// A stored version of a resource (current or from history).
@@ -151,23 +152,23 @@ pub struct ResourceStore {
     /// The latest version per resource whose history copy this process wrote: a writer
     /// that finds `historyPending` on it need not copy it again (the background finisher
     /// of the previous write usually has, but clears the flag only later).
-    copied: Arc<Mutex<HashMap<String, i64>>>,
+    copied: Arc<Mutex<HashMap<ResourceKey, i64>>>,
     /// The latest version per resource this process committed (see [`Self::superseded`]).
-    committed: Arc<Mutex<HashMap<String, i64>>>,
+    committed: Arc<Mutex<HashMap<ResourceKey, i64>>>,
     /// History copies being written now: a writer that needs the same copy waits for it
     /// instead of writing it a second time.
-    copying: Arc<Mutex<HashMap<String, InFlight>>>,
+    copying: Arc<Mutex<HashMap<ResourceKey, InFlight>>>,
     /// The current document of resources this process wrote last (see
     /// [`Self::read_for_write`]).
-    recent: Arc<Mutex<HashMap<String, Document>>>,
+    recent: Arc<Mutex<HashMap<ResourceKey, Document>>>,
     /// Per resource, the versions `first..=last` of a `versionLog` this process copied to
     /// history early (see [`Self::copy_log_early`]): a writer drops them from the log.
-    log_copied: Arc<Mutex<HashMap<String, (i64, i64)>>>,
+    log_copied: Arc<Mutex<HashMap<ResourceKey, (i64, i64)>>>,
     /// Resources whose log is being copied early right now (one copy at a time each).
-    log_copying: Arc<Mutex<HashSet<String>>>,
+    log_copying: Arc<Mutex<HashSet<ResourceKey>>>,
     /// Per Group, the highest version whose pending member batch this process's flusher
     /// pulled from `outbox` (see [`Self::batches_flushed`]).
-    flushed: Arc<Mutex<HashMap<String, i64>>>,
+    flushed: Arc<Mutex<HashMap<ResourceKey, i64>>>,
 }
 
 /// A history copy being written: its version, and whether it succeeded once done.
@@ -279,13 +280,13 @@ impl ResourceStore {
     }
 
     fn recent_doc(&self, rt: &str, id: &str) -> Option<Document> {
-        self.recent.lock().unwrap_or_else(|e| e.into_inner()).get(&format!("{rt}/{id}")).cloned()
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).get(&ResourceKey::new(rt, id)).cloned()
     }
 
     /// Remembers the document just committed (as stored, `outbox` included) for the next
     /// write of the resource by this process.
     pub fn remember_recent(&self, rt: &str, id: &str, mut doc: Document) {
-        let key = format!("{rt}/{id}");
+        let key = ResourceKey::new(rt, id);
         self.strip_flushed(&key, &mut doc);
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if recent.len() >= RECENT_DOCS {
@@ -302,7 +303,7 @@ impl ResourceStore {
     /// back, they piled up in every guess, and every ~30th write found too many pending
     /// and finished them itself (an insert's wait: the p99 of a PATCH stream).
     pub fn batches_flushed(&self, rt: &str, id: &str, through: i64) {
-        let key = format!("{rt}/{id}");
+        let key = ResourceKey::new(rt, id);
         remember(&self.flushed, key.clone(), through);
         if let Some(doc) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key) {
             self.strip_flushed(&key, doc);
@@ -310,7 +311,7 @@ impl ResourceStore {
     }
 
     /// Drops from a remembered document's `outbox` the batches known to be flushed.
-    fn strip_flushed(&self, key: &str, doc: &mut Document) {
+    fn strip_flushed(&self, key: &ResourceKey, doc: &mut Document) {
         let Some(through) = self.flushed.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied() else {
             return;
         };
@@ -321,7 +322,7 @@ impl ResourceStore {
 
     /// Drops the remembered document (it may no longer be what MongoDB has).
     pub fn forget_recent(&self, rt: &str, id: &str) {
-        self.recent.lock().unwrap_or_else(|e| e.into_inner()).remove(&format!("{rt}/{id}"));
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).remove(&ResourceKey::new(rt, id));
     }
 
     /// Copies the versions logged in a just-committed member-only document to history,
@@ -339,7 +340,7 @@ impl ResourceStore {
         if log.len() < LOG_COPY_AT {
             return Ok(());
         }
-        let key = format!("{rt}/{id}");
+        let key = ResourceKey::new(rt, id);
         if !self.log_copying.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
             return Ok(());
         }
@@ -376,7 +377,7 @@ impl ResourceStore {
             return;
         }
         let copied = self.log_copied.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&(lo, hi)) = copied.get(&format!("{rt}/{id}")) {
+        if let Some(&(lo, hi)) = copied.get(&ResourceKey::new(rt, id)) {
             log.retain(|e| e.version < lo || e.version > hi);
         }
     }
@@ -384,7 +385,7 @@ impl ResourceStore {
     /// True when this process wrote the history copy of that version, waiting (briefly)
     /// for a copy of it that is being written right now.
     async fn copied_here(&self, rt: &str, id: &str, version: i64) -> bool {
-        let key = format!("{rt}/{id}");
+        let key = ResourceKey::new(rt, id);
         if self.copied.lock().unwrap_or_else(|e| e.into_inner()).get(&key) == Some(&version) {
             return true;
         }
@@ -436,7 +437,7 @@ impl ResourceStore {
             return match self.current(rt).insert_one(&current).await {
                 Err(e) if is_duplicate_key(&e) => Err(StoreError::Conflict),
                 other => {
-                    remember(&self.committed, format!("{rt}/{}", c.id), c.version);
+                    remember(&self.committed, ResourceKey::new(rt, c.id), c.version);
                     other.map(|_| current).map_err(Into::into)
                 }
             };
@@ -488,7 +489,7 @@ impl ResourceStore {
         if result.matched_count == 0 {
             return Err(StoreError::Conflict);
         }
-        remember(&self.committed, format!("{rt}/{}", c.id), c.version);
+        remember(&self.committed, ResourceKey::new(rt, c.id), c.version);
         if let Some(resource) = c.resource {
             current.insert("resource", resource);
         }
@@ -584,7 +585,7 @@ impl ResourceStore {
         let id = current.get_str("_id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let version = current.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let entry = history_entry(current, None)?;
-        let key = format!("{rt}/{id}");
+        let key = ResourceKey::new(rt, id);
         let (tx, rx) = tokio::sync::watch::channel(false);
         self.copying.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), (version, rx));
         let result = match self.history(rt).insert_one(&entry).await {
@@ -605,7 +606,7 @@ impl ResourceStore {
     /// True when this process has committed a later version of the resource.
     pub fn superseded(&self, rt: &str, id: &str, version: i64) -> bool {
         let committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
-        committed.get(&format!("{rt}/{id}")).is_some_and(|v| *v > version)
+        committed.get(&ResourceKey::new(rt, id)).is_some_and(|v| *v > version)
     }
 
     /// Writes every pending history copy of a type (start-up sweep, type history reads).
@@ -774,7 +775,7 @@ fn history_entry(current: &Document, logged: Option<&LogEntry>) -> Result<Docume
 
 /// Records `version` for `key` in a bounded map (it starts over when full: a forgotten
 /// entry only costs a redundant write later).
-fn remember(map: &Mutex<HashMap<String, i64>>, key: String, version: i64) {
+fn remember(map: &Mutex<HashMap<ResourceKey, i64>>, key: ResourceKey, version: i64) {
     let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
     if map.len() >= COPIED_ENTRIES {
         map.clear();
