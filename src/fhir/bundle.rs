@@ -3,13 +3,8 @@
 use serde_json::{json, Map, Value};
 
 use super::headers::etag;
-use crate::model::datetime::format_instant;
+use crate::model::datetime::{format_bson_instant, format_instant};
 use crate::store::Version;
-
-pub fn instant(t: bson::DateTime) -> String {
-    let ns = t.timestamp_millis() as i128 * 1_000_000;
-    format_instant(time::OffsetDateTime::from_unix_timestamp_nanos(ns).unwrap_or(time::OffsetDateTime::UNIX_EPOCH))
-}
 
 pub struct Links {
     pub self_link: String,
@@ -81,7 +76,7 @@ pub fn history(fhir_base: &str, rt: &str, entries: &[Version], total: u64, l: &L
             entry.insert("request".into(), json!({ "method": v.method, "url": url }));
             entry.insert(
                 "response".into(),
-                json!({ "status": status, "etag": etag(v.version), "lastModified": instant(v.last_updated) }),
+                json!({ "status": status, "etag": etag(v.version), "lastModified": format_bson_instant(v.last_updated) }),
             );
             Value::Object(entry)
         })

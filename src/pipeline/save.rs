@@ -1,7 +1,6 @@
 use axum::http::StatusCode;
 use bson::DateTime;
 use serde_json::{Map, Value};
-use time::OffsetDateTime;
 
 use super::{Flag, Interaction, RequestContext, Saved};
 use crate::error::{FhirError, IssueCode};
@@ -614,7 +613,7 @@ fn refuse_subset(rt: &str, resource: &Value, status: StatusCode) -> Result<(), F
 /// Now, at millisecond precision, and strictly after the previous version, so a resource's
 /// versions are ordered by `lastUpdated` even when the clock stalls or steps back.
 fn next_timestamp(previous: Option<&Version>) -> DateTime {
-    let now = DateTime::from_millis((OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64);
+    let now = DateTime::now();
     match previous {
         Some(p) if p.last_updated >= now => DateTime::from_millis(p.last_updated.timestamp_millis() + 1),
         _ => now,
@@ -629,9 +628,7 @@ fn stamp(resource: &mut Map<String, Value>, id: &str, version: i64, last_updated
         _ => Map::new(),
     };
     meta.insert("versionId".into(), Value::String(version.to_string()));
-    let instant = OffsetDateTime::from_unix_timestamp_nanos(last_updated.timestamp_millis() as i128 * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    meta.insert("lastUpdated".into(), Value::String(datetime::format_instant(instant)));
+    meta.insert("lastUpdated".into(), Value::String(datetime::format_bson_instant(last_updated)));
     let resource_type = resource.shift_remove("resourceType");
     resource.shift_remove("id");
     let rest = std::mem::take(resource);
