@@ -69,7 +69,7 @@ pub async fn events(request: Request, next: Next) -> Response {
 }
 
 /// What a panic carried, for the log.
-fn panic_message(panic: &(dyn Any + Send)) -> &str {
+pub fn panic_message(panic: &(dyn Any + Send)) -> &str {
     panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("?")
 }
 

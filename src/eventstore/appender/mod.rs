@@ -285,13 +285,8 @@ impl Appender {
             let outcome = match AssertUnwindSafe(self.cycle(t, batch)).catch_unwind().await {
                 Ok(outcome) => outcome,
                 Err(panic) => {
-                    let message = panic
-                        .downcast_ref::<String>()
-                        .map(String::as_str)
-                        .or_else(|| panic.downcast_ref::<&str>().copied())
-                        .unwrap_or("?");
                     tracing::error!(
-                        panic = message,
+                        panic = crate::rejection::panic_message(&*panic),
                         "an append cycle panicked; its appends get 503, the lease is abandoned"
                     );
                     Outcome::Abandon
