@@ -9,8 +9,9 @@ use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
 use super::{MAX_NESTING, MAX_SELECTIONS};
 
 /// Refuses a query whose parsing or validation would cost more than its size suggests
-/// (see the module doc). Linear in the query's length.
-pub fn guard(query: &str) -> Result<(), String> {
+/// (see the module doc). Linear in the query's length. Returns the parsed document, which
+/// the request then carries, so async-graphql does not parse it again.
+pub fn guard(query: &str) -> Result<ExecutableDocument, String> {
     let nesting = nesting_depth(query);
     if nesting > MAX_NESTING {
         return Err(format!("brackets nest {nesting} deep; at most {MAX_NESTING} are allowed"));
@@ -25,7 +26,7 @@ pub fn guard(query: &str) -> Result<(), String> {
             ));
         }
     }
-    Ok(())
+    Ok(document)
 }
 
 /// The deepest nesting of `{`, `(` and `[` outside strings and comments.

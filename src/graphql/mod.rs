@@ -85,7 +85,7 @@ async fn execute(State(schema): State<RosterSchema>, headers: HeaderMap, body: B
         }
         Err(BodyError::Unreadable(e)) => return refuse(StatusCode::BAD_REQUEST, format!("unreadable body: {e}")),
     };
-    let request = match serde_json::from_slice::<async_graphql::Request>(&body) {
+    let mut request = match serde_json::from_slice::<async_graphql::Request>(&body) {
         Ok(request) => request,
         Err(e) => {
             return refuse(
@@ -94,8 +94,9 @@ async fn execute(State(schema): State<RosterSchema>, headers: HeaderMap, body: B
             )
         }
     };
-    if let Err(message) = guard(&request.query) {
-        return refuse(StatusCode::BAD_REQUEST, message);
+    match guard(&request.query) {
+        Ok(document) => request.set_parsed_query(document),
+        Err(message) => return refuse(StatusCode::BAD_REQUEST, message),
     }
     let response = schema.execute(request).await;
     // Errors without a path come from parsing or validation: nothing ran.
