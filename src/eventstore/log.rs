@@ -208,7 +208,8 @@ impl ClickHouseEventStore {
     /// when nothing is pending.
     pub async fn await_journaled(&self) -> Result<(), EventStoreError> {
         let Some(end) = self.journal.pending_end().await? else { return Ok(()) };
-        let give_up = tokio::time::Instant::now() + JOURNALED_WAIT;
+        let started = tokio::time::Instant::now();
+        let (give_up, recover_at) = (started + JOURNALED_WAIT, started + RECOVER_AFTER);
         let mut last = self.last.clone();
         if *last.borrow_and_update() >= end {
             return Ok(());
@@ -229,7 +230,7 @@ impl ClickHouseEventStore {
             // Nothing moved for a while: maybe no process is flushing (the holder died, or
             // released the lease without draining). This process's appender takes the lease
             // when it can, and flushes the journal first.
-            if !recovering && tokio::time::Instant::now() > give_up - JOURNALED_WAIT + RECOVER_AFTER {
+            if !recovering && tokio::time::Instant::now() > recover_at {
                 recovering = true;
                 self.recover.notify_one();
             }
