@@ -6,11 +6,9 @@ top-level module its files name through `crate::OTHER` (in `use` lines or paths)
 code is left out (tests may reach anywhere): a `#[cfg(test)] mod … { … }` body at the end
 of a file, a `#[cfg(test)] mod …;` declaration, and files named `tests.rs`.
 
-Cycles still being taken apart are listed in `scripts/cycles-allowed.txt` (one cycle per
-line, its modules comma-separated); a cycle among modules not all on one such line fails.
-The list may only shrink.
+There is no allowed cycle: the modules form a DAG (see ARCHITECTURE.md).
 
-Usage: python3 scripts/check_cycles.py [--graph]   (exit 1 and the new cycles when there are any)
+Usage: python3 scripts/check_cycles.py [--graph]   (exit 1 and the cycles when there are any)
 """
 import os
 import re
@@ -83,26 +81,14 @@ def cycles(graph):
     return out
 
 
-def allowed():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cycles-allowed.txt")
-    if not os.path.exists(path):
-        return []
-    lines = [l.split("#")[0].strip() for l in open(path, encoding="utf-8")]
-    return [set(m.strip() for m in l.split(",")) for l in lines if l]
-
-
 def main():
     graph = dependencies()
-    known = allowed()
-    found = [c for c in cycles(graph) if not any(set(c) <= k for k in known)]
-    for c in cycles(graph):
-        if c not in found:
-            print("known cycle, being taken apart: " + ", ".join(c))
+    found = cycles(graph)
     if "--graph" in sys.argv:
         for m in sorted(graph):
             print(f"{m} -> {', '.join(sorted(graph[m])) or '-'}")
     if not found:
-        print(f"no new import cycle between the {len(graph)} top-level modules")
+        print(f"no import cycle between the {len(graph)} top-level modules")
         return 0
     for component in found:
         inside = {m: sorted(graph[m] & set(component)) for m in component}

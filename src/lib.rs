@@ -1,7 +1,7 @@
 //! roster: a FHIR R4 server for large, fast-changing Groups, on MongoDB and ClickHouse.
 //!
-//! Request path: `fhir` (HTTP handlers) → `pipeline::save` (validate, version guard,
-//! hooks) → `store` (MongoDB). Schema lives in `clickhouse/` and `mongo/`, applied by
+//! Request path: `fhir` (HTTP handlers) → `pipeline` (load, draft, plan, commit under the
+//! version guard, hooks) → `store` (MongoDB). Schema lives in `clickhouse/` and `mongo/`, applied by
 //! `migrate`.
 
 pub mod body;

@@ -150,7 +150,7 @@ impl Application {
             }
             None => None,
         };
-        state.hooks = builtin.extend(hooks);
+        state.writer = state.writer.clone().with_hooks(builtin.extend(hooks));
         state.max_patch_ops = settings.max_patch_ops();
         if settings.groups.max_patch_ops.is_some() {
             tracing::warn!("groups.max_patch_ops (ROSTER_GROUP_MAX_PATCH_OPS) is deprecated: use fhir.max_patch_ops");

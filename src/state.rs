@@ -6,8 +6,9 @@ use crate::config::GroupSettings;
 use crate::eventstore::log::{ClickHouseEventStore, SharedEventStore};
 use crate::group::flusher::Flusher;
 use crate::group::index::MemberIndex;
+use crate::group::writes::GroupWrites;
 use crate::group::MemberStorage;
-use crate::pipeline::{Hooks, WriteLocks};
+use crate::pipeline::{Behaviours, Hooks, Writer};
 use crate::store::ResourceStore;
 
 /// What every handler can reach. Cheap to clone.
@@ -15,17 +16,16 @@ use crate::store::ResourceStore;
 pub struct AppState {
     pub store: ResourceStore,
     pub clickhouse: clickhouse::Client,
-    pub hooks: Hooks,
+    /// The write path (`pipeline`), with the post-save hooks and each type's behaviour.
+    pub writer: Writer,
     /// Public base URL, no trailing slash (e.g. `http://127.0.0.1:8080`).
     pub base_url: Arc<str>,
     pub body_limit: usize,
     /// The CapabilityStatement, rendered on first request (`fhir::metadata`): it only
     /// changes with the code and the base URL.
     pub capability_statement: Arc<OnceLock<Arc<str>>>,
-    pub group_members: MemberStorage,
     /// Most operations one PATCH may carry (`Settings::max_patch_ops`).
     pub max_patch_ops: usize,
-    pub write_locks: WriteLocks,
     /// Who is an active member of recently written groups (see `group::index`).
     pub member_index: Arc<MemberIndex>,
     /// Moves pending member batches into ClickHouse (see `group::flusher`).
@@ -49,6 +49,16 @@ impl AppState {
     ) -> AppState {
         let base_url: Arc<str> = Arc::from(base_url.trim_end_matches('/'));
         let flusher = Flusher::new(store.clone(), clickhouse.clone());
+        let member_index = Arc::new(MemberIndex::new(groups.index_capacity));
+        // The one place that names the types with their own behaviour.
+        let behaviours = match groups.members {
+            MemberStorage::Events => {
+                let group = GroupWrites::new(store.clone(), clickhouse.clone(), flusher.clone(), member_index.clone());
+                Behaviours::default().with("Group", Arc::new(group))
+            }
+            MemberStorage::Embedded => Behaviours::default(),
+        };
+        let writer = Writer::new(store.clone(), behaviours).with_hooks(hooks);
         let events =
             ClickHouseEventStore::new(store.database(), clickhouse.clone()).with_group_members(flusher.clone());
         let events = Arc::new(events);
@@ -66,14 +76,12 @@ impl AppState {
             flusher,
             store,
             clickhouse,
-            hooks,
+            writer,
             base_url,
             body_limit,
             capability_statement: Arc::default(),
-            group_members: groups.members,
             max_patch_ops: groups.max_patch_ops.unwrap_or(crate::config::DEFAULT_MAX_PATCH_OPS),
-            write_locks: WriteLocks::default(),
-            member_index: Arc::new(MemberIndex::new(groups.index_capacity)),
+            member_index,
         }
     }
 

@@ -6,7 +6,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use clickhouse::query::RowCursor;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::format::{self, Format, Wanted};
 use super::headers::{etag, http_date};
@@ -18,24 +18,6 @@ use crate::store::MemberCount;
 use crate::store::Version;
 
 const CHUNK: usize = 64 * 1024;
-
-/// Marks a Group shown without its members (FHIR's `SUBSETTED` tag) and sets `quantity`.
-pub fn subsetted(resource: &mut Map<String, Value>, quantity: Option<u64>) {
-    if let Some(q) = quantity {
-        resource.insert("quantity".into(), json!(q));
-    }
-    let meta = resource.entry("meta").or_insert_with(|| json!({}));
-    if let Some(meta) = meta.as_object_mut() {
-        let tags = meta.entry("tag").or_insert_with(|| json!([]));
-        if let Some(tags) = tags.as_array_mut() {
-            tags.push(json!({
-                "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-                "code": "SUBSETTED",
-                "display": "subsetted"
-            }));
-        }
-    }
-}
 
 /// Whether a read asked to leave `member` out (`_summary=true|count`, or `_elements`
 /// without `member`).
@@ -78,7 +60,7 @@ pub async fn read_response(
     }
     let xml = wanted.format == Format::Xml;
     let body = if summary {
-        subsetted(&mut resource, None);
+        crate::group::read::subsetted(&mut resource, None);
         // JSON; the format layer turns a small body into XML when asked.
         Body::from(Value::Object(resource).to_string())
     } else {

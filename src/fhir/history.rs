@@ -81,12 +81,13 @@ async fn respond(
     let (mut entries, total) = state.store.history_page(rt, id, p.since, p.cursor.clone(), p.count + 1).await?;
     let more = entries.len() as i64 > p.count;
     entries.truncate(p.count as usize);
-    if rt == "Group" && state.group_members == crate::group::MemberStorage::Events {
+    let behaviour = state.writer.behaviour(rt);
+    if behaviour.detached_element().is_some() {
         // History pages stay small whatever the group size: an entry carries the Group
         // without members (tagged SUBSETTED); vread a version for its members.
         for v in &mut entries {
             if let Some(resource) = v.resource.as_mut() {
-                super::group::subsetted(resource, None);
+                behaviour.abridge(resource, None);
             }
         }
     }

@@ -11,12 +11,9 @@ use super::format::{self, Format, Wanted};
 use super::headers::{self, VersionResponse};
 use super::{group, known_type, search, valid_id, PATCH_CONTENT_TYPES, RESOURCE_CONTENT_TYPES};
 use crate::error::FhirError;
-use crate::group::body::CompactMember;
-use crate::group::MemberStorage;
 use crate::model::patching::Patch;
 use crate::model::{fhirpath_patch, patch};
-use crate::pipeline::save::finish_pending;
-use crate::pipeline::{save, Change, RequestContext, SaveOutcome, SaveRequest};
+use crate::pipeline::{Change, Detached, RequestContext, SaveOutcome, SaveRequest};
 use crate::state::AppState;
 use crate::store::Version;
 
@@ -29,33 +26,34 @@ async fn decoded_body(state: &AppState, headers: &HeaderMap, body: Body) -> Resu
 }
 
 /// A POST/PUT body, with empty elements dropped (or refused under `handling=strict`). A
-/// Group whose members are events is read by `group::body`, which keeps a huge member
-/// array compact; every other body is plain JSON.
+/// type that keeps an element out of its stored content (a Group whose members are
+/// events) reads its own bodies (`Behaviour::read_body`: a huge member array stays
+/// compact); every other body is plain JSON.
 async fn resource_body(
     state: &AppState,
     rt: &str,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Value, Option<Vec<CompactMember>>), FhirError> {
+) -> Result<(Value, Option<Detached>), FhirError> {
     let strict = headers::prefer_strict(headers);
     let (format, bytes) = decoded_body(state, headers, body).await?;
-    if !members_are_events(state, rt) {
-        let mut value = format::decode(format, &bytes)?;
-        headers::drop_empty(&mut value, rt, strict)?;
-        return Ok((value, None));
+    let behaviour = state.writer.behaviour(rt);
+    if behaviour.detached_element().is_some() {
+        let read = match format {
+            Format::Json => {
+                format::require_content(&bytes)?;
+                behaviour.read_body(&bytes, strict)
+            }
+            // Read whole, then as JSON (XML bodies are not streamed).
+            Format::Xml => behaviour.read_body(format::decode(format, &bytes)?.to_string().as_bytes(), strict),
+        };
+        if let Some(read) = read {
+            return read;
+        }
     }
-    let parsed = match format {
-        Format::Json => {
-            format::require_content(&bytes)?;
-            crate::group::body::parse(&bytes, strict)?
-        }
-        // An XML Group is read whole, then as JSON (XML bodies are not streamed).
-        Format::Xml => {
-            let value = format::decode(format, &bytes)?;
-            crate::group::body::parse(value.to_string().as_bytes(), strict)?
-        }
-    };
-    Ok((parsed.rest, parsed.members))
+    let mut value = format::decode(format, &bytes)?;
+    headers::drop_empty(&mut value, rt, strict)?;
+    Ok((value, None))
 }
 
 /// A PATCH body in one of the three formats, by `Content-Type` (see `model::patching`):
@@ -105,8 +103,8 @@ pub async fn read(
         Some(v) if v.deleted => {
             Err(FhirError::gone(format!("{rt}/{id} was deleted in version {}", v.version), v.version))
         }
-        Some(v) if members_are_events(&state, rt) => {
-            finish_pending(&state, id, &v).await?;
+        Some(v) if assembled(&state, rt) => {
+            state.writer.behaviour(rt).before_read(id, &v).await?;
             group::read_response(&state, &v, None, group::wants_summary(query.as_deref())?, wanted).await
         }
         Some(v) => Ok(version_response(StatusCode::OK, &v, None, headers::Return::Representation, "")),
@@ -129,8 +127,8 @@ pub async fn vread(
     // One read of the current version serves both: it may be the version asked for, and a
     // Group's pending member events must be in place before any version is shown.
     let current = state.store.read(rt, id).await?;
-    if let (true, Some(c)) = (members_are_events(&state, rt), &current) {
-        finish_pending(&state, id, c).await?;
+    if let Some(c) = &current {
+        state.writer.behaviour(rt).before_read(id, c).await?;
     }
     let found = match current {
         Some(c) if c.version == version => Some(c),
@@ -141,7 +139,7 @@ pub async fn vread(
         Some(v) if v.deleted => {
             Err(FhirError::gone(format!("version {version} of {rt}/{id} is a deletion"), v.version))
         }
-        Some(v) if members_are_events(&state, rt) => {
+        Some(v) if assembled(&state, rt) => {
             let as_of = u32::try_from(version).map_err(|_| FhirError::bad_request("version id out of range"))?;
             group::read_response(&state, &v, Some(as_of), group::wants_summary(query.as_deref())?, wanted).await
         }
@@ -152,12 +150,12 @@ pub async fn vread(
 pub async fn create(
     State(state): State<AppState>,
     Path(rt): Path<String>,
-    Extension(mut ctx): Extension<RequestContext>,
+    Extension(ctx): Extension<RequestContext>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
-    let (resource, members) = resource_body(&state, rt, &headers, body).await?;
+    let (resource, detached) = resource_body(&state, rt, &headers, body).await?;
     let prefer = headers::prefer_return(&headers);
     if let Some(condition) = headers.get("if-none-exist") {
         let condition = condition
@@ -175,26 +173,27 @@ pub async fn create(
         }
     }
     let id = uuid::Uuid::new_v4().to_string();
-    let outcome = save(
-        &state,
-        &mut ctx,
-        SaveRequest { resource_type: rt, id: &id, change: Change::Create(resource), if_match: None, members },
-    )
-    .await?;
+    let outcome = state
+        .writer
+        .save(
+            &ctx,
+            SaveRequest { resource_type: rt, id: &id, change: Change::Create(resource), if_match: None, detached },
+        )
+        .await?;
     Ok(written(&state, rt, &outcome, StatusCode::CREATED, prefer))
 }
 
 pub async fn update(
     State(state): State<AppState>,
     Path((rt, id)): Path<(String, String)>,
-    Extension(mut ctx): Extension<RequestContext>,
+    Extension(ctx): Extension<RequestContext>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
     let id = valid_id(&id)?;
     let if_match = headers::if_match(&headers)?;
-    let (resource, members) = resource_body(&state, rt, &headers, body).await?;
+    let (resource, detached) = resource_body(&state, rt, &headers, body).await?;
     match resource.get("id") {
         Some(Value::String(body_id)) if body_id == id => {}
         Some(body_id) => {
@@ -205,12 +204,10 @@ pub async fn update(
         }
         None => return Err(FhirError::bad_request("an update body must carry the resource id").at(format!("{rt}.id"))),
     }
-    let outcome = save(
-        &state,
-        &mut ctx,
-        SaveRequest { resource_type: rt, id, change: Change::Update(resource), if_match, members },
-    )
-    .await?;
+    let outcome = state
+        .writer
+        .save(&ctx, SaveRequest { resource_type: rt, id, change: Change::Update(resource), if_match, detached })
+        .await?;
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok(written(&state, rt, &outcome, status, headers::prefer_return(&headers)))
 }
@@ -218,7 +215,7 @@ pub async fn update(
 pub async fn patch(
     State(state): State<AppState>,
     Path((rt, id)): Path<(String, String)>,
-    Extension(mut ctx): Extension<RequestContext>,
+    Extension(ctx): Extension<RequestContext>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, FhirError> {
@@ -237,27 +234,26 @@ pub async fn patch(
             ),
         ));
     }
-    let outcome = save(
-        &state,
-        &mut ctx,
-        SaveRequest { resource_type: rt, id, change: Change::Patch(ops), if_match, members: None },
-    )
-    .await?;
+    let outcome = state
+        .writer
+        .save(&ctx, SaveRequest { resource_type: rt, id, change: Change::Patch(ops), if_match, detached: None })
+        .await?;
     Ok(written(&state, rt, &outcome, StatusCode::OK, headers::prefer_return(&headers)))
 }
 
 pub async fn delete(
     State(state): State<AppState>,
     Path((rt, id)): Path<(String, String)>,
-    Extension(mut ctx): Extension<RequestContext>,
+    Extension(ctx): Extension<RequestContext>,
     headers: HeaderMap,
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
     let id = valid_id(&id)?;
     let if_match = headers::if_match(&headers)?;
-    let outcome =
-        save(&state, &mut ctx, SaveRequest { resource_type: rt, id, change: Change::Delete, if_match, members: None })
-            .await?;
+    let outcome = state
+        .writer
+        .save(&ctx, SaveRequest { resource_type: rt, id, change: Change::Delete, if_match, detached: None })
+        .await?;
     let v = &outcome.version;
     let message = if outcome.changed {
         format!("deleted {rt}/{id}; the tombstone is version {}", v.version)
@@ -299,19 +295,20 @@ impl VersionResponse<'_> {
     }
 }
 
-/// Whether `rt`'s reads and writes go through the event-sourced member path.
-fn members_are_events(state: &AppState, rt: &str) -> bool {
-    rt == "Group" && state.group_members == MemberStorage::Events
+/// Whether reads of `rt` are assembled from more than its stored content: the type keeps
+/// an element apart (a Group's event-sourced members, put back by `fhir::group`).
+fn assembled(state: &AppState, rt: &str) -> bool {
+    state.writer.behaviour(rt).detached_element().is_some()
 }
 
 fn written(state: &AppState, rt: &str, outcome: &SaveOutcome, status: StatusCode, prefer: headers::Return) -> Response {
     let location = format!("{}/{rt}/{}/_history/{}", state.fhir_base(), outcome.version.id, outcome.version.version);
     let message = format!("{rt}/{} is now version {}", outcome.version.id, outcome.version.version);
-    if let (true, Some(resource)) = (members_are_events(state, rt), &outcome.version.resource) {
+    if let (true, Some(resource)) = (assembled(state, rt), &outcome.version.resource) {
         // A Group write answers without its (possibly huge) member array: read it with GET.
         let mut v = outcome.version.clone();
         let mut shown = resource.clone();
-        group::subsetted(&mut shown, outcome.member_count);
+        state.writer.behaviour(rt).abridge(&mut shown, outcome.version.member_count.active());
         v.resource = Some(shown);
         return version_response(status, &v, Some(location), prefer, &message);
     }

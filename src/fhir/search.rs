@@ -345,13 +345,14 @@ pub async fn search_type(
         Some(last) if more => Some(params.link(&base, count, Some(&params.cursor_after(last)))),
         _ => None,
     };
-    if rt == "Group" && state.group_members == crate::group::MemberStorage::Events {
+    let behaviour = state.writer.behaviour(rt);
+    if behaviour.detached_element().is_some() {
         // Members are never inlined in a searchset (a page could hold millions): each Group
         // carries its quantity (recorded with its version) and the SUBSETTED tag.
         for v in &mut page {
             let quantity = v.member_count.active();
             if let Some(resource) = v.resource.as_mut() {
-                super::group::subsetted(resource, quantity);
+                behaviour.abridge(resource, quantity);
             }
         }
     }

@@ -138,14 +138,7 @@ impl MemberIndex {
     /// After a committed write moved the group from `from` to `to` with these events:
     /// applies them when the index was at `from`, else drops the (stale) entry. A group
     /// with no entry gets one when it had no members at `from` (nothing to load).
-    pub fn advance<'r>(
-        &self,
-        group: &str,
-        from: Option<i64>,
-        to: i64,
-        empty_before: bool,
-        changes: impl IntoIterator<Item = (EventType, &'r str)>,
-    ) {
+    pub fn advance(&self, group: &str, from: Option<i64>, to: i64, empty_before: bool, changes: &Changes) {
         let mut inner = self.lock();
         let total_before = inner.total;
         let Some(entry) = inner.groups.get_mut(group) else {
@@ -203,9 +196,19 @@ impl Loading {
     }
 }
 
-fn apply<'r>(members: &mut HashMap<u64, u32>, changes: impl IntoIterator<Item = (EventType, &'r str)>) {
-    for (event_type, reference) in changes {
-        let k = key(reference);
+/// A write's member changes as the index applies them: `(event, hash of the reference)`,
+/// 16 bytes an event, so a planned batch need not be kept until its commit is known.
+#[derive(Debug, Default, Clone)]
+pub struct Changes(Vec<(EventType, u64)>);
+
+impl Changes {
+    pub fn of<'r>(changes: impl IntoIterator<Item = (EventType, &'r str)>) -> Changes {
+        Changes(changes.into_iter().map(|(t, reference)| (t, key(reference))).collect())
+    }
+}
+
+fn apply(members: &mut HashMap<u64, u32>, changes: &Changes) {
+    for &(event_type, k) in &changes.0 {
         match event_type {
             EventType::Added => *members.entry(k).or_default() += 1,
             EventType::Removed => {
@@ -232,11 +235,17 @@ mod tests {
         assert_eq!(index.presence("g", 3, "Patient/1"), Some(Presence::Maybe));
         assert_eq!(index.presence("g", 3, "Patient/9"), Some(Presence::Absent));
         assert_eq!(index.presence("g", 4, "Patient/1"), None, "another version is not known");
-        index.advance("g", Some(3), 4, false, [(EventType::Removed, "Patient/1"), (EventType::Added, "Patient/9")]);
+        index.advance(
+            "g",
+            Some(3),
+            4,
+            false,
+            &Changes::of([(EventType::Removed, "Patient/1"), (EventType::Added, "Patient/9")]),
+        );
         assert_eq!(index.presence("g", 4, "Patient/1"), Some(Presence::Absent));
         assert_eq!(index.presence("g", 4, "Patient/9"), Some(Presence::Maybe));
         // A write this process did not see (5 → 6) makes the entry stale: it is dropped.
-        index.advance("g", Some(5), 6, false, []);
+        index.advance("g", Some(5), 6, false, &Changes::default());
         assert!(!index.is_current("g", 6));
         assert!(!index.is_current("g", 4));
     }
@@ -244,9 +253,21 @@ mod tests {
     #[test]
     fn a_new_group_is_indexed_from_its_first_write_and_capacity_evicts_the_oldest() {
         let index = MemberIndex::new(3);
-        index.advance("a", None, 1, true, [(EventType::Added, "Patient/1"), (EventType::Added, "Patient/2")]);
+        index.advance(
+            "a",
+            None,
+            1,
+            true,
+            &Changes::of([(EventType::Added, "Patient/1"), (EventType::Added, "Patient/2")]),
+        );
         assert!(index.is_current("a", 1));
-        index.advance("b", None, 1, true, [(EventType::Added, "Patient/1"), (EventType::Added, "Patient/2")]);
+        index.advance(
+            "b",
+            None,
+            1,
+            true,
+            &Changes::of([(EventType::Added, "Patient/1"), (EventType::Added, "Patient/2")]),
+        );
         assert!(index.is_current("b", 1));
         assert!(!index.is_current("a", 1), "a was least recently used and made room for b");
         assert!(!index.load("c", 1, ["1", "2", "3", "4"]), "larger than the whole index");

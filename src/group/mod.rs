@@ -16,6 +16,9 @@
 //!    reader sees a version whose events are missing;
 //! 4. [`hook`] is the post-save hook that syncs member arrays of full-resource writes; it
 //!    skips writes whose context says member events were already written.
+//!
+//! [`writes`] plugs 1 and 2 into the generic write path (`pipeline`) as the Group's
+//! behaviour.
 
 pub mod body;
 pub mod events;
@@ -27,5 +30,6 @@ pub mod plan;
 pub mod read;
 pub mod source;
 pub mod split;
+pub mod writes;
 
 pub use crate::config::MemberStorage;

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use clickhouse::Row;
 use serde::Deserialize;
+use serde_json::{json, Map, Value};
 
 /// A member as the group's state has it.
 #[derive(Debug, Clone, Row, Deserialize)]
@@ -189,6 +190,24 @@ fn latest_active(rows: impl Iterator<Item = (String, u64, bool)>) -> Vec<String>
         }
     }
     latest.into_iter().filter(|(_, (_, active))| *active).map(|(group, _)| group).collect()
+}
+
+/// Marks a Group shown without its members (FHIR's `SUBSETTED` tag) and sets `quantity`.
+pub fn subsetted(resource: &mut Map<String, Value>, quantity: Option<u64>) {
+    if let Some(q) = quantity {
+        resource.insert("quantity".into(), json!(q));
+    }
+    let meta = resource.entry("meta").or_insert_with(|| json!({}));
+    if let Some(meta) = meta.as_object_mut() {
+        let tags = meta.entry("tag").or_insert_with(|| json!([]));
+        if let Some(tags) = tags.as_array_mut() {
+            tags.push(json!({
+                "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+                "code": "SUBSETTED",
+                "display": "subsetted"
+            }));
+        }
+    }
 }
 
 #[cfg(test)]

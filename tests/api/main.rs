@@ -14,6 +14,7 @@ mod hostile;
 mod interop;
 mod ops;
 mod patch;
+mod pipeline;
 mod projections;
 mod roundtrip;
 mod search;

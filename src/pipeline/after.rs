@@ -1,0 +1,57 @@
+//! Stage 5, after the commit: the history copy, off the request path.
+//!
+//! The commit marked its version `historyPending`; the copy to the history collection and
+//! the clearing of the flag happen here, after the client's answer. Whatever does not
+//! finish (a crash, MongoDB down) stays marked in MongoDB and is finished by the next
+//! reader or writer of the resource or by the sweep: nothing acknowledged is lost.
+
+use std::time::Duration;
+
+use bson::Document;
+
+use crate::store::{ResourceStore, Writes};
+
+/// How long the background history copy waits before clearing the version's flag.
+const QUIET_BEFORE_COPY: Duration = Duration::from_millis(100);
+
+/// Copies the committed version to history in the background, then clears its flag.
+pub(super) fn copy_history_later(store: &ResourceStore, rt: &str, committed: Document, writes: Writes) {
+    let store = store.clone();
+    let rt = rt.to_string();
+    let meta_only = writes == Writes::MetaOnly;
+    tokio::spawn(async move {
+        let id = committed.get_str("_id").unwrap_or_default().to_string();
+        let version = committed.get_i64("versionId").unwrap_or_default();
+        // A meta-only version waits: while such writes keep coming (member-only Group
+        // PATCHes), each carries the previous versions in its log, copied a few at a time
+        // as the log grows.
+        if meta_only {
+            if let Err(e) = store.copy_log_early(&rt, &committed).await {
+                tracing::warn!(resource_type = rt, id, error = %e, "logged versions stay in the log for now");
+            }
+            tokio::time::sleep(QUIET_BEFORE_COPY).await;
+            if store.superseded(&rt, &id, version) {
+                return;
+            }
+        }
+        let done = match store.copy_history(&rt, &committed).await {
+            Ok(()) => {
+                // The flag goes with the next commit anyway: while writes of the resource
+                // keep coming, clearing it is a wasted write (MongoDB's time is the scarce
+                // resource under a stream of PATCHes).
+                if !meta_only {
+                    tokio::time::sleep(QUIET_BEFORE_COPY).await;
+                }
+                if store.superseded(&rt, &id, version) {
+                    Ok(())
+                } else {
+                    store.clear_history_flag(&rt, &id, version).await
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = done {
+            tracing::warn!(resource_type = rt, id, version, error = %e, "history copy deferred to the next repair");
+        }
+    });
+}
