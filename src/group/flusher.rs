@@ -32,7 +32,7 @@ use super::events::{self, MemberEvent};
 use super::outbox::{self, OutboxError, CHUNK_ROWS};
 use crate::store::lease::{self, Taken};
 use crate::store::mongo::current_collection;
-use crate::store::ResourceStore;
+use crate::store::{OutboxBatch, ResourceStore};
 
 /// How long a flush lease holds before another flusher may take it over.
 pub const LEASE: Duration = Duration::from_secs(30);
@@ -82,9 +82,9 @@ enum Cycle {
 /// False only when the batch certainly has no event of `member`: its rows are JSON text in
 /// which the reference appears verbatim (a chunked batch, or a reference JSON would
 /// escape, counts as "maybe").
-fn may_name(batch: &Document, member: &str) -> bool {
-    match batch.get_str("events") {
-        Ok(events) if !member.contains(['"', '\\']) && member.is_ascii() => events.contains(member),
+fn may_name(batch: &OutboxBatch, member: &str) -> bool {
+    match batch.inline() {
+        Some(events) if !member.contains(['"', '\\']) && member.is_ascii() => events.contains(member),
         _ => true,
     }
 }
@@ -205,7 +205,8 @@ impl Flusher {
             .await?;
         let concerned = |d: &Document| match member {
             None => true,
-            Some(m) => outbox::pending_in(d).iter().any(|b| may_name(b, m)),
+            // A batch that does not parse concerns everyone: the flush reports it.
+            Some(m) => outbox::pending_in(d).map_or(true, |batches| batches.iter().any(|b| may_name(b, m))),
         };
         Ok(pending.iter().filter(|d| concerned(d)).filter_map(|d| d.get_str("_id").ok().map(str::to_string)).collect())
     }
@@ -234,7 +235,7 @@ impl Flusher {
                 Taken::Granted(None) | Taken::Absent => return Ok(Cycle::Done),
                 Taken::Held => return Ok(Cycle::Held),
             };
-        let batches = outbox::pending_in(&taken);
+        let batches = outbox::pending_in(&taken).map_err(|e| OutboxError::Corrupt(format!("group {group}: {e}")))?;
         // No lease at all (not even an expired one): the last flusher pulled what it
         // inserted, or none ever ran. Every failure below leaves the lease in place, so
         // ClickHouse holds no row of these batches and there is nothing to count.
@@ -257,7 +258,7 @@ impl Flusher {
             return Err(e);
         }
         let inserted_at = started.elapsed();
-        let ids: Vec<&str> = batches.iter().filter_map(|b| b.get_str("batchId").ok()).collect();
+        let ids: Vec<&str> = batches.iter().map(|b| b.batch_id.as_str()).collect();
         // When no batch arrived meanwhile, the outbox empties: the flag goes too. When this
         // process committed more since the flush began, that update cannot match: skip it.
         let more = self.state(group).dirty.load(Ordering::SeqCst);
@@ -283,11 +284,10 @@ impl Flusher {
                 .await?;
         }
         // A writer's remembered copy of the document still lists these batches.
-        if let Some(through) = batches.iter().filter_map(|b| b.get_i64("version").ok()).max() {
+        if let Some(through) = batches.iter().map(|b| b.version).max() {
             self.store.batches_flushed("Group", group, through);
         }
-        let done: Vec<&Document> = batches.iter().collect();
-        outbox::forget_chunks(&self.db, &done).await?;
+        outbox::forget_chunks(&self.db, &batches).await?;
         // Where a flush's time goes (`ROSTER_LOG=roster::group=debug`), cumulative.
         tracing::debug!(
             group,
@@ -304,8 +304,8 @@ impl Flusher {
     /// may have died half-way), inline batches several to an insert. `clean`: no earlier
     /// flusher left its lease behind, so none stopped half-way and nothing is counted (one
     /// ClickHouse query fewer per flush).
-    async fn insert_missing(&self, group: &str, batches: &[Document], clean: bool) -> Result<(), OutboxError> {
-        let versions: Vec<u32> = batches.iter().filter_map(|b| b.get_i64("version").ok()).map(|v| v as u32).collect();
+    async fn insert_missing(&self, group: &str, batches: &[OutboxBatch], clean: bool) -> Result<(), OutboxError> {
+        let versions: Vec<u32> = batches.iter().map(|b| b.version as u32).collect();
         let stored: HashMap<u32, u64> = if clean {
             HashMap::new()
         } else {
@@ -323,9 +323,9 @@ impl Flusher {
         };
         let mut pending: Vec<MemberEvent> = Vec::new();
         for batch in batches {
-            let version = batch.get_i64("version").unwrap_or_default() as u32;
+            let version = batch.version as u32;
             let have = stored.get(&version).copied().unwrap_or(0);
-            if have >= batch.get_i64("count").unwrap_or_default() as u64 {
+            if have >= batch.count as u64 {
                 continue;
             }
             let have = if have > 0 { Some(events::stored_seqs(&self.ch, group, version).await?) } else { None };
@@ -333,7 +333,7 @@ impl Flusher {
                 Some(have) => block.into_iter().filter(|e| !have.contains(&e.seq)).collect(),
                 None => block,
             };
-            if batch.contains_key("events") {
+            if batch.inline().is_some() {
                 let rows = missing(outbox::inline_events(group, batch)?);
                 if !pending.is_empty() && pending.len() + rows.len() > CHUNK_ROWS {
                     events::insert(&self.ch, &std::mem::take(&mut pending)).await?;
@@ -369,12 +369,13 @@ mod tests {
 
     #[test]
     fn a_batch_concerns_a_member_it_names() {
-        let batch = doc! { "events": r#"[[1,5,"{\"entity\":{\"reference\":\"Patient/12\"}}"],[2,3,"Patient/7"]]"# };
+        let batch = outbox::tests::batch(r#"[[1,5,"{\"entity\":{\"reference\":\"Patient/12\"}}"],[2,3,"Patient/7"]]"#);
         assert!(may_name(&batch, "Patient/12"));
         assert!(may_name(&batch, "Patient/7"));
         assert!(may_name(&batch, "Patient/1"), "a prefix may match: flushing too much is safe");
         assert!(!may_name(&batch, "Patient/9"));
-        assert!(may_name(&doc! { "chunks": 3 }, "Patient/9"), "chunked batches are not read here");
+        let chunked = OutboxBatch { rows: crate::store::BatchRows::Chunked { chunks: 3 }, ..batch.clone() };
+        assert!(may_name(&chunked, "Patient/9"), "chunked batches are not read here");
         assert!(may_name(&batch, "Patient/\"x"));
     }
 }

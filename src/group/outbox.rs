@@ -24,6 +24,9 @@
 
 use bson::{doc, Document};
 use mongodb::Database;
+
+pub use crate::store::mongo::pending_in;
+use crate::store::{BatchRows, OutboxBatch};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -76,16 +79,10 @@ struct RowRef<'a>(EventType, u64, &'a str);
 #[derive(Deserialize)]
 struct Row(EventType, u64, String);
 
-/// A staged batch, ready to be pushed onto the Group's `outbox` by the commit.
-#[derive(Debug, Clone)]
-pub struct Staged {
-    pub doc: Document,
-}
-
-impl Staged {
-    pub fn batch_id(&self) -> &str {
-        self.doc.get_str("batchId").unwrap_or_default()
-    }
+/// A chunk document of a big batch (`{_id: "batch/n", batchId, chunk, events}`).
+#[derive(Deserialize)]
+struct Chunk {
+    events: String,
 }
 
 /// Serializes the batch's rows into JSON arrays of at most [`INLINE_LIMIT`] bytes and
@@ -118,42 +115,44 @@ fn pieces<'p>(planned: &'p Planned<'_>) -> impl Iterator<Item = Result<(String, 
 
 /// Prepares a planned batch for the commit: inline when it fits one piece, else its
 /// chunks are written to [`OUTBOX_COLLECTION`] first.
-pub async fn stage(db: &Database, planned: &Planned<'_>) -> Result<Staged, OutboxError> {
+pub async fn stage(db: &Database, planned: &Planned<'_>) -> Result<OutboxBatch, OutboxError> {
     let o = planned.origin();
     let batch_id = uuid::Uuid::new_v4().to_string();
-    let mut header = doc! {
-        "batchId": &batch_id,
-        "version": o.version as i64,
-        "baseCount": planned.base_count() as i64,
-        "count": planned.len() as i64,
-        "actor": &o.actor,
-        "requestId": &o.request_id,
-        "source": o.source,
-        "eventTime": o.event_time,
-    };
     let mut pieces = pieces(planned);
     let first = pieces.next().transpose()?.unwrap_or_else(|| ("[]".into(), 0));
-    if first.1 == planned.len() {
-        header.insert("events", first.0);
-        return Ok(Staged { doc: header });
-    }
-    let chunks = db.collection::<Document>(OUTBOX_COLLECTION);
-    let mut n = 0i32;
-    for piece in std::iter::once(Ok(first)).chain(pieces) {
-        let (events, _) = piece?;
-        chunks
-            .insert_one(doc! { "_id": format!("{batch_id}/{n}"), "batchId": &batch_id, "chunk": n, "events": events })
-            .await?;
-        n += 1;
-    }
-    header.insert("chunks", n);
-    Ok(Staged { doc: header })
+    let rows = if first.1 == planned.len() {
+        BatchRows::Inline { events: first.0 }
+    } else {
+        let chunks = db.collection::<Document>(OUTBOX_COLLECTION);
+        let mut n = 0i32;
+        for piece in std::iter::once(Ok(first)).chain(pieces) {
+            let (events, _) = piece?;
+            chunks
+                .insert_one(
+                    doc! { "_id": format!("{batch_id}/{n}"), "batchId": &batch_id, "chunk": n, "events": events },
+                )
+                .await?;
+            n += 1;
+        }
+        BatchRows::Chunked { chunks: n }
+    };
+    Ok(OutboxBatch {
+        batch_id,
+        version: o.version as i64,
+        base_count: planned.base_count() as i64,
+        count: planned.len() as i64,
+        actor: o.actor.clone(),
+        request_id: o.request_id.clone(),
+        source: o.source.to_string(),
+        event_time: o.event_time,
+        rows,
+    })
 }
 
 /// Deletes the chunks of a staged batch whose commit failed.
-pub async fn discard(db: &Database, staged: &Staged) {
-    if staged.doc.contains_key("chunks") {
-        let _ = db.collection::<Document>(OUTBOX_COLLECTION).delete_many(doc! { "batchId": staged.batch_id() }).await;
+pub async fn discard(db: &Database, staged: &OutboxBatch) {
+    if let BatchRows::Chunked { .. } = staged.rows {
+        let _ = db.collection::<Document>(OUTBOX_COLLECTION).delete_many(doc! { "batchId": &staged.batch_id }).await;
     }
 }
 
@@ -170,17 +169,17 @@ struct Header<'d> {
 }
 
 impl<'d> Header<'d> {
-    fn of(group_id: &'d str, batch: &'d Document) -> Result<Header<'d>, OutboxError> {
-        Ok(Header {
+    fn of(group_id: &'d str, batch: &'d OutboxBatch) -> Header<'d> {
+        Header {
             group_id,
-            batch_id: batch.get_str("batchId").map_err(corrupt)?,
-            version: batch.get_i64("version").map_err(corrupt)? as u32,
-            base_count: batch.get_i64("baseCount").map_err(corrupt)? as u64,
-            actor: batch.get_str("actor").unwrap_or_default(),
-            request_id: batch.get_str("requestId").unwrap_or_default(),
-            source: batch.get_str("source").unwrap_or("patch"),
-            event_time: batch.get_i64("eventTime").unwrap_or_default(),
-        })
+            batch_id: &batch.batch_id,
+            version: batch.version as u32,
+            base_count: batch.base_count as u64,
+            actor: &batch.actor,
+            request_id: &batch.request_id,
+            source: &batch.source,
+            event_time: batch.event_time,
+        }
     }
 
     /// Builds the ClickHouse rows of stored rows starting at `seq`; `count` is the active
@@ -240,35 +239,38 @@ fn parse_rows(s: &str) -> Result<Vec<Row>, OutboxError> {
 pub(crate) async fn for_each_block<F, Fut>(
     db: &Database,
     group_id: &str,
-    batch: &Document,
+    batch: &OutboxBatch,
     mut each: F,
 ) -> Result<(), OutboxError>
 where
     F: FnMut(Vec<MemberEvent>) -> Fut,
     Fut: std::future::Future<Output = Result<(), OutboxError>>,
 {
-    let header = Header::of(group_id, batch)?;
+    let header = Header::of(group_id, batch);
     let mut count = header.base_count;
     let mut seq = 0u32;
-    if let Ok(inline) = batch.get_str("events") {
-        let mut rows = parse_rows(inline)?;
-        while !rows.is_empty() {
-            let rest = rows.split_off(rows.len().min(CHUNK_ROWS));
-            let n = rows.len() as u32;
-            each(header.events(rows, seq, &mut count)?).await?;
-            seq += n;
-            rows = rest;
+    let expected = match &batch.rows {
+        BatchRows::Chunked { chunks } => *chunks,
+        BatchRows::Inline { events } => {
+            let mut rows = parse_rows(events)?;
+            while !rows.is_empty() {
+                let rest = rows.split_off(rows.len().min(CHUNK_ROWS));
+                let n = rows.len() as u32;
+                each(header.events(rows, seq, &mut count)?).await?;
+                seq += n;
+                rows = rest;
+            }
+            return Ok(());
         }
-        return Ok(());
-    }
-    let expected = batch.get_i32("chunks").map_err(corrupt)?;
-    let collection = db.collection::<Document>(OUTBOX_COLLECTION);
+    };
+    let collection = db.collection::<Chunk>(OUTBOX_COLLECTION);
     for n in 0..expected {
         let chunk = collection
             .find_one(doc! { "_id": format!("{}/{n}", header.batch_id) })
+            .projection(doc! { "events": 1 })
             .await?
             .ok_or_else(|| OutboxError::Finished(header.batch_id.to_string()))?;
-        let rows = parse_rows(chunk.get_str("events").unwrap_or("[]"))?;
+        let rows = parse_rows(&chunk.events)?;
         let len = rows.len() as u32;
         each(header.events(rows, seq, &mut count)?).await?;
         seq += len;
@@ -278,37 +280,41 @@ where
 
 /// The ClickHouse rows of an inline batch, all at once (tools and tests; flushers go a
 /// block at a time).
-pub fn inline_events(group_id: &str, batch: &Document) -> Result<Vec<MemberEvent>, OutboxError> {
-    let header = Header::of(group_id, batch)?;
+pub fn inline_events(group_id: &str, batch: &OutboxBatch) -> Result<Vec<MemberEvent>, OutboxError> {
+    let header = Header::of(group_id, batch);
     let mut count = header.base_count;
-    header.events(parse_rows(batch.get_str("events").map_err(corrupt)?)?, 0, &mut count)
+    header.events(parse_rows(inline(batch)?)?, 0, &mut count)
+}
+
+/// The rows of a batch that must be inline.
+fn inline(batch: &OutboxBatch) -> Result<&str, OutboxError> {
+    batch.inline().ok_or_else(|| corrupt(format!("batch {} is chunked, not inline", batch.batch_id)))
 }
 
 /// Deletes the chunk documents of batches that are no longer referenced.
-pub async fn forget_chunks(db: &Database, batches: &[&Document]) -> Result<(), OutboxError> {
-    let chunked: Vec<&str> =
-        batches.iter().filter(|b| b.contains_key("chunks")).filter_map(|b| b.get_str("batchId").ok()).collect();
+pub async fn forget_chunks(db: &Database, batches: &[OutboxBatch]) -> Result<(), OutboxError> {
+    let chunked: Vec<&str> = batches.iter().filter(|b| b.inline().is_none()).map(|b| b.batch_id.as_str()).collect();
     if !chunked.is_empty() {
         db.collection::<Document>(OUTBOX_COLLECTION).delete_many(doc! { "batchId": { "$in": chunked } }).await?;
     }
     Ok(())
 }
 
-pub use crate::store::mongo::pending_in;
-
 /// True when a writer may lay these pending batches over ClickHouse's state instead of
 /// finishing them first: all inline, and few and small enough.
-pub fn can_overlay(batches: &[Document]) -> bool {
-    let bytes: usize = batches.iter().map(|b| b.get_str("events").map_or(usize::MAX / 2, str::len)).sum();
+pub fn can_overlay(batches: &[OutboxBatch]) -> bool {
+    let bytes: usize = batches.iter().map(|b| b.inline().map_or(usize::MAX / 2, str::len)).sum();
     batches.len() <= PENDING_BATCHES && bytes <= PENDING_LIMIT
 }
 
 /// The latest pending state of each member the batches touch: reference → `Some((member
 /// JSON, position))` when active, `None` when removed. Later batches win.
-pub fn overlay(batches: &[Document]) -> Result<std::collections::HashMap<String, Option<(String, u64)>>, OutboxError> {
+pub fn overlay(
+    batches: &[OutboxBatch],
+) -> Result<std::collections::HashMap<String, Option<(String, u64)>>, OutboxError> {
     let mut out = std::collections::HashMap::new();
     for batch in batches {
-        let rows = parse_rows(batch.get_str("events").map_err(corrupt)?)?;
+        let rows = parse_rows(inline(batch)?)?;
         for Row(event_type, position, text) in rows {
             match event_type {
                 EventType::Removed => {
@@ -326,16 +332,28 @@ pub fn overlay(batches: &[Document]) -> Result<std::collections::HashMap<String,
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A batch of version 7 with these inline rows (tests).
+    pub(crate) fn batch(events: &str) -> OutboxBatch {
+        OutboxBatch {
+            batch_id: "b".into(),
+            version: 7,
+            base_count: 0,
+            count: 3,
+            actor: "a".into(),
+            request_id: "r".into(),
+            source: "patch".into(),
+            event_time: 5,
+            rows: BatchRows::Inline { events: events.into() },
+        }
+    }
 
     #[test]
     fn rows_round_trip_into_clickhouse_rows_with_counts_and_fields() {
-        let batch = doc! {
-            "batchId": "b", "version": 7i64, "baseCount": 10i64, "count": 3i64,
-            "actor": "a", "requestId": "r", "source": "patch", "eventTime": 5i64,
-        };
-        let header = Header::of("g", &batch).unwrap();
+        let batch = OutboxBatch { base_count: 10, ..batch("[]") };
+        let header = Header::of("g", &batch);
         let rows = parse_rows(
             r#"[[1,30064771072,"{\"entity\":{\"reference\":\"Patient/1\"},\"period\":{\"start\":\"2024\"}}"],
                 [2,4,"Patient/2"],[3,9,"{\"entity\":{\"reference\":\"Patient/3\"},\"inactive\":true}"]]"#,
@@ -358,12 +376,15 @@ mod tests {
 
     #[test]
     fn overlay_keeps_the_latest_state_per_member() {
-        let b1 = doc! { "events": r#"[[1,1,"{\"entity\":{\"reference\":\"Patient/1\"}}"],[1,2,"{\"entity\":{\"reference\":\"Patient/2\"}}"]]"# };
-        let b2 = doc! { "events": r#"[[2,1,"Patient/1"]]"# };
+        let b1 = batch(
+            r#"[[1,1,"{\"entity\":{\"reference\":\"Patient/1\"}}"],[1,2,"{\"entity\":{\"reference\":\"Patient/2\"}}"]]"#,
+        );
+        let b2 = batch(r#"[[2,1,"Patient/1"]]"#);
         let o = overlay(&[b1, b2]).unwrap();
         assert_eq!(o["Patient/1"], None);
         assert_eq!(o["Patient/2"].as_ref().map(|(_, p)| *p), Some(2));
-        assert!(can_overlay(&[doc! { "events": "[]" }]));
-        assert!(!can_overlay(&[doc! { "chunks": 2 }]), "chunked batches are finished, not overlaid");
+        assert!(can_overlay(&[batch("[]")]));
+        let chunked = OutboxBatch { rows: BatchRows::Chunked { chunks: 2 }, ..batch("[]") };
+        assert!(!can_overlay(&[chunked]), "chunked batches are finished, not overlaid");
     }
 }

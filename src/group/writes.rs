@@ -23,13 +23,13 @@ use serde_json::{Map, Value};
 use super::body::CompactMember;
 use super::flusher::Flusher;
 use super::index::{Changes, Loading, MemberIndex};
-use super::outbox::{self, OutboxError, Staged};
+use super::outbox::{self, OutboxError};
 use super::plan::{Known, Origin, Planner};
 use super::split::{self, MemberOp};
 use crate::error::FhirError;
 use crate::pipeline::behaviour::{Begun, Behaviour, Detached, Draft, Failed, Planned, Share};
 use crate::pipeline::{Change, Flag, Interaction, RequestContext};
-use crate::store::{MemberCount, ResourceStore, Version, Writes};
+use crate::store::{MemberCount, OutboxBatch, ResourceStore, Version, Writes};
 
 /// Reads and writes of Groups whose members are event-sourced.
 #[derive(Clone)]
@@ -137,12 +137,12 @@ enum Members {
 /// What the current attempt planned, kept until its commit is known.
 #[derive(Default)]
 struct Attempt {
-    staged: Option<Staged>,
+    staged: Option<OutboxBatch>,
     /// The planned events as the member index applies them.
     changes: Changes,
     /// The batches still pending at the base version as far as the plan knew them (after
     /// any it finished itself); `None`: it did not look, they are the base version's.
-    pending_before: Option<Vec<Document>>,
+    pending_before: Option<Vec<OutboxBatch>>,
     /// The group had no active member at the base version.
     empty_before: bool,
 }
@@ -207,20 +207,17 @@ impl Share for MemberShare {
             return;
         }
         parts.index.advance(id, base, draft.version, attempt.empty_before, &attempt.changes);
-        // What MongoDB now holds: the commit's fields plus every batch still pending.
-        let mut doc = committed.clone();
-        let pending_before =
-            attempt.pending_before.unwrap_or_else(|| draft.base.map_or_else(Vec::new, |c| c.outbox.clone()));
-        let mut pending: Vec<bson::Bson> = pending_before.into_iter().map(Into::into).collect();
-        pending.extend(attempt.staged.as_ref().map(|s| bson::Bson::Document(s.doc.clone())));
-        doc.insert("outbox", pending);
-        parts.store.remember_recent(draft.resource_type, id, doc);
         // A PATCH's events are inserted by the background flusher; a POST/PUT member array
         // is the sync hook's job. Hooks see which through the flag.
         if let (true, Some(batch)) = (self.patch, &attempt.staged) {
             ctx.set(Flag::MemberEventsWritten);
-            parts.flusher.kick(id, batch.doc.get_i64("count").unwrap_or(1).max(1) as usize);
+            parts.flusher.kick(id, batch.count.max(1) as usize);
         }
+        // What MongoDB now holds: the commit's fields plus every batch still pending.
+        let mut pending =
+            attempt.pending_before.unwrap_or_else(|| draft.base.map_or_else(Vec::new, |c| c.outbox.clone()));
+        pending.extend(attempt.staged);
+        parts.store.remember_recent(draft.resource_type, id, committed, pending);
     }
 }
 
@@ -284,7 +281,7 @@ impl MemberShare {
         let changes = Changes::of(planned.changes());
         let count = planned.count;
         drop(planned);
-        let outbox = staged.as_ref().map(|s| s.doc.clone());
+        let outbox = staged.clone();
         self.attempt.staged = staged;
         self.attempt.changes = changes;
         self.attempt.pending_before = Some(pending_before);

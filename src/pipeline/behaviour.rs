@@ -22,6 +22,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bson::{DateTime, Document};
+
+use crate::store::OutboxBatch;
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 
@@ -103,7 +105,7 @@ pub struct Draft<'a> {
 #[derive(Debug, Default)]
 pub struct Planned {
     /// A batch pushed onto the document's `outbox` with the version (see `group::outbox`).
-    pub outbox: Option<Document>,
+    pub outbox: Option<OutboxBatch>,
     /// Recorded with the version (`Unrecorded` writes nothing).
     pub member_count: MemberCount,
 }

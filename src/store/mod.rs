@@ -38,7 +38,7 @@ pub mod lease;
 pub mod mongo;
 pub mod version_log;
 
-pub use mongo::{Base, Commit, MemberCount, ResourceStore, StoreError, Version, Writes};
+pub use mongo::{Base, BatchRows, Commit, MemberCount, OutboxBatch, ResourceStore, StoreError, Version, Writes};
 
 /// A resource's identity in this server, `Patient/123`: the key of every per-resource map
 /// and lock (one type, so a key is never built two ways).

@@ -133,7 +133,7 @@ async fn event_rows(app: &TestApp, id: &str) -> u64 {
 
 /// Member batches committed but not yet in ClickHouse.
 async fn pending_batches(app: &TestApp, id: &str) -> usize {
-    roster::group::outbox::pending_in(&group_doc(app, id).await).len()
+    roster::group::outbox::pending_in(&group_doc(app, id).await).unwrap().len()
 }
 
 /// The Group's current-version document in MongoDB.
@@ -232,7 +232,7 @@ async fn a_pending_batch_is_finished_by_the_start_up_sweep_and_never_duplicated(
     proxy.set(NO_INSERTS);
     let ops = adds((0..100).map(|i| format!("Patient/{i}")));
     assert_eq!(app.patch("Group/f3", &ops).await.status(), 200);
-    let pending = roster::group::outbox::pending_in(&group_doc(&app, "f3").await);
+    let pending = roster::group::outbox::pending_in(&group_doc(&app, "f3").await).unwrap();
     assert_eq!(pending.len(), 1, "batch pending in MongoDB");
 
     // Half of a flush happened before a crash: some rows are in ClickHouse, the marker is

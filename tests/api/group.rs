@@ -161,7 +161,10 @@ async fn a_member_only_patch_changes_only_meta_in_mongo_and_sets_the_context_fla
         .await
         .unwrap()
         .unwrap();
-    assert!(roster::group::outbox::pending_in(&doc_before).is_empty(), "the sync hook flushed the POST's member batch");
+    assert!(
+        roster::group::outbox::pending_in(&doc_before).unwrap().is_empty(),
+        "the sync hook flushed the POST's member batch"
+    );
     patch_ok(&app, &path, json!([{ "op": "add", "path": "/member/-", "value": member("Patient/b") }])).await;
     app.put(&path, &group(&id, &["Patient/c"])).await;
 

@@ -26,7 +26,6 @@ use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use axum::http::StatusCode;
-use bson::Document;
 use serde_json::Value;
 
 use super::body::{group_of, is_plain_member, CompactMember};
@@ -40,7 +39,7 @@ use crate::error::{FhirError, IssueCode};
 use crate::model::fhirpath_patch;
 use crate::model::patch::{self, Operation};
 use crate::model::validate::{repeat_as_arrays, validate_resource};
-use crate::store::MemberCount;
+use crate::store::{MemberCount, OutboxBatch};
 
 /// Who and what wrote the events.
 #[derive(Debug, Clone)]
@@ -86,7 +85,7 @@ pub struct Known<'a> {
     /// The base version's pending batches (committed, not yet in ClickHouse), laid over
     /// the views. Only for keyed operations (add, remove by reference): positional ones
     /// need the views complete, so the caller finishes pending batches first.
-    pub pending: Vec<Document>,
+    pub pending: Vec<OutboxBatch>,
 }
 
 /// The pending state of touched members: reference → `Some((JSON, position))` or removed.
@@ -98,7 +97,7 @@ pub struct Planner<'a> {
     /// The base version (the index is consulted at it).
     base_version: i64,
     index: Option<&'a MemberIndex>,
-    pending: Vec<Document>,
+    pending: Vec<OutboxBatch>,
     /// Built from `pending` on first need.
     overlay: Option<Overlay>,
     base_count: u64,

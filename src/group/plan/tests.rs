@@ -4,7 +4,6 @@ use super::*;
 use crate::group::source::memory::Memory;
 use crate::group::split::split;
 use crate::model::patching::Patch;
-use bson::doc;
 use serde_json::json;
 
 fn row(reference: &str, position: u64) -> MemberRow {
@@ -37,7 +36,7 @@ fn origin() -> Origin {
 /// (type, reference) and the count after, or the error.
 async fn plan(
     source: &Memory,
-    pending: Vec<bson::Document>,
+    pending: Vec<crate::store::OutboxBatch>,
     patch: serde_json::Value,
 ) -> Result<(Vec<(EventType, String)>, Option<u64>), FhirError> {
     let ops = crate::model::patch::parse(&patch).expect("a JSON Patch");
@@ -108,8 +107,9 @@ async fn test_ops_compare_with_the_member_at_that_index() {
 #[tokio::test]
 async fn keyed_operations_see_batches_still_pending() {
     // Committed in MongoDB, not yet in ClickHouse: x added, a removed.
-    let pending = vec![doc! { "events":
-    r#"[[1,40,"{\"entity\":{\"reference\":\"Patient/x\"}}"],[2,10,"Patient/a"]]"# }];
+    let pending = vec![crate::group::outbox::tests::batch(
+        r#"[[1,40,"{\"entity\":{\"reference\":\"Patient/x\"}}"],[2,10,"Patient/a"]]"#,
+    )];
     let patch = json!([
         { "op": "remove", "path": "/member", "value": { "entity": { "reference": "Patient/x" } } },
         add("Patient/a"),

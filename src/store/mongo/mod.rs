@@ -28,7 +28,7 @@ pub struct ResourceStore {
     copying: Arc<Mutex<HashMap<ResourceKey, InFlight>>>,
     /// The current document of resources this process wrote last (see
     /// [`Self::read_for_write`]).
-    recent: Arc<Mutex<HashMap<ResourceKey, Document>>>,
+    recent: Arc<Mutex<HashMap<ResourceKey, Recent>>>,
     /// Per resource, the versions `first..=last` of a `versionLog` this process copied to
     /// history early (see [`Self::copy_log_early`]): a writer drops them from the log.
     log_copied: Arc<Mutex<HashMap<ResourceKey, (i64, i64)>>>,
@@ -37,6 +37,14 @@ pub struct ResourceStore {
     /// Per Group, the highest version whose pending member batch this process's flusher
     /// pulled from `outbox` (see [`Self::batches_flushed`]).
     flushed: Arc<Mutex<HashMap<ResourceKey, i64>>>,
+}
+
+/// A document this process committed last, and the member batches pending in it as far
+/// as this process knows (the commit's own, and those it found pending before).
+#[derive(Clone)]
+struct Recent {
+    doc: Document,
+    outbox: Vec<OutboxBatch>,
 }
 
 /// A history copy being written: its version, and whether it succeeded once done.
@@ -124,17 +132,20 @@ impl ResourceStore {
         base: Base,
         writes: Writes,
     ) -> Result<(Option<Version>, Base), StoreError> {
-        let remembered = (base == Base::Remembered).then(|| self.recent_doc(rt, id)).flatten();
+        let remembered = (base == Base::Remembered).then(|| self.recent(rt, id)).flatten();
         let from = if remembered.is_some() { Base::Remembered } else { Base::Stored };
         let defer_history = writes == Writes::MetaOnly;
-        let doc = match remembered {
-            Some(doc) => doc,
+        let (doc, outbox) = match remembered {
+            Some(Recent { doc, outbox }) => (doc, Some(outbox)),
             None => match self.current(rt).find_one(doc! { "_id": id }).await? {
-                Some(doc) => doc,
+                Some(doc) => (doc, None),
                 None => return Ok((None, Base::Stored)),
             },
         };
         let mut version = decode(&doc, None)?;
+        if let Some(outbox) = outbox {
+            version.outbox = outbox;
+        }
         self.drop_copied(rt, id, &mut version.version_log);
         let logged = version.version_log.len();
         if (version.history_pending || logged > 0) && !(defer_history && logged < VERSION_LOG_LIMIT) {
@@ -147,20 +158,20 @@ impl ResourceStore {
         Ok((Some(version), from))
     }
 
-    fn recent_doc(&self, rt: &str, id: &str) -> Option<Document> {
+    fn recent(&self, rt: &str, id: &str) -> Option<Recent> {
         self.recent.lock().unwrap_or_else(|e| e.into_inner()).get(&ResourceKey::new(rt, id)).cloned()
     }
 
-    /// Remembers the document just committed (as stored, `outbox` included) for the next
-    /// write of the resource by this process.
-    pub fn remember_recent(&self, rt: &str, id: &str, mut doc: Document) {
+    /// Remembers the document just committed, and the member batches pending in it, for
+    /// the next write of the resource by this process.
+    pub fn remember_recent(&self, rt: &str, id: &str, committed: &Document, mut outbox: Vec<OutboxBatch>) {
         let key = ResourceKey::new(rt, id);
-        self.strip_flushed(&key, &mut doc);
+        self.strip_flushed(&key, &mut outbox);
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if recent.len() >= RECENT_DOCS {
             recent.clear();
         }
-        recent.insert(key, doc);
+        recent.insert(key, Recent { doc: committed.clone(), outbox });
     }
 
     /// The flusher pulled a Group's pending batches up to version `through` from
@@ -173,19 +184,17 @@ impl ResourceStore {
     pub fn batches_flushed(&self, rt: &str, id: &str, through: i64) {
         let key = ResourceKey::new(rt, id);
         remember(&self.flushed, key.clone(), through);
-        if let Some(doc) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key) {
-            self.strip_flushed(&key, doc);
+        if let Some(recent) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key) {
+            self.strip_flushed(&key, &mut recent.outbox);
         }
     }
 
-    /// Drops from a remembered document's `outbox` the batches known to be flushed.
-    fn strip_flushed(&self, key: &ResourceKey, doc: &mut Document) {
+    /// Drops from a remembered outbox the batches known to be flushed.
+    fn strip_flushed(&self, key: &ResourceKey, outbox: &mut Vec<OutboxBatch>) {
         let Some(through) = self.flushed.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied() else {
             return;
         };
-        if let Ok(outbox) = doc.get_array_mut("outbox") {
-            outbox.retain(|b| b.as_document().and_then(|b| b.get_i64("version").ok()).is_none_or(|v| v > through));
-        }
+        outbox.retain(|b| b.version > through);
     }
 
     /// Drops the remembered document (it may no longer be what MongoDB has).
@@ -214,7 +223,7 @@ impl ResourceStore {
                 current.insert("resource", resource.clone());
             }
             if let Some(batch) = &c.outbox {
-                current.insert("outbox", vec![Bson::Document(batch.clone())]);
+                current.insert("outbox", vec![batch.to_bson()?]);
                 current.insert("outboxPending", true);
             }
             if c.events_pending {
@@ -256,7 +265,7 @@ impl ResourceStore {
         }
         let mut push = Document::new();
         if let Some(batch) = &c.outbox {
-            push.insert("outbox", batch.clone());
+            push.insert("outbox", batch.to_bson()?);
             update
                 .get_document_mut("$set")
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?
@@ -426,7 +435,7 @@ fn decode(doc: &Document, id: Option<&str>) -> Result<Version, StoreError> {
         deleted: doc.get_bool("deleted").map_err(corrupt)?,
         method: doc.get_str("method").unwrap_or("PUT").to_string(),
         resource,
-        outbox: pending_in(doc),
+        outbox: pending_in(doc)?,
         version_log: version_log::decode(doc.get("versionLog")).map_err(StoreError::Corrupt)?,
         history_pending: doc.get_bool("historyPending").unwrap_or(false),
         member_count: member_count_of(doc.get("memberCount")),
@@ -434,11 +443,19 @@ fn decode(doc: &Document, id: Option<&str>) -> Result<Version, StoreError> {
 }
 
 /// The member batches pending in a stored Group document (`outbox`, oldest first; their
-/// content is `group::outbox`'s business, the field is this module's).
-pub fn pending_in(doc: &Document) -> Vec<Document> {
+/// rows are `group::outbox`'s business, the field is this module's). A batch that does not
+/// parse is an error, never skipped: skipping would lose its events.
+pub fn pending_in(doc: &Document) -> Result<Vec<OutboxBatch>, StoreError> {
     match doc.get("outbox") {
-        Some(Bson::Array(items)) => items.iter().filter_map(|b| b.as_document().cloned()).collect(),
-        _ => Vec::new(),
+        None => Ok(Vec::new()),
+        Some(Bson::Array(items)) => items
+            .iter()
+            .map(|b| {
+                bson::deserialize_from_bson(b.clone())
+                    .map_err(|e| StoreError::Corrupt(format!("an outbox batch is malformed: {e}")))
+            })
+            .collect(),
+        Some(other) => Err(StoreError::Corrupt(format!("outbox is not an array: {other}"))),
     }
 }
 
@@ -450,14 +467,25 @@ mod types;
 mod tests {
     use super::*;
 
-    fn with_outbox(versions: &[i64]) -> Document {
-        let outbox: Vec<Bson> =
-            versions.iter().map(|v| Bson::Document(doc! { "batchId": v.to_string(), "version": v })).collect();
-        doc! { "_id": "g", "versionId": 9i64, "outbox": outbox }
+    fn batches(versions: &[i64]) -> Vec<OutboxBatch> {
+        versions
+            .iter()
+            .map(|v| OutboxBatch {
+                batch_id: v.to_string(),
+                version: *v,
+                base_count: 0,
+                count: 1,
+                actor: String::new(),
+                request_id: String::new(),
+                source: "patch".into(),
+                event_time: 0,
+                rows: BatchRows::Inline { events: "[]".into() },
+            })
+            .collect()
     }
 
-    fn outbox_versions(doc: &Document) -> Vec<i64> {
-        doc.get_array("outbox").unwrap().iter().map(|b| b.as_document().unwrap().get_i64("version").unwrap()).collect()
+    fn outbox_versions(store: &ResourceStore, id: &str) -> Vec<i64> {
+        store.recent("Group", id).unwrap().outbox.iter().map(|b| b.version).collect()
     }
 
     #[tokio::test]
@@ -465,14 +493,35 @@ mod tests {
         // No server is contacted: the client connects lazily.
         let db = mongodb::Client::with_uri_str("mongodb://127.0.0.1:9/").await.unwrap().database("unused");
         let store = ResourceStore::new(db);
-        store.remember_recent("Group", "g", with_outbox(&[5, 6, 7]));
+        let doc = doc! { "_id": "g", "versionId": 9i64 };
+        store.remember_recent("Group", "g", &doc, batches(&[5, 6, 7]));
         store.batches_flushed("Group", "g", 6);
-        assert_eq!(outbox_versions(&store.recent_doc("Group", "g").unwrap()), [7]);
+        assert_eq!(outbox_versions(&store, "g"), [7]);
         // The write that was in flight during the flush read its base before it.
-        store.remember_recent("Group", "g", with_outbox(&[5, 6, 7, 8]));
-        assert_eq!(outbox_versions(&store.recent_doc("Group", "g").unwrap()), [7, 8]);
+        store.remember_recent("Group", "g", &doc, batches(&[5, 6, 7, 8]));
+        assert_eq!(outbox_versions(&store, "g"), [7, 8]);
         // Other groups are untouched.
-        store.remember_recent("Group", "h", with_outbox(&[5]));
-        assert_eq!(outbox_versions(&store.recent_doc("Group", "h").unwrap()), [5]);
+        store.remember_recent("Group", "h", &doc, batches(&[5]));
+        assert_eq!(outbox_versions(&store, "h"), [5]);
+    }
+
+    #[test]
+    fn batches_keep_their_stored_form() {
+        // The stored form, as earlier releases wrote it: inline and chunked.
+        let inline = doc! {
+            "batchId": "b1", "version": 7i64, "baseCount": 10i64, "count": 2i64, "actor": "a",
+            "requestId": "r", "source": "update", "eventTime": 5i64, "events": "[[1,1,\"x\"]]",
+        };
+        let chunked = doc! { "batchId": "b2", "version": 8i64, "baseCount": 12i64, "count": 30000i64, "chunks": 3 };
+        let stored = doc! { "outbox": [inline.clone(), chunked.clone()] };
+        let parsed = pending_in(&stored).unwrap();
+        assert_eq!(parsed[0].inline(), Some("[[1,1,\"x\"]]"));
+        assert_eq!((parsed[0].version, parsed[0].base_count, parsed[0].source.as_str()), (7, 10, "update"));
+        assert_eq!(parsed[1].rows, BatchRows::Chunked { chunks: 3 });
+        assert_eq!(parsed[1].source, "patch", "older batches without a source were PATCHes");
+        assert_eq!(parsed[0].to_bson().unwrap(), Bson::Document(inline), "written back exactly as read");
+        // A batch that does not parse is an error, never skipped (its events would be lost).
+        assert!(pending_in(&doc! { "outbox": [{ "batchId": "b3" }] }).is_err());
+        assert!(pending_in(&doc! { "outbox": { "batchId": "b", "events": "[]" } }).is_err());
     }
 }

@@ -1,4 +1,7 @@
-//! What the store reads and writes: versions, member counts, commits, errors, orders.
+//! What the store reads and writes: versions, member counts, outbox batches, commits,
+//! errors, orders.
+
+use serde::{Deserialize, Serialize};
 
 use super::*;
 
@@ -14,7 +17,7 @@ pub struct Version {
     pub resource: Option<Map<String, Value>>,
     /// Group member event batches committed but not yet in ClickHouse, oldest first
     /// (see `group::outbox`).
-    pub outbox: Vec<Document>,
+    pub outbox: Vec<OutboxBatch>,
     /// A Group's active member count at this version: `None` unknown (not recorded),
     /// `Some(None)` members never enumerated, `Some(Some(n))` n members.
     pub member_count: MemberCount,
@@ -62,6 +65,63 @@ impl MemberCount {
     }
 }
 
+/// One batch of member events in a Group document's `outbox`: committed with its version,
+/// not yet in ClickHouse. This module owns the field and the batch's envelope; the rows
+/// and what they mean are `group::outbox`'s business.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxBatch {
+    /// Unique per batch: the flusher pulls batches by it, chunks are filed under it.
+    pub batch_id: String,
+    /// The Group version the events belong to.
+    pub version: i64,
+    /// Active members before the batch.
+    pub base_count: i64,
+    /// Events in the batch.
+    #[serde(default)]
+    pub count: i64,
+    #[serde(default)]
+    pub actor: String,
+    #[serde(default)]
+    pub request_id: String,
+    /// The interaction that made the events (`create`, `update`, `patch`).
+    #[serde(default = "patch_source")]
+    pub source: String,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub event_time: i64,
+    #[serde(flatten)]
+    pub rows: BatchRows,
+}
+
+fn patch_source() -> String {
+    "patch".into()
+}
+
+/// Where a batch's rows are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BatchRows {
+    /// In the batch, as JSON text (`events`).
+    Inline { events: String },
+    /// In this many chunk documents beside the Group (`chunks`; see `group::outbox`).
+    Chunked { chunks: i32 },
+}
+
+impl OutboxBatch {
+    /// The rows' JSON text when they are in the batch.
+    pub fn inline(&self) -> Option<&str> {
+        match &self.rows {
+            BatchRows::Inline { events } => Some(events),
+            BatchRows::Chunked { .. } => None,
+        }
+    }
+
+    pub(super) fn to_bson(&self) -> Result<Bson, StoreError> {
+        bson::serialize_to_bson(self).map_err(|e| StoreError::Corrupt(format!("outbox batch: {e}")))
+    }
+}
+
 /// Where the base version of a write is read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Base {
@@ -94,7 +154,7 @@ pub struct Commit<'a> {
     /// Group PATCH): only those are written.
     pub meta_only: bool,
     /// A batch pushed onto `outbox` atomically with the version (see `group::outbox`).
-    pub outbox: Option<Document>,
+    pub outbox: Option<OutboxBatch>,
     /// Stored as `versionLog` (see [`Version::version_log`]).
     pub version_log: Vec<LogEntry>,
     /// Stored as `memberCount` (see [`Version::member_count`]); `None` writes nothing.
