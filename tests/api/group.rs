@@ -397,3 +397,23 @@ async fn logged_versions_copied_early_reach_history_and_leave_the_log_of_that_pr
     here.copy_log_early("Group", &short).await.unwrap();
     assert!(history.find_one(bson::doc! { "_id": "early/13" }).await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn a_member_array_over_one_chunk_is_staged_in_chunks_and_read_back_whole() {
+    // 25,000 members: more rows than one outbox chunk holds (10,000), so the batch is
+    // staged as chunk documents beside the Group, inserted chunk by chunk, then deleted.
+    let app = spawn_app().await;
+    let references: Vec<String> = (0..25_000).map(|i| format!("Patient/c{i}")).collect();
+    let refs: Vec<&str> = references.iter().map(String::as_str).collect();
+    assert_eq!(app.put("Group/big", &group("big", &refs)).await.status(), 201);
+    let read = members_of(&app, "Group/big").await;
+    assert_eq!(read.len(), 25_000);
+    assert_eq!(read.first().map(String::as_str), Some("Patient/c0"));
+    assert_eq!(read.last().map(String::as_str), Some("Patient/c24999"));
+    let chunks = app.mongo.collection::<bson::Document>("Group_4_0_0_MemberOutbox");
+    assert_eq!(chunks.count_documents(bson::doc! {}).await.unwrap(), 0, "chunks are deleted once inserted");
+    // A positional remove over the big group, then the count follows.
+    patch_ok(&app, "Group/big", json!([{ "op": "remove", "path": "/member/0" }])).await;
+    let body = json(app.get("Group/big?_summary=true").await).await;
+    assert_eq!(body["quantity"], 24_999);
+}
