@@ -4,7 +4,7 @@
 //! retention, projection feeding) run for the life of the process. A panic in one used to
 //! end it silently: its work stopped while `/ready` kept saying ready. Here each runs in a
 //! task of its own under a supervisor that logs the panic with the task's name, waits
-//! ([`backoff`]: 100 ms doubling to 30 s, reset after a minute of good running), and starts
+//! ([`restart_delays`]: 100 ms doubling to 30 s, reset after a minute of good running), and starts
 //! it again; while it waits the task is *down*, and `/ready` answers 503 naming it.
 //!
 //! A task that returns normally is finished and not restarted. Aborting the handle
@@ -15,6 +15,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -25,9 +26,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// waits [`FIRST_BACKOFF`].
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 
-/// The wait before restart number `panics_in_a_row` (1 = the first).
-pub fn backoff(panics_in_a_row: u32) -> Duration {
-    FIRST_BACKOFF.saturating_mul(1u32 << panics_in_a_row.saturating_sub(1).min(16)).min(MAX_BACKOFF)
+/// The waits before the restarts after panics in a row: the first, the second, …
+pub fn restart_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(FIRST_BACKOFF)
+        .with_max_delay(MAX_BACKOFF)
+        .with_factor(2.0)
+        .without_max_times()
+        .build()
 }
 
 /// The supervised tasks of one application, and which of them are down.
@@ -57,6 +63,7 @@ impl Tasks {
         let down = self.down.clone();
         tokio::spawn(async move {
             let mut panics = 0u32;
+            let mut delays = restart_delays();
             loop {
                 let started = Instant::now();
                 let mut task = AbortOnDrop(tokio::spawn(make()));
@@ -67,8 +74,11 @@ impl Tasks {
                         return;
                     }
                     Err(e) if e.is_panic() => {
-                        panics = if started.elapsed() >= HEALTHY_AFTER { 1 } else { panics + 1 };
-                        let wait = backoff(panics);
+                        if started.elapsed() >= HEALTHY_AFTER {
+                            (panics, delays) = (0, restart_delays());
+                        }
+                        panics += 1;
+                        let wait = delays.next().unwrap_or(MAX_BACKOFF);
                         tracing::error!(task = %name, panics, restart_in = ?wait, "background task panicked");
                         // Down while waiting; up again when restarted, or if aborted meanwhile.
                         let _down = Down::mark(&down, &name, panics);
@@ -113,11 +123,11 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_a_cap() {
-        assert_eq!(backoff(1), Duration::from_millis(100));
-        assert_eq!(backoff(2), Duration::from_millis(200));
-        assert_eq!(backoff(5), Duration::from_millis(1600));
-        assert_eq!(backoff(10), MAX_BACKOFF);
-        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+        // Whole milliseconds: the policy computes in f32.
+        let delays: Vec<u128> = restart_delays().take(1000).map(|d| d.as_micros().div_ceil(1000)).collect();
+        assert_eq!(delays[..5], [100, 200, 400, 800, 1600]);
+        assert_eq!(delays[9], MAX_BACKOFF.as_millis());
+        assert_eq!(delays[999], MAX_BACKOFF.as_millis(), "and it goes on");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,5 @@
 //! `roster projection …`: list, status, rebuild, reset, run.
 
-use std::io::Write;
 use std::sync::Arc;
 
 use clap::Subcommand;
@@ -99,14 +98,18 @@ pub async fn run(settings: &Settings, command: ProjectionCommand, as_json: bool)
             let p = find(&name)?;
             let snapshots = SnapshotStore::new(&db);
             let rebuild = Rebuild { ch: &ch, store: &store, checkpoints: &checkpoints, snapshots: &snapshots };
-            let quiet = as_json;
+            let bar = (!as_json).then(|| progress_bar(&name));
             let report = rebuild
                 .run(&*p, from_snapshot, dry_run, |pr: Progress| {
-                    if !quiet {
-                        progress_bar(&name, pr);
+                    if let Some(bar) = &bar {
+                        bar.set_length(pr.total);
+                        bar.set_position(pr.done);
                     }
                 })
                 .await?;
+            if let Some(bar) = bar {
+                bar.finish();
+            }
             if as_json {
                 println!(
                     "{}",
@@ -114,7 +117,6 @@ pub async fn run(settings: &Settings, command: ProjectionCommand, as_json: bool)
                             "snapshot": report.snapshot, "rows": report.rows, "swapped": report.swapped, "position": report.position })
                 );
             } else {
-                eprintln!();
                 let rows: Vec<String> = report.rows.iter().map(|(t, n)| format!("{t}: {n} rows")).collect();
                 println!(
                     "{}: {} events in {:.1} s{}; {}; {}",
@@ -150,23 +152,11 @@ pub async fn run(settings: &Settings, command: ProjectionCommand, as_json: bool)
     Ok(())
 }
 
-/// One line, redrawn: bar, count, rate, ETA.
-fn progress_bar(name: &str, p: Progress) {
-    let width = 30usize;
-    let filled = match p.total {
-        0 => width,
-        t => ((p.done as f64 / t as f64) * width as f64).round() as usize,
-    };
-    let eta = p.eta().as_secs();
-    eprint!(
-        "\r{name} [{}{}] {}/{} events  {:.0}/s  ETA {}:{:02}",
-        "#".repeat(filled.min(width)),
-        " ".repeat(width - filled.min(width)),
-        p.done,
-        p.total,
-        p.rate,
-        eta / 60,
-        eta % 60
-    );
-    let _ = std::io::stderr().flush();
+/// One line on stderr, redrawn: bar, count, rate, time left (hidden when stderr is not a
+/// terminal).
+fn progress_bar(name: &str) -> indicatif::ProgressBar {
+    let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} events  {per_sec}  ETA {eta}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("#> ");
+    indicatif::ProgressBar::new(0).with_style(style).with_prefix(name.to_string())
 }

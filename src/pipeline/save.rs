@@ -11,8 +11,9 @@
 //! from 1 (the attempt wrote nothing); after [`MAX_ATTEMPTS`] it answers 409.
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use serde_json::Value;
 
 use super::after;
@@ -171,15 +172,16 @@ impl Writer {
     }
 
     async fn write(&self, mut ctx: RequestContext, mut p: Prepared<'_>) -> Result<SaveOutcome, FhirError> {
-        for attempt in 0..MAX_ATTEMPTS {
-            if attempt > 0 {
-                backoff(attempt).await;
-            }
+        let mut delays = retry_delays();
+        for attempt in 0.. {
             match self.attempt(&mut ctx, &mut p, attempt).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(Stop::Unchanged(outcome)) => return Ok(*outcome),
                 Err(Stop::Fail(e)) => return Err(e),
-                Err(Stop::Retry) => {}
+                Err(Stop::Retry) => match delays.next() {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => break,
+                },
             }
         }
         Err(FhirError::conflict(format!(
@@ -277,10 +279,28 @@ impl Writer {
     }
 }
 
-/// After losing a version race to another process: wait a random 0..2^attempt ms (at most
-/// 50 ms) so the writers spread out.
-async fn backoff(attempt: usize) {
-    let cap = (1u64 << attempt.min(6)).min(50);
-    let jitter = (uuid::Uuid::new_v4().as_u128() % (cap as u128 + 1)) as u64;
-    tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;
+/// The waits between attempts after lost version races: 1 ms doubling to 50 ms, each with
+/// a random share added so that writers who collided spread out; [`MAX_ATTEMPTS`] in all.
+fn retry_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(1))
+        .with_max_delay(Duration::from_millis(50))
+        .with_jitter()
+        .with_max_times(MAX_ATTEMPTS - 1)
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_are_bounded_and_spread() {
+        let delays: Vec<Duration> = retry_delays().collect();
+        assert_eq!(delays.len(), MAX_ATTEMPTS - 1);
+        assert!(delays.iter().all(|d| *d >= Duration::from_millis(1) && *d <= Duration::from_millis(100)));
+        let late: Vec<&Duration> = delays[10..].iter().collect();
+        assert!(late.iter().all(|d| **d >= Duration::from_millis(50)), "capped at 50 ms plus jitter");
+        assert_ne!(retry_delays().collect::<Vec<_>>(), delays, "jittered: two writers do not wait alike");
+    }
 }

@@ -19,22 +19,11 @@ const BATCH: usize = 50_000;
 /// The lease a rebuild holds while it swaps tables.
 const SWAP_LEASE: Duration = Duration::from_secs(60);
 
-/// Where a rebuild is, for a progress bar.
+/// Where a rebuild is, for a progress bar (which works out rate and time left).
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
     pub done: u64,
     pub total: u64,
-    /// Events per second so far.
-    pub rate: f64,
-}
-
-impl Progress {
-    pub fn eta(&self) -> Duration {
-        match self.rate > 0.0 {
-            true => Duration::from_secs_f64(self.total.saturating_sub(self.done) as f64 / self.rate),
-            false => Duration::ZERO,
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -92,9 +81,7 @@ impl Rebuild<'_> {
         let total = (self.store.last_position().await? + 1) as u64;
         while next < total {
             next = self.batch(p, next, total).await?;
-            let done = next - first;
-            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-6);
-            progress(Progress { done, total: total - first, rate });
+            progress(Progress { done: next - first, total: total - first });
         }
         if dry_run {
             let rows = self.rows(p, &Target::SHADOW).await?;
