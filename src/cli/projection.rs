@@ -152,11 +152,12 @@ pub async fn run(settings: &Settings, command: ProjectionCommand, as_json: bool)
     Ok(())
 }
 
-/// One line on stderr, redrawn: bar, count, rate, time left (hidden when stderr is not a
-/// terminal).
+/// One line on stderr, redrawn: bar, count, rate, time left. Drawn also when stderr is
+/// not a terminal (a log of the rebuild shows how far it got).
 fn progress_bar(name: &str) -> indicatif::ProgressBar {
     let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} events  {per_sec}  ETA {eta}")
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("#> ");
-    indicatif::ProgressBar::new(0).with_style(style).with_prefix(name.to_string())
+    let target = indicatif::ProgressDrawTarget::term_like(Box::new(console::Term::stderr()));
+    indicatif::ProgressBar::with_draw_target(Some(0), target).with_style(style).with_prefix(name.to_string())
 }
