@@ -259,34 +259,96 @@ impl Default for LogSettings {
     }
 }
 
-/// Every environment variable the server reads, with what it sets. Also printed by `--help`.
-pub const ENV_VARS: &[(&str, &str)] = &[
-    ("ROSTER_CONFIG", "path of the TOML config file (default: ./roster.toml if present)"),
-    ("ROSTER_LISTEN", "listen address, e.g. 127.0.0.1:8080"),
-    ("ROSTER_BASE_URL", "public base URL, e.g. https://fhir.example.org"),
-    ("ROSTER_BODY_LIMIT_BYTES", "largest request body in bytes"),
-    ("ROSTER_HTTP_HEADER_TIMEOUT_MS", "request headers must arrive within this (default 30000)"),
-    ("ROSTER_HTTP_BODY_TIMEOUT_MS", "longest pause inside a request body (default 30000)"),
-    ("ROSTER_HTTP_BODY_DEADLINE_MS", "longest a whole request body may take (default 600000)"),
-    ("ROSTER_HTTP_MAX_CONNECTIONS", "connections served at once (default 1024)"),
-    ("ROSTER_MONGO_URI", "MongoDB connection string"),
-    ("ROSTER_MONGO_DATABASE", "MongoDB database name"),
-    ("ROSTER_CLICKHOUSE_URL", "ClickHouse HTTP URL"),
-    ("ROSTER_CLICKHOUSE_USER", "ClickHouse user"),
-    ("ROSTER_CLICKHOUSE_PASSWORD", "ClickHouse password"),
-    ("ROSTER_CLICKHOUSE_DATABASE", "ClickHouse database name"),
-    ("ROSTER_CLICKHOUSE_COMPRESSION", "none (default: same host) or lz4 (across a network)"),
-    ("ROSTER_GROUP_MEMBERS", "events (ClickHouse member events) or embedded (members in MongoDB)"),
-    ("ROSTER_FHIR_MAX_PATCH_OPS", "most operations in one PATCH (default 100000)"),
-    ("ROSTER_GROUP_MAX_PATCH_OPS", "deprecated: ROSTER_FHIR_MAX_PATCH_OPS"),
-    ("ROSTER_GROUP_INDEX_CAPACITY", "most members in the in-process member index (default 5000000; 0 = off)"),
-    (
+/// One environment variable: its name, what it sets (printed by `--help`), and how.
+pub struct EnvVar {
+    pub name: &'static str,
+    pub help: &'static str,
+    set: fn(&mut Settings, &str) -> Result<(), String>,
+}
+
+const fn var(name: &'static str, help: &'static str, set: fn(&mut Settings, &str) -> Result<(), String>) -> EnvVar {
+    EnvVar { name, help, set }
+}
+
+/// `value` parsed as `T`, the parser's complaint otherwise.
+fn parsed<T: std::str::FromStr>(value: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    value.parse().map_err(|e: T::Err| e.to_string())
+}
+
+/// `value` as it is.
+fn text(value: &str) -> Result<String, String> {
+    Ok(value.to_string())
+}
+
+/// `value` when it is one of `words`, each with what it means.
+fn one_of<T: Copy>(value: &str, words: &[(&str, T)]) -> Result<T, String> {
+    words.iter().find(|(w, _)| *w == value).map(|(_, t)| *t).ok_or_else(|| {
+        let names: Vec<&str> = words.iter().map(|(w, _)| *w).collect();
+        format!("'{value}' is not {}", names.join(" or "))
+    })
+}
+
+/// Every environment variable the server reads, in the order they are applied. The
+/// overlay reads them through a function ([`Settings::load_from`]), not the process
+/// environment directly, so tests never have to change the environment of the process.
+pub const ENV_VARS: &[EnvVar] = &[
+    var("ROSTER_CONFIG", "path of the TOML config file (default: ./roster.toml if present)", |_, _| Ok(())),
+    var("ROSTER_LISTEN", "listen address, e.g. 127.0.0.1:8080", |s, v| parsed(v).map(|x| s.listen = x)),
+    var("ROSTER_BASE_URL", "public base URL, e.g. https://fhir.example.org", |s, v| {
+        text(v).map(|x| s.base_url = Some(x))
+    }),
+    var("ROSTER_BODY_LIMIT_BYTES", "largest request body in bytes", |s, v| parsed(v).map(|x| s.body_limit_bytes = x)),
+    var("ROSTER_HTTP_HEADER_TIMEOUT_MS", "request headers must arrive within this (default 30000)", |s, v| {
+        parsed(v).map(|x| s.http.header_timeout_ms = x)
+    }),
+    var("ROSTER_HTTP_BODY_TIMEOUT_MS", "longest pause inside a request body (default 30000)", |s, v| {
+        parsed(v).map(|x| s.http.body_timeout_ms = x)
+    }),
+    var("ROSTER_HTTP_BODY_DEADLINE_MS", "longest a whole request body may take (default 600000)", |s, v| {
+        parsed(v).map(|x| s.http.body_deadline_ms = x)
+    }),
+    var("ROSTER_HTTP_MAX_CONNECTIONS", "connections served at once (default 1024)", |s, v| {
+        parsed(v).map(|x| s.http.max_connections = x)
+    }),
+    var("ROSTER_MONGO_URI", "MongoDB connection string", |s, v| text(v).map(|x| s.mongo.uri = x)),
+    var("ROSTER_MONGO_DATABASE", "MongoDB database name", |s, v| text(v).map(|x| s.mongo.database = x)),
+    var("ROSTER_CLICKHOUSE_URL", "ClickHouse HTTP URL", |s, v| text(v).map(|x| s.clickhouse.url = x)),
+    var("ROSTER_CLICKHOUSE_USER", "ClickHouse user", |s, v| text(v).map(|x| s.clickhouse.user = x)),
+    var("ROSTER_CLICKHOUSE_PASSWORD", "ClickHouse password", |s, v| text(v).map(|x| s.clickhouse.password = x)),
+    var("ROSTER_CLICKHOUSE_DATABASE", "ClickHouse database name", |s, v| text(v).map(|x| s.clickhouse.database = x)),
+    var("ROSTER_CLICKHOUSE_COMPRESSION", "none (default: same host) or lz4 (across a network)", |s, v| {
+        parsed(v).map(|x| s.clickhouse.compression = x)
+    }),
+    var("ROSTER_GROUP_MEMBERS", "events (ClickHouse member events) or embedded (members in MongoDB)", |s, v| {
+        one_of(v, &[("events", MemberStorage::Events), ("embedded", MemberStorage::Embedded)])
+            .map(|x| s.groups.members = x)
+    }),
+    var("ROSTER_FHIR_MAX_PATCH_OPS", "most operations in one PATCH (default 100000)", |s, v| {
+        parsed(v).map(|x| s.fhir.max_patch_ops = Some(x))
+    }),
+    var("ROSTER_GROUP_MAX_PATCH_OPS", "deprecated: ROSTER_FHIR_MAX_PATCH_OPS", |s, v| {
+        parsed(v).map(|x| s.groups.max_patch_ops = Some(x))
+    }),
+    var(
+        "ROSTER_GROUP_INDEX_CAPACITY",
+        "most members in the in-process member index (default 5000000; 0 = off)",
+        |s, v| parsed(v).map(|x| s.groups.index_capacity = x),
+    ),
+    var(
         "ROSTER_EVENT_ROUTES",
         "builtin (default: the shipped routing), off, or a routing file (YAML) turning FHIR writes into events",
+        |s, v| text(v).map(|x| s.events.routes = EventRoutes::parse(&x)),
     ),
-    ("ROSTER_PROJECTIONS", "on (default) or off: feed the built-in projections while serving"),
-    ("ROSTER_LOG_FORMAT", "text or json"),
-    ("ROSTER_LOG", "tracing filter, e.g. info or roster=debug"),
+    var("ROSTER_PROJECTIONS", "on (default) or off: feed the built-in projections while serving", |s, v| {
+        one_of(v, &[("on", true), ("off", false)]).map(|x| s.projections.run = x)
+    }),
+    var("ROSTER_LOG_FORMAT", "text or json", |s, v| {
+        one_of(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]).map(|x| s.log.format = x)
+    }),
+    var("ROSTER_LOG", "tracing filter, e.g. info or roster=debug", |s, v| text(v).map(|x| s.log.filter = x)),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -330,98 +392,10 @@ impl Settings {
     }
 
     fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        fn parse<T: std::str::FromStr>(var: &'static str, v: &str) -> Result<T, ConfigError>
-        where
-            T::Err: std::fmt::Display,
-        {
-            v.parse().map_err(|e: T::Err| ConfigError::Env { var, message: e.to_string() })
-        }
-        if let Some(v) = env("ROSTER_LISTEN") {
-            self.listen = parse("ROSTER_LISTEN", &v)?;
-        }
-        if let Some(v) = env("ROSTER_BASE_URL") {
-            self.base_url = Some(v);
-        }
-        if let Some(v) = env("ROSTER_BODY_LIMIT_BYTES") {
-            self.body_limit_bytes = parse("ROSTER_BODY_LIMIT_BYTES", &v)?;
-        }
-        let strings: [(&str, &mut String); 7] = [
-            ("ROSTER_MONGO_URI", &mut self.mongo.uri),
-            ("ROSTER_MONGO_DATABASE", &mut self.mongo.database),
-            ("ROSTER_CLICKHOUSE_URL", &mut self.clickhouse.url),
-            ("ROSTER_CLICKHOUSE_USER", &mut self.clickhouse.user),
-            ("ROSTER_CLICKHOUSE_PASSWORD", &mut self.clickhouse.password),
-            ("ROSTER_CLICKHOUSE_DATABASE", &mut self.clickhouse.database),
-            ("ROSTER_LOG", &mut self.log.filter),
-        ];
-        for (var, slot) in strings {
-            if let Some(v) = env(var) {
-                *slot = v;
+        for var in ENV_VARS {
+            if let Some(value) = env(var.name) {
+                (var.set)(self, &value).map_err(|message| ConfigError::Env { var: var.name, message })?;
             }
-        }
-        if let Some(v) = env("ROSTER_CLICKHOUSE_COMPRESSION") {
-            self.clickhouse.compression = parse("ROSTER_CLICKHOUSE_COMPRESSION", &v)?;
-        }
-        if let Some(v) = env("ROSTER_PROJECTIONS") {
-            self.projections.run = match v.as_str() {
-                "on" => true,
-                "off" => false,
-                other => {
-                    return Err(ConfigError::Env {
-                        var: "ROSTER_PROJECTIONS",
-                        message: format!("'{other}' is not on or off"),
-                    })
-                }
-            };
-        }
-        if let Some(v) = env("ROSTER_EVENT_ROUTES") {
-            self.events.routes = EventRoutes::parse(&v);
-        }
-        if let Some(v) = env("ROSTER_GROUP_INDEX_CAPACITY") {
-            self.groups.index_capacity = parse("ROSTER_GROUP_INDEX_CAPACITY", &v)?;
-        }
-        if let Some(v) = env("ROSTER_FHIR_MAX_PATCH_OPS") {
-            self.fhir.max_patch_ops = Some(parse("ROSTER_FHIR_MAX_PATCH_OPS", &v)?);
-        }
-        if let Some(v) = env("ROSTER_GROUP_MAX_PATCH_OPS") {
-            self.groups.max_patch_ops = Some(parse("ROSTER_GROUP_MAX_PATCH_OPS", &v)?);
-        }
-        if let Some(v) = env("ROSTER_GROUP_MEMBERS") {
-            self.groups.members = match v.as_str() {
-                "events" => MemberStorage::Events,
-                "embedded" => MemberStorage::Embedded,
-                other => {
-                    return Err(ConfigError::Env {
-                        var: "ROSTER_GROUP_MEMBERS",
-                        message: format!("'{other}' is not events or embedded"),
-                    })
-                }
-            };
-        }
-        let limits: [(&'static str, &mut u64); 3] = [
-            ("ROSTER_HTTP_HEADER_TIMEOUT_MS", &mut self.http.header_timeout_ms),
-            ("ROSTER_HTTP_BODY_TIMEOUT_MS", &mut self.http.body_timeout_ms),
-            ("ROSTER_HTTP_BODY_DEADLINE_MS", &mut self.http.body_deadline_ms),
-        ];
-        for (var, slot) in limits {
-            if let Some(v) = env(var) {
-                *slot = parse(var, &v)?;
-            }
-        }
-        if let Some(v) = env("ROSTER_HTTP_MAX_CONNECTIONS") {
-            self.http.max_connections = parse("ROSTER_HTTP_MAX_CONNECTIONS", &v)?;
-        }
-        if let Some(v) = env("ROSTER_LOG_FORMAT") {
-            self.log.format = match v.as_str() {
-                "text" => LogFormat::Text,
-                "json" => LogFormat::Json,
-                other => {
-                    return Err(ConfigError::Env {
-                        var: "ROSTER_LOG_FORMAT",
-                        message: format!("'{other}' is not text or json"),
-                    })
-                }
-            };
         }
         Ok(())
     }
@@ -486,6 +460,46 @@ mod tests {
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn every_variable_sets_its_setting_and_a_bad_value_names_it() {
+        let names: std::collections::BTreeSet<&str> = ENV_VARS.iter().map(|v| v.name).collect();
+        assert_eq!(names.len(), ENV_VARS.len(), "each variable once");
+        let set = Settings::load_from(
+            None,
+            env(&[
+                ("ROSTER_LISTEN", "127.0.0.1:9999"),
+                ("ROSTER_BASE_URL", "https://fhir.example.org"),
+                ("ROSTER_HTTP_MAX_CONNECTIONS", "7"),
+                ("ROSTER_CLICKHOUSE_PASSWORD", "secret"),
+                ("ROSTER_GROUP_MEMBERS", "embedded"),
+                ("ROSTER_PROJECTIONS", "off"),
+                ("ROSTER_LOG_FORMAT", "json"),
+                ("ROSTER_EVENT_ROUTES", "off"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(set.listen.port(), 9999);
+        assert_eq!(set.base_url.as_deref(), Some("https://fhir.example.org"));
+        assert_eq!((set.http.max_connections, set.clickhouse.password.as_str()), (7, "secret"));
+        assert_eq!(
+            (set.groups.members, set.projections.run, set.log.format),
+            (MemberStorage::Embedded, false, LogFormat::Json)
+        );
+        assert!(matches!(set.events.routes, EventRoutes::Off));
+        for (var, bad) in [
+            ("ROSTER_LISTEN", "nowhere"),
+            ("ROSTER_HTTP_BODY_TIMEOUT_MS", "-1"),
+            ("ROSTER_GROUP_MEMBERS", "some"),
+            ("ROSTER_PROJECTIONS", "yes"),
+            ("ROSTER_CLICKHOUSE_COMPRESSION", "zip"),
+        ] {
+            match Settings::load_from(None, env(&[(var, bad)])) {
+                Err(ConfigError::Env { var: named, .. }) => assert_eq!(named, var),
+                other => panic!("{var}={bad}: {:?}", other.map(|_| ())),
+            }
+        }
     }
 
     #[test]

@@ -50,8 +50,8 @@ pub enum Command {
 
 fn env_help() -> String {
     let mut s = String::from("Environment (overrides the config file):\n");
-    for (var, what) in ENV_VARS {
-        s.push_str(&format!("  {var:<28} {what}\n"));
+    for var in ENV_VARS {
+        s.push_str(&format!("  {:<28} {}\n", var.name, var.help));
     }
     s
 }
