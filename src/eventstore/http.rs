@@ -23,7 +23,11 @@ use axum::routing::get;
 use axum::Router;
 use futures_util::StreamExt;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+use serde_json::json;
+use serde_json::value::RawValue;
+use uuid::Uuid;
 
 use super::log::SharedEventStore;
 use super::subscribe::subscribe;
@@ -154,52 +158,58 @@ async fn stream_version(
     Ok(json_response(StatusCode::OK, &json!({ "streamId": stream, "version": version })))
 }
 
+/// One event of an append body, as sent. Every field is optional here so that a missing
+/// one is reported by name; `data` stays the JSON text it was sent as (no tree is built).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, expecting = "an event object")]
+struct Incoming<'a> {
+    event_type: Option<String>,
+    #[serde(default, borrow)]
+    data: Data<'a>,
+    metadata: Option<BTreeMap<String, String>>,
+    event_id: Option<Uuid>,
+}
+
+/// `data` as sent, `null` included (`Option<&RawValue>` would read `null` as absent).
+#[derive(Default)]
+struct Data<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&RawValue>::deserialize(d).map(|raw| Data(Some(raw)))
+    }
+}
+
 /// The body of an append: an array of events.
 pub fn parse_events(body: &[u8]) -> Result<Vec<NewEvent>, EventStoreError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| EventStoreError::invalid("body", format!("not JSON: {e}")))?;
-    let Value::Array(items) = value else {
-        return Err(EventStoreError::invalid("body", "must be a JSON array of events"));
-    };
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let items: Vec<Incoming> = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return EventStoreError::invalid("body", format!("not JSON: {inner}"));
+        }
+        if path == "." {
+            return EventStoreError::invalid("body", "must be a JSON array of events");
+        }
+        EventStoreError::invalid(&path, inner.to_string())
+    })?;
+    json.end().map_err(|e| EventStoreError::invalid("body", format!("not JSON: {e}")))?;
     items
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
             let field = |f: &str| format!("[{i}].{f}");
-            let Value::Object(mut o) = item else {
-                return Err(EventStoreError::invalid(&format!("[{i}]"), "must be an object"));
-            };
-            let event_type = match o.remove("eventType") {
-                Some(Value::String(s)) => s,
-                _ => return Err(EventStoreError::invalid(&field("eventType"), "a string is required")),
-            };
-            let data = match o.remove("data") {
-                Some(v) => v.to_string(),
-                None => return Err(EventStoreError::invalid(&field("data"), "required (any JSON value)")),
-            };
-            let metadata = match o.remove("metadata") {
-                None | Some(Value::Null) => Default::default(),
-                Some(Value::Object(m)) => m
-                    .into_iter()
-                    .map(|(k, v)| match v {
-                        Value::String(s) => Ok((k, s)),
-                        _ => Err(EventStoreError::invalid(&field(&format!("metadata.{k}")), "values must be strings")),
-                    })
-                    .collect::<Result<_, _>>()?,
-                Some(_) => return Err(EventStoreError::invalid(&field("metadata"), "must be an object of strings")),
-            };
-            let event_id = match o.remove("eventId") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(
-                    s.parse()
-                        .map_err(|_| EventStoreError::invalid(&field("eventId"), format!("'{s}' is not a UUID")))?,
-                ),
-                Some(_) => return Err(EventStoreError::invalid(&field("eventId"), "must be a UUID string")),
-            };
-            if let Some(unknown) = o.keys().next() {
-                return Err(EventStoreError::invalid(&field(unknown), "unknown field"));
-            }
-            Ok(NewEvent { event_id, event_type, data, metadata })
+            let event_type =
+                item.event_type.ok_or_else(|| EventStoreError::invalid(&field("eventType"), "a string is required"))?;
+            let data =
+                item.data.0.ok_or_else(|| EventStoreError::invalid(&field("data"), "required (any JSON value)"))?;
+            Ok(NewEvent {
+                event_id: item.event_id,
+                event_type,
+                data: data.get().to_string(),
+                metadata: item.metadata.unwrap_or_default(),
+            })
         })
         .collect()
 }
@@ -265,4 +275,48 @@ async fn sse(
         })
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(body: &str) -> String {
+        match parse_events(body.as_bytes()) {
+            Err(EventStoreError::Invalid { field, .. }) => field,
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn data_stays_the_json_text_it_was_sent_as() {
+        let events = parse_events(
+            br#"[{"eventType":"a","data":{"n": 1.50, "s":"\u00e9"}},
+                 {"eventType":"b","data":null,"metadata":{"k":"v"},"eventId":"6a2f41a3-c54c-4c36-8b7e-2f8f2a0d1b01"}]"#,
+        )
+        .unwrap();
+        assert_eq!(events[0].data, r#"{"n": 1.50, "s":"\u00e9"}"#, "numbers and escapes exactly as sent");
+        assert_eq!(events[1].data, "null", "null is data, not a missing field");
+        assert_eq!(events[1].metadata["k"], "v");
+        assert!(events[1].event_id.is_some());
+    }
+
+    #[test]
+    fn each_mistake_names_its_field() {
+        for (body, field) in [
+            ("[{", "body"),
+            (r#"[] x"#, "body"),
+            (r#"{"eventType":"x"}"#, "body"),
+            (r#"[{"data":1}]"#, "[0].eventType"),
+            (r#"[{"eventType":"x","data":1},{"eventType":"y"}]"#, "[1].data"),
+            (r#"[{"eventType":5,"data":1}]"#, "[0].eventType"),
+            (r#"[{"eventType":"x","data":1,"eventId":"nope"}]"#, "[0].eventId"),
+            (r#"[{"eventType":"x","data":1,"metadata":{"a":1}}]"#, "[0].metadata.a"),
+            (r#"[{"eventType":"x","data":1,"metadata":[]}]"#, "[0].metadata"),
+            (r#"[{"eventType":"x","data":1,"colour":"red"}]"#, "[0].colour"),
+            ("[7]", "[0]"),
+        ] {
+            assert_eq!(field_of(body), field, "{body}");
+        }
+    }
 }
