@@ -8,6 +8,7 @@
 //! `http` serves it as JSON, `cli` drives it from a terminal.
 
 pub mod appender;
+pub mod catalog;
 pub mod http;
 pub mod journal;
 pub mod log;
