@@ -30,7 +30,7 @@ use mongodb::{Collection, Database};
 
 use super::events::{self, MemberEvent};
 use super::outbox::{self, OutboxError, CHUNK_ROWS};
-use crate::store::lease::{self, Taken};
+use crate::store::lease::{Lease, Taken};
 use crate::store::mongo::current_collection;
 use crate::store::{OutboxBatch, ResourceStore};
 
@@ -70,6 +70,8 @@ pub struct Flusher {
     store: ResourceStore,
     ch: clickhouse::Client,
     groups: Mutex<HashMap<String, Arc<GroupState>>>,
+    /// Each Group document's `flushLease`.
+    lease: Lease,
 }
 
 enum Cycle {
@@ -91,7 +93,9 @@ fn may_name(batch: &OutboxBatch, member: &str) -> bool {
 
 impl Flusher {
     pub fn new(store: ResourceStore, ch: clickhouse::Client) -> Arc<Flusher> {
-        Arc::new(Flusher { db: store.database().clone(), store, ch, groups: Mutex::new(HashMap::new()) })
+        let db = store.database().clone();
+        let lease = Lease::new(db.collection(&current_collection("Group")), "flushLease", LEASE);
+        Arc::new(Flusher { db, store, ch, groups: Mutex::new(HashMap::new()), lease })
     }
 
     fn groups(&self) -> Collection<Document> {
@@ -229,12 +233,11 @@ impl Flusher {
         let lease_id = uuid::Uuid::new_v4().to_string();
         let pending = doc! { "_id": group, "outbox.batchId": { "$exists": true } };
         let projection = doc! { "outbox": 1, "flushLease": 1 };
-        let taken =
-            match lease::take(&self.groups(), &pending, "flushLease", &lease_id, LEASE, false, projection).await? {
-                Taken::Granted(Some(before)) => before,
-                Taken::Granted(None) | Taken::Absent => return Ok(Cycle::Done),
-                Taken::Held => return Ok(Cycle::Held),
-            };
+        let taken = match self.lease.take(&pending, &lease_id, projection).await? {
+            Taken::Granted(Some(before)) => before,
+            Taken::Granted(None) | Taken::Absent => return Ok(Cycle::Done),
+            Taken::Held => return Ok(Cycle::Held),
+        };
         let batches = outbox::pending_in(&taken).map_err(|e| OutboxError::Corrupt(format!("group {group}: {e}")))?;
         // No lease at all (not even an expired one): the last flusher pulled what it
         // inserted, or none ever ran. Every failure below leaves the lease in place, so

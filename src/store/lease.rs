@@ -11,7 +11,10 @@
 //!
 //! Rules, stated once:
 //! - A lease is **free** when the field is absent or `until` has passed, or when its holder
-//!   is certainly dead. [`take`] takes a free lease in one conditional update.
+//!   is certainly dead. [`Lease::take`] takes a free lease in one conditional update; when
+//!   it is held, it reads the holder to see whether it is dead, at most once per
+//!   [`Lease::checking_holder_every`] (a taker polling every few milliseconds would
+//!   otherwise add a read to every poll).
 //! - A holder starts no write it could not finish before the lease ends: [`Term::allows`]
 //!   with the write's time budget ([`Term`] keeps the deadline by the monotonic clock, minus
 //!   a safety margin).
@@ -20,6 +23,7 @@
 //! What each lease guards, and what happens to work in flight when it is lost, is the
 //! business of its user (`eventstore::appender`, `group::flusher`, `projection::runner`).
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bson::{doc, DateTime, Document};
@@ -41,63 +45,112 @@ pub fn grant(by: &str, ttl: Duration) -> Document {
     doc! { "by": by, "until": until, "holder": holder::this_process() }
 }
 
-/// The outcome of [`take`].
+/// The outcome of [`Lease::take`].
 #[derive(Debug)]
 pub enum Taken {
     /// The lease is this tenure's; the document as it was before (`None`: created).
     Granted(Option<Document>),
-    /// Another live holder has it.
+    /// Another live holder has it (or its holder was not checked this time).
     Held,
-    /// No document matches the filter (and no upsert was asked for).
+    /// No document matches the filter (and the lease does not create one).
     Absent,
 }
 
-/// Takes the lease in `field` of the document matching `filter` for tenure `by`, if it is
-/// free or its holder is dead. With `upsert`, a missing document is created (a collision
-/// with a concurrent taker counts as held). `projection` limits the document returned
-/// (empty: all of it).
-pub async fn take(
-    collection: &Collection<Document>,
-    filter: &Document,
-    field: &str,
-    by: &str,
+/// A lease kept in one field of the documents of one collection, for a term of `ttl`.
+pub struct Lease {
+    collection: Collection<Document>,
+    field: &'static str,
     ttl: Duration,
-    upsert: bool,
-    projection: Document,
-) -> Result<Taken, mongodb::error::Error> {
-    let mut when_free = filter.clone();
-    when_free.extend(free(field, DateTime::now()));
-    let set = doc! { "$set": { field: grant(by, ttl) } };
-    let taken = collection
-        .find_one_and_update(when_free, set.clone())
-        .upsert(upsert)
-        .projection(projection.clone())
-        .return_document(ReturnDocument::Before)
-        .await;
-    match taken {
-        Ok(Some(before)) => return Ok(Taken::Granted(Some(before))),
-        Ok(None) if upsert => return Ok(Taken::Granted(None)),
-        Ok(None) => {}
-        Err(e) if is_duplicate_key(&e) => {}
-        Err(e) => return Err(e),
+    /// Create the document when no document matches the filter.
+    create: bool,
+    holder_check_every: Duration,
+    last_holder_check: Mutex<Option<Instant>>,
+}
+
+impl Lease {
+    pub fn new(collection: Collection<Document>, field: &'static str, ttl: Duration) -> Lease {
+        Lease {
+            collection,
+            field,
+            ttl,
+            create: false,
+            holder_check_every: Duration::ZERO,
+            last_holder_check: Mutex::default(),
+        }
     }
-    // Held (or, without upsert, no such document): take it over if its holder is gone.
-    let Some(current) = collection.find_one(filter.clone()).projection(doc! { field: 1 }).await? else {
-        return Ok(if upsert { Taken::Held } else { Taken::Absent });
-    };
-    let lease = current.get_document(field).ok();
-    let dead = lease.filter(|l| l.get_document("holder").is_ok_and(holder::is_dead));
-    let Some(dead_by) = dead.and_then(|l| l.get_str("by").ok()) else { return Ok(Taken::Held) };
-    tracing::info!(field, dead = dead_by, "taking over a lease whose holder is gone");
-    let mut held_by_dead = filter.clone();
-    held_by_dead.insert(format!("{field}.by"), dead_by);
-    let before = collection
-        .find_one_and_update(held_by_dead, set)
-        .projection(projection)
-        .return_document(ReturnDocument::Before);
-    match before.await? {
-        Some(before) => Ok(Taken::Granted(Some(before))),
-        None => Ok(Taken::Held),
+
+    /// Creates the document when none matches (a collision with a concurrent taker counts
+    /// as held).
+    pub fn creating(self) -> Lease {
+        Lease { create: true, ..self }
+    }
+
+    /// Reads a holder to see whether it is dead at most once per `every` (default: on each
+    /// take that finds the lease held).
+    pub fn checking_holder_every(self, every: Duration) -> Lease {
+        Lease { holder_check_every: every, ..self }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Whether this take may read the holder (and counts it as read now).
+    fn holder_check_due(&self) -> bool {
+        let mut last = self.last_holder_check.lock().unwrap_or_else(|e| e.into_inner());
+        let due = last.is_none_or(|at| at.elapsed() >= self.holder_check_every);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
+    }
+
+    /// Takes the lease of the document matching `filter` for tenure `by`, if it is free or
+    /// its holder is dead. `projection` limits the document returned (empty: all of it).
+    pub async fn take(
+        &self,
+        filter: &Document,
+        by: &str,
+        projection: Document,
+    ) -> Result<Taken, mongodb::error::Error> {
+        let (collection, field) = (&self.collection, self.field);
+        let mut when_free = filter.clone();
+        when_free.extend(free(field, DateTime::now()));
+        let set = doc! { "$set": { field: grant(by, self.ttl) } };
+        let taken = collection
+            .find_one_and_update(when_free, set.clone())
+            .upsert(self.create)
+            .projection(projection.clone())
+            .return_document(ReturnDocument::Before)
+            .await;
+        match taken {
+            Ok(Some(before)) => return Ok(Taken::Granted(Some(before))),
+            Ok(None) if self.create => return Ok(Taken::Granted(None)),
+            Ok(None) => {}
+            Err(e) if is_duplicate_key(&e) => {}
+            Err(e) => return Err(e),
+        }
+        if !self.holder_check_due() {
+            return Ok(Taken::Held);
+        }
+        // Held (or, without `create`, no such document): take it over if its holder is gone.
+        let Some(current) = collection.find_one(filter.clone()).projection(doc! { field: 1 }).await? else {
+            return Ok(if self.create { Taken::Held } else { Taken::Absent });
+        };
+        let lease = current.get_document(field).ok();
+        let dead = lease.filter(|l| l.get_document("holder").is_ok_and(holder::is_dead));
+        let Some(dead_by) = dead.and_then(|l| l.get_str("by").ok()) else { return Ok(Taken::Held) };
+        tracing::info!(field, dead = dead_by, "taking over a lease whose holder is gone");
+        let mut held_by_dead = filter.clone();
+        held_by_dead.insert(format!("{field}.by"), dead_by);
+        let before = collection
+            .find_one_and_update(held_by_dead, set)
+            .projection(projection)
+            .return_document(ReturnDocument::Before);
+        match before.await? {
+            Some(before) => Ok(Taken::Granted(Some(before))),
+            None => Ok(Taken::Held),
+        }
     }
 }
 
@@ -154,6 +207,21 @@ mod tests {
         assert!(!term.allows(Duration::ZERO), "past the deadline: the margin is not used");
         let renewed = term.renewed(Instant::now());
         assert!(renewed.allows(Duration::from_secs(7)) && !renewed.should_renew());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_lease_is_asked_about_its_holder_at_most_once_per_interval() {
+        // No server is contacted: the client connects lazily.
+        let db = mongodb::Client::with_uri_str("mongodb://127.0.0.1:9/").await.unwrap().database("unused");
+        let every = Duration::from_millis(250);
+        let lease = Lease::new(db.collection("c"), "lease", Duration::from_secs(10)).checking_holder_every(every);
+        assert!(lease.holder_check_due(), "the first finding of a held lease checks at once");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(!lease.holder_check_due(), "a poll 5 ms later does not read the holder again");
+        tokio::time::sleep(every).await;
+        assert!(lease.holder_check_due());
+        let unthrottled = Lease::new(db.collection("c"), "lease", Duration::from_secs(10));
+        assert!(unthrottled.holder_check_due() && unthrottled.holder_check_due(), "by default every time");
     }
 
     #[test]

@@ -48,7 +48,7 @@ use uuid::Uuid;
 use super::journal::{Entry, Journal, JournalFlusher, Recent, WriteError};
 use super::log::EventRow;
 use super::{AppendResult, EventStoreError, ExpectedVersion, NewEvent};
-use crate::store::lease::{self, Taken};
+use crate::store::lease::{Lease, Taken};
 
 pub const LOG: &str = "EventStore_Log";
 /// How long an idle holder keeps the lease, hoping for another append.
@@ -66,6 +66,8 @@ const CYCLE_BYTES: usize = super::MAX_APPEND_BYTES;
 const COHORT_WAIT: Duration = Duration::from_millis(1);
 /// How often an appender waiting for the lease tries again.
 const LEASE_POLL: Duration = Duration::from_millis(5);
+/// How often such an appender also asks whether the holder is dead (a read of its own).
+const HOLDER_CHECK: Duration = Duration::from_millis(250);
 /// Most journaled events waiting for ClickHouse before appends are refused (503).
 const MAX_UNFLUSHED: u64 = 200_000;
 /// Most stream heads a holder keeps in memory; beyond, it forgets them once flushed.
@@ -184,6 +186,8 @@ enum Outcome {
 
 pub struct Appender {
     log: Collection<Document>,
+    /// The log document's `lease`.
+    lease: Lease,
     ch: clickhouse::Client,
     journal: Journal,
     /// The last position ClickHouse holds, as far as this process knows.
@@ -216,6 +220,7 @@ impl Appender {
         };
         Appender {
             log: db.collection(LOG),
+            lease: Lease::new(db.collection(LOG), "lease", faults.lease).creating().checking_holder_every(HOLDER_CHECK),
             journal: Journal::new(db, ch.clone()),
             ch,
             last,
@@ -349,7 +354,7 @@ impl Appender {
         let started = Instant::now();
         // Free, expired, or held by a process that is gone (see `store::lease`).
         let log = doc! { "_id": "log" };
-        let before = match lease::take(&self.log, &log, "lease", &id, self.faults.lease, true, Document::new()).await {
+        let before = match self.lease.take(&log, &id, Document::new()).await {
             Ok(Taken::Granted(before)) => before,
             Ok(Taken::Held | Taken::Absent) => return Ok(None),
             Err(e) => return Err(e.into()),
