@@ -14,7 +14,6 @@ use super::FHIR_JSON;
 use crate::error::FhirError;
 use crate::group::read::{self, MemberRow};
 use crate::state::AppState;
-use crate::store::MemberCount;
 use crate::store::Version;
 
 const CHUNK: usize = 64 * 1024;
@@ -50,11 +49,7 @@ pub async fn read_response(
 ) -> Result<Response, FhirError> {
     let mut resource = v.resource.clone().unwrap_or_default();
     // Each version records its member count; older data is counted in ClickHouse.
-    let count = match v.member_count {
-        MemberCount::Active(n) => Some(n),
-        MemberCount::NeverEnumerated => None,
-        MemberCount::Unrecorded => read::enumerated_count(&state.clickhouse, &v.id, as_of).await?,
-    };
+    let count = read::active_members(&state.clickhouse, &v.id, as_of, v.member_count).await?;
     if let Some(count) = count {
         resource.insert("quantity".into(), json!(count));
     }

@@ -7,6 +7,8 @@ use clickhouse::Row;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::store::MemberCount;
+
 /// A member as the group's state has it.
 #[derive(Debug, Clone, Row, Deserialize)]
 pub struct MemberRow {
@@ -29,6 +31,20 @@ pub async fn active_count(ch: &clickhouse::Client, group_id: &str) -> Result<u64
 /// events (its membership is not enumerated, so `quantity` is whatever the client said).
 /// Each Group version records this count in MongoDB; this is the fallback for data
 /// written without it.
+/// A Group version's active members, `None` when never enumerated: as the version records
+/// it, or counted in ClickHouse for versions written before counts were recorded.
+pub async fn active_members(
+    ch: &clickhouse::Client,
+    group_id: &str,
+    as_of: Option<u32>,
+    recorded: MemberCount,
+) -> Result<Option<u64>, clickhouse::error::Error> {
+    match recorded.recorded() {
+        Some(count) => Ok(count),
+        None => enumerated_count(ch, group_id, as_of).await,
+    }
+}
+
 pub async fn enumerated_count(
     ch: &clickhouse::Client,
     group_id: &str,

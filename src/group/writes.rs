@@ -240,13 +240,7 @@ impl MemberShare {
             Members::Unchanged => None,
         };
         let Some(change) = change else {
-            let count = match known_count {
-                MemberCount::NeverEnumerated => None,
-                MemberCount::Active(n) => Some(n),
-                MemberCount::Unrecorded => {
-                    super::read::enumerated_count(&parts.clickhouse, draft.id, None).await.map_err(FhirError::from)?
-                }
-            };
+            let count = super::read::active_members(&parts.clickhouse, draft.id, None, known_count).await?;
             return Ok(Planned { outbox: None, member_count: MemberCount::known(count) });
         };
         let known = base_state(parts, draft.id, draft.base, known_count, &change).await?;

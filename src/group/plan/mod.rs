@@ -132,10 +132,9 @@ impl<'a> Planner<'a> {
         known: MemberCount,
         state: Known<'a>,
     ) -> Result<Planner<'a>, FhirError> {
-        let base = match known {
-            MemberCount::Unrecorded => source.enumerated_count(&origin.group_id).await?,
-            MemberCount::NeverEnumerated => None,
-            MemberCount::Active(n) => Some(n),
+        let base = match known.recorded() {
+            Some(count) => count,
+            None => source.enumerated_count(&origin.group_id).await?,
         };
         Ok(Planner {
             source,

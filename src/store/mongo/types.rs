@@ -56,7 +56,7 @@ impl MemberCount {
     }
 
     /// `None` unrecorded, `Some(None)` never enumerated, `Some(Some(n))` (the stored forms).
-    pub(crate) fn recorded(self) -> Option<Option<u64>> {
+    pub fn recorded(self) -> Option<Option<u64>> {
         match self {
             MemberCount::Unrecorded => None,
             MemberCount::NeverEnumerated => Some(None),
