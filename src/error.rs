@@ -5,6 +5,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use crate::model::validate::{Invalid, Problem};
+
 /// The media type of FHIR JSON bodies (the server's default answer).
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
@@ -189,5 +191,23 @@ impl IntoResponse for FhirError {
             response.headers_mut().insert(header::ETAG, etag);
         }
         response
+    }
+}
+
+/// A validation finding becomes a 400 (413 for an element repeated past the bound) naming
+/// the element.
+impl From<Invalid> for FhirError {
+    fn from(e: Invalid) -> FhirError {
+        let (status, code) = match e.problem {
+            Problem::NotAResource => (StatusCode::BAD_REQUEST, IssueCode::Invalid),
+            Problem::Structure => (StatusCode::BAD_REQUEST, IssueCode::Structure),
+            Problem::Value => (StatusCode::BAD_REQUEST, IssueCode::Value),
+            Problem::TooLong => (StatusCode::PAYLOAD_TOO_LARGE, IssueCode::TooLong),
+        };
+        let error = FhirError::new(status, code, e.diagnostics);
+        match e.expression {
+            Some(at) => error.at(at),
+            None => error,
+        }
     }
 }

@@ -77,7 +77,7 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
 /// naming the first) under `Prefer: handling=strict`.
 pub fn drop_empty(value: &mut Value, resource_type: &str, strict: bool) -> Result<(), FhirError> {
     match crate::model::lenient::drop_empty(value, resource_type) {
-        Some(path) if strict => Err(crate::model::lenient::refusal(path)),
+        Some(path) if strict => Err(crate::model::lenient::refusal(path).into()),
         _ => Ok(()),
     }
 }

@@ -171,7 +171,7 @@ impl<'de> Visitor<'de> for BodySeed<'_> {
                 let seed = MembersSeed { failure: self.failure, strict: self.strict };
                 members = map.next_value_seed(OptionalMembers(seed))?.filter(|m: &Vec<_>| !m.is_empty());
                 if members.is_none() && self.strict {
-                    *self.failure.borrow_mut() = Some(lenient::refusal("Group.member".into()));
+                    *self.failure.borrow_mut() = Some(lenient::refusal("Group.member".into()).into());
                     return Err(serde::de::Error::custom("invalid member"));
                 }
             } else {
@@ -182,7 +182,7 @@ impl<'de> Visitor<'de> for BodySeed<'_> {
         let mut rest = Value::Object(rest);
         if let Some(path) = lenient::drop_empty(&mut rest, "Group") {
             if self.strict {
-                *self.failure.borrow_mut() = Some(lenient::refusal(path));
+                *self.failure.borrow_mut() = Some(lenient::refusal(path).into());
                 return Err(serde::de::Error::custom("empty element"));
             }
         }
@@ -253,7 +253,7 @@ impl<'de> Visitor<'de> for MembersSeed<'_> {
         while let Some(mut member) = seq.next_element::<Value>()? {
             if let Some(path) = lenient::drop_empty(&mut member, format_args!("Group.member[{index}]")) {
                 if self.strict {
-                    return Err(fail(lenient::refusal(path)));
+                    return Err(fail(lenient::refusal(path).into()));
                 }
             }
             let compact = CompactMember::from_value(&member).ok_or_else(|| {
@@ -319,7 +319,7 @@ fn validate_batch(batch: &mut Vec<(usize, Value)>) -> Result<(), FhirError> {
                 }
             }
         }
-        e
+        e.into()
     })
 }
 

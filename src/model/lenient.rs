@@ -10,10 +10,9 @@
 //! its `_element` array of ids and extensions (`"given": ["Ann", null]`). An array made
 //! only of such nulls is kept too; fhirbolt decides whether it is valid.
 
-use axum::http::StatusCode;
 use serde_json::Value;
 
-use crate::error::{FhirError, IssueCode};
+use super::validate::{Invalid, Problem};
 
 /// Whether a value is one of the empty forms this module drops.
 fn is_empty(value: &Value) -> bool {
@@ -85,12 +84,12 @@ fn walk(value: &mut Value, path: &str, first: &mut Option<String>) {
 }
 
 /// The 400 for an empty element refused under `Prefer: handling=strict`.
-pub fn refusal(path: String) -> FhirError {
+pub fn refusal(path: String) -> Invalid {
     let diagnostics = format!(
         "{path} is null, an empty array or an empty object, which FHIR JSON forbids; without \
          'Prefer: handling=strict' such elements are dropped"
     );
-    FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Structure, diagnostics).at(path)
+    Invalid::new(Problem::Structure, diagnostics).at(path)
 }
 
 #[cfg(test)]

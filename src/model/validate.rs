@@ -12,9 +12,51 @@
 use serde_json::{Map, Value};
 
 use super::datetime::{parse_date_time, parse_instant, parse_time};
-use axum::http::StatusCode;
 
-use crate::error::{FhirError, IssueCode};
+/// Why a resource is not valid R4, and where: what the HTTP edge turns into an
+/// OperationOutcome (this module knows no HTTP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub problem: Problem,
+    pub diagnostics: String,
+    /// The element, as a FHIRPath-like path (`Patient.name[0].given`).
+    pub expression: Option<String>,
+}
+
+/// The kind of a validation finding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem {
+    /// Not a resource of the expected type at all (no object, another `resourceType`).
+    NotAResource,
+    /// Unknown, missing or misshapen elements.
+    Structure,
+    /// A primitive value that breaks its type's rules.
+    Value,
+    /// An element repeated past any sensible bound.
+    TooLong,
+}
+
+impl Invalid {
+    pub fn new(problem: Problem, diagnostics: impl Into<String>) -> Invalid {
+        Invalid { problem, diagnostics: diagnostics.into(), expression: None }
+    }
+
+    pub fn at(mut self, expression: impl Into<String>) -> Invalid {
+        self.expression = Some(expression.into());
+        self
+    }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.expression {
+            Some(at) => write!(f, "{at}: {}", self.diagnostics),
+            None => f.write_str(&self.diagnostics),
+        }
+    }
+}
+
+impl std::error::Error for Invalid {}
 
 /// `Resource.id` / `id` datatype: `[A-Za-z0-9\-\.]{1,64}`.
 pub fn is_valid_id(id: &str) -> bool {
@@ -22,30 +64,29 @@ pub fn is_valid_id(id: &str) -> bool {
 }
 
 /// Validates `resource` as an R4 resource of type `resource_type`.
-pub fn validate_resource(resource_type: &str, resource: &Value) -> Result<(), FhirError> {
+pub fn validate_resource(resource_type: &str, resource: &Value) -> Result<(), Invalid> {
     let Some(object) = resource.as_object() else {
-        return Err(FhirError::bad_request("the body must be a JSON object (a FHIR resource)"));
+        return Err(Invalid::new(Problem::NotAResource, "the body must be a JSON object (a FHIR resource)"));
     };
     match object.get("resourceType") {
         Some(Value::String(t)) if t == resource_type => {}
         Some(Value::String(t)) => {
-            return Err(FhirError::bad_request(format!(
-                "resourceType '{t}' does not match the type '{resource_type}' in the URL"
-            ))
+            return Err(Invalid::new(
+                Problem::NotAResource,
+                format!("resourceType '{t}' does not match the type '{resource_type}' in the URL"),
+            )
             .at(format!("{resource_type}.resourceType")))
         }
         _ => {
-            return Err(
-                FhirError::bad_request("the body has no resourceType").at(format!("{resource_type}.resourceType"))
-            )
+            return Err(Invalid::new(Problem::NotAResource, "the body has no resourceType")
+                .at(format!("{resource_type}.resourceType")))
         }
     }
     // Cheap, linear checks first, each stopping at its first finding, so a huge invalid body
     // is refused before fhirbolt reads all of it (seconds for a million elements).
     if let Some(path) = oversized_array(resource, resource_type) {
-        return Err(FhirError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            IssueCode::TooLong,
+        return Err(Invalid::new(
+            Problem::TooLong,
             format!("this element repeats more than {MAX_REPEATS} times; no R4 resource needs that many"),
         )
         .at(path));
@@ -53,21 +94,16 @@ pub fn validate_resource(resource_type: &str, resource: &Value) -> Result<(), Fh
     let mut checker = Checker { error: None };
     checker.resource(resource_type, object, resource_type);
     if let Some((path, msg)) = checker.error {
-        return Err(FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Value, msg).at(path));
+        return Err(Invalid::new(Problem::Value, msg).at(path));
     }
     // Before fhirbolt, which would wrap an out-of-range integer, take a string for a number,
     // or refuse without naming the element.
     if let Some((path, msg)) = super::json_primitives::out_of_range(resource_type, object) {
-        return Err(FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Value, msg).at(path));
+        return Err(Invalid::new(Problem::Value, msg).at(path));
     }
     let typed = fhir_model::parse(resource).map_err(|message| structural_error(resource_type, resource, &message))?;
     if let Some(path) = object_where_array_expected(resource, &typed, resource_type) {
-        return Err(FhirError::new(
-            StatusCode::BAD_REQUEST,
-            IssueCode::Structure,
-            "this element repeats in R4 and must be a JSON array",
-        )
-        .at(path));
+        return Err(Invalid::new(Problem::Structure, "this element repeats in R4 and must be a JSON array").at(path));
     }
     Ok(())
 }
@@ -120,7 +156,7 @@ fn object_where_array_expected(input: &Value, typed: &Value, path: &str) -> Opti
 }
 
 /// Turns a fhirbolt message (which has no location) into an error naming the element.
-fn structural_error(resource_type: &str, resource: &Value, message: &str) -> FhirError {
+fn structural_error(resource_type: &str, resource: &Value, message: &str) -> Invalid {
     let unknown = between(message, "unknown field `", "`");
     let sent = unknown.and_then(|field| find_key(resource, field, resource_type));
     let (diagnostics, path) = if let (Some(field), Some(path)) = (unknown, &sent) {
@@ -145,7 +181,7 @@ fn structural_error(resource_type: &str, resource: &Value, message: &str) -> Fhi
         };
         (diagnostics, path)
     };
-    let err = FhirError::new(StatusCode::BAD_REQUEST, IssueCode::Structure, diagnostics);
+    let err = Invalid::new(Problem::Structure, diagnostics);
     err.at(path.unwrap_or_else(|| resource_type.to_string()))
 }
 
@@ -455,7 +491,7 @@ mod tests {
         let many: Vec<Value> = (0..=MAX_REPEATS).map(|i| json!(i)).collect();
         let patient = json!({"resourceType":"Patient","name":[{"given": many.clone()}]});
         let e = validate_resource("Patient", &patient).unwrap_err();
-        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(e.problem, Problem::TooLong);
         assert_eq!(e.expression.as_deref(), Some("Patient.name[0].given"));
         let members: Vec<Value> = many.iter().map(|_| json!({"entity":{"reference":"Patient/1"}})).collect();
         let group = json!({"resourceType":"Group","type":"person","actual":true,"member": members});

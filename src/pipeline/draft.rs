@@ -159,7 +159,8 @@ fn patched(rt: &str, id: &str, old: Map<String, Value>, ops: &Patch, numbers: &[
         );
     }
     refuse_subset(rt, &doc, StatusCode::UNPROCESSABLE_ENTITY)?;
-    validate::validate_resource(rt, &doc).map_err(|mut e| {
+    validate::validate_resource(rt, &doc).map_err(|e| {
+        let mut e = FhirError::from(e);
         e.status = StatusCode::UNPROCESSABLE_ENTITY;
         e.diagnostics = format!("the patched resource is not valid: {}", e.diagnostics);
         e

@@ -55,7 +55,8 @@ pub(super) fn validate_members(members: &[(usize, Value)]) -> Result<(), FhirErr
         return Ok(());
     }
     let group = group_of(members.iter().map(|(_, m)| m.clone()).collect());
-    validate_resource("Group", &group).map_err(|mut e| {
+    validate_resource("Group", &group).map_err(|e| {
+        let mut e = FhirError::from(e);
         // "Group.member[k]…" → the operation that brought member k.
         if let Some(expr) = &e.expression {
             if let Some(k) = expr
