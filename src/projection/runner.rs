@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bson::{doc, DateTime, Document};
-use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
 use serde::Serialize;
 use uuid::Uuid;
@@ -22,7 +21,7 @@ use super::snapshot::{Snapshot, SnapshotStore};
 use super::{Projection, ProjectionError, Target};
 use crate::eventstore::log::ClickHouseEventStore;
 use crate::eventstore::EventStore;
-use crate::store::mongo::is_duplicate_key;
+use crate::store::lease::{Lease, Taken};
 
 pub const COLLECTION: &str = "Projections";
 /// How long a runner's lease on a projection lasts without renewal.
@@ -142,24 +141,14 @@ impl Checkpoints {
         Ok(Status::from_doc(name, d.as_ref()))
     }
 
-    /// Takes the lease of `name` for `holder` if it is free, expired or already
-    /// `holder`'s. Returns the record as it was.
+    /// Takes the lease of `name` for `holder` if it is free, expired, held by a process
+    /// that is gone, or already `holder`'s (a renewal; see `store::lease`). Returns the
+    /// record as it was.
     pub async fn take(&self, name: &str, holder: &str, lease: Duration) -> Result<Option<Status>, ProjectionError> {
-        // Free (see `store::lease`), or already this runner's (a renewal by taking).
-        let free_or_mine =
-            doc! { "$or": [ crate::store::lease::free("lease", DateTime::now()), { "lease.by": holder } ] };
-        let mut filter = doc! { "_id": name };
-        filter.extend(free_or_mine);
-        let taken = self
-            .docs
-            .find_one_and_update(filter, doc! { "$set": { "lease": crate::store::lease::grant(holder, lease) } })
-            .upsert(true)
-            .return_document(ReturnDocument::After)
-            .await;
-        match taken {
-            Ok(d) => Ok(Some(Status::from_doc(name, d.as_ref()))),
-            Err(e) if is_duplicate_key(&e) => Ok(None),
-            Err(e) => Err(e.into()),
+        let lease = Lease::new(self.docs.clone(), "lease", lease).creating();
+        match lease.take(&doc! { "_id": name }, holder, Document::new()).await? {
+            Taken::Granted(before) => Ok(Some(Status::from_doc(name, before.as_ref()))),
+            Taken::Held | Taken::Absent => Ok(None),
         }
     }
 

@@ -11,7 +11,9 @@
 //!
 //! Rules, stated once:
 //! - A lease is **free** when the field is absent or `until` has passed, or when its holder
-//!   is certainly dead. [`Lease::take`] takes a free lease in one conditional update; when
+//!   is certainly dead; a tenure may also take again what it holds (a renewal: users that
+//!   keep one tenure id across takings, like a projection runner, renew by taking).
+//!   [`Lease::take`] takes a free lease in one conditional update; when
 //!   it is held, it reads the holder to see whether it is dead, at most once per
 //!   [`Lease::checking_holder_every`] (a taker polling every few milliseconds would
 //!   otherwise add a read to every poll).
@@ -115,7 +117,8 @@ impl Lease {
     ) -> Result<Taken, mongodb::error::Error> {
         let (collection, field) = (&self.collection, self.field);
         let mut when_free = filter.clone();
-        when_free.extend(free(field, DateTime::now()));
+        let free_or_ours = doc! { "$or": [ free(field, DateTime::now()), { format!("{field}.by"): by } ] };
+        when_free.insert("$and", vec![free_or_ours]);
         let set = doc! { "$set": { field: grant(by, self.ttl) } };
         let taken = collection
             .find_one_and_update(when_free, set.clone())

@@ -211,7 +211,7 @@ async fn a_group_read_after_a_kill_mid_flush_does_not_wait_for_the_dead_lease() 
 }
 
 /// A process's start time (`/proc/<pid>/stat` field 22), as a lease records it.
-fn process_start_time(pid: u32) -> i64 {
+pub(crate) fn process_start_time(pid: u32) -> i64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
     rest.split_whitespace().nth(19).and_then(|s| s.parse().ok()).unwrap_or(0)

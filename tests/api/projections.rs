@@ -455,3 +455,36 @@ async fn two_runners_for_one_projection_only_one_feeds_it_and_a_poison_event_sto
         t.abort();
     }
 }
+
+#[tokio::test]
+async fn a_projection_lease_is_renewed_by_its_runner_and_taken_over_from_a_dead_one() {
+    let app = spawn(false).await;
+    let checkpoints = Checkpoints::new(&app.mongo);
+    let term = Duration::from_secs(30);
+    assert!(checkpoints.take("p", "runner-a", term).await.unwrap().is_some(), "a free lease is taken");
+    assert!(checkpoints.take("p", "runner-a", term).await.unwrap().is_some(), "and renewed by its runner");
+    assert!(checkpoints.take("p", "runner-b", term).await.unwrap().is_none(), "another runner waits");
+
+    // The holder dies (a process of this machine that is gone) with 30 s of lease left.
+    let mut holder = roster::store::holder::this_process();
+    if holder.is_empty() {
+        return; // no /proc: a dead holder cannot be told from a live one here
+    }
+    let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let start = crate::crash::process_start_time(child.id());
+    holder.insert("pid", child.id() as i64);
+    holder.insert("start", start);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let until = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() + 30_000);
+    app.mongo
+        .collection::<bson::Document>(roster::projection::runner::COLLECTION)
+        .update_one(
+            bson::doc! { "_id": "p" },
+            bson::doc! { "$set": { "lease": { "by": "runner-a", "until": until, "holder": holder } } },
+        )
+        .await
+        .unwrap();
+    assert!(checkpoints.take("p", "runner-b", term).await.unwrap().is_some(), "taken over at once, not in 30 s");
+    assert!(checkpoints.take("p", "runner-a", term).await.unwrap().is_none(), "the dead tenure cannot renew");
+}
