@@ -167,6 +167,9 @@ impl Default for GroupSettings {
 pub struct MongoSettings {
     pub uri: String,
     pub database: String,
+    /// Count the MongoDB commands each kind of request costs (`store::ops`); off in
+    /// production (the driver then copies every command into its event).
+    pub count_ops: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,7 +221,11 @@ impl Default for Settings {
 
 impl Default for MongoSettings {
     fn default() -> Self {
-        MongoSettings { uri: "mongodb://127.0.0.1:27117/?directConnection=true".into(), database: "roster".into() }
+        MongoSettings {
+            uri: "mongodb://127.0.0.1:27117/?directConnection=true".into(),
+            database: "roster".into(),
+            count_ops: false,
+        }
     }
 }
 
@@ -315,6 +322,9 @@ pub const ENV_VARS: &[EnvVar] = &[
     }),
     var("ROSTER_MONGO_URI", "MongoDB connection string", |s, v| text(v).map(|x| s.mongo.uri = x)),
     var("ROSTER_MONGO_DATABASE", "MongoDB database name", |s, v| text(v).map(|x| s.mongo.database = x)),
+    var("ROSTER_MONGO_COUNT_OPS", "count MongoDB commands by name (true/false, default false)", |s, v| {
+        parsed(v).map(|x| s.mongo.count_ops = x)
+    }),
     var("ROSTER_CLICKHOUSE_URL", "ClickHouse HTTP URL", |s, v| text(v).map(|x| s.clickhouse.url = x)),
     var("ROSTER_CLICKHOUSE_USER", "ClickHouse user", |s, v| text(v).map(|x| s.clickhouse.user = x)),
     var("ROSTER_CLICKHOUSE_PASSWORD", "ClickHouse password", |s, v| text(v).map(|x| s.clickhouse.password = x)),

@@ -29,6 +29,7 @@ use crate::pipeline::{Hooks, RequestContext};
 use crate::recording::recorder::EventRecorder;
 use crate::recording::routes::RoutingFile;
 use crate::state::AppState;
+use crate::store::ops::OpCounts;
 use crate::store::ResourceStore;
 use crate::{fhir, migrate};
 
@@ -64,14 +65,31 @@ struct Background {
 /// (every 100 ms), so a power failure could lose writes a client was told were stored.
 /// What it costs is in `docs/benchmarks.md`.
 pub async fn mongo_database(settings: &Settings) -> Result<mongodb::Database, BoxError> {
+    Ok(mongo_connect(settings).await?.0)
+}
+
+/// Most connections to MongoDB at once, unless the URI sets `maxPoolSize`. The driver's
+/// default is 10: with 16 concurrent writers (each a read, a guarded update, a history
+/// copy) plus the background flushers, requests queued for a connection while MongoDB had
+/// time to spare. Not unbounded either: each connection costs the server a thread or a
+/// task and memory.
+pub const MONGO_POOL: u32 = 64;
+
+/// [`mongo_database`], with the command counts when `mongo.count_ops` is on.
+pub async fn mongo_connect(settings: &Settings) -> Result<(mongodb::Database, Option<Arc<OpCounts>>), BoxError> {
     let mut options = ClientOptions::parse(&settings.mongo.uri).await?;
     options.app_name.get_or_insert_with(|| "roster".to_string());
     options.server_selection_timeout.get_or_insert(Duration::from_secs(5));
     options.connect_timeout.get_or_insert(Duration::from_secs(5));
+    options.max_pool_size.get_or_insert(MONGO_POOL);
     let replica_set = options.repl_set_name.is_some();
     options.write_concern.get_or_insert_with(|| durable_writes(replica_set));
+    let counts = settings.mongo.count_ops.then(OpCounts::new);
+    if let Some(counts) = &counts {
+        options.command_event_handler = Some(counts.handler());
+    }
     let client = mongodb::Client::with_options(options)?;
-    Ok(client.database(&settings.mongo.database))
+    Ok((client.database(&settings.mongo.database), counts))
 }
 
 /// The write concern of every write: journaled, and on a replica set acknowledged by a
@@ -116,7 +134,7 @@ async fn refuse_old_outbox(db: &mongodb::Database) -> Result<(), BoxError> {
 impl Application {
     /// Connects, migrates and binds. `hooks` are the post-save hooks to run.
     pub async fn build(settings: Settings, hooks: Hooks) -> Result<Application, BoxError> {
-        let db = mongo_database(&settings).await?;
+        let (db, mongo_ops) = mongo_connect(&settings).await?;
         run_migrations(&settings, &db).await?;
         let listener = TcpListener::bind(settings.listen).await?;
         let address = listener.local_addr()?;
@@ -152,6 +170,7 @@ impl Application {
         };
         state.writer = state.writer.clone().with_hooks(builtin.extend(hooks));
         state.max_patch_ops = settings.max_patch_ops();
+        state.mongo_ops = mongo_ops;
         if settings.groups.max_patch_ops.is_some() {
             tracing::warn!("groups.max_patch_ops (ROSTER_GROUP_MAX_PATCH_OPS) is deprecated: use fhir.max_patch_ops");
         }

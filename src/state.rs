@@ -36,6 +36,8 @@ pub struct AppState {
     pub graphql: crate::graphql::RosterSchema,
     /// The supervised background tasks, and which are down (`/ready`).
     pub tasks: crate::supervise::Tasks,
+    /// MongoDB commands counted by name, when `mongo.count_ops` is on (`store::ops`).
+    pub mongo_ops: Option<Arc<crate::store::ops::OpCounts>>,
 }
 
 impl AppState {
@@ -71,6 +73,7 @@ impl AppState {
         });
         AppState {
             tasks: crate::supervise::Tasks::default(),
+            mongo_ops: None,
             graphql,
             events,
             flusher,

@@ -19,12 +19,19 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// Starts the `roster` built beside this benchmark.
     pub fn start(mode: &str, tag: &str, extra: &[(&str, &str)]) -> Server {
         let exe = std::env::current_exe().unwrap();
         let bin = exe.parent().unwrap().parent().unwrap().join("roster");
+        Server::start_binary(bin, mode, tag, extra)
+    }
+
+    /// Starts the `roster` binary at `bin` (another build, to compare).
+    pub fn start_binary(bin: impl AsRef<std::path::Path>, mode: &str, tag: &str, extra: &[(&str, &str)]) -> Server {
+        let bin = bin.as_ref();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let db = format!("bench_{tag}_{}", std::process::id());
-        let mut child = Command::new(&bin)
+        let mut child = Command::new(bin)
             .arg("serve")
             .env("ROSTER_LISTEN", format!("127.0.0.1:{port}"))
             .env("ROSTER_MONGO_DATABASE", &db)

@@ -42,15 +42,16 @@ pub fn ver(group_version: u32, seq: u32) -> u64 {
     ((group_version as u64) << 32) | seq as u64
 }
 
-/// Inserts `events` (a group's rows, in order, possibly of several versions) as one block
-/// with a deduplication token naming exactly those rows, so a retry of the same insert is
-/// dropped by ClickHouse. Synchronous (`async_insert=0`, whatever the server's default):
-/// the caller batches rows itself and must know they are stored when this returns.
+/// Inserts `events` (rows of one or several groups, each group's in order, possibly of
+/// several versions) as one block with a deduplication token naming exactly those rows, so
+/// a retry of the same insert is dropped by ClickHouse. Synchronous (`async_insert=0`,
+/// whatever the server's default): the caller batches rows itself and must know they are
+/// stored when this returns.
 pub async fn insert(client: &clickhouse::Client, events: &[MemberEvent]) -> Result<(), clickhouse::error::Error> {
-    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+    if events.is_empty() {
         return Ok(());
-    };
-    let token = format!("{}/{}.{}-{}.{}", first.group_id, first.group_version, first.seq, last.group_version, last.seq);
+    }
+    let token = token(events);
     let mut insert = client
         .insert::<MemberEvent>(MEMBER_EVENTS_TABLE)
         .await?
@@ -61,6 +62,32 @@ pub async fn insert(client: &clickhouse::Client, events: &[MemberEvent]) -> Resu
     }
     insert.end().await
 }
+
+/// The deduplication token of a block: each run of one group's rows as
+/// `group/version.seq-version.seq` (a group's rows within a run are consecutive, so its
+/// first and last row name it), runs joined by `;`. A token over [`TOKEN_MAX`] bytes (a
+/// gathering of many groups) keeps its first run and adds the number of runs and a 128-bit
+/// FNV-1a digest of the whole: still the same for the same rows, and distinct otherwise.
+fn token(events: &[MemberEvent]) -> String {
+    let mut runs: Vec<String> = Vec::new();
+    let mut start = 0;
+    for i in 1..=events.len() {
+        if i == events.len() || events[i].group_id != events[start].group_id {
+            let (a, b) = (&events[start], &events[i - 1]);
+            runs.push(format!("{}/{}.{}-{}.{}", a.group_id, a.group_version, a.seq, b.group_version, b.seq));
+            start = i;
+        }
+    }
+    let all = runs.join(";");
+    if all.len() <= TOKEN_MAX {
+        return all;
+    }
+    let fnv = |offset: u64| all.bytes().fold(offset, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    format!("{};+{}:{:016x}{:016x}", runs[0], runs.len(), fnv(0xcbf29ce484222325), fnv(0x84222325cbf29ce4))
+}
+
+/// Longest deduplication token spelled out in full.
+const TOKEN_MAX: usize = 512;
 
 /// The `seq`s of a group version already stored (recovery uses it to insert only what is
 /// missing, even outside the deduplication window).
@@ -76,4 +103,54 @@ pub async fn stored_seqs(
         .fetch_all()
         .await?;
     Ok(seqs.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(group: &str, version: u32, seq: u32) -> MemberEvent {
+        MemberEvent {
+            group_id: group.into(),
+            group_version: version,
+            seq,
+            ver: ver(version, seq),
+            event_id: String::new(),
+            event_type: EventType::Added,
+            member_reference: String::new(),
+            member_type: String::new(),
+            position: 0,
+            period_start: String::new(),
+            period_end: String::new(),
+            inactive: false,
+            member_json: String::new(),
+            active_count: 0,
+            actor: String::new(),
+            request_id: String::new(),
+            source: String::new(),
+            event_time: 0,
+        }
+    }
+
+    #[test]
+    fn a_token_names_each_groups_rows() {
+        let one = [row("g", 3, 0), row("g", 3, 1), row("g", 4, 0)];
+        assert_eq!(token(&one), "g/3.0-4.0", "one group: as before the gathering of groups");
+        let two = [row("g", 3, 0), row("h", 1, 0), row("h", 2, 5)];
+        assert_eq!(token(&two), "g/3.0-3.0;h/1.0-2.5");
+        let other = [row("g", 3, 0), row("k", 1, 0), row("h", 2, 5)];
+        assert_ne!(token(&two), token(&other), "first and last row alike, another group between");
+    }
+
+    #[test]
+    fn a_long_token_is_digested_and_still_distinct() {
+        let many: Vec<MemberEvent> = (0..100).map(|i| row(&format!("group-{i}"), 1, 0)).collect();
+        let t = token(&many);
+        assert!(t.len() < 100 && t.starts_with("group-0/1.0-1.0;+100:"), "{t}");
+        let mut changed = many.clone();
+        changed[50].group_version = 2;
+        changed[50].ver = ver(2, 0);
+        assert_ne!(token(&changed), t);
+        assert_eq!(token(&many.clone()), t, "the same rows, the same token");
+    }
 }

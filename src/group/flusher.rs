@@ -1,5 +1,6 @@
-//! Moves a group's pending member batches into ClickHouse: one flusher at a time per
-//! group, across all server processes, several batches per insert.
+//! Moves pending member batches into ClickHouse: one flusher at a time per group, across
+//! all server processes, and in each process one ClickHouse insert per gathering for all
+//! the groups written meanwhile.
 //!
 //! Why one at a time: two flushers racing on the same batch (the writer's background task
 //! and a reader that needs the members now, perhaps in another process) would each see
@@ -10,13 +11,31 @@
 //! Group document, set by a conditional update — then inserts only the rows ClickHouse
 //! lacks (counted per version), then pulls the batches and drops the lease in one update.
 //!
-//! A lease lasts [`LEASE`]; an insert is abandoned after [`INSERT_TIMEOUT`], shorter, so a
-//! flusher that stalls or dies cannot still be inserting when another takes over and
-//! counts what is there; after an insert that failed without a clear answer the lease
-//! stays [`AMBIGUOUS_GRACE`] more. Lease times come from each process's clock: processes
-//! are assumed to keep their clocks within a few seconds of each other (NTP). In this process, flushes of a group queue on a mutex, and the
-//! writers' background flushes of a group run in one task that picks up every batch
-//! committed meanwhile.
+//! Why one insert for all groups: a small ClickHouse insert costs 15–25 ms of its CPU
+//! whatever its size, so a flusher per group, each inserting every [`GATHER`], made 16
+//! busy groups cost 16 inserts per interval and ClickHouse the bottleneck of concurrent
+//! PATCHes. Commits therefore *kick* one gatherer per process (`gather`): it waits
+//! [`GATHER`] from the oldest waiting commit, takes the free leases of every group
+//! committed to meanwhile in one conditional `updateMany` (the same rule as a lone
+//! flusher's, per document: absent or expired), reads their batches back, inserts all their
+//! rows as one block (groups one after the other, each group's versions in order; the
+//! token names every group's rows), then pulls every group's batches and drops the leases
+//! in one more `updateMany`. A group whose lease another flusher holds waits for the next
+//! gathering. A group that needs counting (an earlier flusher left its lease) or has a
+//! chunked batch is inserted on its own, as before. If the block fails, every group in it
+//! keeps its lease as after any failed insert (below), so the next flusher counts.
+//!
+//! Several server processes: each has its own gatherer for the groups it wrote; a group
+//! written through two processes is flushed by whichever takes its lease first, and the
+//! other finds it held (and tries again at its next gathering) or finds nothing pending.
+//! ClickHouse then sees one insert per process per interval.
+//!
+//! A lease lasts [`LEASE`]; inserts are abandoned [`INSERT_TIMEOUT`] after the first lease
+//! of a gathering was taken, shorter, so a flusher that stalls or dies cannot still be
+//! inserting when another takes over and counts what is there; after an insert that
+//! failed without a clear answer the leases stay [`AMBIGUOUS_GRACE`] more. Lease times
+//! come from each process's clock: processes are assumed to keep their clocks within a few
+//! seconds of each other (NTP). In this process, flushes of a group queue on a mutex.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,9 +43,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bson::{doc, DateTime, Document};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use mongodb::options::Hint;
 use mongodb::{Collection, Database};
+use tokio::sync::Notify;
 
 use super::events::{self, MemberEvent};
 use super::outbox::{self, OutboxError, CHUNK_ROWS};
@@ -46,23 +66,32 @@ const POLL: Duration = Duration::from_millis(20);
 const AMBIGUOUS_GRACE: Duration = Duration::from_secs(2);
 /// Batches of at least this many events are flushed without gathering.
 const URGENT_ROWS: usize = 1_000;
-/// How long a background flush waits for more batches before it starts.
+/// How long the gatherer waits for more commits before it starts.
 const GATHER: Duration = Duration::from_millis(100);
+/// Most groups of one gathering whose leases are taken (and batches pulled) at once: the
+/// MongoDB connection pool is shared with the requests.
+const PARALLEL: usize = 16;
 /// The sparse index of documents with unfinished work (`mongo/005_pending_work_index.json`).
 const PENDING_INDEX: &str = "pending_work";
 
 #[derive(Default)]
 struct GroupState {
     /// One flush of the group at a time in this process.
-    cycle: tokio::sync::Mutex<()>,
-    /// A background flush task runs for the group.
-    running: AtomicBool,
-    /// Batches were committed since the task last looked.
+    cycle: Arc<tokio::sync::Mutex<()>>,
+    /// Batches were committed since the gatherer last took the group.
     dirty: AtomicBool,
-    /// When the oldest of those was committed: the task gathers for [`GATHER`] from then.
-    since: Mutex<Option<Instant>>,
+}
+
+/// The groups committed to since the gatherer last looked.
+#[derive(Default)]
+struct Waiting {
+    groups: Vec<String>,
+    /// When the oldest of those commits was made: the gatherer waits [`GATHER`] from then.
+    since: Option<Instant>,
     /// One of them is big: no point gathering more before inserting.
-    urgent: AtomicBool,
+    urgent: bool,
+    /// The gatherer task runs.
+    running: bool,
 }
 
 pub struct Flusher {
@@ -72,6 +101,9 @@ pub struct Flusher {
     groups: Mutex<HashMap<String, Arc<GroupState>>>,
     /// Each Group document's `flushLease`.
     lease: Lease,
+    waiting: Mutex<Waiting>,
+    /// Wakes a gatherer that is waiting for more commits (an urgent batch came).
+    wake: Notify,
 }
 
 enum Cycle {
@@ -79,6 +111,21 @@ enum Cycle {
     Done,
     /// Another flusher holds the lease.
     Held,
+}
+
+/// A group whose lease this flusher took, with the batches it found pending.
+struct Leased {
+    group: String,
+    lease_id: String,
+    batches: Vec<OutboxBatch>,
+    /// No earlier flusher left its lease: ClickHouse has no row of these batches.
+    clean: bool,
+    taken_at: Instant,
+}
+
+enum Took {
+    Leased(Leased),
+    Cycle(Cycle),
 }
 
 /// False only when the batch certainly has no event of `member`: its rows are JSON text in
@@ -95,7 +142,15 @@ impl Flusher {
     pub fn new(store: ResourceStore, ch: clickhouse::Client) -> Arc<Flusher> {
         let db = store.database().clone();
         let lease = Lease::new(db.collection(&current_collection("Group")), "flushLease", LEASE);
-        Arc::new(Flusher { db, store, ch, groups: Mutex::new(HashMap::new()), lease })
+        Arc::new(Flusher {
+            db,
+            store,
+            ch,
+            groups: Mutex::new(HashMap::new()),
+            lease,
+            waiting: Mutex::default(),
+            wake: Notify::new(),
+        })
     }
 
     fn groups(&self) -> Collection<Document> {
@@ -113,8 +168,7 @@ impl Flusher {
     /// Makes sure every batch pending for the group when called is in ClickHouse; waits
     /// for another flusher of the group rather than racing it.
     pub async fn flush(&self, group: &str) -> Result<(), OutboxError> {
-        let state = self.state(group);
-        let _cycle = state.cycle.lock().await;
+        let _cycle = self.state(group).cycle.clone().lock_owned().await;
         let deadline = Instant::now() + WAIT;
         loop {
             match self.cycle(group).await? {
@@ -127,45 +181,192 @@ impl Flusher {
         }
     }
 
-    /// After a commit: flushes the group in the background. Commits that arrive while the
-    /// task runs are picked up by it (one task per group), so a burst of writes becomes a
-    /// few inserts. A failure leaves the batches pending for readers and the sweep.
+    /// After a commit: the group's batches go to ClickHouse with the next gathering, off
+    /// the request path. A failure leaves them pending for readers and the sweep.
     pub fn kick(self: &Arc<Self>, group: &str, rows: usize) {
-        let state = self.state(group);
-        if rows >= URGENT_ROWS {
-            state.urgent.store(true, Ordering::SeqCst);
+        self.state(group).dirty.store(true, Ordering::SeqCst);
+        let urgent = rows >= URGENT_ROWS;
+        let start = {
+            let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            if !w.groups.iter().any(|g| g == group) {
+                w.groups.push(group.to_string());
+            }
+            w.since.get_or_insert_with(Instant::now);
+            w.urgent |= urgent;
+            !std::mem::replace(&mut w.running, true)
+        };
+        if urgent {
+            self.wake.notify_one();
         }
-        state.since.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(Instant::now);
-        state.dirty.store(true, Ordering::SeqCst);
-        if state.running.swap(true, Ordering::SeqCst) {
-            return;
+        if start {
+            let this = self.clone();
+            tokio::spawn(async move { this.gather().await });
         }
-        let this = self.clone();
-        let group = group.to_string();
-        tokio::spawn(async move {
-            loop {
-                // Let a few more small commits arrive: one insert and one update for all of
-                // them. A big batch goes at once (it keeps the Group document large while it
-                // waits, and every write of the document pays for that). The gathering
-                // counts from the oldest waiting commit, so commits that arrived during the
-                // last flush (an insert takes tens of ms) wait no longer than the others.
-                let oldest = *state.since.lock().unwrap_or_else(|e| e.into_inner());
-                let waited = oldest.map_or(Duration::ZERO, |t| t.elapsed());
-                if !state.urgent.swap(false, Ordering::SeqCst) && waited < GATHER {
-                    tokio::time::sleep(GATHER - waited).await;
-                }
-                state.dirty.store(false, Ordering::SeqCst);
-                *state.since.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                if let Err(e) = this.flush(&group).await {
-                    tracing::warn!(group, error = %e,
-                        "member events committed but not yet in ClickHouse; the next reader or the sweep inserts them");
-                }
-                state.running.store(false, Ordering::SeqCst);
-                if !state.dirty.load(Ordering::SeqCst) || state.running.swap(true, Ordering::SeqCst) {
-                    break;
+    }
+
+    /// The gatherer: while groups wait, waits [`GATHER`] from the oldest commit (unless
+    /// one is urgent), then flushes all of them together. Ends when none waits; the next
+    /// commit starts it again.
+    async fn gather(self: Arc<Self>) {
+        // A panic that ends this task lets the next commit start another.
+        struct Stopped<'a> {
+            waiting: &'a Mutex<Waiting>,
+            cleanly: bool,
+        }
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                if !self.cleanly {
+                    self.waiting.lock().unwrap_or_else(|e| e.into_inner()).running = false;
                 }
             }
-        });
+        }
+        let mut stopped = Stopped { waiting: &self.waiting, cleanly: false };
+        loop {
+            let (since, urgent) = {
+                let w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                (w.since, w.urgent)
+            };
+            let waited = since.map_or(Duration::ZERO, |t| t.elapsed());
+            if !urgent && waited < GATHER {
+                tokio::select! {
+                    _ = tokio::time::sleep(GATHER - waited) => {}
+                    _ = self.wake.notified() => {}
+                }
+                continue;
+            }
+            let groups = {
+                let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                if w.groups.is_empty() {
+                    w.running = false;
+                    stopped.cleanly = true;
+                    return;
+                }
+                w.since = None;
+                w.urgent = false;
+                std::mem::take(&mut w.groups)
+            };
+            self.flush_gathered(groups).await;
+        }
+    }
+
+    /// Flushes the gathered groups: their leases taken together, one block for all that
+    /// can share it, their batches pulled together. MongoDB sees three or four commands
+    /// per gathering whatever the number of groups (under a stream of PATCHes over 16
+    /// groups, one lease update and one pull per group per gathering were a third of
+    /// MongoDB's time).
+    async fn flush_gathered(self: &Arc<Self>, groups: Vec<String>) {
+        let started = Instant::now();
+        // A reader of this process flushing a group now: the group goes next time (waiting
+        // here would hold up every other group of the gathering).
+        let mut guards = HashMap::new();
+        for group in groups {
+            let state = self.state(&group);
+            state.dirty.store(false, Ordering::SeqCst);
+            match state.cycle.clone().try_lock_owned() {
+                Ok(guard) => {
+                    guards.insert(group, guard);
+                }
+                Err(_) => self.requeue(&group),
+            }
+        }
+        let tenure = uuid::Uuid::new_v4().to_string();
+        let mut leased = match self.take_many(guards.keys().cloned().collect(), &tenure).await {
+            Ok(leased) => leased,
+            Err(e) => {
+                tracing::warn!(error = %e,
+                    "member events committed but not yet in ClickHouse; the next reader or the sweep inserts them");
+                return;
+            }
+        };
+        let leased_at = started.elapsed();
+        let (mut shared, own): (Vec<Leased>, Vec<Leased>) =
+            leased.drain(..).partition(|l| l.clean && l.batches.iter().all(|b| b.inline().is_some()));
+        let groups = shared.len();
+        // The groups that share a block: one insert (more when they hold many rows), done
+        // within INSERT_TIMEOUT of taking their leases.
+        if !shared.is_empty() {
+            let deadline = started + INSERT_TIMEOUT;
+            let leases: Vec<&Leased> = shared.iter().collect();
+            let inserted = tokio::time::timeout_at(deadline.into(), self.insert_together(&leases)).await;
+            let inserted = inserted.unwrap_or_else(|_| {
+                Err(OutboxError::Busy(format!("inserting {groups} groups' events took over {INSERT_TIMEOUT:?}")))
+            });
+            if let Err(e) = inserted {
+                tracing::warn!(groups, error = %e,
+                    "member events committed but not yet in ClickHouse; the next reader or the sweep inserts them");
+                let ids: Vec<&str> = shared.iter().map(|l| l.group.as_str()).collect();
+                self.release_failed(&ids, &tenure, &e).await;
+                shared.clear();
+            }
+        }
+        let inserted_at = started.elapsed();
+        // The others each on its own, as a lone flusher would.
+        let own: Vec<Leased> = futures_util::stream::iter(own)
+            .map(|l| async move {
+                match self.insert_own(&l).await {
+                    Ok(()) => Some(l),
+                    Err(e) => {
+                        tracing::warn!(group = l.group, error = %e,
+                            "member events committed but not yet in ClickHouse; the next reader or the sweep inserts them");
+                        self.release_failed(&[l.group.as_str()], &l.lease_id, &e).await;
+                        None
+                    }
+                }
+            })
+            .buffer_unordered(PARALLEL)
+            .filter_map(|done| async move { done })
+            .collect()
+            .await;
+        shared.extend(own);
+        if let Err(e) = self.finish(&shared).await {
+            tracing::warn!(groups, error = %e, "flushed member batches not yet pulled; the next flusher counts them");
+        }
+        drop(guards);
+        // Where a gathering's time goes (`ROSTER_LOG=roster::group=debug`), cumulative.
+        tracing::debug!(
+            groups,
+            leased_us = leased_at.as_micros() as u64,
+            inserted_us = inserted_at.as_micros() as u64,
+            pulled_us = started.elapsed().as_micros() as u64,
+            "gathering timings"
+        );
+    }
+
+    /// Takes the leases of the groups with pending batches for `tenure`, and reads their
+    /// batches: two commands (three when a lease was left behind). A group whose lease
+    /// another flusher holds goes back into the queue.
+    async fn take_many(self: &Arc<Self>, groups: Vec<String>, tenure: &str) -> Result<Vec<Leased>, OutboxError> {
+        let taken_at = Instant::now();
+        let pending = doc! { "outbox.batchId": { "$exists": true } };
+        self.lease.take_many(&pending, &groups, tenure).await?;
+        let found: Vec<Document> = self
+            .groups()
+            .find(doc! { "_id": { "$in": &groups }, "outbox.batchId": { "$exists": true } })
+            .projection(doc! { "outbox": 1, "flushLease": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        let mut leased = Vec::with_capacity(found.len());
+        for d in found {
+            let group = d.get_str("_id").unwrap_or_default().to_string();
+            let lease = d.get_document("flushLease").ok();
+            if lease.and_then(|l| l.get_str("by").ok()) != Some(tenure) {
+                self.requeue(&group);
+                continue;
+            }
+            let clean = lease.and_then(|l| l.get_bool("fresh").ok()).unwrap_or(false);
+            match outbox::pending_in(&d) {
+                Ok(batches) => leased.push(Leased { group, lease_id: tenure.to_string(), batches, clean, taken_at }),
+                // The lease stays until it expires; the reader that needs the group reports it.
+                Err(e) => tracing::warn!(group, error = %e, "a pending member batch is malformed"),
+            }
+        }
+        Ok(leased)
+    }
+
+    /// Puts a group back for the next gathering.
+    fn requeue(self: &Arc<Self>, group: &str) {
+        self.kick(group, 0);
     }
 
     /// Flushes every group with pending batches (start-up, the sweep). A group that fails
@@ -227,80 +428,121 @@ impl Flusher {
         Ok(())
     }
 
-    /// One attempt: take the lease, insert what ClickHouse lacks, pull the batches.
+    /// One attempt of a lone flusher: take the lease, insert what ClickHouse lacks, pull
+    /// the batches.
     async fn cycle(&self, group: &str) -> Result<Cycle, OutboxError> {
-        let started = Instant::now();
+        let leased = match self.take(group).await? {
+            Took::Leased(l) => l,
+            Took::Cycle(c) => return Ok(c),
+        };
+        if let Err(e) = self.insert_own(&leased).await {
+            self.release_failed(&[leased.group.as_str()], &leased.lease_id, &e).await;
+            return Err(e);
+        }
+        self.finish(std::slice::from_ref(&leased)).await?;
+        Ok(Cycle::Done)
+    }
+
+    /// Takes the group's lease, with the batches pending under it.
+    async fn take(&self, group: &str) -> Result<Took, OutboxError> {
+        let taken_at = Instant::now();
         let lease_id = uuid::Uuid::new_v4().to_string();
         let pending = doc! { "_id": group, "outbox.batchId": { "$exists": true } };
         let projection = doc! { "outbox": 1, "flushLease": 1 };
         let taken = match self.lease.take(&pending, &lease_id, projection).await? {
             Taken::Granted(Some(before)) => before,
-            Taken::Granted(None) | Taken::Absent => return Ok(Cycle::Done),
-            Taken::Held => return Ok(Cycle::Held),
+            Taken::Granted(None) | Taken::Absent => return Ok(Took::Cycle(Cycle::Done)),
+            Taken::Held => return Ok(Took::Cycle(Cycle::Held)),
         };
         let batches = outbox::pending_in(&taken).map_err(|e| OutboxError::Corrupt(format!("group {group}: {e}")))?;
         // No lease at all (not even an expired one): the last flusher pulled what it
         // inserted, or none ever ran. Every failure below leaves the lease in place, so
         // ClickHouse holds no row of these batches and there is nothing to count.
         let clean = !taken.contains_key("flushLease");
-        let leased_at = started.elapsed();
-        let inserted = match tokio::time::timeout(INSERT_TIMEOUT, self.insert_missing(group, &batches, clean)).await {
-            Ok(result) => result,
-            Err(_) => Err(OutboxError::Busy(format!("inserting group {group}'s events took over {INSERT_TIMEOUT:?}"))),
-        };
-        if let Err(e) = inserted {
-            // ClickHouse refused the insert: it did not land, the next flusher may go at once
-            // (the lease expires now). Anything else (a cut connection, a timeout) may still
-            // land: the lease stays a little longer. Either way the lease is never removed:
-            // an earlier insert of this cycle may have landed, so the next flusher counts.
-            let definite = matches!(e, OutboxError::ClickHouse(clickhouse::error::Error::BadResponse(_)));
-            let grace = if definite { 0 } else { AMBIGUOUS_GRACE.as_millis() as i64 };
-            let until = DateTime::from_millis(DateTime::now().timestamp_millis() + grace);
-            let release = doc! { "$set": { "flushLease.until": until } };
-            let _ = self.groups().update_one(doc! { "_id": group, "flushLease.by": &lease_id }, release).await;
-            return Err(e);
+        Ok(Took::Leased(Leased { group: group.to_string(), lease_id, batches, clean, taken_at }))
+    }
+
+    /// After a failed insert. ClickHouse refused it: it did not land, the next flusher may
+    /// go at once (the leases expire now). Anything else (a cut connection, a timeout) may
+    /// still land: the leases stay a little longer. Either way no lease is removed: an
+    /// earlier insert may have landed, so the next flusher counts.
+    async fn release_failed(&self, groups: &[&str], lease_id: &str, e: &OutboxError) {
+        let definite = matches!(e, OutboxError::ClickHouse(clickhouse::error::Error::BadResponse(_)));
+        let grace = if definite { 0 } else { AMBIGUOUS_GRACE.as_millis() as i64 };
+        let until = DateTime::from_millis(DateTime::now().timestamp_millis() + grace);
+        let release = doc! { "$set": { "flushLease.until": until } };
+        let leased = doc! { "_id": { "$in": groups }, "flushLease.by": lease_id };
+        let _ = self.groups().update_many(leased, release).await;
+    }
+
+    /// Pulls the flushed batches of the groups and drops their leases in one update (batch
+    /// ids are unique, so one list serves every group), clears the pending flag of those
+    /// whose outbox emptied, then forgets their chunks.
+    async fn finish(&self, leased: &[Leased]) -> Result<(), OutboxError> {
+        if leased.is_empty() {
+            return Ok(());
         }
-        let inserted_at = started.elapsed();
-        let ids: Vec<&str> = batches.iter().map(|b| b.batch_id.as_str()).collect();
-        // When no batch arrived meanwhile, the outbox empties: the flag goes too. When this
-        // process committed more since the flush began, that update cannot match: skip it.
-        let more = self.state(group).dirty.load(Ordering::SeqCst);
-        let emptied = !more
-            && self
-                .groups()
-                .update_one(
-                    doc! { "_id": group, "flushLease.by": &lease_id, "outbox": { "$size": ids.len() as i64 } },
-                    doc! {
-                        "$pull": { "outbox": { "batchId": { "$in": &ids } } },
-                        "$unset": { "flushLease": "", "outboxPending": "" },
-                    },
-                )
-                .await?
-                .matched_count
-                > 0;
-        if !emptied {
+        let ids: Vec<&str> = leased.iter().flat_map(|l| l.batches.iter().map(|b| b.batch_id.as_str())).collect();
+        let groups: Vec<&str> = leased.iter().map(|l| l.group.as_str()).collect();
+        let leases: Vec<&str> = leased.iter().map(|l| l.lease_id.as_str()).collect();
+        self.groups()
+            .update_many(
+                doc! { "_id": { "$in": &groups }, "flushLease.by": { "$in": &leases } },
+                doc! { "$pull": { "outbox": { "batchId": { "$in": &ids } } }, "$unset": { "flushLease": "" } },
+            )
+            .await?;
+        // The flag goes where the outbox is empty now; a group this process committed to
+        // meanwhile has a batch again (it keeps the flag, and the next flush clears it).
+        let quiet: Vec<&str> = groups.iter().copied().filter(|g| !self.state(g).dirty.load(Ordering::SeqCst)).collect();
+        if !quiet.is_empty() {
             self.groups()
-                .update_one(
-                    doc! { "_id": group, "flushLease.by": &lease_id },
-                    doc! { "$pull": { "outbox": { "batchId": { "$in": &ids } } }, "$unset": { "flushLease": "" } },
+                .update_many(
+                    doc! { "_id": { "$in": &quiet }, "outboxPending": true, "outbox": { "$size": 0 } },
+                    doc! { "$unset": { "outboxPending": "" } },
                 )
                 .await?;
         }
-        // A writer's remembered copy of the document still lists these batches.
-        if let Some(through) = batches.iter().map(|b| b.version).max() {
-            self.store.batches_flushed("Group", group, through);
+        for l in leased {
+            // A writer's remembered copy of the document still lists these batches.
+            if let Some(through) = l.batches.iter().map(|b| b.version).max() {
+                self.store.batches_flushed("Group", &l.group, through);
+            }
         }
-        outbox::forget_chunks(&self.db, &batches).await?;
-        // Where a flush's time goes (`ROSTER_LOG=roster::group=debug`), cumulative.
-        tracing::debug!(
-            group,
-            batches = batches.len(),
-            leased_us = leased_at.as_micros() as u64,
-            inserted_us = inserted_at.as_micros() as u64,
-            pulled_us = started.elapsed().as_micros() as u64,
-            "flush timings"
-        );
-        Ok(Cycle::Done)
+        let batches: Vec<OutboxBatch> =
+            leased.iter().flat_map(|l| l.batches.iter().filter(|b| b.inline().is_none()).cloned()).collect();
+        outbox::forget_chunks(&self.db, &batches).await
+    }
+
+    /// Inserts the rows of groups with clean leases and inline batches: all groups in one
+    /// block, unless they hold more than [`CHUNK_ROWS`] rows together.
+    async fn insert_together(&self, leases: &[&Leased]) -> Result<(), OutboxError> {
+        let mut block: Vec<MemberEvent> = Vec::new();
+        for leased in leases {
+            let mut rows = Vec::new();
+            for batch in &leased.batches {
+                rows.extend(outbox::inline_events(&leased.group, batch)?);
+            }
+            if !block.is_empty() && block.len() + rows.len() > CHUNK_ROWS {
+                events::insert(&self.ch, &std::mem::take(&mut block)).await?;
+            }
+            block.extend(rows);
+        }
+        events::insert(&self.ch, &block).await?;
+        Ok(())
+    }
+
+    /// Inserts one group's rows that ClickHouse lacks, within [`INSERT_TIMEOUT`] of taking
+    /// its lease.
+    async fn insert_own(&self, leased: &Leased) -> Result<(), OutboxError> {
+        let deadline = leased.taken_at + INSERT_TIMEOUT;
+        let inserting = self.insert_missing(&leased.group, &leased.batches, leased.clean);
+        match tokio::time::timeout_at(deadline.into(), inserting).await {
+            Ok(result) => result,
+            Err(_) => Err(OutboxError::Busy(format!(
+                "inserting group {}'s events took over {INSERT_TIMEOUT:?}",
+                leased.group
+            ))),
+        }
     }
 
     /// Inserts the batches' rows that ClickHouse does not have (a flusher before this one

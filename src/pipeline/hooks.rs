@@ -51,7 +51,9 @@ pub struct HookError(pub String);
 pub trait PostSaveHook: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// True when this hook's work for writes of `rt` must survive a crash: the save path
-    /// then marks the write in its commit (see `recording::recorder`).
+    /// then marks the write in its commit, and clears the mark once every such hook
+    /// succeeded (with the version's history flag, in one update); a mark left behind is
+    /// the hook's own sweep's (see `recording::recorder`).
     fn durable_for(&self, _rt: &str) -> bool {
         false
     }
@@ -85,12 +87,17 @@ impl Hooks {
         self.0.iter().map(|h| h.name()).collect()
     }
 
-    pub async fn run(&self, ctx: &RequestContext, saved: &Saved<'_>) {
+    /// Runs the hooks in order. True when every hook durable for the type succeeded: the
+    /// mark the commit set for them may go (see [`PostSaveHook::durable_for`]).
+    pub async fn run(&self, ctx: &RequestContext, saved: &Saved<'_>) -> bool {
+        let mut durable_done = true;
         for hook in self.0.iter() {
             if let Err(e) = hook.after_save(ctx, saved).await {
                 tracing::error!(hook = hook.name(), resource_type = saved.resource_type, id = saved.id,
                     version = saved.version, error = %e, "post-save hook failed");
+                durable_done &= !hook.durable_for(saved.resource_type);
             }
         }
+        durable_done
     }
 }

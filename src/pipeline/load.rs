@@ -28,11 +28,17 @@ pub(super) struct Load<'a> {
     pub base: Base,
     pub writes: Writes,
     pub if_match: Option<i64>,
+    /// A POST's server-assigned id: no version can exist, so nothing is read (a collision
+    /// would fail the insert's guard and be retried like any lost race).
+    pub fresh_id: bool,
 }
 
 pub(super) async fn load(store: &ResourceStore, l: Load<'_>) -> Result<Loaded, Stop> {
     let (rt, id) = (l.resource_type, l.id);
-    let (current, from) = store.read_for_write(rt, id, l.base, l.writes).await.map_err(FhirError::from)?;
+    let (current, from) = match l.fresh_id {
+        true => (None, Base::Stored),
+        false => store.read_for_write(rt, id, l.base, l.writes).await.map_err(FhirError::from)?,
+    };
     let guessed = from == Base::Remembered;
     if let Some(expected) = l.if_match {
         match &current {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use serde_json::Value;
 
-use super::after;
+use super::after::{self, HookMark};
 use super::behaviour::{Behaviour, Behaviours, Detached, Draft, Share};
 use super::commit::{self, Target};
 use super::draft::{self, Drafting};
@@ -198,8 +198,10 @@ impl Writer {
             true => Base::Remembered,
             false => Base::Stored,
         };
+        let fresh_id = matches!(p.change, Change::Create(_));
         let loaded =
-            load::load(&self.store, Load { resource_type: rt, id, base, writes, if_match: p.if_match }).await?;
+            load::load(&self.store, Load { resource_type: rt, id, base, writes, if_match: p.if_match, fresh_id })
+                .await?;
         let read_at = started.elapsed();
         let drafting = Drafting {
             resource_type: rt,
@@ -239,7 +241,6 @@ impl Writer {
             Target { resource_type: rt, id, if_match: p.if_match, writes, events_pending: self.hooks.durable_for(rt) };
         let committed = commit::commit(&self.store, &target, &loaded, &mut content, planned, p.share.as_mut()).await?;
         p.share.committed(ctx, &draft, &committed);
-        after::copy_history_later(&self.store, rt, committed, writes);
         let committed_at = started.elapsed();
         let previous = loaded.live().and_then(|c| c.resource.as_ref());
         let saved = Saved {
@@ -250,7 +251,13 @@ impl Writer {
             resource: content.resource.as_ref(),
             previous,
         };
-        self.hooks.run(ctx, &saved).await;
+        let hooks_done = self.hooks.run(ctx, &saved).await;
+        let mark = match target.events_pending {
+            false => HookMark::None,
+            true if hooks_done => HookMark::Done,
+            true => HookMark::Kept,
+        };
+        after::copy_history_later(&self.store, rt, committed, writes, mark);
         // Where a write's time goes (`ROSTER_LOG=roster::pipeline=debug`), cumulative.
         tracing::debug!(
             resource_type = rt,

@@ -5,7 +5,9 @@
 //! each checkpoint), reads batches from its checkpoint on, lets the projection write them,
 //! then moves the checkpoint, guarded by the lease: a runner that lost its lease cannot
 //! move it. Between batches it waits for new events (woken by local appends, else it
-//! looks every 100 ms). A store failure retries the batch after a pause; a poison event
+//! looks every 100 ms), and a batch that did not fill is followed by the next no sooner
+//! than [`GATHER`] after it began (one insert and one checkpoint per interval under a
+//! stream of small appends, not one per append). A store failure retries the batch after a pause; a poison event
 //! marks the projection `failed` at that position and stops it (a rebuild, or
 //! `roster projection reset`, clears that) while the other projections go on.
 
@@ -34,11 +36,19 @@ pub struct RunnerConfig {
     /// Events per batch.
     pub batch: usize,
     pub lease: Duration,
+    /// After a batch that did not fill, the next starts no sooner than this after it: under
+    /// a stream of single writes each batch would otherwise hold one event and cost a
+    /// ClickHouse insert and a MongoDB checkpoint (three projections: three of each per
+    /// FHIR create). A projection trails the log by at most this much more.
+    pub gather: Duration,
 }
+
+/// The default [`RunnerConfig::gather`].
+pub const GATHER: Duration = Duration::from_millis(100);
 
 impl Default for RunnerConfig {
     fn default() -> Self {
-        RunnerConfig { batch: 10_000, lease: LEASE }
+        RunnerConfig { batch: 10_000, lease: LEASE, gather: GATHER }
     }
 }
 
@@ -320,6 +330,7 @@ impl Runner {
         let mut since_snapshot = 0u64;
         let mut renewed = Instant::now();
         loop {
+            let started = Instant::now();
             let events = self.store.read_log((position + 1) as u64, self.config.batch).await?;
             let Some(last) = events.last().map(|e| e.position) else {
                 // Idle: keep the lease fresh, then wait for appends.
@@ -352,6 +363,9 @@ impl Runner {
                 let timestamp = events.last().map_or(0, |e| e.timestamp);
                 self.snapshots.save(&Snapshot { name: p.name().to_string(), position: last, timestamp, state }).await?;
                 since_snapshot = 0;
+            }
+            if events.len() < self.config.batch {
+                tokio::time::sleep(self.config.gather.saturating_sub(started.elapsed())).await;
             }
         }
     }

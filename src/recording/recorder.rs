@@ -5,7 +5,8 @@
 //! The hook runs after the commit, so a crash could lose its events. The save path
 //! therefore marks every write of a routed type in the same version-guarded update that
 //! commits it (`eventsPending: true`, the version pushed onto `eventsVersions`; see
-//! [`PostSaveHook::durable_for`]). The hook appends the events, then removes the mark. A
+//! [`PostSaveHook::durable_for`]). The hook appends the events; the write path then removes
+//! the mark (with the history flag, one update). A
 //! sweep finds marks older than [`STALE`] and records those versions again from history:
 //! each derived event has an id computed from (resource, version, event type, stream), and
 //! the sweep skips ids its stream already holds, so a replay never duplicates.
@@ -215,12 +216,9 @@ impl PostSaveHook for EventRecorder {
             if !self.routes.covers(saved.resource_type) {
                 return Ok(());
             }
+            // The write path clears the mark once this succeeded (with the history flag).
             let origin = Cause { request_id: &ctx.request_id, actor: ctx.actor.as_deref() };
-            self.record(saved, &origin, false).await?;
-            self.store
-                .clear_events_pending(saved.resource_type, saved.id, saved.version)
-                .await
-                .map_err(|e| HookError(e.to_string()))
+            self.record(saved, &origin, false).await.map(|_| ())
         })
     }
 }

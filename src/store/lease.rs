@@ -155,6 +155,33 @@ impl Lease {
             None => Ok(Taken::Held),
         }
     }
+
+    /// Takes for tenure `by` the free leases of the documents with an `_id` in `ids` that
+    /// match `filter`: one update for all of them, whatever their number (a second one
+    /// when some lease was left behind expired). A lease taken where there was none gets
+    /// `fresh: true` in its value: no earlier holder can have left work half-done. The
+    /// caller reads back which documents name `by`. A dead holder's lease is not checked
+    /// here: it is taken once expired (a caller that cannot wait uses [`Lease::take`]).
+    pub async fn take_many(&self, filter: &Document, ids: &[String], by: &str) -> Result<(), mongodb::error::Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let field = self.field;
+        let mut value = grant(by, self.ttl);
+        let mut absent = filter.clone();
+        absent.insert("_id", doc! { "$in": ids });
+        absent.insert(field, doc! { "$exists": false });
+        value.insert("fresh", true);
+        let taken = self.collection.update_many(absent, doc! { "$set": { field: value.clone() } }).await?;
+        if (taken.modified_count as usize) < ids.len() {
+            let mut expired = filter.clone();
+            expired.insert("_id", doc! { "$in": ids });
+            expired.insert(format!("{field}.until"), doc! { "$lt": DateTime::now() });
+            value.insert("fresh", false);
+            self.collection.update_many(expired, doc! { "$set": { field: value } }).await?;
+        }
+        Ok(())
+    }
 }
 
 /// A tenure's time, by this process's monotonic clock.

@@ -36,6 +36,7 @@
 pub mod holder;
 pub mod lease;
 pub mod mongo;
+pub mod ops;
 pub mod version_log;
 
 pub use mongo::{Base, BatchRows, Commit, MemberCount, OutboxBatch, ResourceStore, StoreError, Version, Writes};

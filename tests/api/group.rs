@@ -417,3 +417,52 @@ async fn a_member_array_over_one_chunk_is_staged_in_chunks_and_read_back_whole()
     let body = json(app.get("Group/big?_summary=true").await).await;
     assert_eq!(body["quantity"], 24_999);
 }
+
+/// PATCHes of many groups within one gathering reach ClickHouse as one insert (one part),
+/// not one per group; each group's events are all there once.
+#[tokio::test]
+async fn patches_of_sixteen_groups_in_one_gathering_become_one_insert() {
+    let app = spawn_app().await;
+    for g in 0..16 {
+        let r = app.put(&format!("Group/many{g}"), &group(&format!("many{g}"), &["Patient/a"])).await;
+        assert_eq!(r.status(), 201);
+    }
+    // The PUTs' own events are in (a PUT finishes its members before answering).
+    let patches = (0..16).map(|g| {
+        let app = &app;
+        async move {
+            let ops = json!([{ "op": "add", "path": "/member/-", "value": member(&format!("Patient/b{g}")) }]);
+            app.patch(&format!("Group/many{g}"), &ops).await.status().as_u16()
+        }
+    });
+    let statuses = futures_util::future::join_all(patches).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let ch = roster::migrate::clickhouse_client(&app.settings.clickhouse);
+    let ids: Vec<String> = (0..16).map(|g| format!("many{g}")).collect();
+    let mut rows = 0u64;
+    for _ in 0..100 {
+        rows = ch
+            .query("SELECT count() FROM Group_4_0_0_MemberEvents WHERE group_id IN ? AND group_version = 2")
+            .bind(&ids)
+            .fetch_one()
+            .await
+            .unwrap();
+        if rows == 16 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows, 16, "every group's event reached ClickHouse, once");
+    // Parts only merge, never split: more than a few parts means one insert per group.
+    let parts: u64 = ch
+        .query("SELECT uniqExact(_part) FROM Group_4_0_0_MemberEvents WHERE group_id IN ? AND group_version = 2")
+        .bind(&ids)
+        .fetch_one()
+        .await
+        .unwrap();
+    assert!(parts <= 4, "16 groups' PATCHes landed in {parts} inserts");
+    for g in 0..16 {
+        let path = format!("Group/many{g}");
+        assert_eq!(members_of(&app, &path).await, ["Patient/a".to_string(), format!("Patient/b{g}")]);
+    }
+}

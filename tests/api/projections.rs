@@ -333,7 +333,7 @@ async fn a_runner_killed_mid_batch_and_restarted_equals_a_clean_rebuild_and_snap
     let ch = roster::migrate::clickhouse_client(&app.settings.clickhouse);
     let store = Arc::new(ClickHouseEventStore::new(&app.mongo, ch.clone()));
     let total = seed(&store, 150).await as i64;
-    let config = RunnerConfig { batch: 97, lease: Duration::from_secs(2) };
+    let config = RunnerConfig { batch: 97, lease: Duration::from_secs(2), ..RunnerConfig::default() };
     let first = Runner::new(&app.mongo, ch.clone(), store.clone(), config.clone());
     let tasks = first.spawn(builtin::all());
     let checkpoints = Checkpoints::new(&app.mongo);

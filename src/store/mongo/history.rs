@@ -104,6 +104,24 @@ impl ResourceStore {
         Ok(())
     }
 
+    /// Clears the history flag and the durable-hook mark of a version in one update, when
+    /// it is still current and the only marked version. False when it did not match (a
+    /// newer version followed, or other versions are marked): the caller clears each
+    /// separately.
+    pub async fn clear_history_and_events_flags(&self, rt: &str, id: &str, version: i64) -> Result<bool, StoreError> {
+        let cleared = self
+            .current(rt)
+            .update_one(
+                doc! { "_id": id, "versionId": version, "eventsVersions": [version] },
+                doc! {
+                    "$unset": { "historyPending": "", "eventsPending": "", "eventsVersions": "" },
+                    "$set": { "versionLog": version_log::encode(&[]) },
+                },
+            )
+            .await?;
+        Ok(cleared.matched_count > 0)
+    }
+
     /// Writes every version the document stands for that is not in history yet: those in
     /// its `versionLog` (its content with their `meta`) and, when flagged, itself. One
     /// `insert_many`; entries already there are skipped (`_id` is the version).

@@ -1,0 +1,316 @@
+//! Concurrent write benchmark: many clients at once against a release `roster serve`, with
+//! the floor the stores give for the same work measured in the same run through the Rust
+//! MongoDB driver.
+//!
+//! Run with `make bench` (after `bench` and `bench_events`). 16 closed-loop clients (each
+//! sends its next request when the last is answered) for a fixed time per measure:
+//! - member-only PATCH (one member added) spread over 16 Groups, then all on 1 Group;
+//! - `POST /Patient`, and `PUT /Patient/{id}` of existing Patients;
+//! - the floors: guarded read+update cycles on 16 documents (read the version, update where
+//!   it is unchanged, pushing onto an array, as a member-only PATCH's commit does), and
+//!   single inserts, both with the server's write concern;
+//! - ClickHouse's and MongoDB's CPU time per request, read from `/proc` for the test
+//!   services' processes (`.local/test/*.pid`).
+//!
+//! The load generator runs on the same 2 cores as the server and both stores, as do the
+//! floors: compare rows of one run. `--server PATH` benchmarks another `roster` binary
+//! (an older build) with the same load; `--quick` runs each measure for a second.
+
+mod common;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use bson::doc;
+use common::{machine, pct, write_section, Server};
+use serde_json::{json, Value};
+
+const CLIENTS: usize = 16;
+const GROUP_MEMBERS: usize = 1_000;
+
+/// What a closed-loop run measured.
+struct Run {
+    ok: usize,
+    failed: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn p(&mut self, q: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        pct(&mut self.latencies, q)
+    }
+}
+
+/// Runs `one(client, i)` in a loop on each of [`CLIENTS`] tasks for `time`.
+async fn closed_loop<F, Fut>(time: Duration, one: F) -> Run
+where
+    F: Fn(usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let started = Instant::now();
+    let until = started + time;
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let one = one.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed, mut latencies) = (0, 0, Vec::new());
+                let mut i = 0;
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    if one(c, i).await {
+                        ok += 1;
+                        latencies.push(t.elapsed());
+                    } else {
+                        failed += 1;
+                    }
+                    i += 1;
+                }
+                (ok, failed, latencies)
+            })
+        })
+        .collect();
+    let mut run = Run { ok: 0, failed: 0, elapsed: Duration::ZERO, latencies: Vec::new() };
+    for t in tasks {
+        let (ok, failed, latencies) = t.await.unwrap();
+        run.ok += ok;
+        run.failed += failed;
+        run.latencies.extend(latencies);
+    }
+    run.elapsed = started.elapsed();
+    run
+}
+
+/// CPU time (user + system) of a process so far.
+fn cpu(pid: Option<u32>) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // Fields after the command name (which may hold spaces), 1-based: utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10)) // USER_HZ = 100
+}
+
+fn service_pid(name: &str) -> Option<u32> {
+    std::fs::read_to_string(format!(".local/test/{name}.pid")).ok()?.trim().parse().ok()
+}
+
+/// The stores' CPU while a measure runs.
+struct Cpu {
+    ch: Option<Duration>,
+    mongo: Option<Duration>,
+}
+
+impl Cpu {
+    fn now() -> Cpu {
+        Cpu { ch: cpu(service_pid("clickhouse")), mongo: cpu(service_pid("mongo")) }
+    }
+
+    /// "ClickHouse x ms, MongoDB y ms" of CPU per request since `self`.
+    fn per_request(&self, requests: usize) -> String {
+        let after = Cpu::now();
+        let each = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) if requests > 0 => format!("{:.2}", (b - a).as_secs_f64() * 1000.0 / requests as f64),
+            _ => "n/a".into(),
+        };
+        format!("{} / {}", each(self.ch, after.ch), each(self.mongo, after.mongo))
+    }
+}
+
+fn row(md: &mut String, measure: &str, run: &mut Run, cpu: &str) {
+    let failed = if run.failed > 0 { format!(" ({} failed)", run.failed) } else { String::new() };
+    md.push_str(&format!(
+        "| {measure} | {:.0}{failed} | {:.1} / {:.1} | {cpu} |\n",
+        run.rate(),
+        run.p(0.5),
+        run.p(0.99)
+    ));
+    eprintln!(
+        "{measure}: {:.0}/s{failed}, p50 {:.1} ms, p99 {:.1} ms, CPU per request (ClickHouse / MongoDB, ms) {cpu}",
+        run.rate(),
+        run.p(0.5),
+        run.p(0.99)
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| args.iter().skip_while(|a| *a != name).nth(1).cloned();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = arg("--out").unwrap_or_else(|| "docs/benchmarks.md".into());
+    let time = if quick { Duration::from_secs(1) } else { Duration::from_secs(8) };
+
+    let mut settings = roster::config::Settings::load(None).unwrap();
+    settings.mongo.database = format!("bench_floor_{}", std::process::id());
+    let db = roster::startup::mongo_database(&settings).await.unwrap();
+    let mut md = String::new();
+    md.push_str("## Concurrent writes\n\n");
+    md.push_str(&format!(
+        "{} clients, closed loop, {} s per measure, release build, fresh local services; the load generator \
+         shares the machine ({}). CPU: the stores' processes' user+system time during the measure, divided \
+         by the requests answered. Written by `examples/bench_writes.rs`.\n\n",
+        CLIENTS,
+        time.as_secs(),
+        machine()
+    ));
+    md.push_str(
+        "| measure | req/s | p50 / p99 (ms) | CPU per request: ClickHouse / MongoDB (ms) |\n|---|---|---|---|\n",
+    );
+
+    // The floors, through the driver, with the server's write concern.
+    let docs = db.collection::<bson::Document>("floor_guarded");
+    for d in 0..CLIENTS as i64 {
+        docs.insert_one(doc! { "_id": d, "v": 0i64, "outbox": [] }).await.unwrap();
+    }
+    let cpu_before = Cpu::now();
+    let mut run = closed_loop(time, move |c, _| {
+        let docs = docs.clone();
+        async move {
+            let id = c as i64;
+            let Ok(Some(d)) = docs.find_one(doc! { "_id": id }).await else { return false };
+            let v = d.get_i64("v").unwrap_or(0);
+            let batch = doc! { "batchId": uuid::Uuid::new_v4().to_string(), "events": "[[1,0,\"{}\"]]" };
+            let update = doc! { "$set": { "v": v + 1 }, "$push": { "outbox": { "$each": [batch], "$slice": -20 } } };
+            matches!(docs.update_one(doc! { "_id": id, "v": v }, update).await, Ok(r) if r.modified_count == 1)
+        }
+    })
+    .await;
+    let cpu = cpu_before.per_request(run.ok);
+    row(&mut md, "floor: guarded read+update cycle, 16 documents (driver)", &mut run, &cpu);
+    let inserts = db.collection::<bson::Document>("floor_insert");
+    let cpu_before = Cpu::now();
+    let mut run = closed_loop(time, move |c, i| {
+        let inserts = inserts.clone();
+        async move {
+            let d = doc! { "_id": format!("{c}-{i}"), "resource": { "resourceType": "Patient", "name": [{ "family": "Floor" }] } };
+            inserts.insert_one(d).await.is_ok()
+        }
+    })
+    .await;
+    let cpu = cpu_before.per_request(run.ok);
+    row(&mut md, "floor: single insert (driver)", &mut run, &cpu);
+    db.drop().await.ok();
+
+    let server_bin = arg("--server");
+    let server = match &server_bin {
+        Some(bin) => Server::start_binary(bin, "events", "writes", &[]),
+        None => Server::start("events", "writes", &[]),
+    };
+    let base = format!("{}/4_0_0", server.base);
+    let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+    let fhir_json = "application/fhir+json";
+    for g in 0..CLIENTS {
+        let members: Vec<Value> =
+            (0..GROUP_MEMBERS).map(|m| json!({ "entity": { "reference": format!("Patient/g{g}-{m}") } })).collect();
+        let group = json!({ "resourceType": "Group", "id": format!("cw{g}"), "type": "person", "actual": true, "member": members });
+        let r = client
+            .put(format!("{base}/Group/cw{g}"))
+            .header("content-type", fhir_json)
+            .body(group.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "setup: PUT Group/cw{g} answered {}", r.status());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    for (label, groups) in [("16 Groups", CLIENTS), ("1 Group", 1)] {
+        let cpu_before = Cpu::now();
+        let (c2, b2) = (client.clone(), base.clone());
+        let tag = groups;
+        let mut run = closed_loop(time, move |c, i| {
+            let (client, base) = (c2.clone(), b2.clone());
+            async move {
+                let group = c % groups;
+                let ops = json!([{ "op": "add", "path": "/member/-",
+                    "value": { "entity": { "reference": format!("Patient/t{tag}-{c}-{i}") } } }]);
+                let r = client
+                    .patch(format!("{base}/Group/cw{group}"))
+                    .header("content-type", "application/json-patch+json")
+                    .header("prefer", "return=minimal")
+                    .body(ops.to_string())
+                    .send()
+                    .await;
+                matches!(r, Ok(r) if r.status().is_success())
+            }
+        })
+        .await;
+        // The member events reach ClickHouse after the answers: their cost counts too.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let cpu = cpu_before.per_request(run.ok);
+        row(&mut md, &format!("member-only PATCH (one member added), 16 clients over {label}"), &mut run, &cpu);
+    }
+
+    let cpu_before = Cpu::now();
+    let (c2, b2) = (client.clone(), base.clone());
+    let mut run = closed_loop(time, move |c, i| {
+        let (client, base) = (c2.clone(), b2.clone());
+        async move {
+            let patient = json!({ "resourceType": "Patient", "identifier": [{ "system": "urn:bench", "value": format!("{c}-{i}") }],
+                                  "name": [{ "family": format!("Bench{c}"), "given": ["Ada"] }], "gender": "female", "birthDate": "1990-05-17" });
+            let r = client
+                .post(format!("{base}/Patient"))
+                .header("content-type", fhir_json)
+                .header("prefer", "return=minimal")
+                .body(patient.to_string())
+                .send()
+                .await;
+            matches!(r, Ok(r) if r.status().is_success())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu = cpu_before.per_request(run.ok);
+    row(&mut md, "`POST /Patient`, 16 clients", &mut run, &cpu);
+
+    // Updates of existing Patients: each client its own 20.
+    for c in 0..CLIENTS {
+        for k in 0..20 {
+            let patient =
+                json!({ "resourceType": "Patient", "id": format!("u{c}-{k}"), "name": [{ "family": "Before" }] });
+            client
+                .put(format!("{base}/Patient/u{c}-{k}"))
+                .header("content-type", fhir_json)
+                .body(patient.to_string())
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+    let cpu_before = Cpu::now();
+    let (c2, b2) = (client.clone(), base.clone());
+    let mut run = closed_loop(time, move |c, i| {
+        let (client, base) = (c2.clone(), b2.clone());
+        async move {
+            let id = format!("u{c}-{}", i % 20);
+            let patient = json!({ "resourceType": "Patient", "id": id, "name": [{ "family": format!("After{i}") }] });
+            let r = client
+                .put(format!("{base}/Patient/{id}"))
+                .header("content-type", fhir_json)
+                .header("prefer", "return=minimal")
+                .body(patient.to_string())
+                .send()
+                .await;
+            matches!(r, Ok(r) if r.status().is_success())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu = cpu_before.per_request(run.ok);
+    row(&mut md, "`PUT /Patient/{id}` (update), 16 clients", &mut run, &cpu);
+    drop(server);
+
+    if let Some(bin) = server_bin {
+        md.push_str(&format!("\nServer: `{bin}`.\n"));
+    }
+    write_section(&out, "writes", &md);
+    println!("{md}");
+}

@@ -1,0 +1,98 @@
+//! What a request costs MongoDB, counted with the driver's command monitoring
+//! (`mongo.count_ops`): the numbers the README states, and bounds that fail when a change
+//! adds round trips to the write path. Everything a request causes is counted, also what
+//! it causes off the request path (history copies, the member flush, event recording,
+//! projection checkpoints), so each measure waits until the server is quiet.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+/// Waits until no MongoDB command was started for a while, then returns the counts.
+async fn quiet(app: &TestApp) -> BTreeMap<String, u64> {
+    let counts = app.state.mongo_ops.as_ref().expect("count_ops is on");
+    let mut last = counts.total();
+    let mut still = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let now = counts.total();
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+        if still >= 3 {
+            break;
+        }
+    }
+    counts.snapshot()
+}
+
+/// Commands per request between two snapshots, by name and in all.
+fn per_request(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, n: u64) -> (f64, String) {
+    let mut total = 0;
+    let mut parts = Vec::new();
+    for (name, count) in after {
+        let d = count - before.get(name).copied().unwrap_or(0);
+        if d > 0 {
+            total += d;
+            parts.push(format!("\n      {name} {:.2}", d as f64 / n as f64));
+        }
+    }
+    (total as f64 / n as f64, parts.join(", "))
+}
+
+#[tokio::test]
+async fn mongodb_commands_per_write() {
+    let mut settings = test_settings();
+    settings.mongo.count_ops = true;
+    // As `make run` serves: FHIR writes recorded as events, projections fed.
+    settings.events.routes = roster::config::EventRoutes::Builtin;
+    settings.projections.run = true;
+    let app = spawn_with(settings, roster::pipeline::Hooks::default()).await;
+    const N: u64 = 40;
+
+    let members: Vec<_> = (0..1000).map(|i| json!({"entity": {"reference": format!("Patient/m{i}")}})).collect();
+    let r = app
+        .put(
+            "/Group/costs",
+            &json!({"resourceType": "Group", "id": "costs", "type": "person", "actual": true, "member": members}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let before = quiet(&app).await;
+    for i in 0..N {
+        let add =
+            json!([{"op": "add", "path": "/member/-", "value": {"entity": {"reference": format!("Patient/new{i}")}}}]);
+        assert_eq!(app.patch("/Group/costs", &add).await.status(), 200);
+    }
+    let after = quiet(&app).await;
+    let (patch, patch_parts) = per_request(&before, &after, N);
+
+    let before = after;
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let r = app.post("/Patient", &patient(&format!("Cost{i}"))).await;
+        assert_eq!(r.status(), 201);
+        ids.push(json(r).await["id"].as_str().unwrap().to_string());
+    }
+    let after = quiet(&app).await;
+    let (create, create_parts) = per_request(&before, &after, N);
+
+    let before = after;
+    for (i, id) in ids.iter().enumerate() {
+        let mut p = patient(&format!("Changed{i}"));
+        p["id"] = json!(id);
+        assert_eq!(app.put(&format!("/Patient/{id}"), &p).await.status(), 200);
+    }
+    let after = quiet(&app).await;
+    let (update, update_parts) = per_request(&before, &after, N);
+
+    println!("MongoDB commands per request ({N} sequential requests each, everything they cause):");
+    println!("  member-only Group PATCH: {patch:.2} ({patch_parts})");
+    println!("  POST /Patient:           {create:.2} ({create_parts})");
+    println!("  PUT /Patient/{{id}}:       {update:.2} ({update_parts})");
+    assert!(patch <= 2.0, "a member-only PATCH costs {patch:.2} MongoDB commands: {patch_parts}");
+    assert!(create <= 5.5, "a create costs {create:.2} MongoDB commands: {create_parts}");
+    assert!(update <= 6.5, "an update costs {update:.2} MongoDB commands: {update_parts}");
+}
