@@ -88,11 +88,35 @@ async fn mongodb_commands_per_write() {
     let after = quiet(&app).await;
     let (update, update_parts) = per_request(&before, &after, N);
 
+    // 16 writers at once, each on its own Group: what the gathering shares.
+    for g in 0..16 {
+        let body = json!({"resourceType": "Group", "id": format!("cc{g}"), "type": "person", "actual": true});
+        assert_eq!(app.put(&format!("/Group/cc{g}"), &body).await.status(), 201);
+    }
+    let before = quiet(&app).await;
+    let writers = (0..16).map(|g| {
+        let app = &app;
+        async move {
+            for i in 0..N {
+                let add = json!([{"op": "add", "path": "/member/-", "value": {"entity": {"reference": format!("Patient/c{g}-{i}")}}}]);
+                assert_eq!(app.patch(&format!("/Group/cc{g}"), &add).await.status(), 200);
+            }
+        }
+    });
+    futures_util::future::join_all(writers).await;
+    let after = quiet(&app).await;
+    let (concurrent, concurrent_parts) = per_request(&before, &after, 16 * N);
+
     println!("MongoDB commands per request ({N} sequential requests each, everything they cause):");
+    println!("  member-only Group PATCH, 16 writers over 16 Groups: {concurrent:.2} ({concurrent_parts})");
     println!("  member-only Group PATCH: {patch:.2} ({patch_parts})");
     println!("  POST /Patient:           {create:.2} ({create_parts})");
     println!("  PUT /Patient/{{id}}:       {update:.2} ({update_parts})");
     assert!(patch <= 2.0, "a member-only PATCH costs {patch:.2} MongoDB commands: {patch_parts}");
+    assert!(
+        concurrent <= 2.0,
+        "a concurrent member-only PATCH costs {concurrent:.2} MongoDB commands: {concurrent_parts}"
+    );
     assert!(create <= 5.5, "a create costs {create:.2} MongoDB commands: {create_parts}");
     assert!(update <= 6.5, "an update costs {update:.2} MongoDB commands: {update_parts}");
 }
