@@ -14,14 +14,17 @@ run: services-up
 	cargo build --bin roster $(if $(filter release,$(PROFILE)),--release,)
 	eval "$$($(SERVICES) env dev)" && $(CARGO_TARGET_DIR)/$(PROFILE)/roster serve
 
-## test: start the test services (own ports and data), run the whole suite, stop them
+## test: start the test services (own ports and data), run the whole suite, then the
+## MongoDB command counts alone (their batching depends on time: not beside 8 test threads), stop them
 test:
 	cargo build --workspace --tests --bin roster
 	$(SERVICES) stop test
 	rm -rf .local/test
 	$(SERVICES) start test
 	eval "$$($(SERVICES) env test)" && cargo test --workspace --no-fail-fast -- --test-threads=$${TEST_THREADS:-8} --show-output; \
-	  status=$$?; [ -n "$$KEEP_SERVICES" ] || $(SERVICES) stop test; exit $$status
+	  status=$$?; \
+	  eval "$$($(SERVICES) env test)" && cargo test --test api -- --ignored --exact costs::mongodb_commands_per_write --show-output \
+	  || status=1; [ -n "$$KEEP_SERVICES" ] || $(SERVICES) stop test; exit $$status
 
 ## bench: release build, fresh services (the test profile's ports and data), results in docs/benchmarks.md
 ## (BENCH_ARGS=--quick for a smoke run at a tenth of the sizes)

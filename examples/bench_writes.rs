@@ -140,6 +140,49 @@ fn row(md: &mut String, measure: &str, run: &mut Run, cpu: &str) {
     );
 }
 
+const FHIR_JSON: &str = "application/fhir+json";
+const JSON_PATCH: &str = "application/json-patch+json";
+
+/// One request: method, path under the FHIR base, content type, body.
+type Request = (reqwest::Method, String, &'static str, Value);
+
+/// Sends a request with `Prefer: return=minimal`; true when it succeeded.
+async fn send(client: &reqwest::Client, base: &str, (method, path, content_type, body): Request) -> bool {
+    let r = client
+        .request(method, format!("{base}/{path}"))
+        .header("content-type", content_type)
+        .header("prefer", "return=minimal")
+        .body(body.to_string())
+        .send()
+        .await;
+    matches!(r, Ok(r) if r.status().is_success())
+}
+
+/// Runs the requests `make(client, i)` from every client for `time` and writes the row,
+/// with the stores' CPU until the work the requests left behind (member flushes, history
+/// copies, events) is done.
+async fn measure_requests<F>(
+    md: &mut String,
+    measure: &str,
+    time: Duration,
+    client: &reqwest::Client,
+    base: &str,
+    make: F,
+) where
+    F: Fn(usize, usize) -> Request + Clone + Send + Sync + 'static,
+{
+    let cpu_before = Cpu::now();
+    let (client, base) = (client.clone(), base.to_string());
+    let mut run = closed_loop(time, move |c, i| {
+        let (client, base, request) = (client.clone(), base.clone(), make(c, i));
+        async move { send(&client, &base, request).await }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu = cpu_before.per_request(run.ok);
+    row(md, measure, &mut run, &cpu);
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -247,106 +290,45 @@ async fn main() {
     };
     let base = format!("{}/4_0_0", server.base);
     let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
-    let fhir_json = "application/fhir+json";
     for g in 0..CLIENTS {
         let members: Vec<Value> =
             (0..GROUP_MEMBERS).map(|m| json!({ "entity": { "reference": format!("Patient/g{g}-{m}") } })).collect();
         let group = json!({ "resourceType": "Group", "id": format!("cw{g}"), "type": "person", "actual": true, "member": members });
-        let r = client
-            .put(format!("{base}/Group/cw{g}"))
-            .header("content-type", fhir_json)
-            .body(group.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "setup: PUT Group/cw{g} answered {}", r.status());
+        assert!(send(&client, &base, (reqwest::Method::PUT, format!("Group/cw{g}"), FHIR_JSON, group)).await);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     for (label, groups) in [("16 Groups", CLIENTS), ("1 Group", 1)] {
-        let cpu_before = Cpu::now();
-        let (c2, b2) = (client.clone(), base.clone());
-        let tag = groups;
-        let mut run = closed_loop(time, move |c, i| {
-            let (client, base) = (c2.clone(), b2.clone());
-            async move {
-                let group = c % groups;
-                let ops = json!([{ "op": "add", "path": "/member/-",
-                    "value": { "entity": { "reference": format!("Patient/t{tag}-{c}-{i}") } } }]);
-                let r = client
-                    .patch(format!("{base}/Group/cw{group}"))
-                    .header("content-type", "application/json-patch+json")
-                    .header("prefer", "return=minimal")
-                    .body(ops.to_string())
-                    .send()
-                    .await;
-                matches!(r, Ok(r) if r.status().is_success())
-            }
+        let measure = format!("member-only PATCH (one member added), 16 clients over {label}");
+        measure_requests(&mut md, &measure, time, &client, &base, move |c, i| {
+            let ops = json!([{ "op": "add", "path": "/member/-",
+                "value": { "entity": { "reference": format!("Patient/t{groups}-{c}-{i}") } } }]);
+            (reqwest::Method::PATCH, format!("Group/cw{}", c % groups), JSON_PATCH, ops)
         })
         .await;
-        // The member events reach ClickHouse after the answers: their cost counts too.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let cpu = cpu_before.per_request(run.ok);
-        row(&mut md, &format!("member-only PATCH (one member added), 16 clients over {label}"), &mut run, &cpu);
     }
 
-    let cpu_before = Cpu::now();
-    let (c2, b2) = (client.clone(), base.clone());
-    let mut run = closed_loop(time, move |c, i| {
-        let (client, base) = (c2.clone(), b2.clone());
-        async move {
-            let patient = json!({ "resourceType": "Patient", "identifier": [{ "system": "urn:bench", "value": format!("{c}-{i}") }],
-                                  "name": [{ "family": format!("Bench{c}"), "given": ["Ada"] }], "gender": "female", "birthDate": "1990-05-17" });
-            let r = client
-                .post(format!("{base}/Patient"))
-                .header("content-type", fhir_json)
-                .header("prefer", "return=minimal")
-                .body(patient.to_string())
-                .send()
-                .await;
-            matches!(r, Ok(r) if r.status().is_success())
-        }
+    measure_requests(&mut md, "`POST /Patient`, 16 clients", time, &client, &base, |c, i| {
+        let patient = json!({ "resourceType": "Patient", "identifier": [{ "system": "urn:bench", "value": format!("{c}-{i}") }],
+                              "name": [{ "family": format!("Bench{c}"), "given": ["Ada"] }], "gender": "female", "birthDate": "1990-05-17" });
+        (reqwest::Method::POST, "Patient".to_string(), FHIR_JSON, patient)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let cpu = cpu_before.per_request(run.ok);
-    row(&mut md, "`POST /Patient`, 16 clients", &mut run, &cpu);
 
     // Updates of existing Patients: each client its own 20.
     for c in 0..CLIENTS {
         for k in 0..20 {
             let patient =
                 json!({ "resourceType": "Patient", "id": format!("u{c}-{k}"), "name": [{ "family": "Before" }] });
-            client
-                .put(format!("{base}/Patient/u{c}-{k}"))
-                .header("content-type", fhir_json)
-                .body(patient.to_string())
-                .send()
-                .await
-                .unwrap();
+            send(&client, &base, (reqwest::Method::PUT, format!("Patient/u{c}-{k}"), FHIR_JSON, patient)).await;
         }
     }
-    let cpu_before = Cpu::now();
-    let (c2, b2) = (client.clone(), base.clone());
-    let mut run = closed_loop(time, move |c, i| {
-        let (client, base) = (c2.clone(), b2.clone());
-        async move {
-            let id = format!("u{c}-{}", i % 20);
-            let patient = json!({ "resourceType": "Patient", "id": id, "name": [{ "family": format!("After{i}") }] });
-            let r = client
-                .put(format!("{base}/Patient/{id}"))
-                .header("content-type", fhir_json)
-                .header("prefer", "return=minimal")
-                .body(patient.to_string())
-                .send()
-                .await;
-            matches!(r, Ok(r) if r.status().is_success())
-        }
+    measure_requests(&mut md, "`PUT /Patient/{id}` (update), 16 clients", time, &client, &base, |c, i| {
+        let id = format!("u{c}-{}", i % 20);
+        let patient = json!({ "resourceType": "Patient", "id": id, "name": [{ "family": format!("After{i}") }] });
+        (reqwest::Method::PUT, format!("Patient/{id}"), FHIR_JSON, patient)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let cpu = cpu_before.per_request(run.ok);
-    row(&mut md, "`PUT /Patient/{id}` (update), 16 clients", &mut run, &cpu);
     drop(server);
 
     if let Some(bin) = server_bin {
