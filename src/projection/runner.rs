@@ -43,8 +43,10 @@ pub struct RunnerConfig {
     pub gather: Duration,
 }
 
-/// The default [`RunnerConfig::gather`].
-pub const GATHER: Duration = Duration::from_millis(100);
+/// The default [`RunnerConfig::gather`]: each runner inserts into ClickHouse at most four
+/// times a second under a stream of small appends (three runners at 100 ms cost ~6 ms of
+/// ClickHouse CPU per FHIR create at 100 creates/s).
+pub const GATHER: Duration = Duration::from_millis(250);
 
 impl Default for RunnerConfig {
     fn default() -> Self {
