@@ -183,6 +183,53 @@ async fn measure_requests<F>(
     row(md, measure, &mut run, &cpu);
 }
 
+/// The guarded read+update floor: each client reads its document's version and updates
+/// it where the version is unchanged, pushing a batch onto `outbox` (as a member-only
+/// PATCH's commit does). `group_shaped`: the documents look and are indexed like a Group's
+/// current version, and the update also sets what the commit sets.
+async fn guarded_cycles(md: &mut String, measure: &str, time: Duration, db: &mongodb::Database, group_shaped: bool) {
+    let docs = db.collection::<bson::Document>(if group_shaped { "floor_group_shaped" } else { "floor_guarded" });
+    if group_shaped {
+        for (name, keys, sparse) in [
+            ("search_by_lastUpdated", doc! { "deleted": 1, "lastUpdated": 1, "_id": 1 }, false),
+            ("pending_work", doc! { "historyPending": 1, "outboxPending": 1 }, true),
+        ] {
+            let options = mongodb::options::IndexOptions::builder().name(name.to_string()).sparse(sparse).build();
+            docs.create_index(mongodb::IndexModel::builder().keys(keys).options(options).build()).await.unwrap();
+        }
+    }
+    for d in 0..CLIENTS as i64 {
+        let mut document = doc! { "_id": d, "versionId": 1i64, "outbox": [] };
+        if group_shaped {
+            let resource = doc! { "resourceType": "Group", "id": d.to_string(), "type": "person", "actual": true,
+            "meta": { "versionId": "1", "lastUpdated": "2026-01-01T00:00:00Z" } };
+            document.extend(doc! { "lastUpdated": bson::DateTime::now(), "deleted": false, "method": "PUT",
+            "versionLog": "[]", "memberCount": 0i64, "resource": resource });
+        }
+        docs.insert_one(document).await.unwrap();
+    }
+    let cpu_before = Cpu::now();
+    let mut run = closed_loop(time, move |c, _| {
+        let docs = docs.clone();
+        async move {
+            let id = c as i64;
+            let Ok(Some(d)) = docs.find_one(doc! { "_id": id }).await else { return false };
+            let v = d.get_i64("versionId").unwrap_or(0);
+            let batch = doc! { "batchId": uuid::Uuid::new_v4().to_string(), "events": "[[1,0,\"{}\"]]" };
+            let mut set = doc! { "versionId": v + 1 };
+            if group_shaped {
+                set.extend(doc! { "lastUpdated": bson::DateTime::now(), "outboxPending": true,
+                "resource.meta.versionId": (v + 1).to_string() });
+            }
+            let update = doc! { "$set": set, "$push": { "outbox": { "$each": [batch], "$slice": -20 } } };
+            matches!(docs.update_one(doc! { "_id": id, "versionId": v }, update).await, Ok(r) if r.modified_count == 1)
+        }
+    })
+    .await;
+    let cpu = cpu_before.per_request(run.ok);
+    row(md, measure, &mut run, &cpu);
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -209,66 +256,11 @@ async fn main() {
     );
 
     // The floors, through the driver, with the server's write concern.
-    let docs = db.collection::<bson::Document>("floor_guarded");
-    for d in 0..CLIENTS as i64 {
-        docs.insert_one(doc! { "_id": d, "v": 0i64, "outbox": [] }).await.unwrap();
-    }
-    let cpu_before = Cpu::now();
-    let mut run = closed_loop(time, move |c, _| {
-        let docs = docs.clone();
-        async move {
-            let id = c as i64;
-            let Ok(Some(d)) = docs.find_one(doc! { "_id": id }).await else { return false };
-            let v = d.get_i64("v").unwrap_or(0);
-            let batch = doc! { "batchId": uuid::Uuid::new_v4().to_string(), "events": "[[1,0,\"{}\"]]" };
-            let update = doc! { "$set": { "v": v + 1 }, "$push": { "outbox": { "$each": [batch], "$slice": -20 } } };
-            matches!(docs.update_one(doc! { "_id": id, "v": v }, update).await, Ok(r) if r.modified_count == 1)
-        }
-    })
-    .await;
-    let cpu = cpu_before.per_request(run.ok);
-    row(&mut md, "floor: guarded read+update cycle, 16 documents (driver)", &mut run, &cpu);
+    guarded_cycles(&mut md, "floor: guarded read+update cycle, 16 documents (driver)", time, &db, false).await;
     // The same cycle on a document shaped and indexed like a Group's current version (the
     // indexes of mongo/001 and 005; SecantusDB maintains every index on every update).
-    let shaped = db.collection::<bson::Document>("floor_group_shaped");
-    for (name, keys, sparse) in [
-        ("search_by_lastUpdated", doc! { "deleted": 1, "lastUpdated": 1, "_id": 1 }, false),
-        ("pending_work", doc! { "historyPending": 1, "outboxPending": 1 }, true),
-    ] {
-        let options = mongodb::options::IndexOptions::builder().name(name.to_string()).sparse(sparse).build();
-        shaped.create_index(mongodb::IndexModel::builder().keys(keys).options(options).build()).await.unwrap();
-    }
-    for d in 0..CLIENTS as i64 {
-        let resource = doc! { "resourceType": "Group", "id": d.to_string(), "type": "person", "actual": true,
-        "meta": { "versionId": "1", "lastUpdated": "2026-01-01T00:00:00Z" } };
-        let group = doc! { "_id": d, "versionId": 1i64, "lastUpdated": bson::DateTime::now(), "deleted": false,
-        "method": "PUT", "versionLog": "[]", "memberCount": 0i64, "resource": resource, "outbox": [] };
-        shaped.insert_one(group).await.unwrap();
-    }
-    let cpu_before = Cpu::now();
-    let mut run = closed_loop(time, move |c, _| {
-        let shaped = shaped.clone();
-        async move {
-            let id = c as i64;
-            let Ok(Some(d)) = shaped.find_one(doc! { "_id": id }).await else { return false };
-            let v = d.get_i64("versionId").unwrap_or(0);
-            let batch = doc! { "batchId": uuid::Uuid::new_v4().to_string(), "events": "[[1,0,\"{}\"]]" };
-            let update = doc! {
-                "$set": { "versionId": v + 1, "lastUpdated": bson::DateTime::now(), "outboxPending": true,
-                          "resource.meta.versionId": (v + 1).to_string() },
-                "$push": { "outbox": { "$each": [batch], "$slice": -20 } },
-            };
-            matches!(shaped.update_one(doc! { "_id": id, "versionId": v }, update).await, Ok(r) if r.modified_count == 1)
-        }
-    })
-    .await;
-    let cpu = cpu_before.per_request(run.ok);
-    row(
-        &mut md,
-        "floor: the same cycle on Group-shaped documents with the Group collection's indexes (driver)",
-        &mut run,
-        &cpu,
-    );
+    let measure = "floor: the same cycle on Group-shaped documents with the Group collection's indexes (driver)";
+    guarded_cycles(&mut md, measure, time, &db, true).await;
     let inserts = db.collection::<bson::Document>("floor_insert");
     let cpu_before = Cpu::now();
     let mut run = closed_loop(time, move |c, i| {

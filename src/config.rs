@@ -322,9 +322,11 @@ pub const ENV_VARS: &[EnvVar] = &[
     }),
     var("ROSTER_MONGO_URI", "MongoDB connection string", |s, v| text(v).map(|x| s.mongo.uri = x)),
     var("ROSTER_MONGO_DATABASE", "MongoDB database name", |s, v| text(v).map(|x| s.mongo.database = x)),
-    var("ROSTER_MONGO_COUNT_OPS", "count MongoDB commands by name (true/false, default false)", |s, v| {
-        parsed(v).map(|x| s.mongo.count_ops = x)
-    }),
+    var(
+        "ROSTER_MONGO_COUNT_OPS",
+        "count MongoDB commands by command and collection (true/false, default false)",
+        |s, v| parsed(v).map(|x| s.mongo.count_ops = x),
+    ),
     var("ROSTER_CLICKHOUSE_URL", "ClickHouse HTTP URL", |s, v| text(v).map(|x| s.clickhouse.url = x)),
     var("ROSTER_CLICKHOUSE_USER", "ClickHouse user", |s, v| text(v).map(|x| s.clickhouse.user = x)),
     var("ROSTER_CLICKHOUSE_PASSWORD", "ClickHouse password", |s, v| text(v).map(|x| s.clickhouse.password = x)),

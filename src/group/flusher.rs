@@ -37,7 +37,7 @@
 //! come from each process's clock: processes are assumed to keep their clocks within a few
 //! seconds of each other (NTP). In this process, flushes of a group queue on a mutex.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,7 +85,9 @@ struct GroupState {
 /// The groups committed to since the gatherer last looked.
 #[derive(Default)]
 struct Waiting {
-    groups: Vec<String>,
+    /// A set: a group written many times in one gathering is listed once, at no cost that
+    /// grows with the number of groups waiting.
+    groups: HashSet<String>,
     /// When the oldest of those commits was made: the gatherer waits [`GATHER`] from then.
     since: Option<Instant>,
     /// One of them is big: no point gathering more before inserting.
@@ -188,8 +190,8 @@ impl Flusher {
         let urgent = rows >= URGENT_ROWS;
         let start = {
             let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-            if !w.groups.iter().any(|g| g == group) {
-                w.groups.push(group.to_string());
+            if !w.groups.contains(group) {
+                w.groups.insert(group.to_string());
             }
             w.since.get_or_insert_with(Instant::now);
             w.urgent |= urgent;
@@ -254,7 +256,7 @@ impl Flusher {
     /// per gathering whatever the number of groups (under a stream of PATCHes over 16
     /// groups, one lease update and one pull per group per gathering were a third of
     /// MongoDB's time).
-    async fn flush_gathered(self: &Arc<Self>, groups: Vec<String>) {
+    async fn flush_gathered(self: &Arc<Self>, groups: HashSet<String>) {
         let started = Instant::now();
         // A reader of this process flushing a group now: the group goes next time (waiting
         // here would hold up every other group of the gathering).
@@ -270,7 +272,7 @@ impl Flusher {
             }
         }
         let tenure = uuid::Uuid::new_v4().to_string();
-        let mut leased = match self.take_many(guards.keys().cloned().collect(), &tenure).await {
+        let leased = match self.take_many(guards.keys().cloned().collect(), &tenure).await {
             Ok(leased) => leased,
             Err(e) => {
                 tracing::warn!(error = %e,
@@ -280,7 +282,7 @@ impl Flusher {
         };
         let leased_at = started.elapsed();
         let (mut shared, own): (Vec<Leased>, Vec<Leased>) =
-            leased.drain(..).partition(|l| l.clean && l.batches.iter().all(|b| b.inline().is_some()));
+            leased.into_iter().partition(|l| l.clean && l.batches.iter().all(|b| b.inline().is_some()));
         let groups = shared.len();
         // The groups that share a block: one insert (more when they hold many rows), done
         // within INSERT_TIMEOUT of taking their leases.
