@@ -58,12 +58,14 @@ impl std::fmt::Display for ResourceKey {
     }
 }
 
-/// A store failure at the HTTP edge: unreachable MongoDB is a 503 (retry), anything else a
-/// 500; the driver's message is logged, not shown.
+/// A store failure at the HTTP edge: unreachable MongoDB, or a write whose outcome is
+/// unknown, is a 503 (retry), anything else a 500; the driver's message is logged, not shown.
 impl From<StoreError> for crate::error::FhirError {
     fn from(e: StoreError) -> Self {
         if e.is_unavailable() {
             crate::error::FhirError::unavailable("the resource store is unavailable; retry", e)
+        } else if matches!(e, StoreError::Ambiguous) {
+            crate::error::FhirError::unavailable("the write's outcome is unknown; read the resource before retrying", e)
         } else {
             crate::error::FhirError::internal(e)
         }

@@ -2,6 +2,7 @@
 //! One test binary (faster to link than one per file), one module per topic.
 
 mod cli;
+mod concurrency;
 mod costs;
 mod crash;
 mod crud;

@@ -95,31 +95,15 @@ impl ResourceStore {
 
     /// Clears the history flag of a version whose copy is written, if it is still current.
     pub async fn clear_history_flag(&self, rt: &str, id: &str, version: i64) -> Result<(), StoreError> {
-        self.current(rt)
-            .update_one(
-                doc! { "_id": id, "versionId": version },
-                doc! { "$unset": { "historyPending": "" }, "$set": { "versionLog": version_log::encode(&[]) } },
-            )
-            .await?;
-        Ok(())
+        self.clear(rt, Clear { id: id.to_string(), version, events: false }).await.map(|_| ())
     }
 
     /// Clears the history flag and the durable-hook mark of a version in one update, when
-    /// it is still current and the only marked version. False when it did not match (a
-    /// newer version followed, or other versions are marked): the caller clears each
-    /// separately.
+    /// it is still current and the only marked version. False when it may not have matched
+    /// (a newer version followed, or other versions are marked): the caller clears each
+    /// separately (both clears are idempotent).
     pub async fn clear_history_and_events_flags(&self, rt: &str, id: &str, version: i64) -> Result<bool, StoreError> {
-        let cleared = self
-            .current(rt)
-            .update_one(
-                doc! { "_id": id, "versionId": version, "eventsVersions": [version] },
-                doc! {
-                    "$unset": { "historyPending": "", "eventsPending": "", "eventsVersions": "" },
-                    "$set": { "versionLog": version_log::encode(&[]) },
-                },
-            )
-            .await?;
-        Ok(cleared.matched_count > 0)
+        self.clear(rt, Clear { id: id.to_string(), version, events: true }).await
     }
 
     /// Writes every version the document stands for that is not in history yet: those in
@@ -159,9 +143,9 @@ impl ResourceStore {
         let key = ResourceKey::new(rt, id);
         let (tx, rx) = tokio::sync::watch::channel(false);
         self.copying.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), (version, rx));
-        let result = match self.history(rt).insert_one(&entry).await {
-            Err(e) if !is_duplicate_key(&e) => Err(e.into()),
-            _ => {
+        let result = match self.insert(&history_collection(rt), entry).await {
+            Inserted::Failed(e) => Err(e),
+            Inserted::Done | Inserted::Duplicate => {
                 remember(&self.copied, key.clone(), version);
                 Ok(())
             }

@@ -8,6 +8,7 @@ use mongodb::options::FindOptions;
 use mongodb::{Collection, Database};
 use serde_json::{Map, Value};
 
+use self::coalesce::{Clear, Coalescer, Guarded, Inserted};
 use super::version_log::{self, LogEntry};
 use super::ResourceKey;
 use crate::model::json_bson;
@@ -37,6 +38,12 @@ pub struct ResourceStore {
     /// Per Group, the highest version whose pending member batch this process's flusher
     /// pulled from `outbox` (see [`Self::batches_flushed`]).
     flushed: Arc<Mutex<HashMap<ResourceKey, i64>>>,
+    /// Concurrent inserts into one collection, one command at a time (see `coalesce`).
+    inserts: Coalescer<Document, Inserted>,
+    /// Concurrent flag clears in one collection, likewise.
+    clears: Coalescer<Clear, Result<bool, StoreError>>,
+    /// Concurrent version-guarded commits in one collection, likewise.
+    commits: Coalescer<Guarded, Result<bool, StoreError>>,
 }
 
 /// A document this process committed last, and the member batches pending in it as far
@@ -49,6 +56,9 @@ struct Recent {
 
 /// A history copy being written: its version, and whether it succeeded once done.
 type InFlight = (i64, tokio::sync::watch::Receiver<bool>);
+
+/// MongoDB's largest document.
+const MAX_DOCUMENT: usize = 16 << 20;
 
 /// Documents kept in [`ResourceStore::recent`] before it starts over.
 const RECENT_DOCS: usize = 4_096;
@@ -76,6 +86,9 @@ pub fn history_collection(resource_type: &str) -> String {
 impl ResourceStore {
     pub fn new(db: Database) -> Self {
         ResourceStore {
+            inserts: coalesce::inserts(db.clone()),
+            clears: coalesce::clears(db.clone()),
+            commits: coalesce::guarded_updates(db.clone()),
             db,
             copied: Arc::default(),
             committed: Arc::default(),
@@ -230,11 +243,12 @@ impl ResourceStore {
                 current.insert("eventsPending", true);
                 current.insert("eventsVersions", vec![c.version]);
             }
-            return match self.current(rt).insert_one(&current).await {
-                Err(e) if is_duplicate_key(&e) => Err(StoreError::Conflict),
-                other => {
+            return match self.insert(&current_collection(rt), current.clone()).await {
+                Inserted::Duplicate => Err(StoreError::Conflict),
+                Inserted::Failed(e) => Err(e),
+                Inserted::Done => {
                     remember(&self.committed, ResourceKey::new(rt, c.id), c.version);
-                    other.map(|_| current).map_err(Into::into)
+                    Ok(current)
                 }
             };
         };
@@ -281,8 +295,11 @@ impl ResourceStore {
         if !push.is_empty() {
             update.insert("$push", push);
         }
-        let result = self.current(rt).update_one(doc! { "_id": c.id, "versionId": base }, update).await?;
-        if result.matched_count == 0 {
+        let bytes = update.to_vec().map_or(MAX_DOCUMENT, |b| b.len());
+        let guarded = Guarded { id: c.id.to_string(), base, version: c.version, update, bytes };
+        let applied =
+            self.commits.submit(&current_collection(rt), guarded).await.unwrap_or(Err(StoreError::Abandoned))?;
+        if !applied {
             return Err(StoreError::Conflict);
         }
         remember(&self.committed, ResourceKey::new(rt, c.id), c.version);
@@ -326,6 +343,18 @@ impl ResourceStore {
             self.current(rt).update_one(doc! { "_id": id, "eventsVersions": { "$size": 0 } }, unset).await?;
         }
         Ok(())
+    }
+
+    /// Inserts one document, in one command with the inserts into the same collection
+    /// that wait meanwhile (see `coalesce`).
+    async fn insert(&self, collection: &str, doc: Document) -> Inserted {
+        self.inserts.submit(collection, doc).await.unwrap_or(Inserted::Failed(StoreError::Abandoned))
+    }
+
+    /// Clears a version's flags (see [`Clear`]), in one command with the clears of the same
+    /// collection that wait meanwhile; `true` when it surely matched.
+    async fn clear(&self, rt: &str, clear: Clear) -> Result<bool, StoreError> {
+        self.clears.submit(&current_collection(rt), clear).await.unwrap_or(Err(StoreError::Abandoned))
     }
 
     /// Answers a `ping`.
@@ -375,9 +404,16 @@ fn history_entry(current: &Document, logged: Option<&LogEntry>) -> Result<Docume
     let corrupt = |e: bson::error::Error| StoreError::Corrupt(e.to_string());
     let id = current.get_str("_id").map_err(corrupt)?;
     let mut entry = current.clone();
-    for internal in
-        ["historyPending", "outbox", "flushLease", "outboxPending", "versionLog", "eventsPending", "eventsVersions"]
-    {
+    for internal in [
+        "historyPending",
+        "outbox",
+        "flushLease",
+        "outboxPending",
+        "versionLog",
+        "eventsPending",
+        "eventsVersions",
+        "commitTokens",
+    ] {
         entry.remove(internal);
     }
     if let Some(meta) = logged {
@@ -459,6 +495,7 @@ pub fn pending_in(doc: &Document) -> Result<Vec<OutboxBatch>, StoreError> {
     }
 }
 
+mod coalesce;
 mod history;
 mod query;
 mod types;

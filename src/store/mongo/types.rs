@@ -163,7 +163,7 @@ pub struct Commit<'a> {
     pub events_pending: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The version guard failed: another writer got there first.
     #[error("version conflict")]
@@ -172,6 +172,17 @@ pub enum StoreError {
     Mongo(#[from] mongodb::error::Error),
     #[error("stored document is malformed: {0}")]
     Corrupt(String),
+    /// The batched command that carried the write failed in this process (a bug: it is
+    /// logged); whether the write reached MongoDB is unknown.
+    #[error("the batched command carrying the write was abandoned")]
+    Abandoned,
+    /// MongoDB refused one write of a batched command (its message).
+    #[error("MongoDB refused the write: {0}")]
+    Refused(String),
+    /// A batched guarded update's outcome could not be read back: another writer
+    /// overwrote the document first. Whether it applied is unknown.
+    #[error("the outcome of the commit is unknown: the document changed again before it was read back")]
+    Ambiguous,
 }
 
 impl StoreError {
