@@ -75,7 +75,7 @@ impl Appender {
                 first_position: next,
                 position: next + k as u64 - 1,
             };
-            heads.insert(r.stream.clone(), Head { version: head.version + k, tail: Some(tail) });
+            heads.insert(r.stream.clone(), head.after(tail));
             answers.push(Answer { reply: r.reply, result: Ok(result), accepted: true });
             next += k as u64;
         }
@@ -146,7 +146,7 @@ impl Appender {
                 None => {
                     missing.insert(&r.stream);
                 }
-                Some(h) if r.client_ids && h.tail.as_ref().is_none_or(|tail| tail.len() < r.events.len()) => {
+                Some(h) if r.client_ids && !h.can_check(r.events.len()) => {
                     missing.insert(&r.stream);
                 }
                 Some(_) => {}

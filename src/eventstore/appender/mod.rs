@@ -72,6 +72,8 @@ const HOLDER_CHECK: Duration = Duration::from_millis(250);
 const MAX_UNFLUSHED: u64 = 200_000;
 /// Most stream heads a holder keeps in memory; beyond, it forgets them once flushed.
 const HEADS_KEPT: usize = 100_000;
+/// Last events of a stream its head keeps, for checking retries without reading ClickHouse.
+const TAIL_KEPT: usize = 4;
 /// Longest a releasing holder waits for its flusher.
 const DRAIN: Duration = Duration::from_secs(3);
 
@@ -134,6 +136,24 @@ struct Head {
 }
 
 impl Head {
+    /// Whether the tail tells if an append of `n` events repeats the stream's last ones: it
+    /// holds that many, or the whole stream.
+    fn can_check(&self, n: usize) -> bool {
+        self.tail.as_ref().is_some_and(|tail| tail.len() >= n || tail.len() as i64 == self.version + 1)
+    }
+
+    /// The head after `appended` (newest last) went onto the stream: the tail grows by them,
+    /// keeping the last [`TAIL_KEPT`] (or all of them, when more), so a stream's next
+    /// append needs no read of ClickHouse to be checked.
+    fn after(&self, appended: Vec<(Uuid, i64, i64)>) -> Head {
+        let n = appended.len();
+        let version = self.version + n as i64;
+        let mut tail = self.tail.clone().unwrap_or_default();
+        tail.extend(appended);
+        tail.drain(..tail.len().saturating_sub(TAIL_KEPT.max(n)));
+        Head { version, tail: Some(tail) }
+    }
+
     /// The result of an earlier append whose events `events` repeat: the stream's last
     /// `events.len()` events carry exactly these ids.
     fn retry_of(&self, events: &[NewEvent]) -> Option<AppendResult> {
@@ -201,6 +221,12 @@ pub struct Appender {
     stalls: Stalls,
     /// A reader found journaled events nobody flushes: take the lease to flush them.
     recover: Arc<Notify>,
+    /// The stream heads of this process's last tenure and the position it would have given
+    /// next. Positions are gap-free and only a lease holder gives them, so when the next
+    /// tenure starts at that same position nobody appended in between and the heads are
+    /// still exact: a process that takes the lease again after an idle moment (it lets it
+    /// go after [`LINGER`]) need not read every stream's head from ClickHouse again.
+    kept: Option<(u64, HashMap<String, Head>)>,
 }
 
 impl Appender {
@@ -229,6 +255,7 @@ impl Appender {
             faults,
             stalls,
             recover,
+            kept: None,
         }
     }
 
@@ -396,7 +423,12 @@ impl Appender {
             stall,
         };
         let flushing = tokio::spawn(task.run(rx));
-        Ok(Some(Tenure { id, deadline, next: (stored + 1) as u64, heads: HashMap::new(), flusher, flushing }))
+        let next = (stored + 1) as u64;
+        let heads = match self.kept.take() {
+            Some((at, heads)) if at == next => heads,
+            _ => HashMap::new(),
+        };
+        Ok(Some(Tenure { id, deadline, next, heads, flusher, flushing }))
     }
 
     /// Waits (at most `within`) until ClickHouse holds everything this tenure journaled.
@@ -419,8 +451,9 @@ impl Appender {
 
     /// Gives the lease up. `drained`: wait for the flusher first, so the next holder can
     /// start from the noted position without reading the journal.
-    async fn release(&self, tenure: Option<Tenure>, drain: bool) {
-        let Some(t) = tenure else { return };
+    async fn release(&mut self, tenure: Option<Tenure>, drain: bool) {
+        let Some(mut t) = tenure else { return };
+        self.kept = Some((t.next, std::mem::take(&mut t.heads)));
         let drained = drain && self.drain(&t, DRAIN).await;
         if t.check(Duration::ZERO).is_err() {
             return; // let it expire
@@ -488,6 +521,41 @@ mod tests {
         let events = vec![NewEvent::new("t", &serde_json::json!(1))];
         let (reply, _) = oneshot::channel();
         Request { stream: "s".into(), expected: ExpectedVersion::Any, events, client_ids: false, reply }
+    }
+
+    fn with_id(id: Uuid) -> NewEvent {
+        NewEvent { event_id: Some(id), ..NewEvent::new("t", &serde_json::json!(1)) }
+    }
+
+    #[test]
+    fn a_head_keeps_its_last_events_and_knows_a_whole_stream() {
+        let ids: Vec<Uuid> = (0..8).map(|_| Uuid::new_v4()).collect();
+        // A new stream (no event) takes one append: its tail is the whole stream.
+        let new = Head { version: -1, tail: None };
+        let one = new.after(vec![(ids[0], 0, 10)]);
+        assert_eq!(one.version, 0);
+        assert!(one.can_check(1) && one.can_check(3), "the whole stream: a longer retry cannot be one");
+        assert!(one.retry_of(&[with_id(ids[0])]).is_some());
+        assert!(one.retry_of(&[with_id(ids[1])]).is_none());
+        // Appends grow the tail up to TAIL_KEPT, newest last.
+        let mut head = one;
+        for (i, id) in ids.iter().enumerate().skip(1) {
+            head = head.after(vec![(*id, i as i64, 10 + i as i64)]);
+        }
+        assert_eq!(head.version, 7);
+        let tail = head.tail.as_ref().unwrap();
+        assert_eq!(tail.len(), TAIL_KEPT);
+        assert_eq!(tail.last().unwrap().0, ids[7]);
+        assert!(head.can_check(TAIL_KEPT) && !head.can_check(TAIL_KEPT + 1));
+        let last_two: Vec<NewEvent> = ids[6..].iter().copied().map(with_id).collect();
+        let retry = head.retry_of(&last_two).unwrap();
+        assert_eq!((retry.first_position, retry.position, retry.next_expected_version), (16, 17, 7));
+        // A head read without its tail, then appended to, is not the whole stream.
+        let read = Head { version: 5, tail: None }.after(vec![(ids[0], 6, 30)]);
+        assert!(read.can_check(1) && !read.can_check(2));
+        // One append longer than TAIL_KEPT is kept whole.
+        let long: Vec<(Uuid, i64, i64)> = (0..6).map(|i| (Uuid::new_v4(), i, i)).collect();
+        assert_eq!(Head { version: -1, tail: Some(Vec::new()) }.after(long).tail.unwrap().len(), 6);
     }
 
     #[tokio::test(start_paused = true)]
