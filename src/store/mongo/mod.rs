@@ -44,6 +44,8 @@ pub struct ResourceStore {
     clears: Coalescer<Clear, Result<bool, StoreError>>,
     /// Concurrent version-guarded commits in one collection, likewise.
     commits: Coalescer<Guarded, Result<bool, StoreError>>,
+    /// Concurrent reads of current documents by id in one collection, likewise.
+    reads: Coalescer<String, Result<Option<Document>, StoreError>>,
 }
 
 /// A document this process committed last, and the member batches pending in it as far
@@ -89,6 +91,7 @@ impl ResourceStore {
             inserts: coalesce::inserts(db.clone()),
             clears: coalesce::clears(db.clone()),
             commits: coalesce::guarded_updates(db.clone()),
+            reads: coalesce::reads(db.clone()),
             db,
             copied: Arc::default(),
             committed: Arc::default(),
@@ -114,7 +117,7 @@ impl ResourceStore {
 
     /// The current version (possibly a tombstone), repairing a pending history copy first.
     pub async fn read(&self, rt: &str, id: &str) -> Result<Option<Version>, StoreError> {
-        let Some(doc) = self.current(rt).find_one(doc! { "_id": id }).await? else {
+        let Some(doc) = self.current_doc(rt, id).await? else {
             return Ok(None);
         };
         if doc.get_bool("historyPending").unwrap_or(false) {
@@ -150,7 +153,7 @@ impl ResourceStore {
         let defer_history = writes == Writes::MetaOnly;
         let (doc, outbox) = match remembered {
             Some(Recent { doc, outbox }) => (doc, Some(outbox)),
-            None => match self.current(rt).find_one(doc! { "_id": id }).await? {
+            None => match self.current_doc(rt, id).await? {
                 Some(doc) => (doc, None),
                 None => return Ok((None, Base::Stored)),
             },
@@ -343,6 +346,12 @@ impl ResourceStore {
             self.current(rt).update_one(doc! { "_id": id, "eventsVersions": { "$size": 0 } }, unset).await?;
         }
         Ok(())
+    }
+
+    /// The current document of a resource, read in one command with the reads of the same
+    /// collection that wait meanwhile (see `coalesce`).
+    async fn current_doc(&self, rt: &str, id: &str) -> Result<Option<Document>, StoreError> {
+        self.reads.submit(&current_collection(rt), id.to_string()).await.unwrap_or(Err(StoreError::Abandoned))
     }
 
     /// Inserts one document, in one command with the inserts into the same collection
