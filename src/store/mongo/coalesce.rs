@@ -203,15 +203,17 @@ pub(super) enum Inserted {
     Failed(StoreError),
 }
 
-/// Inserts documents, one `insert_many` (unordered) per batch.
-pub(super) fn inserts(db: Database) -> Coalescer<Document, Inserted> {
+/// Inserts documents, one `insert_many` (unordered) per batch. A document is shared, not
+/// moved, so a caller that still needs it gets it back without a copy once its command
+/// returned (the batch holds it no longer).
+pub(super) fn inserts(db: Database) -> Coalescer<Arc<Document>, Inserted> {
     // `insert_many` splits a large batch into commands of allowed size itself.
     Coalescer::new(
         db,
         |_| 0,
-        |collection: Collection<Document>, docs: Vec<Document>| async move {
+        |collection: Collection<Document>, docs: Vec<Arc<Document>>| async move {
             let n = docs.len();
-            match collection.insert_many(docs).ordered(false).await {
+            match collection.insert_many(docs.iter().map(Arc::as_ref)).ordered(false).await {
                 Ok(_) => vec![Inserted::Done; n],
                 Err(e) => insert_outcomes(n, e),
             }
@@ -343,7 +345,8 @@ pub(super) struct Guarded {
     /// The version the update writes.
     pub version: i64,
     pub update: Document,
-    /// The update's encoded size.
+    /// The update's encoded size, measured by the caller: weighing a batch happens under
+    /// the queue's lock, where encoding large updates would hold up every other writer.
     pub bytes: usize,
 }
 
@@ -365,12 +368,13 @@ pub(super) fn guarded_updates(db: Database) -> Coalescer<Guarded, Result<bool, S
         move |collection: Collection<Document>, items: Vec<Guarded>| {
             let db = db.clone();
             async move {
-                if let [one] = items.as_slice() {
-                    let filter = doc! { "_id": &one.id, "versionId": one.base };
-                    let outcome = collection.update_one(filter, one.update.clone()).await;
+                let n = items.len();
+                if n == 1 {
+                    let Some(one) = items.into_iter().next() else { return Vec::new() };
+                    let filter = doc! { "_id": one.id, "versionId": one.base };
+                    let outcome = collection.update_one(filter, one.update).await;
                     return vec![outcome.map(|r| r.matched_count == 1).map_err(StoreError::Mongo)];
                 }
-                let n = items.len();
                 match guarded_batch(&db, &collection, &items).await {
                     Ok(outcomes) => outcomes,
                     Err(e) => vec![Err(e); n],
@@ -523,13 +527,16 @@ mod tests {
         (c, batches)
     }
 
+    /// Submits `item` from a task of its own.
+    fn submitted(c: &Coalescer<u32, u32>, item: u32) -> tokio::task::JoinHandle<Option<u32>> {
+        let c = c.clone();
+        tokio::spawn(async move { c.submit("x", item).await })
+    }
+
     #[tokio::test]
     async fn writes_arriving_during_a_command_go_together_as_the_next() {
         let (c, batches) = echo(std::time::Duration::from_millis(50)).await;
-        let first = tokio::spawn({
-            let c = c.clone();
-            async move { c.submit("x", 0).await }
-        });
+        let first = submitted(&c, 0);
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         let rest = futures_util::future::join_all((1..=5).map(|i| c.submit("x", i))).await;
         assert_eq!(first.await.unwrap(), Some(0));
@@ -544,15 +551,9 @@ mod tests {
     #[tokio::test]
     async fn a_caller_that_goes_away_mid_command_leaves_the_queued_writes_going() {
         let (c, batches) = echo(std::time::Duration::from_millis(50)).await;
-        let leader = tokio::spawn({
-            let c = c.clone();
-            async move { c.submit("x", 0).await }
-        });
+        let leader = submitted(&c, 0);
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        let queued = tokio::spawn({
-            let c = c.clone();
-            async move { c.submit("x", 1).await }
-        });
+        let queued = submitted(&c, 1);
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         leader.abort();
         let answered = tokio::time::timeout(std::time::Duration::from_secs(5), queued).await;

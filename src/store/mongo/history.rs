@@ -143,7 +143,7 @@ impl ResourceStore {
         let key = ResourceKey::new(rt, id);
         let (tx, rx) = tokio::sync::watch::channel(false);
         self.copying.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), (version, rx));
-        let result = match self.insert(&history_collection(rt), entry).await {
+        let result = match self.insert(&history_collection(rt), Arc::new(entry)).await {
             Inserted::Failed(e) => Err(e),
             Inserted::Done | Inserted::Duplicate => {
                 remember(&self.copied, key.clone(), version);

@@ -39,7 +39,7 @@ pub struct ResourceStore {
     /// pulled from `outbox` (see [`Self::batches_flushed`]).
     flushed: Arc<Mutex<HashMap<ResourceKey, i64>>>,
     /// Concurrent inserts into one collection, one command at a time (see `coalesce`).
-    inserts: Coalescer<Document, Inserted>,
+    inserts: Coalescer<Arc<Document>, Inserted>,
     /// Concurrent flag clears in one collection, likewise.
     clears: Coalescer<Clear, Result<bool, StoreError>>,
     /// Concurrent version-guarded commits in one collection, likewise.
@@ -246,12 +246,13 @@ impl ResourceStore {
                 current.insert("eventsPending", true);
                 current.insert("eventsVersions", vec![c.version]);
             }
+            let current = Arc::new(current);
             return match self.insert(&current_collection(rt), current.clone()).await {
                 Inserted::Duplicate => Err(StoreError::Conflict),
                 Inserted::Failed(e) => Err(e),
                 Inserted::Done => {
                     remember(&self.committed, ResourceKey::new(rt, c.id), c.version);
-                    Ok(current)
+                    Ok(Arc::unwrap_or_clone(current))
                 }
             };
         };
@@ -356,7 +357,7 @@ impl ResourceStore {
 
     /// Inserts one document, in one command with the inserts into the same collection
     /// that wait meanwhile (see `coalesce`).
-    async fn insert(&self, collection: &str, doc: Document) -> Inserted {
+    async fn insert(&self, collection: &str, doc: Arc<Document>) -> Inserted {
         self.inserts.submit(collection, doc).await.unwrap_or(Inserted::Failed(StoreError::Abandoned))
     }
 
