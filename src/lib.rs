@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod projection;
 pub mod recording;
 pub mod rejection;
+pub mod search;
 pub mod server;
 pub mod startup;
 pub mod state;
