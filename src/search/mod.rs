@@ -10,4 +10,6 @@ pub(crate) mod elements;
 pub mod extract;
 pub(crate) mod fhirpath;
 pub mod keys;
+pub mod matcher;
+pub mod query;
 pub mod ucum;
