@@ -60,7 +60,10 @@ impl AppState {
             }
             MemberStorage::Embedded => Behaviours::default(),
         };
-        let writer = Writer::new(store.clone(), behaviours).with_hooks(hooks);
+        let search = crate::search::flusher::SearchFlusher::new(clickhouse.clone());
+        store.set_search_sink(Arc::new(crate::search::flusher::Sink(search)));
+        let writer =
+            Writer::new(store.clone(), behaviours).with_hooks(hooks).with_search_index(&format!("{base_url}/4_0_0"));
         let events =
             ClickHouseEventStore::new(store.database(), clickhouse.clone()).with_group_members(flusher.clone());
         let events = Arc::new(events);

@@ -1,10 +1,13 @@
-//! Stage 5, after the commit: the history copy, off the request path.
+//! Stage 5, after the commit: the history copy and the search keys' flush to the index,
+//! off the request path.
 //!
 //! The commit marked its version `historyPending` (and, for a type with a durable hook,
 //! `eventsPending`); the copy to the history collection and the clearing of the flags
 //! happen here, after the client's answer. When the durable hooks succeeded, both flags go
 //! in one update right after the copy (a create or an update then costs MongoDB the commit,
-//! the history insert and this one update). Whatever does not finish (a crash, MongoDB
+//! the history insert and this one update). `historyPending` is cleared only once the
+//! version's search keys are in ClickHouse's index (they go in batches, concurrently with
+//! the copy): until then searches read the document from MongoDB (see `search::execute`). Whatever does not finish (a crash, MongoDB
 //! down) stays marked in MongoDB and is finished by the next reader or writer of the
 //! resource or by the sweeps: nothing acknowledged is lost.
 
@@ -60,8 +63,10 @@ pub(super) fn copy_history_later(store: &ResourceStore, rt: &str, committed: Doc
                 return;
             }
         }
-        let done = match store.copy_history(&rt, &committed).await {
-            Ok(()) => {
+        let (copied, indexed) = tokio::join!(store.copy_history(&rt, &committed), store.flush_search(&rt, &committed));
+        let done = match copied.and(indexed) {
+            Ok(false) => Ok(()), // not indexed here: the flag stays (see `store`)
+            Ok(true) => {
                 // The flag goes with the next commit anyway: while writes of the resource
                 // keep coming, clearing it is a wasted write (MongoDB's time is the scarce
                 // resource under a stream of PATCHes).
@@ -91,7 +96,12 @@ async fn finish_both(
     id: &str,
     version: i64,
 ) -> Result<(), crate::store::StoreError> {
-    store.copy_history(rt, committed).await?;
+    let (copied, indexed) = tokio::join!(store.copy_history(rt, committed), store.flush_search(rt, committed));
+    copied?;
+    if !indexed? {
+        // Not indexed here: the history flag stays (see `store`), the mark goes.
+        return store.clear_events_pending(rt, id, version).await;
+    }
     if store.clear_history_and_events_flags(rt, id, version).await? {
         return Ok(());
     }

@@ -22,6 +22,8 @@ pub(super) struct Content {
     pub resource: Option<Map<String, Value>>,
     /// `resource` as stored.
     pub document: Option<Document>,
+    /// The version's search index keys (empty for a delete); `None` when not indexing.
+    pub search_keys: Option<Vec<String>>,
 }
 
 /// What a draft is made from.
@@ -33,6 +35,9 @@ pub(super) struct Drafting<'a> {
     pub patch_numbers: &'a [usize],
     pub writes: Writes,
     pub if_match: Option<i64>,
+    /// This server's base URL when writes are indexed for search (its absolute references
+    /// are indexed as relative ones).
+    pub search_base: Option<&'a str>,
 }
 
 /// Checks a POST/PUT body before any attempt: it does not depend on the current version.
@@ -96,8 +101,15 @@ pub(super) fn draft(d: &Drafting<'_>, loaded: &Loaded) -> Result<Content, Stop> 
     let version = current.map_or(1, |c| c.version + 1);
     let last_updated = next_timestamp(current);
     let (mut stored, mut document) = (None, None);
+    let mut search_keys = d.search_base.map(|_| Vec::new());
     if let Some(Value::Object(mut obj)) = resource {
         stamp(&mut obj, id, version, last_updated);
+        if let Some(base) = d.search_base {
+            let value = Value::Object(obj);
+            search_keys = Some(crate::search::index_keys(&value, base));
+            let Value::Object(o) = value else { unreachable!("built as an object just above") };
+            obj = o;
+        }
         let status = match interaction {
             Interaction::Patch => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::BAD_REQUEST,
@@ -107,7 +119,7 @@ pub(super) fn draft(d: &Drafting<'_>, loaded: &Loaded) -> Result<Content, Stop> 
         document = Some(doc);
         stored = Some(obj);
     }
-    Ok(Content { interaction, version, last_updated, resource: stored, document })
+    Ok(Content { interaction, version, last_updated, resource: stored, document, search_keys })
 }
 
 /// The current version, when the drafted write would change nothing (an empty patch, a PUT
@@ -272,6 +284,7 @@ mod tests {
             member_count: Default::default(),
             version_log: Vec::new(),
             history_pending: false,
+            search: Default::default(),
         };
         assert_eq!(next_timestamp(Some(&previous)).timestamp_millis(), future.timestamp_millis() + 1);
     }

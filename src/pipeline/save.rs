@@ -11,6 +11,7 @@
 //! from 1 (the attempt wrote nothing); after [`MAX_ATTEMPTS`] it answers 409.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -87,6 +88,8 @@ pub struct Writer {
     locks: WriteLocks,
     hooks: Hooks,
     behaviours: Behaviours,
+    /// This server's base URL, when writes are indexed for search (see `search`).
+    search_base: Option<Arc<str>>,
 }
 
 /// One write, once its type took its share.
@@ -101,7 +104,12 @@ struct Prepared<'a> {
 
 impl Writer {
     pub fn new(store: ResourceStore, behaviours: Behaviours) -> Writer {
-        Writer { store, locks: WriteLocks::default(), hooks: Hooks::default(), behaviours }
+        Writer { store, locks: WriteLocks::default(), hooks: Hooks::default(), behaviours, search_base: None }
+    }
+
+    /// The same writer, indexing every write for search; `base` is this server's base URL.
+    pub fn with_search_index(self, base: &str) -> Writer {
+        Writer { search_base: Some(Arc::from(base)), ..self }
     }
 
     /// The same writer with these post-save hooks.
@@ -210,6 +218,7 @@ impl Writer {
             patch_numbers: &p.patch_numbers,
             writes,
             if_match: p.if_match,
+            search_base: self.search_base.as_deref(),
         };
         let mut content = draft::draft(&drafting, &loaded)?;
         let draft = Draft {
@@ -281,6 +290,7 @@ impl Writer {
                 member_count,
                 version_log: Vec::new(),
                 history_pending: false,
+                search: Default::default(),
             },
         })
     }

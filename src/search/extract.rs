@@ -86,8 +86,9 @@ pub fn extract(resource: &Value, base: &str) -> Vec<(Arc<Definition>, Vec<IndexV
     let Some(rt) = resource.get("resourceType").and_then(Value::as_str) else { return Vec::new() };
     let mut out = Vec::new();
     for d in registry().of_type(rt) {
-        // `_id` and `_lastUpdated` are searched on the stored document's own fields.
-        if d.code == "_id" || d.code == "_lastUpdated" {
+        // `_id` is the index row's own column. (`_lastUpdated`, which every stored
+        // version has, is also the key that lists every resource of a type.)
+        if d.code == "_id" {
             continue;
         }
         let values = values_of(d, resource, base);

@@ -9,6 +9,7 @@ pub mod definitions;
 pub(crate) mod elements;
 pub mod extract;
 pub(crate) mod fhirpath;
+pub mod flusher;
 pub mod keys;
 pub mod matcher;
 pub mod query;

@@ -8,6 +8,7 @@
 //! current: { _id: <id>, versionId: Int64, lastUpdated: Date, deleted: bool,
 //!            historyPending?: true, resource?: { ...FHIR JSON... },
 //!            versionLog?: "[[versionId, lastUpdated ms, method, memberCount?]…]",
+//!            _s?: [search key…], searchAdded?: [key…], searchRemoved?: [key…],
 //!            Groups only: memberCount, outbox?: [batch…], outboxPending?, flushLease? }
 //! history: { _id: "<id>/<versionId>", id, versionId, lastUpdated, deleted, method,
 //!            resource? }
@@ -18,8 +19,15 @@
 //!    `update where versionId = base` after): this is the commit point, and two writers
 //!    from the same base can never both succeed; the client is answered;
 //! 2. the history copy is inserted (idempotent: its `_id` is the version);
-//! 3. `historyPending` is cleared (skipped when a newer version followed: its commit
-//!    overwrote the flag).
+//! 3. the version's search keys reach ClickHouse's index (`searchAdded`/`searchRemoved`:
+//!    the change since the last flush, accumulated over versions), concurrently with 2;
+//! 4. `historyPending` is cleared, with the two search fields (skipped when a newer version
+//!    followed: its commit overwrote the flag).
+//!
+//! So a document without `historyPending` has its search keys in the index: searches take
+//! the index's answer for every resource but the flagged ones, which they read from
+//! MongoDB (the `pending_work` index holds just those). That is how a search sees every
+//! acknowledged write without waiting for ClickHouse.
 //!
 //! A write that changes only `meta` (a member-only Group PATCH) does not copy the version
 //! it replaces: it appends that version's `meta` to the document's `versionLog`, and the
@@ -39,7 +47,10 @@ pub mod mongo;
 pub mod ops;
 pub mod version_log;
 
-pub use mongo::{Base, BatchRows, Commit, MemberCount, OutboxBatch, ResourceStore, StoreError, Version, Writes};
+pub use mongo::{
+    Base, BatchRows, Commit, MemberCount, OutboxBatch, PendingKeys, ResourceStore, SearchKeys, SearchSink, StoreError,
+    Version, Writes,
+};
 
 /// A resource's identity in this server, `Patient/123`: the key of every per-resource map
 /// and lock (one type, so a key is never built two ways).

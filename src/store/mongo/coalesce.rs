@@ -316,7 +316,8 @@ pub(super) fn clears(db: Database) -> Coalescer<Clear, Result<bool, StoreError>>
             for ((events, version), members) in groups {
                 let ids: Vec<&str> = members.iter().map(|&i| clears[i].id.as_str()).collect();
                 let mut filter = doc! { "_id": { "$in": ids }, "versionId": version };
-                let mut unset = doc! { "historyPending": "" };
+                // The search keys went to the index before any clear (see `store`).
+                let mut unset = doc! { "historyPending": "", "searchAdded": "", "searchRemoved": "" };
                 if events {
                     filter.insert("eventsVersions", vec![version]);
                     unset.insert("eventsPending", "");

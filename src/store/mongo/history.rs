@@ -128,8 +128,18 @@ impl ResourceStore {
     }
 
     /// Writes the history copy of a current document and clears its pending flag.
+    /// The flag stays when the version's search keys cannot reach the index now: searches
+    /// read such a document from MongoDB until a later flush.
     pub(super) async fn finish_history(&self, rt: &str, current: &Document) -> Result<(), StoreError> {
         self.copy_history(rt, current).await?;
+        match self.flush_search(rt, current).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(resource_type = rt, error = %e, "search keys stay pending in MongoDB");
+                return Ok(());
+            }
+        }
         let id = current.get_str("_id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let version = current.get_i64("versionId").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.clear_history_flag(rt, id, version).await

@@ -46,6 +46,8 @@ pub struct ResourceStore {
     commits: Coalescer<Guarded, Result<bool, StoreError>>,
     /// Concurrent reads of current documents by id in one collection, likewise.
     reads: Coalescer<String, Result<Option<Document>, StoreError>>,
+    /// Where pending search keys go before `historyPending` is cleared (see `store`).
+    search: Arc<std::sync::OnceLock<Arc<dyn SearchSink>>>,
 }
 
 /// A document this process committed last, and the member batches pending in it as far
@@ -100,7 +102,32 @@ impl ResourceStore {
             log_copied: Arc::default(),
             log_copying: Arc::default(),
             flushed: Arc::default(),
+            search: Arc::default(),
         }
+    }
+
+    /// Sets where pending search keys go (once per store; later calls change nothing).
+    pub fn set_search_sink(&self, sink: Arc<dyn SearchSink>) {
+        let _ = self.search.set(sink);
+    }
+
+    /// Sends a committed document's pending search keys to the index; `Ok(false)` when there
+    /// is no sink (this process does not index): then `historyPending` must stay.
+    pub async fn flush_search(&self, rt: &str, committed: &Document) -> Result<bool, StoreError> {
+        let keys = search_keys_of(committed);
+        if keys.settled() {
+            return Ok(true);
+        }
+        let Some(sink) = self.search.get() else { return Ok(false) };
+        let corrupt = |e: bson::error::Error| StoreError::Corrupt(e.to_string());
+        let pending = PendingKeys {
+            id: committed.get_str("_id").map_err(corrupt)?.to_string(),
+            version: committed.get_i64("versionId").map_err(corrupt)?,
+            added: keys.added,
+            removed: keys.removed,
+        };
+        sink.index(rt, vec![pending]).await.map_err(StoreError::SearchIndex)?;
+        Ok(true)
     }
 
     pub fn database(&self) -> &Database {
@@ -231,6 +258,11 @@ impl ResourceStore {
             "historyPending": true,
         };
         current.insert("versionLog", version_log::encode(&c.version_log));
+        if let Some(search) = &c.search {
+            current.insert("_s", &search.keys);
+            current.insert("searchAdded", &search.added);
+            current.insert("searchRemoved", &search.removed);
+        }
         if let Some(count) = c.member_count.recorded() {
             current.insert("memberCount", member_count_bson(count));
         }
@@ -423,6 +455,9 @@ fn history_entry(current: &Document, logged: Option<&LogEntry>) -> Result<Docume
         "eventsPending",
         "eventsVersions",
         "commitTokens",
+        "_s",
+        "searchAdded",
+        "searchRemoved",
     ] {
         entry.remove(internal);
     }
@@ -485,7 +520,18 @@ fn decode(doc: &Document, id: Option<&str>) -> Result<Version, StoreError> {
         version_log: version_log::decode(doc.get("versionLog")).map_err(StoreError::Corrupt)?,
         history_pending: doc.get_bool("historyPending").unwrap_or(false),
         member_count: member_count_of(doc.get("memberCount")),
+        search: search_keys_of(doc),
     })
+}
+
+/// A stored document's search keys (`_s`, `searchAdded`, `searchRemoved`; empty when absent).
+pub(super) fn search_keys_of(doc: &Document) -> SearchKeys {
+    let strings = |field: &str| -> Vec<String> {
+        doc.get_array(field)
+            .map(|a| a.iter().filter_map(|b| b.as_str().map(str::to_string)).collect())
+            .unwrap_or_default()
+    };
+    SearchKeys { keys: strings("_s"), added: strings("searchAdded"), removed: strings("searchRemoved") }
 }
 
 /// The member batches pending in a stored Group document (`outbox`, oldest first; their

@@ -27,6 +27,65 @@ pub struct Version {
     pub version_log: Vec<LogEntry>,
     /// This version is not in history yet.
     pub history_pending: bool,
+    /// Its search index keys, and what ClickHouse may still lack of them.
+    pub search: SearchKeys,
+}
+
+/// A version's search index keys (`_s`; see `search::keys`), and the change ClickHouse's
+/// index may not have yet: keys to add (`searchAdded`) and keys to drop (`searchRemoved`),
+/// accumulated over every version since the last flush. Both are empty once a flush
+/// cleared them, which happens only together with `historyPending` (see `store`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SearchKeys {
+    pub keys: Vec<String>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl SearchKeys {
+    /// The state after a write whose keys are `new` (sorted, distinct) over `base`: every
+    /// new key ClickHouse may lack is added (all of them when the base has no keys: it was
+    /// never indexed), every base key or pending removal not in `new` is dropped.
+    pub fn next(base: Option<&SearchKeys>, new: Vec<String>) -> SearchKeys {
+        use std::collections::BTreeSet;
+        let Some(base) = base else {
+            return SearchKeys { added: new.clone(), keys: new, removed: Vec::new() };
+        };
+        let new_set: BTreeSet<&String> = new.iter().collect();
+        let old: BTreeSet<&String> = base.keys.iter().collect();
+        let mut added: BTreeSet<&String> = base.added.iter().filter(|k| new_set.contains(k)).collect();
+        added.extend(new.iter().filter(|k| !old.contains(k)));
+        let mut removed: BTreeSet<&String> = base.removed.iter().filter(|k| !new_set.contains(k)).collect();
+        removed.extend(base.keys.iter().filter(|k| !new_set.contains(k)));
+        let added = added.into_iter().cloned().collect();
+        let removed = removed.into_iter().cloned().collect();
+        SearchKeys { keys: new, added, removed }
+    }
+
+    /// Nothing for ClickHouse to do.
+    pub fn settled(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// What the search index must receive for one version (see [`SearchSink`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingKeys {
+    pub id: String,
+    pub version: i64,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// Where pending search keys go (ClickHouse's `SearchIndex`, via `search::flusher`). The
+/// store asks it before it clears `historyPending`: a document without the flag has its
+/// keys in the index.
+pub trait SearchSink: Send + Sync + 'static {
+    fn index<'a>(
+        &'a self,
+        rt: &'a str,
+        pending: Vec<PendingKeys>,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), String>>;
 }
 
 /// A Group's active member count, as a version records it.
@@ -161,6 +220,8 @@ pub struct Commit<'a> {
     pub member_count: MemberCount,
     /// Mark the version as awaiting a durable hook (`eventsPending`, `eventsVersions`).
     pub events_pending: bool,
+    /// Its search keys (`_s`, `searchAdded`, `searchRemoved`); `None` writes none.
+    pub search: Option<SearchKeys>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -168,6 +229,9 @@ pub enum StoreError {
     /// The version guard failed: another writer got there first.
     #[error("version conflict")]
     Conflict,
+    /// The search index did not take a version's keys (they stay pending in MongoDB).
+    #[error("search index: {0}")]
+    SearchIndex(String),
     #[error("MongoDB: {0}")]
     Mongo(#[from] mongodb::error::Error),
     #[error("stored document is malformed: {0}")]
@@ -205,4 +269,44 @@ pub enum Order {
     Id { after: Option<String> },
     /// By (lastUpdated, id), ascending or descending; the cursor is the last pair seen.
     LastUpdated { descending: bool, after: Option<(DateTime, String)> },
+}
+
+#[cfg(test)]
+mod search_keys_tests {
+    use super::SearchKeys;
+
+    fn v(keys: &[&str]) -> Vec<String> {
+        keys.iter().map(|k| k.to_string()).collect()
+    }
+
+    #[test]
+    fn a_first_version_adds_every_key() {
+        let s = SearchKeys::next(None, v(&["a", "b"]));
+        assert_eq!((s.added, s.removed), (v(&["a", "b"]), v(&[])));
+    }
+
+    #[test]
+    fn a_flushed_base_gives_the_difference() {
+        let base = SearchKeys { keys: v(&["a", "b"]), added: v(&[]), removed: v(&[]) };
+        let s = SearchKeys::next(Some(&base), v(&["b", "c"]));
+        assert_eq!((s.added, s.removed), (v(&["c"]), v(&["a"])));
+    }
+
+    #[test]
+    fn pending_changes_accumulate_until_a_flush() {
+        // Given a version that added `c` and removed `a`, not yet flushed,
+        let base = SearchKeys { keys: v(&["b", "c"]), added: v(&["c"]), removed: v(&["a"]) };
+        // when the next version drops `c` and brings `a` back,
+        let s = SearchKeys::next(Some(&base), v(&["a", "b"]));
+        // then `a` is added again and `c` removed: whatever the index took of the first.
+        assert_eq!((s.added, s.removed), (v(&["a"]), v(&["c"])));
+    }
+
+    #[test]
+    fn a_delete_removes_every_key() {
+        let base = SearchKeys { keys: v(&["a", "b"]), added: v(&["b"]), removed: v(&["z"]) };
+        let s = SearchKeys::next(Some(&base), v(&[]));
+        assert!(!s.settled());
+        assert_eq!((s.added, s.removed), (v(&[]), v(&["a", "b", "z"])));
+    }
 }
