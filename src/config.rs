@@ -137,6 +137,9 @@ pub struct FhirSettings {
     /// Most operations one PATCH may carry, in any format (more: 413). Default
     /// [`DEFAULT_MAX_PATCH_OPS`].
     pub max_patch_ops: Option<usize>,
+    /// Most resources one conditional DELETE may delete (more matches: 412). Default 1:
+    /// a condition that matches several is refused, as R4 allows.
+    pub max_conditional_delete: Option<usize>,
 }
 
 /// The default of `fhir.max_patch_ops`.
@@ -340,6 +343,9 @@ pub const ENV_VARS: &[EnvVar] = &[
     }),
     var("ROSTER_FHIR_MAX_PATCH_OPS", "most operations in one PATCH (default 100000)", |s, v| {
         parsed(v).map(|x| s.fhir.max_patch_ops = Some(x))
+    }),
+    var("ROSTER_FHIR_MAX_CONDITIONAL_DELETE", "most resources one conditional DELETE deletes (default 1)", |s, v| {
+        parsed(v).map(|x| s.fhir.max_conditional_delete = Some(x))
     }),
     var("ROSTER_GROUP_MAX_PATCH_OPS", "deprecated: ROSTER_FHIR_MAX_PATCH_OPS", |s, v| {
         parsed(v).map(|x| s.groups.max_patch_ops = Some(x))

@@ -170,6 +170,7 @@ impl Application {
         };
         state.writer = state.writer.clone().with_hooks(builtin.extend(hooks));
         state.max_patch_ops = settings.max_patch_ops();
+        state.max_conditional_delete = settings.fhir.max_conditional_delete.unwrap_or(1).max(1);
         state.mongo_ops = mongo_ops;
         if settings.groups.max_patch_ops.is_some() {
             tracing::warn!("groups.max_patch_ops (ROSTER_GROUP_MAX_PATCH_OPS) is deprecated: use fhir.max_patch_ops");

@@ -26,6 +26,8 @@ pub struct AppState {
     pub capability_statement: Arc<OnceLock<Arc<str>>>,
     /// Most operations one PATCH may carry (`Settings::max_patch_ops`).
     pub max_patch_ops: usize,
+    /// Most resources one conditional DELETE deletes (`fhir.max_conditional_delete`).
+    pub max_conditional_delete: usize,
     /// Who is an active member of recently written groups (see `group::index`).
     pub member_index: Arc<MemberIndex>,
     /// Moves pending member batches into ClickHouse (see `group::flusher`).
@@ -87,6 +89,7 @@ impl AppState {
             body_limit,
             capability_statement: Arc::default(),
             max_patch_ops: groups.max_patch_ops.unwrap_or(crate::config::DEFAULT_MAX_PATCH_OPS),
+            max_conditional_delete: 1,
             member_index,
         }
     }

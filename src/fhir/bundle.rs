@@ -19,8 +19,14 @@ fn links(l: &Links) -> Value {
     Value::Array(out)
 }
 
-/// A `searchset` Bundle. `entries` are current versions; `outcome` (warnings about the
-/// request, e.g. ignored parameters) becomes an entry with `search.mode = outcome`.
+/// One entry of a searchset: a current version of type `rt`, a match or an include.
+pub struct Entry<'a> {
+    pub rt: &'a str,
+    pub version: &'a Version,
+    pub include: bool,
+}
+
+/// A `searchset` Bundle of current versions of one type (see [`searchset_entries`]).
 pub fn searchset(
     fhir_base: &str,
     rt: &str,
@@ -29,13 +35,27 @@ pub fn searchset(
     l: &Links,
     outcome: Option<Value>,
 ) -> Value {
+    let entries: Vec<Entry> = entries.iter().map(|version| Entry { rt, version, include: false }).collect();
+    searchset_entries(fhir_base, &entries, total, l, outcome)
+}
+
+/// A `searchset` Bundle: matches and includes (`search.mode` `match`/`include`); `outcome`
+/// (warnings about the request, e.g. ignored parameters) becomes an entry with
+/// `search.mode = outcome`.
+pub fn searchset_entries(
+    fhir_base: &str,
+    entries: &[Entry],
+    total: Option<u64>,
+    l: &Links,
+    outcome: Option<Value>,
+) -> Value {
     let mut items: Vec<Value> = entries
         .iter()
-        .map(|v| {
+        .map(|e| {
             json!({
-                "fullUrl": format!("{fhir_base}/{rt}/{}", v.id),
-                "resource": v.resource.clone().map(Value::Object).unwrap_or(Value::Null),
-                "search": { "mode": "match" },
+                "fullUrl": format!("{fhir_base}/{}/{}", e.rt, e.version.id),
+                "resource": e.version.resource.clone().map(Value::Object).unwrap_or(Value::Null),
+                "search": { "mode": if e.include { "include" } else { "match" } },
             })
         })
         .collect();

@@ -36,13 +36,13 @@ fn parse(query: &str, strict: bool) -> Result<HistoryParams, FhirError> {
         }
     }
     let count = match param(query, "_count") {
-        None => DEFAULT_COUNT,
+        None => DEFAULT_COUNT as i64,
         Some(v) => v
             .parse::<i64>()
             .ok()
             .filter(|n| *n > 0)
             .ok_or_else(|| FhirError::bad_request(format!("_count: '{v}' is not a positive integer")))?
-            .min(MAX_COUNT),
+            .min(MAX_COUNT as i64),
     };
     let since_raw = param(query, "_since");
     let since = match &since_raw {

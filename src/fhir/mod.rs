@@ -1,6 +1,7 @@
 //! FHIR R4 REST API under `/4_0_0`.
 
 pub mod bundle;
+pub mod conditional;
 pub mod format;
 pub mod group;
 pub mod headers;
@@ -37,8 +38,15 @@ pub const PATCH_CONTENT_TYPES: &[&str] = &[
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/4_0_0/metadata", get(metadata::capability_statement))
-        .route("/4_0_0/{rt}", get(search::search_type).post(resource::create))
+        .route(
+            "/4_0_0/{rt}",
+            get(search::search_type)
+                .post(resource::create)
+                .put(resource::conditional_update)
+                .delete(resource::conditional_delete),
+        )
         .route("/4_0_0/{rt}/_history", get(history::type_history))
+        .route("/4_0_0/{rt}/_search", axum::routing::post(search::search_post))
         .route(
             "/4_0_0/{rt}/{id}",
             get(resource::read).put(resource::update).patch(resource::patch).delete(resource::delete),

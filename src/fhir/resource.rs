@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::format::{self, Format, Wanted};
 use super::headers::{self, VersionResponse};
-use super::{group, known_type, search, valid_id, PATCH_CONTENT_TYPES, RESOURCE_CONTENT_TYPES};
+use super::{conditional, group, known_type, search, valid_id, PATCH_CONTENT_TYPES, RESOURCE_CONTENT_TYPES};
 use crate::error::FhirError;
 use crate::model::patching::Patch;
 use crate::model::{fhirpath_patch, patch};
@@ -161,26 +161,47 @@ pub async fn create(
         let condition = condition
             .to_str()
             .map_err(|_| FhirError::bad_request("If-None-Exist must be a visible-ASCII query string"))?;
-        if let Some(existing) = search::conditional_match(&state, rt, condition).await? {
-            let location = format!("{}/{rt}/{}/_history/{}", state.fhir_base(), existing.id, existing.version);
-            return Ok(version_response(
-                StatusCode::OK,
-                &existing,
-                Some(location),
-                prefer,
-                "the resource already exists; nothing was created",
-            ));
+        let condition = search::condition_query(condition);
+        // One request per condition at a time (see `conditional`): the search then sees
+        // what an earlier one created.
+        let held = conditional::hold(&state, rt, condition).await?;
+        let done = async {
+            if let Some(existing) = search::conditional_match(&state, rt, condition).await? {
+                let location = format!("{}/{rt}/{}/_history/{}", state.fhir_base(), existing.id, existing.version);
+                return Ok(version_response(
+                    StatusCode::OK,
+                    &existing,
+                    Some(location),
+                    prefer,
+                    "the resource already exists; nothing was created",
+                ));
+            }
+            create_new(&state, &ctx, rt, resource, detached, prefer).await
         }
+        .await;
+        held.release(&state).await;
+        return done;
     }
+    create_new(&state, &ctx, rt, resource, detached, prefer).await
+}
+
+async fn create_new(
+    state: &AppState,
+    ctx: &RequestContext,
+    rt: &str,
+    resource: Value,
+    detached: Option<Detached>,
+    prefer: headers::Return,
+) -> Result<Response, FhirError> {
     let id = uuid::Uuid::new_v4().to_string();
     let outcome = state
         .writer
         .save(
-            &ctx,
+            ctx,
             SaveRequest { resource_type: rt, id: &id, change: Change::Create(resource), if_match: None, detached },
         )
         .await?;
-    Ok(written(&state, rt, &outcome, StatusCode::CREATED, prefer))
+    Ok(written(state, rt, &outcome, StatusCode::CREATED, prefer))
 }
 
 pub async fn update(
@@ -194,6 +215,21 @@ pub async fn update(
     let id = valid_id(&id)?;
     let if_match = headers::if_match(&headers)?;
     let (resource, detached) = resource_body(&state, rt, &headers, body).await?;
+    put_resource(&state, &ctx, rt, id, if_match, resource, detached, &headers).await
+}
+
+/// An update (or a create with the client's id) of `rt/id`.
+#[allow(clippy::too_many_arguments)]
+async fn put_resource(
+    state: &AppState,
+    ctx: &RequestContext,
+    rt: &str,
+    id: &str,
+    if_match: Option<i64>,
+    resource: Value,
+    detached: Option<Detached>,
+    headers: &HeaderMap,
+) -> Result<Response, FhirError> {
     match resource.get("id") {
         Some(Value::String(body_id)) if body_id == id => {}
         Some(body_id) => {
@@ -206,10 +242,57 @@ pub async fn update(
     }
     let outcome = state
         .writer
-        .save(&ctx, SaveRequest { resource_type: rt, id, change: Change::Update(resource), if_match, detached })
+        .save(ctx, SaveRequest { resource_type: rt, id, change: Change::Update(resource), if_match, detached })
         .await?;
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(written(&state, rt, &outcome, status, headers::prefer_return(&headers)))
+    Ok(written(state, rt, &outcome, status, headers::prefer_return(headers)))
+}
+
+/// `PUT /{type}?condition` (R4 conditional update): no match creates (with the body's id,
+/// or a new one), one match updates it, several are a 412.
+pub async fn conditional_update(
+    State(state): State<AppState>,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+    Extension(ctx): Extension<RequestContext>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, FhirError> {
+    let rt = known_type(&rt)?;
+    let condition = query.unwrap_or_default();
+    if condition.is_empty() {
+        return Err(FhirError::method_not_allowed(format!("PUT /{rt} needs an id or a search condition")));
+    }
+    let if_match = headers::if_match(&headers)?;
+    let (mut resource, detached) = resource_body(&state, rt, &headers, body).await?;
+    let held = conditional::hold(&state, rt, &condition).await?;
+    let done = async {
+        let found = search::conditional_matches(&state, rt, &condition, 2).await?;
+        let id = match (found.as_slice(), resource.get("id").and_then(Value::as_str)) {
+            ([], Some(id)) => valid_id(id)?.to_string(),
+            ([], None) => uuid::Uuid::new_v4().to_string(),
+            ([one], Some(id)) if id != one.id => {
+                return Err(FhirError::bad_request(format!(
+                    "the body's id '{id}' is not {rt}/{}, which the condition matches",
+                    one.id
+                ))
+                .at(format!("{rt}.id")))
+            }
+            ([one], _) => one.id.clone(),
+            _ => {
+                return Err(FhirError::precondition_failed(format!(
+                    "the condition '{condition}' matches more than one {rt}; nothing was updated"
+                )))
+            }
+        };
+        if let Some(obj) = resource.as_object_mut() {
+            obj.insert("id".into(), Value::String(id.clone()));
+        }
+        put_resource(&state, &ctx, rt, &id, if_match, resource, detached, &headers).await
+    }
+    .await;
+    held.release(&state).await;
+    done
 }
 
 pub async fn patch(
@@ -250,9 +333,57 @@ pub async fn delete(
     let rt = known_type(&rt)?;
     let id = valid_id(&id)?;
     let if_match = headers::if_match(&headers)?;
+    delete_resource(&state, &ctx, rt, id, if_match, &headers).await
+}
+
+/// `DELETE /{type}?condition` (R4 conditional delete): deletes every match, at most
+/// `fhir.max_conditional_delete` of them (more: 412); none is a 204.
+pub async fn conditional_delete(
+    State(state): State<AppState>,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+    Extension(ctx): Extension<RequestContext>,
+    headers: HeaderMap,
+) -> Result<Response, FhirError> {
+    let rt = known_type(&rt)?;
+    let condition = query.unwrap_or_default();
+    if condition.is_empty() {
+        return Err(FhirError::method_not_allowed(format!("DELETE /{rt} needs an id or a search condition")));
+    }
+    let max = state.max_conditional_delete;
+    let found = search::conditional_matches(&state, rt, &condition, max + 1).await?;
+    if found.len() > max {
+        return Err(FhirError::precondition_failed(format!(
+            "the condition '{condition}' matches more than {max} {rt}; nothing was deleted \
+             (fhir.max_conditional_delete allows {max})"
+        )));
+    }
+    let mut last = None;
+    for v in &found {
+        last = Some(delete_resource(&state, &ctx, rt, &v.id, None, &headers).await?);
+    }
+    match (found.len(), last) {
+        (1, Some(response)) => Ok(response),
+        (n, _) => {
+            let message = format!("{n} {rt} matched '{condition}' and were deleted");
+            let outcome =
+                crate::error::operation_outcome("information", crate::error::IssueCode::Informational, &message, None);
+            Ok(headers::fhir_json(StatusCode::OK, &outcome))
+        }
+    }
+}
+
+async fn delete_resource(
+    state: &AppState,
+    ctx: &RequestContext,
+    rt: &str,
+    id: &str,
+    if_match: Option<i64>,
+    headers: &HeaderMap,
+) -> Result<Response, FhirError> {
     let outcome = state
         .writer
-        .save(&ctx, SaveRequest { resource_type: rt, id, change: Change::Delete, if_match, detached: None })
+        .save(ctx, SaveRequest { resource_type: rt, id, change: Change::Delete, if_match, detached: None })
         .await?;
     let v = &outcome.version;
     let message = if outcome.changed {
@@ -261,7 +392,7 @@ pub async fn delete(
         format!("{rt}/{id} was already deleted (version {})", v.version)
     };
     Ok(VersionResponse {
-        status: match headers::prefer_return(&headers) {
+        status: match headers::prefer_return(headers) {
             headers::Return::OperationOutcome => StatusCode::OK,
             _ => StatusCode::NO_CONTENT,
         },
@@ -269,7 +400,7 @@ pub async fn delete(
         last_updated: v.last_updated,
         resource: None,
         location: None,
-        prefer: headers::prefer_return(&headers),
+        prefer: headers::prefer_return(headers),
         outcome_message: &message,
     }
     .into_response_with_outcome())

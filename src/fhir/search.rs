@@ -1,253 +1,237 @@
-//! Type-level search: `_id`, `_lastUpdated`, `_count`, `_sort`, `_summary=count`, with
-//! cursor paging (`_cursor`) so a page boundary never shifts under concurrent inserts.
+//! Type-level search over every R4 search parameter (`GET /{type}?…`, `POST
+//! /{type}/_search` with a form body): the request is parsed into clauses
+//! (`search::query`), run by the engine (`search::execute`), and shaped here: paging
+//! links with an opaque cursor (a page boundary never shifts under concurrent writes),
+//! `_total`, `_summary`, `_elements`, `_include` and `_revinclude`.
+//!
+//! `Group?member=` is answered from the ClickHouse reverse index of members (the Group
+//! type keeps its members out of the stored resource), as ids for the engine.
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use bson::{doc, Bson, Document};
+use serde_json::{json, Map, Value};
 
-use super::bundle::{searchset, Links};
+use super::bundle::{searchset_entries, Entry, Links};
 use super::headers::{self, fhir_json};
 use super::known_type;
 use crate::error::{operation_outcome, FhirError, IssueCode};
-use crate::model::datetime::{self, parse_date_time, FhirDateTime};
-use crate::model::validate::is_valid_id;
+use crate::search::definitions::{registry, ParamType};
+use crate::search::execute::{self, Engine, Position, Request, SortKey, Total};
+use crate::search::query::{self, Clause, Test};
 use crate::state::AppState;
-use crate::store::mongo::Order;
 use crate::store::Version;
 
-pub const DEFAULT_COUNT: i64 = 20;
-pub const MAX_COUNT: i64 = 1000;
+pub const DEFAULT_COUNT: usize = 20;
+pub const MAX_COUNT: usize = 1000;
+/// Most resources `_include` and `_revinclude` add to one page.
+pub const MAX_INCLUDES: usize = 1000;
+/// Most `_include:iterate` rounds.
+const MAX_ITERATE: usize = 3;
 
 /// Parameters that are accepted but change nothing in a JSON-only server.
 const IGNORED: &[&str] = &["_format", "_pretty"];
 
+/// `_summary`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Summary {
+    #[default]
+    False,
+    Count,
+    Text,
+    Data,
+}
+
+/// `_include` / `_revinclude` = `Source:param[:Target]`, or `*`.
+#[derive(Debug, Clone)]
+struct Include {
+    source: String,
+    /// `None`: every reference parameter of the source (`Source:*`, `*`).
+    param: Option<String>,
+    target: Option<String>,
+    iterate: bool,
+}
+
 #[derive(Debug, Default)]
 pub struct SearchParams {
-    /// Conditions ANDed together (each is an OR of one parameter's comma-separated values).
-    filter: Vec<Document>,
+    clauses: Vec<Clause>,
     /// Canonical `name=value` pairs for self/next links.
     canonical: Vec<(String, String)>,
-    count: Option<i64>,
-    sort: Sort,
-    summary_count: bool,
+    count: Option<usize>,
+    sort: Vec<SortKey>,
+    summary: Summary,
+    total: Option<Total>,
+    elements: Option<Vec<String>>,
     cursor: Option<String>,
+    includes: Vec<Include>,
+    revincludes: Vec<Include>,
     /// Parameters ignored because this server does not support them.
     unknown: Vec<String>,
     /// `Group?member=`: answered from the ClickHouse reverse index.
     member: Option<String>,
 }
 
-/// Escapes a string for a MongoDB regular expression.
-fn regex_escape(s: &str) -> String {
-    s.chars().fold(String::new(), |mut out, c| {
-        if "\\^$.|?*+()[]{}".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-        out
-    })
+fn bad(msg: String) -> FhirError {
+    FhirError::bad_request(msg)
 }
 
-/// `identifier=[system]|[value]` on `resource.identifier`.
-fn identifier_condition(value: &str) -> Document {
-    match value.split_once('|') {
-        None => doc! { "resource.identifier.value": value },
-        Some(("", v)) => {
-            doc! { "resource.identifier": { "$elemMatch": { "system": { "$exists": false }, "value": v } } }
-        }
-        Some((sys, "")) => doc! { "resource.identifier.system": sys },
-        Some((sys, v)) => doc! { "resource.identifier": { "$elemMatch": { "system": sys, "value": v } } },
+fn parse_include(name: &str, value: &str, rt: &str, rev: bool) -> Result<Include, FhirError> {
+    let iterate = match name.split_once(':') {
+        None => false,
+        Some((_, "iterate" | "recurse")) => true,
+        Some((_, m)) => return Err(bad(format!("{name}: modifier :{m} is not supported (iterate)"))),
+    };
+    if value == "*" {
+        return Ok(Include { source: rt.to_string(), param: None, target: None, iterate });
     }
-}
-
-/// Parameters of one resource type beyond the common ones: (name, modifier, value) →
-/// condition. `None` = not a parameter of this type.
-fn type_condition(rt: &str, name: &str, modifier: Option<&str>, value: &str) -> Result<Option<Document>, FhirError> {
-    let code = |v: &str| v.rsplit('|').next().unwrap_or(v).to_string();
-    Ok(Some(match (rt, name, modifier) {
-        (_, "identifier", None) => identifier_condition(value),
-        ("Group", "type", None) => doc! { "resource.type": code(value) },
-        ("Group", "actual", None) => match value {
-            "true" => doc! { "resource.actual": true },
-            "false" => doc! { "resource.actual": false },
-            other => return Err(FhirError::bad_request(format!("actual: '{other}' is not true or false"))),
-        },
-        ("Group", "name", None) => {
-            doc! { "resource.name": { "$regex": format!("^{}", regex_escape(value)), "$options": "i" } }
+    let mut parts = value.split(':');
+    let (Some(source), Some(param)) = (parts.next(), parts.next()) else {
+        return Err(bad(format!("{name}: '{value}' is not Type:parameter[:targetType]")));
+    };
+    let target = parts.next().map(str::to_string);
+    if parts.next().is_some() || !fhir_model::is_resource_type(source) {
+        return Err(bad(format!("{name}: '{value}' is not Type:parameter[:targetType]")));
+    }
+    if !rev && !iterate && source != rt {
+        return Err(bad(format!("{name}: '{source}' is not the searched type {rt} (use :iterate)")));
+    }
+    if let Some(t) = &target {
+        if !fhir_model::is_resource_type(t) {
+            return Err(bad(format!("{name}: '{t}' is not a resource type")));
         }
-        ("Group", "name", Some("contains")) => {
-            doc! { "resource.name": { "$regex": regex_escape(value), "$options": "i" } }
-        }
-        ("Group", "name", Some("exact")) => doc! { "resource.name": value },
-        _ => return Ok(None),
-    }))
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-enum Sort {
-    #[default]
-    Id,
-    LastUpdated {
-        descending: bool,
-    },
-}
-
-fn parse_prefix(value: &str) -> (&str, &str) {
-    for p in ["eq", "ne", "lt", "le", "gt", "ge", "sa", "eb", "ap"] {
-        if let Some(rest) = value.strip_prefix(p) {
-            if rest.starts_with(|c: char| c.is_ascii_digit()) {
-                return (p, rest);
+    }
+    let param = match param {
+        "*" => None,
+        p => {
+            let def = registry()
+                .get(source, p)
+                .ok_or_else(|| bad(format!("{name}: '{p}' is not a search parameter of {source}")))?;
+            if def.kind != ParamType::Reference {
+                return Err(bad(format!("{name}: '{p}' is not a reference parameter of {source}")));
             }
+            Some(p.to_string())
         }
-    }
-    ("eq", value)
+    };
+    Ok(Include { source: source.to_string(), param, target, iterate })
 }
 
-fn last_updated_condition(value: &str) -> Result<Document, FhirError> {
-    let (prefix, date) = parse_prefix(value);
-    let parsed: FhirDateTime = parse_date_time(date)
-        .ok_or_else(|| FhirError::bad_request(format!("_lastUpdated: '{date}' is not a FHIR date or dateTime")))?;
-    let (start, end) = parsed.range();
-    let (s, e) = (Bson::DateTime(datetime::to_bson(start)), Bson::DateTime(datetime::to_bson(end)));
-    Ok(match prefix {
-        "eq" => doc! { "lastUpdated": { "$gte": s, "$lt": e } },
-        "ne" => doc! { "$or": [ { "lastUpdated": { "$lt": s } }, { "lastUpdated": { "$gte": e } } ] },
-        "lt" | "eb" => doc! { "lastUpdated": { "$lt": s } },
-        "le" => doc! { "lastUpdated": { "$lt": e } },
-        "gt" | "sa" => doc! { "lastUpdated": { "$gte": e } },
-        "ge" => doc! { "lastUpdated": { "$gte": s } },
-        _ => return Err(FhirError::bad_request(format!("_lastUpdated: prefix '{prefix}' is not supported"))),
-    })
+fn parse_sort(rt: &str, value: &str) -> Result<Vec<SortKey>, FhirError> {
+    let mut out = Vec::new();
+    for part in value.split(',') {
+        let (descending, code) = match part.strip_prefix('-') {
+            Some(c) => (true, c),
+            None => (false, part),
+        };
+        if code == "_id" {
+            if descending {
+                return Err(bad("_sort: -_id is not supported (_id sorts ascending)".into()));
+            }
+            out.push(SortKey { def: None, descending });
+            continue;
+        }
+        let def = registry()
+            .get(rt, code)
+            .ok_or_else(|| bad(format!("_sort: '{code}' is not a search parameter of {rt}")))?;
+        if !execute::sortable(def) {
+            return Err(bad(format!("_sort: '{code}' is a {} parameter, which cannot sort", def.kind.as_str())));
+        }
+        out.push(SortKey { def: Some(def.clone()), descending });
+    }
+    if out.len() > execute::MAX_SORTS {
+        return Err(bad(format!("_sort: at most {} keys", execute::MAX_SORTS)));
+    }
+    // `_id` ends every order anyway.
+    while out.last().is_some_and(|s| s.def.is_none()) {
+        out.pop();
+    }
+    if out.iter().any(|s| s.def.is_none()) {
+        return Err(bad("_sort: _id may only be the last key".into()));
+    }
+    Ok(out)
 }
 
 impl SearchParams {
-    pub fn parse(rt: &str, query: &str, strict: bool) -> Result<SearchParams, FhirError> {
+    pub fn parse(
+        rt: &str,
+        query: &str,
+        strict: bool,
+        base: &str,
+        member_param: bool,
+    ) -> Result<SearchParams, FhirError> {
         let mut p = SearchParams::default();
-        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-            let (name, value) = (name.into_owned(), value.into_owned());
-            let (base, modifier) = match name.split_once(':') {
-                Some((b, m)) => (b, Some(m)),
-                None => (name.as_str(), None),
-            };
-            if rt == "Group" && base == "member" && modifier.is_none() {
-                p.member = Some(value.clone());
-                p.canonical.push((name, value));
-                continue;
-            }
-            let any: Vec<Option<Document>> =
-                value.split(',').map(|v| type_condition(rt, base, modifier, v)).collect::<Result<_, _>>()?;
-            if any.iter().all(Option::is_some) && !any.is_empty() {
-                let mut any: Vec<Document> = any.into_iter().flatten().collect();
-                p.filter.push(if any.len() == 1 {
-                    any.remove(0)
-                } else {
-                    doc! { "$or": any }
-                });
-                p.canonical.push((name, value));
-                continue;
-            }
-            match name.as_str() {
-                "_id" => {
-                    let ids: Vec<&str> = value.split(',').collect();
-                    if let Some(bad) = ids.iter().find(|i| !is_valid_id(i)) {
-                        return Err(FhirError::bad_request(format!("_id: '{bad}' is not a valid id")));
-                    }
-                    p.filter.push(doc! { "_id": { "$in": ids } });
-                }
-                "_lastUpdated" => {
-                    let any: Vec<Document> = value.split(',').map(last_updated_condition).collect::<Result<_, _>>()?;
-                    p.filter.push(if any.len() == 1 {
-                        any.into_iter().next().unwrap_or_default()
-                    } else {
-                        doc! { "$or": any }
-                    });
-                }
+        let pairs: Vec<(String, String)> =
+            form_urlencoded::parse(query.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+        if pairs.len() > query::MAX_CLAUSES * 2 {
+            return Err(bad(format!("at most {} search parameters", query::MAX_CLAUSES * 2)));
+        }
+        for (name, value) in pairs {
+            let base_name = name.split(':').next().unwrap_or(&name);
+            match base_name {
                 "_count" => {
-                    let n: i64 = value.parse().ok().filter(|n| *n >= 0).ok_or_else(|| {
-                        FhirError::bad_request(format!("_count: '{value}' is not a non-negative integer"))
-                    })?;
+                    let n: usize =
+                        value.parse().map_err(|_| bad(format!("_count: '{value}' is not a non-negative integer")))?;
                     p.count = Some(n.min(MAX_COUNT));
-                    continue; // `_count` is re-added with the effective value
+                    continue; // re-added with the effective value
                 }
-                "_sort" => {
-                    p.sort = match value.as_str() {
-                        "_id" => Sort::Id,
-                        "_lastUpdated" => Sort::LastUpdated { descending: false },
-                        "-_lastUpdated" => Sort::LastUpdated { descending: true },
-                        other => {
-                            return Err(FhirError::bad_request(format!(
-                                "_sort: '{other}' is not supported (use _id, _lastUpdated or -_lastUpdated)"
-                            )))
-                        }
-                    };
-                }
-                "_summary" => match value.as_str() {
-                    "count" => p.summary_count = true,
-                    "false" => {}
-                    other => {
-                        return Err(FhirError::bad_request(format!(
-                            "_summary: '{other}' is not supported (count, false)"
-                        )))
-                    }
-                },
                 "_cursor" => {
                     p.cursor = Some(value);
                     continue;
                 }
+                "_sort" => p.sort = parse_sort(rt, &value)?,
+                "_summary" => {
+                    p.summary = match value.as_str() {
+                        "count" => Summary::Count,
+                        "false" => Summary::False,
+                        "text" => Summary::Text,
+                        "data" => Summary::Data,
+                        other => {
+                            return Err(bad(format!("_summary: '{other}' is not supported (count, text, data, false)")))
+                        }
+                    }
+                }
+                "_total" => {
+                    p.total = Some(match value.as_str() {
+                        "none" => Total::None,
+                        "estimate" | "accurate" => Total::Accurate,
+                        other => return Err(bad(format!("_total: '{other}' is not none, estimate or accurate"))),
+                    })
+                }
+                "_elements" => {
+                    let list: Vec<String> =
+                        value.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+                    if let Some(bad_name) =
+                        list.iter().find(|e| !e.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+                    {
+                        return Err(bad(format!("_elements: '{bad_name}' is not an element name")));
+                    }
+                    p.elements = Some(list);
+                }
+                "_include" => p.includes.push(parse_include(&name, &value, rt, false)?),
+                "_revinclude" => p.revincludes.push(parse_include(&name, &value, rt, true)?),
                 n if IGNORED.contains(&n) => continue,
-                _ if strict => {
-                    return Err(FhirError::bad_request(format!("unknown or unsupported search parameter '{name}'")))
-                }
-                _ => {
-                    p.unknown.push(name);
-                    continue;
-                }
+                "member" if member_param && name == "member" => p.member = Some(value.clone()),
+                _ => match query::parse_clause(rt, &name, &value, base, 0)? {
+                    Some(clause) => {
+                        if p.clauses.len() >= query::MAX_CLAUSES {
+                            return Err(bad(format!("at most {} search parameters", query::MAX_CLAUSES)));
+                        }
+                        p.clauses.push(clause);
+                    }
+                    None if strict => {
+                        return Err(bad(format!("unknown or unsupported search parameter '{name}' on {rt}")))
+                    }
+                    None => {
+                        p.unknown.push(name);
+                        continue;
+                    }
+                },
             }
             p.canonical.push((name, value));
         }
         Ok(p)
     }
 
-    fn filter(&self) -> Document {
-        match self.filter.len() {
-            0 => Document::new(),
-            _ => doc! { "$and": self.filter.clone() },
-        }
-    }
-
-    fn order(&self) -> Result<Order, FhirError> {
-        let bad = || FhirError::bad_request("_cursor: this paging cursor is not valid for this search");
-        Ok(match self.sort {
-            Sort::Id => Order::Id {
-                after: match &self.cursor {
-                    None => None,
-                    Some(c) => Some(c.strip_prefix("id:").filter(|i| is_valid_id(i)).ok_or_else(bad)?.to_string()),
-                },
-            },
-            Sort::LastUpdated { descending } => Order::LastUpdated {
-                descending,
-                after: match &self.cursor {
-                    None => None,
-                    Some(c) => {
-                        let rest = c.strip_prefix("lu:").ok_or_else(bad)?;
-                        let (ms, id) = rest.split_once(':').ok_or_else(bad)?;
-                        let at = ms.parse().ok().and_then(datetime::bson_from_millis).ok_or_else(bad)?;
-                        Some((at, id.to_string()))
-                    }
-                },
-            },
-        })
-    }
-
-    fn cursor_after(&self, last: &Version) -> String {
-        match self.sort {
-            Sort::Id => format!("id:{}", last.id),
-            Sort::LastUpdated { .. } => format!("lu:{}:{}", last.last_updated.timestamp_millis(), last.id),
-        }
-    }
-
-    fn link(&self, base: &str, count: i64, cursor: Option<&str>) -> String {
+    fn link(&self, base: &str, count: usize, cursor: Option<&str>) -> String {
         let mut q = form_urlencoded::Serializer::new(String::new());
         for (k, v) in &self.canonical {
             q.append_pair(k, v);
@@ -260,6 +244,26 @@ impl SearchParams {
     }
 }
 
+pub fn engine(state: &AppState) -> Engine {
+    Engine { ch: state.clickhouse.clone(), store: state.store.clone(), base: state.fhir_base().into() }
+}
+
+/// The groups that hold `member` as an active member (ClickHouse's reverse index, after
+/// the pending batches that may name it are finished).
+async fn groups_of(state: &AppState, member: &str) -> Result<Vec<String>, FhirError> {
+    let unavailable = |e: &dyn std::fmt::Display| FhirError::unavailable("the member store is unavailable; retry", e);
+    // A batch not seen pending here was already in ClickHouse when it left MongoDB, so the
+    // query sees its rows; if some were flushed now, it is asked again.
+    let concerned = state.flusher.pending_touching(Some(member)).await.map_err(|e| unavailable(&e))?;
+    let (flushed, ids) =
+        tokio::join!(state.flusher.flush_each(&concerned), crate::group::read::groups_of(&state.clickhouse, member));
+    flushed.map_err(|e| unavailable(&e))?;
+    match concerned.is_empty() {
+        true => ids.map_err(|e| unavailable(&e)),
+        false => crate::group::read::groups_of(&state.clickhouse, member).await.map_err(|e| unavailable(&e)),
+    }
+}
+
 pub async fn search_type(
     State(state): State<AppState>,
     Path(rt): Path<String>,
@@ -267,64 +271,75 @@ pub async fn search_type(
     headers: HeaderMap,
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
-    let query = query.unwrap_or_default();
-    let mut params = SearchParams::parse(rt, &query, headers::prefer_strict(&headers))?;
-    // With `member`, the candidate ids are known: when a first page can hold them all, the
-    // page itself is the total and the count query is skipped.
-    let mut page_is_total = false;
-    if let Some(member) = &params.member {
-        // The reverse index answers which groups hold the member; MongoDB then applies the
-        // other parameters, hides deleted groups, sorts and pages.
-        // Pending batches that may name the member are finished first. The query starts only
-        // once they are known: a batch not seen then was already in ClickHouse when it left
-        // MongoDB, so the query sees its rows; if some were flushed now, it is asked again.
-        let unavailable =
-            |e: &dyn std::fmt::Display| FhirError::unavailable("the member store is unavailable; retry", e);
-        let started = std::time::Instant::now();
-        let concerned = state.flusher.pending_touching(Some(member)).await.map_err(|e| unavailable(&e))?;
-        let pending_at = started.elapsed();
-        let (flushed, ids) = tokio::join!(
-            state.flusher.flush_each(&concerned),
-            crate::group::read::groups_of(&state.clickhouse, member)
-        );
-        flushed.map_err(|e| unavailable(&e))?;
-        let ids = match concerned.is_empty() {
-            true => ids.map_err(|e| unavailable(&e))?,
-            false => crate::group::read::groups_of(&state.clickhouse, member).await.map_err(|e| unavailable(&e))?,
-        };
-        // Where a member search's time goes (`ROSTER_LOG=roster::fhir=debug`), cumulative;
-        // the MongoDB query of the candidates follows.
-        tracing::debug!(
-            groups = ids.len(),
-            flushed = concerned.len(),
-            pending_us = pending_at.as_micros() as u64,
-            indexed_us = started.elapsed().as_micros() as u64,
-            "member search timings"
-        );
-        page_is_total = params.cursor.is_none() && (ids.len() as i64) <= params.count.unwrap_or(DEFAULT_COUNT);
-        params.filter.push(doc! { "_id": { "$in": ids } });
+    search(&state, rt, &query.unwrap_or_default(), &headers).await
+}
+
+/// `POST /{type}/_search`: the parameters in an `application/x-www-form-urlencoded` body
+/// (and the URL), as a GET.
+pub async fn search_post(
+    State(state): State<AppState>,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, FhirError> {
+    let rt = known_type(&rt)?;
+    let form = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !form && !body.is_empty() {
+        return Err(FhirError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IssueCode::NotSupported,
+            "POST _search takes an application/x-www-form-urlencoded body",
+        ));
     }
-    let base = format!("{}/{rt}", state.fhir_base());
-    let filter = params.filter();
-    let count = params.count.unwrap_or(DEFAULT_COUNT);
-    let only_total = params.summary_count || count == 0;
-    // The total and the page are independent queries: asked together.
-    let order = params.order()?;
-    let (total, page) = tokio::join!(
-        async {
-            match page_is_total && !only_total {
-                true => Ok(None), // the page below is the total
-                false => state.store.count(rt, filter.clone()).await.map(Some),
-            }
-        },
-        async {
-            match only_total {
-                true => Ok(Vec::new()),
-                false => state.store.search(rt, filter.clone(), &order, count + 1).await,
-            }
+    let body = std::str::from_utf8(&body).map_err(|_| bad("the _search body is not UTF-8".into()))?;
+    let mut all = query.unwrap_or_default();
+    if !body.is_empty() {
+        if !all.is_empty() {
+            all.push('&');
         }
-    );
-    let total = total?;
+        all.push_str(body.trim());
+    }
+    search(&state, rt, &all, &headers).await
+}
+
+async fn search(state: &AppState, rt: &str, query: &str, headers: &HeaderMap) -> Result<Response, FhirError> {
+    let fhir_base = state.fhir_base();
+    let behaviour = state.writer.behaviour(rt);
+    let mut params = SearchParams::parse(
+        rt,
+        query,
+        headers::prefer_strict(headers),
+        &fhir_base,
+        behaviour.detached_element().is_some(),
+    )?;
+    if let Some(member) = &params.member {
+        let ids = groups_of(state, member).await?;
+        params.clauses.push(Clause::Ids(ids));
+    }
+    let count = params.count.unwrap_or(DEFAULT_COUNT);
+    let only_total = params.summary == Summary::Count || count == 0;
+    let cursor = match &params.cursor {
+        Some(c) => Some(Position::decode(c, params.sort.len())?),
+        None => None,
+    };
+    let request = Request {
+        rt: rt.to_string(),
+        clauses: params.clauses.clone(),
+        sort: params.sort.clone(),
+        count: if only_total { 0 } else { count },
+        cursor,
+        total: match (only_total, params.total) {
+            (true, _) => Total::Accurate,
+            (false, Some(t)) => t,
+            (false, None) => Total::Accurate,
+        },
+    };
+    let engine = engine(state);
+    let page = engine.search(&request).await?;
     let outcome = (!params.unknown.is_empty()).then(|| {
         operation_outcome(
             "warning",
@@ -333,53 +348,220 @@ pub async fn search_type(
             None,
         )
     });
-    if only_total {
-        let links = Links { self_link: params.link(&base, count, params.cursor.as_deref()), next: None };
-        return Ok(fhir_json(StatusCode::OK, &searchset(&state.fhir_base(), rt, &[], total, &links, outcome)));
-    }
-    let mut page = page?;
-    let total = total.or(Some(page.len() as u64));
-    let more = page.len() as i64 > count;
-    page.truncate(count as usize);
-    let next = match page.last() {
-        Some(last) if more => Some(params.link(&base, count, Some(&params.cursor_after(last)))),
-        _ => None,
+    let base = format!("{fhir_base}/{rt}");
+    let self_link = params.link(&base, count, params.cursor.as_deref());
+    let next = page.next.as_ref().map(|p| params.link(&base, count, Some(&p.encode())));
+    let mut matches = page.matches;
+    let included = match only_total {
+        true => Vec::new(),
+        false => includes(state, &engine, rt, &matches, &params).await?,
     };
+    for v in &mut matches {
+        shape(state, rt, v, &params);
+    }
+    let mut included = included;
+    for (t, v) in &mut included {
+        shape(state, t, v, &params);
+    }
+    let mut entries: Vec<Entry> = matches.iter().map(|version| Entry { rt, version, include: false }).collect();
+    entries.extend(included.iter().map(|(t, version)| Entry { rt: t, version, include: true }));
+    let links = Links { self_link, next };
+    let bundle = searchset_entries(&fhir_base, &entries, page.total, &links, outcome);
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// A version as a searchset shows it: a detached element left out (a Group's members),
+/// `_summary` and `_elements` applied.
+fn shape(state: &AppState, rt: &str, v: &mut Version, params: &SearchParams) {
     let behaviour = state.writer.behaviour(rt);
+    let quantity = v.member_count.active();
+    let Some(resource) = v.resource.as_mut() else { return };
     if behaviour.detached_element().is_some() {
         // Members are never inlined in a searchset (a page could hold millions): each Group
         // carries its quantity (recorded with its version) and the SUBSETTED tag.
-        for v in &mut page {
-            let quantity = v.member_count.active();
-            if let Some(resource) = v.resource.as_mut() {
-                behaviour.abridge(resource, quantity);
+        behaviour.abridge(resource, quantity);
+    }
+    match params.summary {
+        Summary::Text => keep_only(resource, &["text", "id", "meta"]),
+        Summary::Data => {
+            if resource.remove("text").is_some() {
+                mark_subsetted(resource);
             }
         }
+        Summary::False | Summary::Count => {}
     }
-    let links = Links { self_link: params.link(&base, count, params.cursor.as_deref()), next };
-    Ok(fhir_json(StatusCode::OK, &searchset(&state.fhir_base(), rt, &page, total, &links, outcome)))
+    if let Some(elements) = &params.elements {
+        let keep: Vec<&str> = elements.iter().map(String::as_str).collect();
+        keep_only(resource, &keep);
+    }
+}
+
+/// Keeps `keep` and what every resource must show (`resourceType`, `id`, `meta`), and
+/// tags the result SUBSETTED when anything went.
+fn keep_only(resource: &mut Map<String, Value>, keep: &[&str]) {
+    let before = resource.len();
+    resource.retain(|k, _| {
+        let name = k.strip_prefix('_').unwrap_or(k);
+        matches!(name, "resourceType" | "id" | "meta") || keep.contains(&name)
+    });
+    if resource.len() < before {
+        mark_subsetted(resource);
+    }
+}
+
+fn mark_subsetted(resource: &mut Map<String, Value>) {
+    let meta = resource.entry("meta").or_insert_with(|| json!({}));
+    let Some(meta) = meta.as_object_mut() else { return };
+    let tags = meta.entry("tag").or_insert_with(|| json!([]));
+    let Some(tags) = tags.as_array_mut() else { return };
+    if !tags.iter().any(|t| t.get("code").and_then(Value::as_str) == Some("SUBSETTED")) {
+        tags.push(json!({
+            "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+            "code": "SUBSETTED"
+        }));
+    }
+}
+
+/// The reference targets (`Type/id` on this server) of a version through an include.
+fn targets_of(version: &Version, inc: &Include, base: &str) -> Vec<(String, String)> {
+    let Some(resource) = version.resource.as_ref() else { return Vec::new() };
+    let resource = Value::Object(resource.clone());
+    let defs: Vec<_> = match &inc.param {
+        Some(p) => registry().get(&inc.source, p).into_iter().cloned().collect(),
+        None => registry().of_type(&inc.source).filter(|d| d.kind == ParamType::Reference).cloned().collect(),
+    };
+    let mut out = Vec::new();
+    for def in defs {
+        for value in crate::search::extract::values_of(&def, &resource, base) {
+            let crate::search::extract::IndexValue::Reference(r) = value else { continue };
+            let (Some(target), Some(ty)) = (r.target, r.target_type) else { continue };
+            if target.contains(':') || inc.target.as_ref().is_some_and(|t| *t != ty) {
+                continue;
+            }
+            let id = target.rsplit('/').next().unwrap_or_default().to_string();
+            out.push((ty, id));
+        }
+    }
+    out
+}
+
+/// `_include` and `_revinclude` of a page (and `:iterate` over what they add), at most
+/// [`MAX_INCLUDES`] resources, none twice, none that is a match.
+async fn includes(
+    state: &AppState,
+    engine: &Engine,
+    rt: &str,
+    matches: &[Version],
+    params: &SearchParams,
+) -> Result<Vec<(String, Version)>, FhirError> {
+    if params.includes.is_empty() && params.revincludes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let base = state.fhir_base();
+    let mut seen: std::collections::HashSet<String> = matches.iter().map(|v| format!("{rt}/{}", v.id)).collect();
+    let mut out: Vec<(String, Version)> = Vec::new();
+    // The resources the current round looks from.
+    let mut frontier: Vec<(String, Version)> = matches.iter().map(|v| (rt.to_string(), v.clone())).collect();
+    for round in 0..=MAX_ITERATE {
+        let mut added: Vec<(String, Version)> = Vec::new();
+        for inc in params.includes.iter().filter(|i| round == 0 || i.iterate) {
+            let mut wanted: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            for (t, v) in frontier.iter().filter(|(t, _)| *t == inc.source) {
+                let _ = t;
+                for (ty, id) in targets_of(v, inc, &base) {
+                    if seen.insert(format!("{ty}/{id}")) {
+                        wanted.entry(ty).or_default().push(id);
+                    }
+                }
+            }
+            for (ty, ids) in wanted {
+                for v in state.store.by_ids(&ty, &ids).await? {
+                    if !v.deleted {
+                        added.push((ty.clone(), v));
+                    }
+                }
+            }
+        }
+        for inc in params.revincludes.iter().filter(|i| round == 0 || i.iterate) {
+            let refs: Vec<String> = frontier.iter().map(|(t, v)| format!("{t}/{}", v.id)).collect();
+            if refs.is_empty() {
+                continue;
+            }
+            let defs: Vec<_> = match &inc.param {
+                Some(p) => registry().get(&inc.source, p).into_iter().cloned().collect(),
+                None => registry().of_type(&inc.source).filter(|d| d.kind == ParamType::Reference).cloned().collect(),
+            };
+            for def in defs {
+                let clause = Clause::Param { def, not: false, any: vec![Test::RefAny(refs.clone())] };
+                let req = Request {
+                    rt: inc.source.clone(),
+                    clauses: vec![clause],
+                    sort: Vec::new(),
+                    count: MAX_INCLUDES,
+                    cursor: None,
+                    total: Total::None,
+                };
+                for v in engine.search(&req).await?.matches {
+                    if seen.insert(format!("{}/{}", inc.source, v.id)) {
+                        added.push((inc.source.clone(), v));
+                    }
+                }
+            }
+        }
+        if added.is_empty() {
+            break;
+        }
+        out.extend(added.iter().cloned());
+        if out.len() > MAX_INCLUDES {
+            out.truncate(MAX_INCLUDES);
+            break;
+        }
+        frontier = added;
+    }
+    Ok(out)
+}
+
+/// The query of a condition: `If-None-Exist` may carry `?query` or `Type?query`.
+pub fn condition_query(condition: &str) -> &str {
+    let condition = condition.trim_start_matches('?');
+    condition.rsplit_once('?').map_or(condition, |(_, q)| q)
 }
 
 /// For `If-None-Exist`: the one existing match, `None` when there is none, 412 when
 /// several match.
 pub async fn conditional_match(state: &AppState, rt: &str, condition: &str) -> Result<Option<Version>, FhirError> {
-    let condition = condition.trim_start_matches('?');
-    let condition = condition.rsplit_once('?').map_or(condition, |(_, q)| q);
-    let params = SearchParams::parse(rt, condition, true)?;
-    if params.member.is_some() {
-        return Err(FhirError::bad_request("If-None-Exist does not support the member parameter"));
-    }
-    if params.filter.is_empty() {
-        return Err(FhirError::bad_request("If-None-Exist must contain at least one search parameter"));
-    }
-    let found = state.store.search(rt, params.filter(), &Order::Id { after: None }, 2).await?;
+    let found = conditional_matches(state, rt, condition, 2).await?;
     match found.len() {
-        0 => Ok(None),
-        1 => Ok(found.into_iter().next()),
+        0 | 1 => Ok(found.into_iter().next()),
         _ => Err(FhirError::precondition_failed(format!(
             "If-None-Exist '{condition}' matches more than one {rt}; the create is ambiguous"
         ))),
     }
+}
+
+/// The resources a condition matches, at most `limit`. A condition must name at least one
+/// search parameter, and every parameter must be understood (a condition that ignored
+/// one would match too much).
+pub async fn conditional_matches(
+    state: &AppState,
+    rt: &str,
+    condition: &str,
+    limit: usize,
+) -> Result<Vec<Version>, FhirError> {
+    let base = state.fhir_base();
+    let params = SearchParams::parse(rt, condition_query(condition), true, &base, false)?;
+    if params.clauses.is_empty() {
+        return Err(bad("a condition must contain at least one search parameter".into()));
+    }
+    let req = Request {
+        rt: rt.to_string(),
+        clauses: params.clauses,
+        sort: Vec::new(),
+        count: limit,
+        cursor: None,
+        total: Total::None,
+    };
+    Ok(engine(state).search(&req).await?.matches)
 }
 
 /// Value of a query parameter (first occurrence).
@@ -391,28 +573,48 @@ pub fn param(query: &str, name: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn parse(q: &str, strict: bool) -> Result<SearchParams, FhirError> {
+        SearchParams::parse("Patient", q, strict, "http://h/4_0_0", false)
+    }
+
     #[test]
     fn unknown_params_are_reported_or_rejected() {
-        let p = SearchParams::parse("Patient", "name=x&_count=5", false).unwrap();
-        assert_eq!(p.unknown, vec!["name".to_string()]);
+        let p = parse("nonsense=x&_count=5", false).unwrap();
+        assert_eq!(p.unknown, vec!["nonsense".to_string()]);
         assert_eq!(p.count, Some(5));
-        assert!(SearchParams::parse("Patient", "name=x", true).is_err());
+        assert!(parse("nonsense=x", true).is_err());
+        assert!(parse("name=x", true).is_ok());
     }
 
     #[test]
     fn bad_values_are_400() {
-        for q in ["_count=-1", "_lastUpdated=yesterday", "_sort=name", "_id=a/b", "_lastUpdated=ap2020"] {
-            let e = SearchParams::parse("Patient", q, false).unwrap_err();
+        for q in [
+            "_count=-1",
+            "_lastUpdated=yesterday",
+            "_sort=nonsense",
+            "_id=a/b,",
+            "birthdate=ap20x",
+            "family:below=x",
+            "_include=Observation:nope",
+            "_summary=maybe",
+            "_total=some",
+            "_elements=a.b",
+        ] {
+            let e = parse(q, false).err().unwrap_or_else(|| panic!("{q} was accepted"));
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{q}");
         }
     }
 
     #[test]
-    fn last_updated_prefixes() {
-        let d = last_updated_condition("ge2024-01").unwrap();
-        assert!(d.get_document("lastUpdated").unwrap().contains_key("$gte"));
-        let d = last_updated_condition("2024").unwrap();
-        let inner = d.get_document("lastUpdated").unwrap();
-        assert!(inner.contains_key("$gte") && inner.contains_key("$lt"));
+    fn sorts_and_includes_parse() {
+        let p = parse(
+            "_sort=-birthdate,family,_id&_include=Patient:general-practitioner&_revinclude=Observation:subject",
+            false,
+        )
+        .unwrap();
+        assert_eq!(p.sort.len(), 2);
+        assert!(p.sort[0].descending && !p.sort[1].descending);
+        assert_eq!(p.includes[0].param.as_deref(), Some("general-practitioner"));
+        assert_eq!(p.revincludes[0].source, "Observation");
     }
 }

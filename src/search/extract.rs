@@ -56,6 +56,8 @@ pub enum IndexValue {
         system: Option<String>,
         code: Option<String>,
         unit: Option<String>,
+        /// The UCUM-canonical form of another value (found by unit-qualified searches only).
+        canonical: bool,
     },
     /// A composite's components, each with the values its component expression yields.
     Composite(Vec<Vec<IndexValue>>),
@@ -369,13 +371,19 @@ pub fn parse_number(written: &str) -> Option<Number> {
     };
     let decimals = mantissa.split_once('.').map_or(0, |(_, f)| f.len() as i32);
     let half = 0.5 * 10f64.powi(exponent - decimals);
-    Some(Number { value, low: value - half, high: value + half })
+    Some(Number { value, low: (value - half).min(value), high: (value + half).max(value.next_up()) })
 }
 
 fn quantity(value: &Value, ty: &str, out: &mut Vec<IndexValue>) {
     let one = |q: &Value| -> Option<IndexValue> {
         let number = number(q.get("value")?)?;
-        Some(IndexValue::Quantity { number, system: text(q, "system"), code: text(q, "code"), unit: text(q, "unit") })
+        Some(IndexValue::Quantity {
+            number,
+            system: text(q, "system"),
+            code: text(q, "code"),
+            unit: text(q, "unit"),
+            canonical: false,
+        })
     };
     match ty {
         t if fhirpath::QUANTITY_KINDS.contains(&t) => {
@@ -393,6 +401,7 @@ fn quantity(value: &Value, ty: &str, out: &mut Vec<IndexValue>) {
                     system: Some("urn:iso:std:iso:4217".into()),
                     code: text(value, "currency"),
                     unit: None,
+                    canonical: false,
                 });
             }
         }
@@ -410,6 +419,7 @@ fn quantity(value: &Value, ty: &str, out: &mut Vec<IndexValue>) {
                     system: text(u, "system"),
                     code: text(u, "code"),
                     unit: text(u, "unit"),
+                    canonical: false,
                 });
             }
         }

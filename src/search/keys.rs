@@ -186,9 +186,12 @@ pub fn keys(code: &str, values: &[IndexValue], out: &mut Vec<String>) {
                 out.push(key(code, 'H', &sortable_i64(*high)));
             }
             IndexValue::Number(n) => out.push(key(code, 'v', &number_key(n))),
-            IndexValue::Quantity { number, system, code: unit, .. } => {
+            IndexValue::Quantity { number, system, code: unit, canonical, .. } => {
                 let n = number_key(number);
-                out.push(key(code, 'v', &n));
+                // A canonical form is found by unit only: a bare number means the value as written.
+                if !canonical {
+                    out.push(key(code, 'v', &n));
+                }
                 if let Some(u) = unit {
                     out.push(key(code, 'Q', &join(&[u, &n])));
                     if let Some(s) = system {
@@ -246,6 +249,19 @@ pub fn component_forms(v: &IndexValue) -> Vec<String> {
         IndexValue::Reference(Reference { target: Some(t), .. }) => vec![format!("r{t}")],
         IndexValue::Uri(u) => vec![format!("u{u}")],
         _ => vec![],
+    }
+}
+
+/// How a component test's value is written inside a composite key, when it is one exact
+/// form (as [`component_forms`] writes values); `None` for ranges and prefixes.
+pub fn component_forms_of_test(t: &super::query::Test) -> Option<String> {
+    use super::query::{RefTarget, Test};
+    match t {
+        Test::Token { system: Some(Some(s)), code: Some(c) } => Some(format!("t{s}{US}{c}")),
+        Test::Token { system: _, code: Some(c) } => Some(format!("c{c}")),
+        Test::Reference(RefTarget::Local { ty, id, version: None }) => Some(format!("r{ty}/{id}")),
+        Test::Uri(u) => Some(format!("u{u}")),
+        _ => None,
     }
 }
 

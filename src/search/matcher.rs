@@ -55,13 +55,15 @@ fn matches(v: &IndexValue, test: &Test, allowed: &[String]) -> bool {
             date_matches(*prefix, (*low, *high), (*tl, *th))
         }
         (Test::Number { prefix, number }, IndexValue::Number(n)) => number_matches(*prefix, number, n),
-        (Test::Number { prefix, number }, IndexValue::Quantity { number: n, .. }) => number_matches(*prefix, number, n),
+        (Test::Number { prefix, number }, IndexValue::Quantity { number: n, canonical: false, .. }) => {
+            number_matches(*prefix, number, n)
+        }
         (
             Test::Quantity { prefix, number, system, code },
-            IndexValue::Quantity { number: n, system: s, code: c, unit },
+            IndexValue::Quantity { number: n, system: s, code: c, unit, canonical },
         ) => {
             let unit_ok = match (system, code) {
-                (_, None) => true,
+                (_, None) => !canonical,
                 (None, Some(code)) => c.as_deref() == Some(code) || unit.as_deref() == Some(code),
                 (Some(sys), Some(code)) => s.as_deref() == Some(sys) && c.as_deref() == Some(code),
             };

@@ -7,12 +7,15 @@
 
 pub mod definitions;
 pub(crate) mod elements;
+pub mod execute;
 pub mod extract;
 pub(crate) mod fhirpath;
 pub mod flusher;
 pub mod keys;
 pub mod matcher;
+pub mod plan;
 pub mod query;
+pub mod sql;
 pub mod ucum;
 
 /// Every index key of a resource (sorted, without duplicates): what a write stores with the

@@ -400,6 +400,9 @@ pub fn parse_clause(rt: &str, name: &str, value: &str, base: &str, depth: usize)
         return Err(bad(format!("{code}: at most {MAX_VALUES} values may be ORed")));
     }
     if code == "_id" {
+        if let Some(bad_id) = values.iter().find(|v| !crate::model::validate::is_valid_id(v)) {
+            return Err(bad(format!("_id: '{bad_id}' is not a valid id")));
+        }
         return Ok(Some(Clause::Ids(values)));
     }
     match modifier {

@@ -28,8 +28,15 @@ const PREFIXES: &[(&str, f64)] = &[
     ("f", 1e-15),
 ];
 
+/// Customary units that are exact multiples of a base.
+const CUSTOMARY: &[(&str, f64, &str)] =
+    &[("[lb_av]", 453.592_37, "g"), ("[oz_av]", 28.349_523_125, "g"), ("[in_i]", 0.0254, "m"), ("[ft_i]", 0.3048, "m")];
+
 /// One unit atom as (factor, canonical atom).
 fn atom(unit: &str) -> Option<(f64, &'static str)> {
+    if let Some((_, f, b)) = CUSTOMARY.iter().find(|(u, _, _)| *u == unit) {
+        return Some((*f, b));
+    }
     if let Some((_, f)) = TIMES.iter().find(|(u, _)| *u == unit) {
         return Some((*f, "s"));
     }
@@ -73,7 +80,7 @@ pub fn canonical(q: &IndexValue) -> Option<IndexValue> {
         return None;
     }
     let n = Number { value: number.value * factor, low: number.low * factor, high: number.high * factor };
-    Some(IndexValue::Quantity { number: n, system: Some(UCUM.into()), code: Some(unit), unit: None })
+    Some(IndexValue::Quantity { number: n, system: Some(UCUM.into()), code: Some(unit), unit: None, canonical: true })
 }
 
 #[cfg(test)]

@@ -199,7 +199,7 @@ async fn conditional_create_with_if_none_exist() {
     second["id"] = json!("second");
     app.put("Patient/second", &second).await;
     assert_outcome(send("_id=only-one,second").await.unwrap(), 412).await;
-    assert_outcome(send("family=x").await.unwrap(), 400).await;
+    assert_outcome(send("nonsense=x").await.unwrap(), 400).await;
 }
 
 #[tokio::test]

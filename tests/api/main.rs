@@ -20,3 +20,4 @@ mod pipeline;
 mod projections;
 mod roundtrip;
 mod search;
+mod search_params;

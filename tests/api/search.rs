@@ -110,14 +110,17 @@ async fn cursor_paging_is_stable_under_concurrent_inserts() {
 async fn unknown_parameters_are_reported_or_rejected() {
     let app = spawn_app().await;
     put_patient(&app, "u1").await;
-    let b = json(app.get("Patient?family=x").await).await;
+    let b = json(app.get("Patient?nonsense=x").await).await;
     let outcome = b["entry"].as_array().unwrap().iter().find(|e| e["search"]["mode"] == "outcome").unwrap();
-    assert!(outcome["resource"]["issue"][0]["diagnostics"].as_str().unwrap().contains("family"));
-    let r = app.client.get(app.url("Patient?family=x")).header("prefer", "handling=strict").send().await.unwrap();
+    assert!(outcome["resource"]["issue"][0]["diagnostics"].as_str().unwrap().contains("nonsense"));
+    assert_eq!(ids(&b), ["u1"], "an ignored parameter does not narrow the search");
+    let r = app.client.get(app.url("Patient?nonsense=x")).header("prefer", "handling=strict").send().await.unwrap();
     let issue = assert_outcome(r, 400).await;
-    assert!(issue["diagnostics"].as_str().unwrap().contains("family"));
+    assert!(issue["diagnostics"].as_str().unwrap().contains("nonsense"));
     assert_outcome(app.get("Patient?_cursor=garbage").await, 400).await;
-    assert_outcome(app.get("Patient?_sort=name").await, 400).await;
+    assert_outcome(app.get("Patient?_sort=nonsense").await, 400).await;
+    assert_outcome(app.get("Patient?_sort=address-use:missing").await, 400).await;
+    assert_outcome(app.get("Patient?family:below=x").await, 400).await;
 }
 
 #[tokio::test]

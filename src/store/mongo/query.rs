@@ -42,3 +42,33 @@ impl ResourceStore {
         Ok(self.current(rt).count_documents(query).await?)
     }
 }
+
+/// Fields a search never needs from a document.
+fn search_projection() -> Document {
+    doc! { "searchAdded": 0, "searchRemoved": 0, "outbox": 0, "versionLog": 0 }
+}
+
+impl ResourceStore {
+    /// The documents of a type whose latest version may not be in the search index yet
+    /// (`historyPending`; see `store`), with their keys; at most `limit`.
+    pub async fn search_pending(&self, rt: &str, limit: i64) -> Result<Vec<Version>, StoreError> {
+        let options = FindOptions::builder().projection(search_projection()).limit(limit).build();
+        let docs: Vec<Document> =
+            self.current(rt).find(doc! { "historyPending": true }).with_options(options).await?.try_collect().await?;
+        docs.iter().map(|d| decode(d, None)).collect()
+    }
+
+    /// The current documents with these ids (any order; missing ones left out), without
+    /// their search keys.
+    pub async fn by_ids(&self, rt: &str, ids: &[String]) -> Result<Vec<Version>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut projection = search_projection();
+        projection.insert("_s", 0);
+        let options = FindOptions::builder().projection(projection).build();
+        let docs: Vec<Document> =
+            self.current(rt).find(doc! { "_id": { "$in": ids } }).with_options(options).await?.try_collect().await?;
+        docs.iter().map(|d| decode(d, None)).collect()
+    }
+}

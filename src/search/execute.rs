@@ -1,0 +1,510 @@
+//! Runs a search: candidates from ClickHouse's `SearchIndex` for every resource whose
+//! latest version is indexed, and from MongoDB for the rest (documents still
+//! `historyPending`, whose keys are evaluated here by the same plan), merged in the
+//! requested order, then each page's documents read from MongoDB and checked by the
+//! matcher (see `plan` for why keys only find candidates).
+//!
+//! Why this split (see also docs/search.md): MongoDB on this machine answers a single
+//! indexed equality fast but scans for `$and` of multikey predicates, low-selectivity
+//! `find().limit()` and regexes, and an index over every key costs each write 2–4×; a
+//! ClickHouse index sorted by (type, key, id) answers equality, prefix and range lookups,
+//! intersections and sorts in a few ms at millions of rows, and is written in batches off
+//! the request path. Read-your-writes comes from the overlay: a document leaves
+//! `historyPending` only once its keys are in ClickHouse.
+//!
+//! Bounds: chains and `_has` resolve to at most [`MAX_IDS`] ids per step (a 400 beyond);
+//! at most [`PENDING_LIMIT`] pending documents are read per search (beyond, they are
+//! flushed first); a page takes at most [`ROUNDS`] rounds of candidates.
+
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::definitions::{registry, Definition, ParamType};
+use super::flusher::TABLE;
+use super::keys::{after_prefix, key};
+use super::matcher::any_matches;
+use super::plan::{every_resource, steps, KeyCond, KeySet, Step};
+use super::query::{Clause, Test};
+use super::sql::{self, Sql};
+use crate::error::FhirError;
+use crate::store::{ResourceStore, Version};
+
+/// Most ids one chain or `_has` step may resolve to.
+pub const MAX_IDS: usize = 10_000;
+/// Most pending documents read by one search.
+const PENDING_LIMIT: i64 = 5_000;
+/// Most rounds of candidates for one page (when the matcher rejects many).
+const ROUNDS: usize = 5;
+/// Most sort keys.
+pub const MAX_SORTS: usize = 5;
+
+/// One `_sort` key: a parameter (`None` = `_id`), and its direction.
+#[derive(Debug, Clone)]
+pub struct SortKey {
+    pub def: Option<Arc<Definition>>,
+    pub descending: bool,
+}
+
+impl SortKey {
+    /// The keys that give a resource its sort value, and whether the largest is taken.
+    fn keys(&self) -> Option<(KeySet, bool)> {
+        let def = self.def.as_ref()?;
+        let tag = match def.kind {
+            ParamType::String => 'p',
+            ParamType::Token => 'c',
+            ParamType::Reference => 'r',
+            ParamType::Uri => 'u',
+            ParamType::Number | ParamType::Quantity => 'v',
+            ParamType::Date if self.descending => 'H',
+            ParamType::Date => 'L',
+            ParamType::Composite | ParamType::Special => return None,
+        };
+        let from = key(&def.code, tag, "");
+        let to = after_prefix(&from);
+        Some((KeySet(vec![KeyCond::Range(from, to)]), self.descending))
+    }
+}
+
+/// Whether a sort on this parameter is possible.
+pub fn sortable(def: &Arc<Definition>) -> bool {
+    SortKey { def: Some(def.clone()), descending: false }.keys().is_some()
+}
+
+/// Where a resource stands in a search's order: per sort key (missing, value), then id.
+/// It is also the paging cursor (JSON in `_cursor`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    #[serde(rename = "s")]
+    pub parts: Vec<(bool, String)>,
+    pub id: String,
+}
+
+impl Position {
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn decode(s: &str, sorts: usize) -> Result<Position, FhirError> {
+        let bad = || FhirError::bad_request("_cursor: this paging cursor is not valid for this search");
+        if s.len() > 8192 {
+            return Err(bad());
+        }
+        let p: Position = serde_json::from_str(s).map_err(|_| bad())?;
+        (p.parts.len() == sorts).then_some(p).ok_or_else(bad)
+    }
+
+    fn cmp(&self, other: &Position, sorts: &[SortKey]) -> Ordering {
+        for (i, s) in sorts.iter().filter(|s| s.def.is_some()).enumerate() {
+            let (a, b) = (&self.parts[i], &other.parts[i]);
+            let by = a.0.cmp(&b.0).then_with(|| match s.descending {
+                true => b.1.cmp(&a.1),
+                false => a.1.cmp(&b.1),
+            });
+            if by != Ordering::Equal {
+                return by;
+            }
+        }
+        self.id.cmp(&other.id)
+    }
+}
+
+/// Whether to count the matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Total {
+    None,
+    Accurate,
+}
+
+/// A search of one type.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub rt: String,
+    pub clauses: Vec<Clause>,
+    /// Sort keys; empty = by id.
+    pub sort: Vec<SortKey>,
+    pub count: usize,
+    pub cursor: Option<Position>,
+    pub total: Total,
+}
+
+/// A page of matches.
+#[derive(Debug)]
+pub struct Page {
+    pub matches: Vec<Version>,
+    pub total: Option<u64>,
+    /// Where the next page starts, when there may be one.
+    pub next: Option<Position>,
+}
+
+/// The stores a search reads.
+#[derive(Clone)]
+pub struct Engine {
+    pub ch: clickhouse::Client,
+    pub store: ResourceStore,
+    /// This server's FHIR base (its absolute references are relative in the index).
+    pub base: Arc<str>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> FhirError {
+    FhirError::unavailable("the search index is unavailable; retry", &e)
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct Ranked {
+    id: String,
+    s: Vec<String>,
+}
+
+/// The documents a search reads from MongoDB, and which of them are candidates.
+struct Overlay {
+    /// Every pending id (left out of ClickHouse's answer).
+    ids: Vec<String>,
+    /// The pending versions whose keys satisfy the plan.
+    candidates: Vec<Version>,
+}
+
+impl Engine {
+    /// One page of a search.
+    pub async fn search(&self, req: &Request) -> Result<Page, FhirError> {
+        let clauses = self.resolve(&req.rt, &req.clauses).await?;
+        let plan = Plan::new(&req.rt, &clauses);
+        let overlay = self.overlay(&req.rt, &plan).await?;
+        let total = async {
+            match req.total {
+                Total::None => Ok(None),
+                Total::Accurate => self.count(&req.rt, &plan, &clauses, &overlay).await.map(Some),
+            }
+        };
+        let page = async {
+            match req.count {
+                0 => Ok((Vec::new(), None)),
+                n => self.page(req, &plan, &clauses, &overlay, n).await,
+            }
+        };
+        let (total, page) = tokio::join!(total, page);
+        let (matches, next) = page?;
+        Ok(Page { matches, total: total?, next })
+    }
+
+    /// Chains become the references they resolve to, `_has` the ids it resolves to.
+    fn resolve<'a>(
+        &'a self,
+        rt: &'a str,
+        clauses: &'a [Clause],
+    ) -> futures_util::future::BoxFuture<'a, Result<Vec<Clause>, FhirError>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(clauses.len());
+            for c in clauses {
+                out.push(match c {
+                    Clause::Chain { def, chain } => {
+                        let mut targets = Vec::new();
+                        for t in &chain.types {
+                            let ids = self.ids(t, std::slice::from_ref(&chain.inner)).await?;
+                            targets.extend(ids.into_iter().map(|id| format!("{t}/{id}")));
+                        }
+                        Clause::Param { def: def.clone(), not: false, any: vec![Test::RefAny(targets)] }
+                    }
+                    Clause::Has(h) => {
+                        let sources = self.ids(&h.source_type, std::slice::from_ref(&h.inner)).await?;
+                        Clause::Ids(self.referenced(&h.source_type, &sources, &h.reference.code, rt).await?)
+                    }
+                    other => other.clone(),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// The ids of `rt` whose keys satisfy the clauses (candidates, not checked by the
+    /// matcher), at most [`MAX_IDS`].
+    async fn ids(&self, rt: &str, clauses: &[Clause]) -> Result<Vec<String>, FhirError> {
+        let clauses = self.resolve(rt, clauses).await?;
+        let plan = Plan::new(rt, &clauses);
+        let overlay = self.overlay(rt, &plan).await?;
+        let mut sql = Sql::default();
+        sql::candidates(&mut sql, rt, &plan.driver, &plan.others(), &overlay.ids, None);
+        sql.push(" ORDER BY id LIMIT ").u64(MAX_IDS as u64 + 1);
+        let mut ids: Vec<String> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+        ids.extend(overlay.candidates.iter().map(|v| v.id.clone()));
+        if ids.len() > MAX_IDS {
+            return Err(FhirError::bad_request(format!(
+                "a chained or _has condition on {rt} matches more than {MAX_IDS} resources; narrow it"
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// The ids of `target` that `source` resources (these ids) reference through `code`.
+    async fn referenced(
+        &self,
+        source: &str,
+        ids: &[String],
+        code: &str,
+        target: &str,
+    ) -> Result<Vec<String>, FhirError> {
+        let prefix = key(code, 'r', &format!("{target}/"));
+        let set = KeySet(vec![KeyCond::Range(prefix.clone(), after_prefix(&prefix))]);
+        let pending = self.store.search_pending(source, PENDING_LIMIT).await?;
+        let pending_ids: Vec<String> = pending.iter().map(|v| v.id.clone()).collect();
+        let mut sql = Sql::default();
+        sql.push(&format!("SELECT DISTINCT key FROM {TABLE} FINAL WHERE rt = ")).str(source).push(" AND ");
+        sql::key_set(&mut sql, &set);
+        sql.push(" AND ").in_list("id", ids, false);
+        if !pending_ids.is_empty() {
+            sql.push(" AND ").in_list("id", &pending_ids, true);
+        }
+        sql.push(" LIMIT ").u64(MAX_IDS as u64 + 1);
+        let mut keys: Vec<String> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+        for v in pending.iter().filter(|v| !v.deleted && ids.contains(&v.id)) {
+            keys.extend(v.search.keys.iter().filter(|k| k.starts_with(&prefix)).cloned());
+        }
+        let mut out: Vec<String> = keys.iter().filter_map(|k| k.strip_prefix(&prefix)).map(str::to_string).collect();
+        out.sort_unstable();
+        out.dedup();
+        if out.len() > MAX_IDS {
+            return Err(FhirError::bad_request(format!(
+                "a _has condition refers to more than {MAX_IDS} {target} resources; narrow it"
+            )));
+        }
+        Ok(out)
+    }
+
+    /// The pending documents of `rt`, and which are candidates. When there are too many
+    /// (ClickHouse was away), they are flushed first.
+    async fn overlay(&self, rt: &str, plan: &Plan) -> Result<Overlay, FhirError> {
+        let mut pending = self.store.search_pending(rt, PENDING_LIMIT).await?;
+        if pending.len() as i64 >= PENDING_LIMIT {
+            self.store.repair_history(rt).await?;
+            pending = self.store.search_pending(rt, PENDING_LIMIT).await?;
+        }
+        let ids = pending.iter().map(|v| v.id.clone()).collect();
+        let candidates = pending.into_iter().filter(|v| !v.deleted && plan.holds(&v.id, &v.search.keys)).collect();
+        Ok(Overlay { ids, candidates })
+    }
+
+    async fn count(&self, rt: &str, plan: &Plan, clauses: &[Clause], overlay: &Overlay) -> Result<u64, FhirError> {
+        let mut sql = Sql::default();
+        sql.push("SELECT count() FROM (");
+        sql::candidates(&mut sql, rt, &plan.driver, &plan.others(), &overlay.ids, None);
+        sql.push(")");
+        let indexed: u64 = sql.query(&self.ch).fetch_one().await.map_err(unavailable)?;
+        let pending = overlay.candidates.iter().filter(|v| satisfies(v, clauses, &self.base)).count() as u64;
+        Ok(indexed + pending)
+    }
+
+    /// Candidates in order after `after`, at most `limit`, from ClickHouse.
+    async fn ranked(
+        &self,
+        req: &Request,
+        plan: &Plan,
+        overlay: &Overlay,
+        after: Option<&Position>,
+        limit: usize,
+    ) -> Result<Vec<Position>, FhirError> {
+        let sorts: Vec<(KeySet, bool)> = req.sort.iter().filter_map(SortKey::keys).collect();
+        let mut sql = Sql::default();
+        if sorts.is_empty() {
+            sql::candidates(
+                &mut sql,
+                &req.rt,
+                &plan.driver,
+                &plan.others(),
+                &overlay.ids,
+                after.map(|a| a.id.as_str()),
+            );
+            sql.push(" ORDER BY id LIMIT ").u64(limit as u64);
+            let ids: Vec<String> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+            return Ok(ids.into_iter().map(|id| Position { parts: Vec::new(), id }).collect());
+        }
+        // `s` = [missing0, value0, missing1, value1, …] as strings ('1' = missing).
+        sql.push("SELECT id, [");
+        for (i, (set, largest)) in sorts.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.push("toString(countIf(");
+            sql::key_set(&mut sql, set);
+            sql.push(&format!(") = 0), {}(key, ", if *largest { "maxIf" } else { "minIf" }));
+            sql::key_set(&mut sql, set);
+            sql.push(")");
+        }
+        sql.push("] AS s");
+        sql.push(&format!(" FROM {TABLE} FINAL WHERE rt = ")).str(&req.rt).push(" AND (key = ").str(&every_resource());
+        for (set, _) in &sorts {
+            sql.push(" OR ");
+            sql::key_set(&mut sql, set);
+        }
+        sql.push(") AND id IN (");
+        sql::candidates(&mut sql, &req.rt, &plan.driver, &plan.others(), &overlay.ids, None);
+        sql.push(") GROUP BY id");
+        if let Some(after) = after {
+            sql.push(" HAVING ");
+            after_condition(&mut sql, &sorts, after);
+        }
+        sql.push(" ORDER BY ");
+        for (i, (_, largest)) in sorts.iter().enumerate() {
+            sql.push(&format!("s[{}], s[{}]{}, ", 2 * i + 1, 2 * i + 2, if *largest { " DESC" } else { "" }));
+        }
+        sql.push("id LIMIT ").u64(limit as u64);
+        let rows: Vec<Ranked> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Position { parts: r.s.chunks(2).map(|c| (c[0] == "1", c[1].clone())).collect(), id: r.id })
+            .collect())
+    }
+
+    /// A page: candidates in order from both sources, read and checked, until the page is
+    /// full, the candidates end, or [`ROUNDS`] rounds.
+    async fn page(
+        &self,
+        req: &Request,
+        plan: &Plan,
+        clauses: &[Clause],
+        overlay: &Overlay,
+        count: usize,
+    ) -> Result<(Vec<Version>, Option<Position>), FhirError> {
+        let want = count + 1;
+        let mut pending: Vec<(Position, &Version)> =
+            overlay.candidates.iter().map(|v| (position_of(v, &req.sort), v)).collect();
+        pending.sort_by(|a, b| a.0.cmp(&b.0, &req.sort));
+        let mut after = req.cursor.clone();
+        let mut found: Vec<(Position, Version)> = Vec::new();
+        for _ in 0..ROUNDS {
+            let indexed = self.ranked(req, plan, overlay, after.as_ref(), want).await?;
+            let exhausted = indexed.len() < want;
+            let mut merged: Vec<(Position, Option<&Version>)> = indexed.into_iter().map(|p| (p, None)).collect();
+            merged.extend(
+                pending
+                    .iter()
+                    .filter(|(p, _)| after.as_ref().is_none_or(|a| p.cmp(a, &req.sort) == Ordering::Greater))
+                    .take(want)
+                    .map(|(p, v)| (p.clone(), Some(*v))),
+            );
+            merged.sort_by(|a, b| a.0.cmp(&b.0, &req.sort));
+            merged.truncate(want);
+            let ends = exhausted && merged.len() < want;
+            let to_read: Vec<String> = merged.iter().filter(|(_, v)| v.is_none()).map(|(p, _)| p.id.clone()).collect();
+            let mut read = self.store.by_ids(&req.rt, &to_read).await?;
+            for (p, v) in &merged {
+                let version = match v {
+                    Some(v) => Some((*v).clone()),
+                    None => read.iter().position(|r| r.id == p.id).map(|i| read.swap_remove(i)),
+                };
+                if let Some(version) = version.filter(|v| !v.deleted && satisfies(v, clauses, &self.base)) {
+                    found.push((p.clone(), version));
+                }
+            }
+            after = merged.last().map(|(p, _)| p.clone());
+            if found.len() >= want || ends || after.is_none() {
+                let next = (found.len() > count).then(|| found[count - 1].0.clone());
+                found.truncate(count);
+                return Ok((found.into_iter().map(|(_, v)| v).collect(), next));
+            }
+        }
+        // Many candidates were rejected: a short page, continued where the rounds stopped.
+        Ok((found.into_iter().map(|(_, v)| v).collect(), after))
+    }
+}
+
+/// `HAVING`: after a position, in the order `s[1], s[2] [DESC], …, id`.
+fn after_condition(sql: &mut Sql, sorts: &[(KeySet, bool)], after: &Position) {
+    // Components in order: (expression, descending, value).
+    let mut parts: Vec<(String, bool, String)> = Vec::new();
+    for (i, (_, largest)) in sorts.iter().enumerate() {
+        let (missing, value) = &after.parts[i];
+        parts.push((format!("s[{}]", 2 * i + 1), false, if *missing { "1" } else { "0" }.to_string()));
+        parts.push((format!("s[{}]", 2 * i + 2), *largest, value.clone()));
+    }
+    parts.push(("id".into(), false, after.id.clone()));
+    sql.push("(");
+    for k in 0..parts.len() {
+        if k > 0 {
+            sql.push(" OR ");
+        }
+        sql.push("(");
+        for (j, (expr, descending, value)) in parts[..=k].iter().enumerate() {
+            if j > 0 {
+                sql.push(" AND ");
+            }
+            let op = match (j == k, descending) {
+                (false, _) => "=",
+                (true, false) => ">",
+                (true, true) => "<",
+            };
+            sql.push(&format!("{expr} {op} ")).str(value);
+        }
+        sql.push(")");
+    }
+    sql.push(")");
+}
+
+/// A pending version's position, from its own keys (as ClickHouse computes it).
+fn position_of(v: &Version, sort: &[SortKey]) -> Position {
+    let parts = sort
+        .iter()
+        .filter_map(SortKey::keys)
+        .map(|(set, largest)| {
+            let matching = v.search.keys.iter().filter(|k| set.0.iter().any(|c| c.matches(k)));
+            let value = if largest { matching.max() } else { matching.min() };
+            match value {
+                Some(k) => (false, k.clone()),
+                None => (true, String::new()),
+            }
+        })
+        .collect();
+    Position { parts, id: v.id.clone() }
+}
+
+/// Whether a version satisfies every clause (chains and `_has` resolved).
+pub fn satisfies(v: &Version, clauses: &[Clause], base: &str) -> bool {
+    let Some(resource) = v.resource.as_ref() else { return false };
+    let resource = Value::Object(resource.clone());
+    let rt = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default().to_string();
+    clauses.iter().all(|c| match c {
+        Clause::Param { def, not, any } => {
+            let values = super::extract::values_of(def, &resource, base);
+            any.iter().any(|t| any_matches(&values, t, &[])) != *not
+        }
+        Clause::Missing { def, missing } => super::extract::values_of(def, &resource, base).is_empty() == *missing,
+        Clause::Ids(ids) => ids.contains(&v.id),
+        Clause::LastUpdated(any) => match registry().get(&rt, "_lastUpdated") {
+            Some(def) => {
+                let values = super::extract::values_of(def, &resource, base);
+                any.iter().any(|t| any_matches(&values, t, &[]))
+            }
+            None => true,
+        },
+        Clause::Chain { .. } | Clause::Has(_) => true,
+    })
+}
+
+/// A search's steps: the driver (the first "with" step, or every resource) and the rest.
+struct Plan {
+    driver: KeySet,
+    rest: Vec<Step>,
+}
+
+impl Plan {
+    fn new(rt: &str, clauses: &[Clause]) -> Plan {
+        let mut all: Vec<Step> = clauses.iter().flat_map(|c| steps(rt, c)).collect();
+        let driver = match all.iter().position(|s| matches!(s, Step::With(_))) {
+            Some(i) => match all.remove(i) {
+                Step::With(set) => set,
+                _ => unreachable!("found as With"),
+            },
+            None => KeySet(vec![KeyCond::Eq(every_resource())]),
+        };
+        Plan { driver, rest: all }
+    }
+
+    fn others(&self) -> Vec<&Step> {
+        self.rest.iter().collect()
+    }
+
+    fn holds(&self, id: &str, keys: &[String]) -> bool {
+        self.driver.any(keys) && self.rest.iter().all(|s| s.holds(id, keys))
+    }
+}

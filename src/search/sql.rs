@@ -1,0 +1,199 @@
+//! The candidate queries of a plan, as ClickHouse SQL with bound parameters. Every value
+//! from a request is a parameter (`{pN:String}`, `{pN:Array(String)}`); the text is built
+//! only from the fixed fragments below.
+
+use clickhouse::query::Query;
+
+use super::flusher::TABLE;
+use super::plan::{KeyCond, KeySet, Step};
+
+/// Most bytes of strings sent in one array parameter (ClickHouse's HTTP interface refuses
+/// form fields over 128 KiB).
+const PARAMETER_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone)]
+enum Param {
+    Str(String),
+    Strs(Vec<String>),
+    U64(u64),
+}
+
+/// SQL text and its parameters.
+#[derive(Debug, Clone, Default)]
+pub struct Sql {
+    pub text: String,
+    params: Vec<(String, Param)>,
+}
+
+impl Sql {
+    fn name(&self) -> String {
+        format!("p{}", self.params.len())
+    }
+
+    /// Appends a string parameter's placeholder.
+    pub fn str(&mut self, v: &str) -> &mut Self {
+        let n = self.name();
+        self.text.push_str(&format!("{{{n}:String}}"));
+        self.params.push((n, Param::Str(v.to_string())));
+        self
+    }
+
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        let n = self.name();
+        self.text.push_str(&format!("{{{n}:UInt64}}"));
+        self.params.push((n, Param::U64(v)));
+        self
+    }
+
+    pub fn push(&mut self, text: &str) -> &mut Self {
+        self.text.push_str(text);
+        self
+    }
+
+    /// `column IN (…)` (or `NOT IN`) over any number of strings: one array parameter per
+    /// [`PARAMETER_BYTES`].
+    pub fn in_list(&mut self, column: &str, values: &[String], negated: bool) -> &mut Self {
+        if values.is_empty() {
+            return self.push(if negated { "1" } else { "0" });
+        }
+        let (op, join) = if negated { ("NOT IN", " AND ") } else { ("IN", " OR ") };
+        self.push("(");
+        let mut first = true;
+        for chunk in chunks(values) {
+            if !first {
+                self.push(join);
+            }
+            first = false;
+            let n = self.name();
+            self.text.push_str(&format!("{column} {op} {{{n}:Array(String)}}"));
+            self.params.push((n, Param::Strs(chunk.to_vec())));
+        }
+        self.push(")")
+    }
+
+    /// A query of this SQL on `ch`, parameters bound.
+    pub fn query(&self, ch: &clickhouse::Client) -> Query {
+        let mut q = ch.query(&self.text);
+        for (name, p) in &self.params {
+            q = match p {
+                Param::Str(s) => q.param(name, s),
+                Param::Strs(v) => q.param(name, v),
+                Param::U64(n) => q.param(name, n),
+            };
+        }
+        q
+    }
+}
+
+fn chunks(values: &[String]) -> impl Iterator<Item = &[String]> {
+    let mut rest = values;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (mut bytes, mut n) = (0, 0);
+        while n < rest.len() && (n == 0 || bytes + rest[n].len() * 2 + 3 <= PARAMETER_BYTES) {
+            bytes += rest[n].len() * 2 + 3;
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// `(key …)`: any condition of the set.
+pub fn key_set(sql: &mut Sql, set: &KeySet) {
+    let eqs: Vec<String> =
+        set.0.iter().filter_map(|c| if let KeyCond::Eq(k) = c { Some(k.clone()) } else { None }).collect();
+    let others: Vec<&KeyCond> = set.0.iter().filter(|c| !matches!(c, KeyCond::Eq(_))).collect();
+    if eqs.is_empty() && others.is_empty() {
+        sql.push("0");
+        return;
+    }
+    sql.push("(");
+    let mut first = true;
+    if eqs.len() == 1 {
+        sql.push("key = ").str(&eqs[0]);
+        first = false;
+    } else if !eqs.is_empty() {
+        sql.in_list("key", &eqs, false);
+        first = false;
+    }
+    for c in others {
+        if !first {
+            sql.push(" OR ");
+        }
+        first = false;
+        match c {
+            KeyCond::Range(from, to) => {
+                sql.push("(key >= ").str(from).push(" AND key < ").str(to).push(")");
+            }
+            KeyCond::Contains { from, to, needle, skip } => {
+                sql.push("(key >= ").str(from).push(" AND key < ").str(to).push(" AND position(key, ").str(needle);
+                sql.push(", ").u64(*skip as u64 + 1).push(") > 0)");
+            }
+            KeyCond::Eq(_) => {}
+        }
+    }
+    sql.push(")");
+}
+
+/// The ids of `rt` with a key in the set (a subquery).
+fn ids_with(sql: &mut Sql, rt: &str, set: &KeySet) {
+    sql.push(&format!("SELECT id FROM {TABLE} FINAL WHERE rt = ")).str(rt).push(" AND ");
+    key_set(sql, set);
+}
+
+/// The candidate ids of `rt`: with `driver`'s keys, and every other step; never one of
+/// `excluded` (documents the search reads from MongoDB); after `after` when given.
+/// One row per id (`SELECT id … GROUP BY id`).
+pub fn candidates(
+    sql: &mut Sql,
+    rt: &str,
+    driver: &KeySet,
+    others: &[&Step],
+    excluded: &[String],
+    after: Option<&str>,
+) {
+    sql.push(&format!("SELECT id FROM {TABLE} FINAL WHERE rt = ")).str(rt).push(" AND ");
+    key_set(sql, driver);
+    for step in others {
+        sql.push(" AND ");
+        match step {
+            Step::With(set) => {
+                sql.push("id IN (");
+                ids_with(sql, rt, set);
+                sql.push(")");
+            }
+            Step::Without(set) => {
+                sql.push("id NOT IN (");
+                ids_with(sql, rt, set);
+                sql.push(")");
+            }
+            Step::Ids(ids) => {
+                sql.in_list("id", ids, false);
+            }
+        }
+    }
+    if !excluded.is_empty() {
+        sql.push(" AND ").in_list("id", excluded, true);
+    }
+    if let Some(after) = after {
+        sql.push(" AND id > ").str(after);
+    }
+    sql.push(" GROUP BY id");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_lists_split_into_several_parameters() {
+        let ids: Vec<String> = (0..10_000).map(|i| format!("id-{i:010}")).collect();
+        let mut s = Sql::default();
+        s.in_list("id", &ids, true);
+        assert!(s.params.len() > 1 && s.text.contains(" AND "));
+    }
+}
