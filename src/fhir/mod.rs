@@ -1,6 +1,7 @@
 //! FHIR R4 REST API under `/4_0_0`.
 
 pub mod bundle;
+pub mod compartment;
 pub mod conditional;
 pub mod format;
 pub mod group;
@@ -52,6 +53,7 @@ pub fn routes() -> Router<AppState> {
             get(resource::read).put(resource::update).patch(resource::patch).delete(resource::delete),
         )
         .route("/4_0_0/{rt}/{id}/_history", get(history::instance_history))
+        .route("/4_0_0/{rt}/{id}/{ctype}", get(compartment::compartment))
         .route("/4_0_0/{rt}/{id}/_history/{vid}", get(resource::vread))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(crate::rejection::fhir_panic))

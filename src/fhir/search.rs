@@ -271,7 +271,8 @@ pub async fn search_type(
     headers: HeaderMap,
 ) -> Result<Response, FhirError> {
     let rt = known_type(&rt)?;
-    search(&state, rt, &query.unwrap_or_default(), &headers).await
+    let base = format!("{}/{rt}", state.fhir_base());
+    search(&state, rt, &query.unwrap_or_default(), &headers, &base, Vec::new()).await
 }
 
 /// `POST /{type}/_search`: the parameters in an `application/x-www-form-urlencoded` body
@@ -303,10 +304,20 @@ pub async fn search_post(
         }
         all.push_str(body.trim());
     }
-    search(&state, rt, &all, &headers).await
+    let base = format!("{}/{rt}", state.fhir_base());
+    search(&state, rt, &all, &headers, &base, Vec::new()).await
 }
 
-async fn search(state: &AppState, rt: &str, query: &str, headers: &HeaderMap) -> Result<Response, FhirError> {
+/// A search of `rt` whose links start with `link_base`; `extra` clauses narrow it (a
+/// compartment).
+pub(super) async fn search(
+    state: &AppState,
+    rt: &str,
+    query: &str,
+    headers: &HeaderMap,
+    link_base: &str,
+    extra: Vec<Clause>,
+) -> Result<Response, FhirError> {
     let fhir_base = state.fhir_base();
     let behaviour = state.writer.behaviour(rt);
     let mut params = SearchParams::parse(
@@ -320,6 +331,7 @@ async fn search(state: &AppState, rt: &str, query: &str, headers: &HeaderMap) ->
         let ids = groups_of(state, member).await?;
         params.clauses.push(Clause::Ids(ids));
     }
+    params.clauses.extend(extra);
     let count = params.count.unwrap_or(DEFAULT_COUNT);
     let only_total = params.summary == Summary::Count || count == 0;
     let cursor = match &params.cursor {
@@ -348,9 +360,8 @@ async fn search(state: &AppState, rt: &str, query: &str, headers: &HeaderMap) ->
             None,
         )
     });
-    let base = format!("{fhir_base}/{rt}");
-    let self_link = params.link(&base, count, params.cursor.as_deref());
-    let next = page.next.as_ref().map(|p| params.link(&base, count, Some(&p.encode())));
+    let self_link = params.link(link_base, count, params.cursor.as_deref());
+    let next = page.next.as_ref().map(|p| params.link(link_base, count, Some(&p.encode())));
     let mut matches = page.matches;
     let included = match only_total {
         true => Vec::new(),

@@ -462,23 +462,28 @@ fn position_of(v: &Version, sort: &[SortKey]) -> Position {
 pub fn satisfies(v: &Version, clauses: &[Clause], base: &str) -> bool {
     let Some(resource) = v.resource.as_ref() else { return false };
     let resource = Value::Object(resource.clone());
-    let rt = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default().to_string();
-    clauses.iter().all(|c| match c {
+    clauses.iter().all(|c| holds(v, &resource, c, base))
+}
+
+fn holds(v: &Version, resource: &Value, c: &Clause, base: &str) -> bool {
+    let rt = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+    match c {
         Clause::Param { def, not, any } => {
-            let values = super::extract::values_of(def, &resource, base);
+            let values = super::extract::values_of(def, resource, base);
             any.iter().any(|t| any_matches(&values, t, &[])) != *not
         }
-        Clause::Missing { def, missing } => super::extract::values_of(def, &resource, base).is_empty() == *missing,
+        Clause::Missing { def, missing } => super::extract::values_of(def, resource, base).is_empty() == *missing,
         Clause::Ids(ids) => ids.contains(&v.id),
-        Clause::LastUpdated(any) => match registry().get(&rt, "_lastUpdated") {
+        Clause::LastUpdated(any) => match registry().get(rt, "_lastUpdated") {
             Some(def) => {
-                let values = super::extract::values_of(def, &resource, base);
+                let values = super::extract::values_of(def, resource, base);
                 any.iter().any(|t| any_matches(&values, t, &[]))
             }
             None => true,
         },
         Clause::Chain { .. } | Clause::Has(_) => true,
-    })
+        Clause::AnyOf(parts) => parts.iter().any(|p| holds(v, resource, p, base)),
+    }
 }
 
 /// A search's steps: the driver (the first "with" step, or every resource) and the rest.

@@ -105,6 +105,17 @@ pub fn steps(rt: &str, clause: &Clause) -> Vec<Step> {
         },
         // Resolved by the executor before planning.
         Clause::Chain { .. } | Clause::Has(_) => Vec::new(),
+        // One "with" step for the union, when each part is one; else the matcher decides.
+        Clause::AnyOf(parts) => {
+            let mut union = Vec::new();
+            for part in parts {
+                match steps(rt, part).as_slice() {
+                    [Step::With(set)] => union.extend(set.0.iter().cloned()),
+                    _ => return Vec::new(),
+                }
+            }
+            vec![Step::With(KeySet(union))]
+        }
     }
 }
 

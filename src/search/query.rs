@@ -159,6 +159,24 @@ pub enum Clause {
         chain: Chain,
     },
     Has(Has),
+    /// Any of these (a compartment: any of its parameters refers to the patient).
+    AnyOf(Vec<Clause>),
+}
+
+/// The clause "in `Patient/{id}`'s compartment" for resources of `rt` (`None` when `rt` is
+/// not in the Patient compartment). The patient itself is in it.
+pub fn patient_compartment(rt: &str, id: &str) -> Option<Clause> {
+    if rt == "Patient" {
+        return Some(Clause::Ids(vec![id.to_string()]));
+    }
+    let target = format!("Patient/{id}");
+    let any: Vec<Clause> = registry()
+        .patient_compartment(rt)
+        .iter()
+        .filter_map(|code| registry().get(rt, code))
+        .map(|def| Clause::Param { def: def.clone(), not: false, any: vec![Test::RefAny(vec![target.clone()])] })
+        .collect();
+    (!any.is_empty()).then_some(Clause::AnyOf(any))
 }
 
 fn bad(msg: String) -> FhirError {

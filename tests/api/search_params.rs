@@ -493,3 +493,41 @@ async fn conditional_update_and_delete() {
     assert!(r.status().is_success(), "no match deletes nothing");
     assert_outcome(app.put("Patient?nonsense=1", &body("x")).await, 400).await;
 }
+
+#[tokio::test]
+async fn patient_compartment_and_everything() {
+    let app = spawn_app().await;
+    load_clinic(&app).await;
+    assert_eq!(find(&app, "Patient/p1/Observation").await, v(&["o1", "o2"]));
+    assert_eq!(find(&app, "Patient/p1/Observation?date=ge2024-05").await, v(&["o2"]));
+    assert_eq!(find(&app, "Patient/p2/Encounter").await, v(&[]));
+    assert_eq!(find(&app, "Patient/p1/Encounter").await, v(&["e1"]));
+    assert_outcome(app.get("Patient/p1/Practitioner").await, 400).await;
+    // Every type, paged two at a time.
+    let mut url = app.url("Patient/p1/$everything?_count=2");
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let r = app.client.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let b = json(r).await;
+        for e in b["entry"].as_array().into_iter().flatten() {
+            seen.push(format!(
+                "{}/{}",
+                e["resource"]["resourceType"].as_str().unwrap(),
+                e["resource"]["id"].as_str().unwrap()
+            ));
+        }
+        match b["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next") {
+            Some(l) => url = l["url"].as_str().unwrap().to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["Patient/p1", "Encounter/e1", "Observation/o1", "Observation/o2"]);
+    let b = json(app.get("Patient/p1/$everything?_type=Observation&_since=2024-05-01").await).await;
+    // `_since` is by lastUpdated: everything was written just now.
+    assert_eq!(ids(&b), v(&["o1", "o2"]));
+    let b = json(app.get("Patient/p1/*").await).await;
+    assert_eq!(ids(&b), v(&["e1", "o1", "o2"]));
+    assert_outcome(app.get("Patient/nobody/$everything").await, 404).await;
+    assert_outcome(app.get("Patient/p1/$everything?_type=Practitioner").await, 400).await;
+}
