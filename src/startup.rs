@@ -217,6 +217,14 @@ impl Application {
             );
             running.extend(runner.spawn_supervised(&tasks, crate::projection::builtin::all()));
         }
+        let (db, ch, base) =
+            (self.state.store.database().clone(), self.state.clickhouse.clone(), self.state.fhir_base());
+        let store = self.state.store.clone();
+        running.push(
+            tasks.spawn("search index upkeep", move || {
+                search_upkeep(db.clone(), ch.clone(), base.clone(), store.clone())
+            }),
+        );
         let (background, ch) = (self.background, self.state.clickhouse.clone());
         running
             .push(tasks.spawn("event recording and retention", move || event_upkeep(background.clone(), ch.clone())));
@@ -273,6 +281,34 @@ async fn background_recovery(store: ResourceStore, flusher: Arc<crate::group::fl
             Err(e) => tracing::warn!(error = %e, "member batch recovery failed; retrying later"),
         }
         tokio::time::sleep(OUTBOX_SWEEP_EVERY).await;
+    }
+}
+
+/// How long a version may stay `historyPending` before the sweep finishes it (its
+/// writer normally does within a few hundred milliseconds).
+const PENDING_SWEEP_AGE: Duration = Duration::from_secs(10);
+
+/// Indexes what was stored before search keys were (once; `search::reindex`), then
+/// finishes versions whose history copy or search keys a failure left pending (ClickHouse
+/// away, a crash), so searches do not read them from MongoDB for long.
+async fn search_upkeep(db: mongodb::Database, ch: clickhouse::Client, base: String, store: ResourceStore) {
+    match crate::search::reindex::migrate(&db, &ch, &base).await {
+        Ok(d) if d.indexed > 0 => tracing::info!(indexed = d.indexed, "resources stored before search keys indexed"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "search reindex stopped; it resumes at the next start"),
+    }
+    loop {
+        tokio::time::sleep(OUTBOX_SWEEP_EVERY).await;
+        for rt in fhir_model::RESOURCE_TYPES {
+            match store.repair_history_older(rt, PENDING_SWEEP_AGE).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(resource_type = rt, versions = n, "pending versions finished"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pending version sweep failed; retrying later");
+                    break;
+                }
+            }
+        }
     }
 }
 

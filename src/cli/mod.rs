@@ -38,6 +38,16 @@ pub enum Command {
         #[command(subcommand)]
         command: eventstore::EventStoreCommand,
     },
+    /// Index stored resources for search (those stored before their keys were), with a
+    /// progress bar; resumable, and safe while servers run.
+    Reindex {
+        /// Only this resource type.
+        #[arg(long = "type", value_name = "TYPE")]
+        resource_type: Option<String>,
+        /// Start over instead of resuming from the last checkpoint.
+        #[arg(long)]
+        restart: bool,
+    },
     /// Projections (read models): list, status, rebuild, reset, run.
     Projection {
         /// Machine-readable output (JSON lines).
@@ -70,6 +80,7 @@ pub async fn run(cli: Cli) -> Result<(), BoxError> {
         }
         Command::Eventstore { json, command } => eventstore::run(&settings, command, json).await?,
         Command::Projection { json, command } => projection::run(&settings, command, json).await?,
+        Command::Reindex { resource_type, restart } => reindex(&settings, resource_type, restart).await?,
         Command::Config => {
             let mut shown = settings.clone();
             if !shown.clickhouse.password.is_empty() {
@@ -78,5 +89,45 @@ pub async fn run(cli: Cli) -> Result<(), BoxError> {
             println!("{shown:#?}");
         }
     }
+    Ok(())
+}
+
+/// `roster reindex`: every type (or one), each with a progress bar.
+async fn reindex(settings: &Settings, only: Option<String>, restart: bool) -> Result<(), BoxError> {
+    use crate::search::reindex;
+    let db = startup::mongo_database(settings).await?;
+    crate::migrate::clickhouse(&settings.clickhouse).await?;
+    crate::migrate::mongo(&db).await?;
+    let ch = crate::migrate::clickhouse_client(&settings.clickhouse);
+    let base = format!("{}/4_0_0", settings.public_base_url().trim_end_matches('/'));
+    let types: Vec<&str> = match &only {
+        Some(t) if fhir_model::is_resource_type(t) => vec![t.as_str()],
+        Some(t) => return Err(format!("'{t}' is not a FHIR R4 resource type").into()),
+        None => fhir_model::RESOURCE_TYPES.to_vec(),
+    };
+    let started = std::time::Instant::now();
+    let mut total = reindex::Done::default();
+    for rt in types {
+        let n = reindex::count(&db, rt).await?;
+        if n == 0 {
+            continue;
+        }
+        let bar = projection::progress_bar(rt, "resources");
+        bar.set_length(n);
+        let done = reindex::reindex_type(&db, &ch, &base, rt, restart, &|scanned| bar.set_position(scanned)).await?;
+        bar.finish();
+        total.scanned += done.scanned;
+        total.indexed += done.indexed;
+    }
+    if only.is_none() {
+        reindex::mark_all_done(&db).await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "scanned {} resources, indexed {} in {secs:.1} s ({:.0}/s)",
+        total.scanned,
+        total.indexed,
+        total.scanned as f64 / secs.max(1e-9)
+    );
     Ok(())
 }

@@ -98,7 +98,7 @@ pub async fn run(settings: &Settings, command: ProjectionCommand, as_json: bool)
             let p = find(&name)?;
             let snapshots = SnapshotStore::new(&db);
             let rebuild = Rebuild { ch: &ch, store: &store, checkpoints: &checkpoints, snapshots: &snapshots };
-            let bar = (!as_json).then(|| progress_bar(&name));
+            let bar = (!as_json).then(|| progress_bar(&name, "events"));
             let report = rebuild
                 .run(&*p, from_snapshot, dry_run, |pr: Progress| {
                     if let Some(bar) = &bar {
@@ -154,8 +154,9 @@ pub async fn run(settings: &Settings, command: ProjectionCommand, as_json: bool)
 
 /// One line on stderr, redrawn: bar, count, rate, time left. Drawn also when stderr is
 /// not a terminal (a log of the rebuild shows how far it got).
-fn progress_bar(name: &str) -> indicatif::ProgressBar {
-    let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} events  {per_sec}  ETA {eta}")
+pub(super) fn progress_bar(name: &str, unit: &str) -> indicatif::ProgressBar {
+    let template = format!("{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{per_sec}}  ETA {{eta}}");
+    let style = indicatif::ProgressStyle::with_template(&template)
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("#> ");
     let target = indicatif::ProgressDrawTarget::term_like(Box::new(console::Term::stderr()));

@@ -14,7 +14,7 @@ use super::draft::Content;
 use super::load::Loaded;
 use super::Stop;
 use crate::error::FhirError;
-use crate::store::{Commit, ResourceStore, SearchKeys, StoreError, Writes};
+use crate::store::{Commit, ResourceStore, StoreError, Writes};
 
 /// Where the commit goes and under which preconditions.
 pub(super) struct Target<'a> {
@@ -54,7 +54,7 @@ pub(super) async fn commit(
         outbox: planned.outbox,
         member_count: planned.member_count,
         events_pending: t.events_pending,
-        search: content.search_keys.take().map(|keys| SearchKeys::next(current.map(|c| &c.search), keys)),
+        search: content.search.take(),
     };
     match store.commit(rt, commit).await {
         Ok(committed) => Ok(committed),

@@ -11,7 +11,7 @@ use super::{Change, Interaction, SaveOutcome, Stop};
 use crate::error::{FhirError, IssueCode};
 use crate::model::patching::Patch;
 use crate::model::{datetime, json_bson, lenient, validate};
-use crate::store::{Version, Writes};
+use crate::store::{SearchKeys, Version, Writes};
 
 /// The drafted version of one attempt.
 pub(super) struct Content {
@@ -22,8 +22,9 @@ pub(super) struct Content {
     pub resource: Option<Map<String, Value>>,
     /// `resource` as stored.
     pub document: Option<Document>,
-    /// The version's search index keys (empty for a delete); `None` when not indexing.
-    pub search_keys: Option<Vec<String>>,
+    /// The version's search index keys (empty for a delete) and what the index lacks of
+    /// them; `None` when not indexing.
+    pub search: Option<SearchKeys>,
 }
 
 /// What a draft is made from.
@@ -119,7 +120,22 @@ pub(super) fn draft(d: &Drafting<'_>, loaded: &Loaded) -> Result<Content, Stop> 
         document = Some(doc);
         stored = Some(obj);
     }
-    Ok(Content { interaction, version, last_updated, resource: stored, document, search_keys })
+    let search = search_keys.map(|keys| SearchKeys::next(base_keys(current, d.search_base).as_ref(), keys));
+    Ok(Content { interaction, version, last_updated, resource: stored, document, search })
+}
+
+/// The base version's search keys: as stored, or, for a version stored before keys were
+/// (no `_s`; `search::reindex` put its keys in the index only), from its content, so the
+/// keys this write drops are removed from the index.
+fn base_keys(current: Option<&Version>, search_base: Option<&str>) -> Option<SearchKeys> {
+    let c = current?;
+    match (&c.resource, search_base) {
+        (Some(resource), Some(base)) if c.search.keys.is_empty() && c.search.settled() => {
+            let keys = crate::search::index_keys(&Value::Object(resource.clone()), base);
+            Some(SearchKeys { keys, added: Vec::new(), removed: Vec::new() })
+        }
+        _ => Some(c.search.clone()),
+    }
 }
 
 /// The current version, when the drafted write would change nothing (an empty patch, a PUT

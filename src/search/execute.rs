@@ -247,7 +247,7 @@ impl Engine {
     ) -> Result<Vec<String>, FhirError> {
         let prefix = key(code, 'r', &format!("{target}/"));
         let set = KeySet(vec![KeyCond::Range(prefix.clone(), after_prefix(&prefix))]);
-        let pending = self.store.search_pending(source, PENDING_LIMIT).await?;
+        let pending = self.pending(source).await?;
         let pending_ids: Vec<String> = pending.iter().map(|v| v.id.clone()).collect();
         let mut sql = Sql::default();
         sql.push(&format!("SELECT DISTINCT key FROM {TABLE} FINAL WHERE rt = ")).str(source).push(" AND ");
@@ -272,13 +272,25 @@ impl Engine {
         Ok(out)
     }
 
+    /// The documents of `rt` whose keys may not be in the index, with their keys (from
+    /// their content for a version stored before keys were; see `reindex`).
+    async fn pending(&self, rt: &str) -> Result<Vec<Version>, FhirError> {
+        let mut pending = self.store.search_pending(rt, PENDING_LIMIT).await?;
+        for v in pending.iter_mut().filter(|v| v.search.keys.is_empty()) {
+            if let Some(resource) = &v.resource {
+                v.search.keys = super::index_keys(&Value::Object(resource.clone()), &self.base);
+            }
+        }
+        Ok(pending)
+    }
+
     /// The pending documents of `rt`, and which are candidates. When there are too many
     /// (ClickHouse was away), they are flushed first.
     async fn overlay(&self, rt: &str, plan: &Plan) -> Result<Overlay, FhirError> {
-        let mut pending = self.store.search_pending(rt, PENDING_LIMIT).await?;
+        let mut pending = self.pending(rt).await?;
         if pending.len() as i64 >= PENDING_LIMIT {
             self.store.repair_history(rt).await?;
-            pending = self.store.search_pending(rt, PENDING_LIMIT).await?;
+            pending = self.pending(rt).await?;
         }
         let ids = pending.iter().map(|v| v.id.clone()).collect();
         let candidates = pending.into_iter().filter(|v| !v.deleted && plan.holds(&v.id, &v.search.keys)).collect();

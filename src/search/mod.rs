@@ -15,6 +15,7 @@ pub mod keys;
 pub mod matcher;
 pub mod plan;
 pub mod query;
+pub mod reindex;
 pub mod sql;
 pub mod ucum;
 

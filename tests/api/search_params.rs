@@ -531,3 +531,62 @@ async fn patient_compartment_and_everything() {
     assert_outcome(app.get("Patient/nobody/$everything").await, 404).await;
     assert_outcome(app.get("Patient/p1/$everything?_type=Practitioner").await, 400).await;
 }
+
+/// Resources stored before search keys existed (documents without `_s`, nothing in the
+/// index) are found once `roster reindex` ran; a later write of one drops its old keys.
+#[tokio::test]
+async fn reindex_indexes_data_written_before_the_index() {
+    use bson::doc;
+    let app = spawn_app().await;
+    // The start-up step found nothing to index and finished: what follows is "old" data.
+    let marks = app.mongo.collection::<bson::Document>("_search_reindex");
+    for _ in 0..200 {
+        if marks.find_one(doc! { "_id": "*" }).await.unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let coll = app.mongo.collection::<bson::Document>("Patient_4_0_0");
+    let now = bson::DateTime::now();
+    let old: Vec<bson::Document> = (0..2500)
+        .map(|i| {
+            doc! {
+                "_id": format!("old{i:05}"), "versionId": 1_i64, "lastUpdated": now, "deleted": false, "method": "PUT",
+                "resource": { "resourceType": "Patient", "id": format!("old{i:05}"),
+                    "meta": { "versionId": "1", "lastUpdated": "2020-01-01T00:00:00Z" },
+                    "name": [{ "family": if i == 7 { "Legacy" } else { "Older" } }], "gender": "other" },
+            }
+        })
+        .collect();
+    coll.insert_many(old).await.unwrap();
+    assert_eq!(find(&app, "Patient?family=legacy").await, v(&[]), "not indexed yet");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .arg("reindex")
+        .arg("--type")
+        .arg("Patient")
+        .env("ROSTER_MONGO_DATABASE", &app.settings.mongo.database)
+        .env("ROSTER_CLICKHOUSE_DATABASE", &app.settings.clickhouse.database)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("scanned 2500 resources, indexed 2500"), "{text}");
+    assert_eq!(find(&app, "Patient?family=legacy").await, v(&["old00007"]));
+    let b = json(app.get("Patient?gender=other&_summary=count").await).await;
+    assert_eq!(b["total"], 2500);
+    // A write of a reindexed resource removes the keys its stored content had.
+    put(&app, json!({"resourceType": "Patient", "id": "old00007", "name": [{"family": "Renamed"}]})).await;
+    assert_eq!(find(&app, "Patient?family=legacy").await, v(&[]));
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(find(&app, "Patient?family=legacy").await, v(&[]), "after the flush too");
+    let b = json(app.get("Patient?gender=other&_summary=count").await).await;
+    assert_eq!(b["total"], 2499);
+    // Resumable: a second run finds the type done.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["reindex", "--type", "Patient"])
+        .env("ROSTER_MONGO_DATABASE", &app.settings.mongo.database)
+        .env("ROSTER_CLICKHOUSE_DATABASE", &app.settings.clickhouse.database)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&again.stdout).contains("scanned 0 resources"));
+}

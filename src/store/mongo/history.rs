@@ -184,6 +184,17 @@ impl ResourceStore {
         Ok(pending.len())
     }
 
+    /// Finishes the pending versions of a type written longer than `age` ago (the sweep).
+    pub async fn repair_history_older(&self, rt: &str, age: std::time::Duration) -> Result<usize, StoreError> {
+        let before = DateTime::from_millis(DateTime::now().timestamp_millis() - age.as_millis() as i64);
+        let filter = doc! { "historyPending": true, "lastUpdated": { "$lt": before } };
+        let pending: Vec<Document> = self.current(rt).find(filter).await?.try_collect().await?;
+        for doc in &pending {
+            self.finish_history(rt, doc).await?;
+        }
+        Ok(pending.len())
+    }
+
     /// History entries, newest first. `id` narrows to one resource; `since` keeps entries
     /// at or after an instant; `before` is the paging cursor (`(lastUpdated, _id)` of the
     /// last entry seen).
