@@ -32,6 +32,8 @@ pub struct AppState {
     pub member_index: Arc<MemberIndex>,
     /// Moves pending member batches into ClickHouse (see `group::flusher`).
     pub flusher: Arc<Flusher>,
+    /// References kept out of stored content, for search (a Group's members).
+    pub detached: Option<Arc<dyn crate::search::detached::DetachedReferences>>,
     /// The general event store (`/events`).
     pub events: SharedEventStore,
     /// GraphQL over the read models (`/graphql`).
@@ -55,6 +57,12 @@ impl AppState {
         let flusher = Flusher::new(store.clone(), clickhouse.clone());
         let member_index = Arc::new(MemberIndex::new(groups.index_capacity));
         // The one place that names the types with their own behaviour.
+        let detached: Option<Arc<dyn crate::search::detached::DetachedReferences>> = match groups.members {
+            MemberStorage::Events => {
+                Some(Arc::new(crate::group::search::Members { ch: clickhouse.clone(), flusher: flusher.clone() }))
+            }
+            MemberStorage::Embedded => None,
+        };
         let behaviours = match groups.members {
             MemberStorage::Events => {
                 let group = GroupWrites::new(store.clone(), clickhouse.clone(), flusher.clone(), member_index.clone());
@@ -82,6 +90,7 @@ impl AppState {
             graphql,
             events,
             flusher,
+            detached,
             store,
             clickhouse,
             writer,

@@ -4,8 +4,9 @@
 //! links with an opaque cursor (a page boundary never shifts under concurrent writes),
 //! `_total`, `_summary`, `_elements`, `_include` and `_revinclude`.
 //!
-//! `Group?member=` is answered from the ClickHouse reverse index of members (the Group
-//! type keeps its members out of the stored resource), as ids for the engine.
+//! `Group?member=` and `_has:Group:member:` are answered from the Group's member events
+//! in ClickHouse (the type keeps its members out of the stored resource; see
+//! `search::detached`).
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -67,8 +68,6 @@ pub struct SearchParams {
     revincludes: Vec<Include>,
     /// Parameters ignored because this server does not support them.
     unknown: Vec<String>,
-    /// `Group?member=`: answered from the ClickHouse reverse index.
-    member: Option<String>,
 }
 
 fn bad(msg: String) -> FhirError {
@@ -151,13 +150,7 @@ fn parse_sort(rt: &str, value: &str) -> Result<Vec<SortKey>, FhirError> {
 }
 
 impl SearchParams {
-    pub fn parse(
-        rt: &str,
-        query: &str,
-        strict: bool,
-        base: &str,
-        member_param: bool,
-    ) -> Result<SearchParams, FhirError> {
+    pub fn parse(rt: &str, query: &str, strict: bool, base: &str) -> Result<SearchParams, FhirError> {
         let mut p = SearchParams::default();
         let pairs: Vec<(String, String)> =
             form_urlencoded::parse(query.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
@@ -209,7 +202,6 @@ impl SearchParams {
                 "_include" => p.includes.push(parse_include(&name, &value, rt, false)?),
                 "_revinclude" => p.revincludes.push(parse_include(&name, &value, rt, true)?),
                 n if IGNORED.contains(&n) => continue,
-                "member" if member_param && name == "member" => p.member = Some(value.clone()),
                 _ => match query::parse_clause(rt, &name, &value, base, 0)? {
                     Some(clause) => {
                         if p.clauses.len() >= query::MAX_CLAUSES {
@@ -245,22 +237,11 @@ impl SearchParams {
 }
 
 pub fn engine(state: &AppState) -> Engine {
-    Engine { ch: state.clickhouse.clone(), store: state.store.clone(), base: state.fhir_base().into() }
-}
-
-/// The groups that hold `member` as an active member (ClickHouse's reverse index, after
-/// the pending batches that may name it are finished).
-async fn groups_of(state: &AppState, member: &str) -> Result<Vec<String>, FhirError> {
-    let unavailable = |e: &dyn std::fmt::Display| FhirError::unavailable("the member store is unavailable; retry", e);
-    // A batch not seen pending here was already in ClickHouse when it left MongoDB, so the
-    // query sees its rows; if some were flushed now, it is asked again.
-    let concerned = state.flusher.pending_touching(Some(member)).await.map_err(|e| unavailable(&e))?;
-    let (flushed, ids) =
-        tokio::join!(state.flusher.flush_each(&concerned), crate::group::read::groups_of(&state.clickhouse, member));
-    flushed.map_err(|e| unavailable(&e))?;
-    match concerned.is_empty() {
-        true => ids.map_err(|e| unavailable(&e)),
-        false => crate::group::read::groups_of(&state.clickhouse, member).await.map_err(|e| unavailable(&e)),
+    Engine {
+        ch: state.clickhouse.clone(),
+        store: state.store.clone(),
+        base: state.fhir_base().into(),
+        detached: state.detached.clone(),
     }
 }
 
@@ -319,18 +300,7 @@ pub(super) async fn search(
     extra: Vec<Clause>,
 ) -> Result<Response, FhirError> {
     let fhir_base = state.fhir_base();
-    let behaviour = state.writer.behaviour(rt);
-    let mut params = SearchParams::parse(
-        rt,
-        query,
-        headers::prefer_strict(headers),
-        &fhir_base,
-        behaviour.detached_element().is_some(),
-    )?;
-    if let Some(member) = &params.member {
-        let ids = groups_of(state, member).await?;
-        params.clauses.push(Clause::Ids(ids));
-    }
+    let mut params = SearchParams::parse(rt, query, headers::prefer_strict(headers), &fhir_base)?;
     params.clauses.extend(extra);
     let count = params.count.unwrap_or(DEFAULT_COUNT);
     let only_total = params.summary == Summary::Count || count == 0;
@@ -560,7 +530,7 @@ pub async fn conditional_matches(
     limit: usize,
 ) -> Result<Vec<Version>, FhirError> {
     let base = state.fhir_base();
-    let params = SearchParams::parse(rt, condition_query(condition), true, &base, false)?;
+    let params = SearchParams::parse(rt, condition_query(condition), true, &base)?;
     if params.clauses.is_empty() {
         return Err(bad("a condition must contain at least one search parameter".into()));
     }
@@ -585,7 +555,7 @@ mod tests {
     use super::*;
 
     fn parse(q: &str, strict: bool) -> Result<SearchParams, FhirError> {
-        SearchParams::parse("Patient", q, strict, "http://h/4_0_0", false)
+        SearchParams::parse("Patient", q, strict, "http://h/4_0_0")
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod index;
 pub mod outbox;
 pub mod plan;
 pub mod read;
+pub mod search;
 pub mod source;
 pub mod split;
 pub mod writes;

@@ -23,12 +23,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::definitions::{registry, Definition, ParamType};
+use super::detached::{DetachedReferences, Targets};
 use super::flusher::TABLE;
 use super::keys::{after_prefix, key};
 use super::matcher::any_matches;
 use super::plan::{every_resource, steps, KeyCond, KeySet, Step};
 use super::query::{Clause, Test};
-use super::sql::{self, Sql};
+use super::sql::{self, Driver, Sql};
 use crate::error::FhirError;
 use crate::store::{ResourceStore, Version};
 
@@ -146,6 +147,8 @@ pub struct Engine {
     pub store: ResourceStore,
     /// This server's FHIR base (its absolute references are relative in the index).
     pub base: Arc<str>,
+    /// References kept out of stored content, answered by their type (see `detached`).
+    pub detached: Option<Arc<dyn DetachedReferences>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> FhirError {
@@ -170,8 +173,8 @@ impl Engine {
     /// One page of a search.
     pub async fn search(&self, req: &Request) -> Result<Page, FhirError> {
         let clauses = self.resolve(&req.rt, &req.clauses).await?;
-        let plan = Plan::new(&req.rt, &clauses);
-        let overlay = self.overlay(&req.rt, &plan).await?;
+        let mut plan = Plan::new(&req.rt, &clauses);
+        let overlay = self.overlay(&req.rt, &mut plan).await?;
         let total = async {
             match req.total {
                 Total::None => Ok(None),
@@ -209,8 +212,32 @@ impl Engine {
                     }
                     Clause::Has(h) => {
                         let sources = self.ids(&h.source_type, std::slice::from_ref(&h.inner)).await?;
-                        Clause::Ids(self.referenced(&h.source_type, &sources, &h.reference.code, rt).await?)
+                        match self.detached_for(&h.source_type, &h.reference.code) {
+                            Some(refs) => {
+                                refs.settle(&sources).await.map_err(unavailable)?;
+                                Clause::Targets(Targets {
+                                    refs,
+                                    sources,
+                                    target_type: rt.to_string(),
+                                    among: Default::default(),
+                                })
+                            }
+                            None => {
+                                Clause::Ids(self.referenced(&h.source_type, &sources, &h.reference.code, rt).await?)
+                            }
+                        }
                     }
+                    Clause::Param { def, not: false, any } if self.detached_for(rt, &def.code).is_some() => {
+                        let refs = self.detached_for(rt, &def.code).expect("checked");
+                        let mut sources = Vec::new();
+                        for target in reference_targets(def, any) {
+                            sources.extend(refs.sources_of(&target).await.map_err(unavailable)?);
+                        }
+                        sources.sort_unstable();
+                        sources.dedup();
+                        Clause::Ids(sources)
+                    }
+                    Clause::AnyOf(parts) => Clause::AnyOf(self.resolve(rt, parts).await?),
                     other => other.clone(),
                 });
             }
@@ -218,12 +245,16 @@ impl Engine {
         })
     }
 
+    fn detached_for(&self, source_type: &str, code: &str) -> Option<Arc<dyn DetachedReferences>> {
+        self.detached.as_ref().filter(|d| d.covers(source_type, code)).cloned()
+    }
+
     /// The ids of `rt` whose keys satisfy the clauses (candidates, not checked by the
     /// matcher), at most [`MAX_IDS`].
     async fn ids(&self, rt: &str, clauses: &[Clause]) -> Result<Vec<String>, FhirError> {
         let clauses = self.resolve(rt, clauses).await?;
-        let plan = Plan::new(rt, &clauses);
-        let overlay = self.overlay(rt, &plan).await?;
+        let mut plan = Plan::new(rt, &clauses);
+        let overlay = self.overlay(rt, &mut plan).await?;
         let mut sql = Sql::default();
         sql::candidates(&mut sql, rt, &plan.driver, &plan.others(), &overlay.ids, None);
         sql.push(" ORDER BY id LIMIT ").u64(MAX_IDS as u64 + 1);
@@ -286,15 +317,41 @@ impl Engine {
 
     /// The pending documents of `rt`, and which are candidates. When there are too many
     /// (ClickHouse was away), they are flushed first.
-    async fn overlay(&self, rt: &str, plan: &Plan) -> Result<Overlay, FhirError> {
+    async fn overlay(&self, rt: &str, plan: &mut Plan) -> Result<Overlay, FhirError> {
         let mut pending = self.pending(rt).await?;
         if pending.len() as i64 >= PENDING_LIMIT {
             self.store.repair_history(rt).await?;
             pending = self.pending(rt).await?;
         }
-        let ids = pending.iter().map(|v| v.id.clone()).collect();
+        let ids: Vec<String> = pending.iter().map(|v| v.id.clone()).collect();
+        self.fill_targets(plan, &ids).await?;
         let candidates = pending.into_iter().filter(|v| !v.deleted && plan.holds(&v.id, &v.search.keys)).collect();
         Ok(Overlay { ids, candidates })
+    }
+
+    /// Which of these ids are among each detached step's targets (for evaluating the
+    /// pending documents in Rust).
+    async fn fill_targets(&self, plan: &mut Plan, ids: &[String]) -> Result<(), FhirError> {
+        let steps = plan.rest.iter_mut().filter_map(|s| match s {
+            Step::Targets(t) => Some(t),
+            _ => None,
+        });
+        let driver = match &mut plan.driver {
+            Driver::Targets(t) => Some(t),
+            Driver::Keys(_) => None,
+        };
+        for t in steps.chain(driver) {
+            if ids.is_empty() {
+                continue;
+            }
+            let mut sql = Sql::default();
+            sql.push("SELECT id FROM (");
+            t.refs.write_targets(&mut sql, &t.sources, &t.target_type, None);
+            sql.push(") WHERE ").in_list("id", ids, false);
+            let among: Vec<String> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+            t.among = Arc::new(among.into_iter().collect());
+        }
+        Ok(())
     }
 
     async fn count(&self, rt: &str, plan: &Plan, clauses: &[Clause], overlay: &Overlay) -> Result<u64, FhirError> {
@@ -495,24 +552,46 @@ fn holds(v: &Version, resource: &Value, c: &Clause, base: &str) -> bool {
         },
         Clause::Chain { .. } | Clause::Has(_) => true,
         Clause::AnyOf(parts) => parts.iter().any(|p| holds(v, resource, p, base)),
+        // Checked when the candidate was found (by the subquery, or by `Plan::holds`).
+        Clause::Targets(_) => true,
     }
 }
 
-/// A search's steps: the driver (the first "with" step, or every resource) and the rest.
+/// The `Type/id`s a reference parameter's tests name (for a detached reference).
+fn reference_targets(def: &Definition, any: &[Test]) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in any {
+        match t {
+            Test::Reference(super::query::RefTarget::Local { ty, id, .. }) => out.push(format!("{ty}/{id}")),
+            Test::Reference(super::query::RefTarget::Id(id)) => {
+                out.extend(def.targets.iter().map(|ty| format!("{ty}/{id}")));
+            }
+            Test::RefAny(targets) => out.extend(targets.iter().cloned()),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// A search's steps: the driver (the first "with" step, else the first detached step,
+/// else every resource) and the rest.
 struct Plan {
-    driver: KeySet,
+    driver: Driver,
     rest: Vec<Step>,
 }
 
 impl Plan {
     fn new(rt: &str, clauses: &[Clause]) -> Plan {
         let mut all: Vec<Step> = clauses.iter().flat_map(|c| steps(rt, c)).collect();
-        let driver = match all.iter().position(|s| matches!(s, Step::With(_))) {
-            Some(i) => match all.remove(i) {
-                Step::With(set) => set,
-                _ => unreachable!("found as With"),
+        let with = all.iter().position(|s| matches!(s, Step::With(_)));
+        let targets = all.iter().position(|s| matches!(s, Step::Targets(_)));
+        let driver = match (with, targets) {
+            (Some(i), _) | (None, Some(i)) => match all.remove(i) {
+                Step::With(set) => Driver::Keys(set),
+                Step::Targets(t) => Driver::Targets(t),
+                _ => unreachable!("found as With or Targets"),
             },
-            None => KeySet(vec![KeyCond::Eq(every_resource())]),
+            (None, None) => Driver::Keys(KeySet(vec![KeyCond::Eq(every_resource())])),
         };
         Plan { driver, rest: all }
     }
@@ -522,6 +601,10 @@ impl Plan {
     }
 
     fn holds(&self, id: &str, keys: &[String]) -> bool {
-        self.driver.any(keys) && self.rest.iter().all(|s| s.holds(id, keys))
+        let driver = match &self.driver {
+            Driver::Keys(set) => set.any(keys),
+            Driver::Targets(t) => t.among.contains(id),
+        };
+        driver && self.rest.iter().all(|s| s.holds(id, keys))
     }
 }

@@ -6,6 +6,7 @@
 //! - `extract`: typed index values of a resource, per parameter; `ucum`: canonical units.
 
 pub mod definitions;
+pub mod detached;
 pub(crate) mod elements;
 pub mod execute;
 pub mod extract;

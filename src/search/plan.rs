@@ -60,7 +60,7 @@ impl KeySet {
 }
 
 /// One step of the candidate search; steps are ANDed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Step {
     /// Resources with a key in the set.
     With(KeySet),
@@ -68,6 +68,8 @@ pub enum Step {
     Without(KeySet),
     /// Resources with these ids.
     Ids(Vec<String>),
+    /// Resources a detached reference points to.
+    Targets(super::detached::Targets),
 }
 
 impl Step {
@@ -77,6 +79,7 @@ impl Step {
             Step::With(s) => s.any(keys),
             Step::Without(s) => !s.any(keys),
             Step::Ids(ids) => ids.iter().any(|i| i == id),
+            Step::Targets(t) => t.among.contains(id),
         }
     }
 }
@@ -99,6 +102,7 @@ pub fn steps(rt: &str, clause: &Clause) -> Vec<Step> {
             vec![if *missing { Step::Without(present) } else { Step::With(present) }]
         }
         Clause::Ids(ids) => vec![Step::Ids(ids.clone())],
+        Clause::Targets(t) => vec![Step::Targets(t.clone())],
         Clause::LastUpdated(any) => match registry().get(rt, "_lastUpdated") {
             Some(def) => vec![Step::With(key_set(def, any))],
             None => Vec::new(),

@@ -161,6 +161,8 @@ pub enum Clause {
     Has(Has),
     /// Any of these (a compartment: any of its parameters refers to the patient).
     AnyOf(Vec<Clause>),
+    /// Among the resources a detached reference points to (see `detached`).
+    Targets(super::detached::Targets),
 }
 
 /// The clause "in `Patient/{id}`'s compartment" for resources of `rt` (`None` when `rt` is

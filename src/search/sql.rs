@@ -4,6 +4,7 @@
 
 use clickhouse::query::Query;
 
+use super::detached::Targets;
 use super::flusher::TABLE;
 use super::plan::{KeyCond, KeySet, Step};
 
@@ -145,19 +146,35 @@ fn ids_with(sql: &mut Sql, rt: &str, set: &KeySet) {
     key_set(sql, set);
 }
 
-/// The candidate ids of `rt`: with `driver`'s keys, and every other step; never one of
+/// What finds the first candidates.
+#[derive(Debug, Clone)]
+pub enum Driver {
+    Keys(KeySet),
+    Targets(Targets),
+}
+
+/// The candidate ids of `rt`: found by the driver, and every other step; never one of
 /// `excluded` (documents the search reads from MongoDB); after `after` when given.
 /// One row per id (`SELECT id … GROUP BY id`).
 pub fn candidates(
     sql: &mut Sql,
     rt: &str,
-    driver: &KeySet,
+    driver: &Driver,
     others: &[&Step],
     excluded: &[String],
     after: Option<&str>,
 ) {
-    sql.push(&format!("SELECT id FROM {TABLE} FINAL WHERE rt = ")).str(rt).push(" AND ");
-    key_set(sql, driver);
+    match driver {
+        Driver::Keys(set) => {
+            sql.push(&format!("SELECT id FROM {TABLE} FINAL WHERE rt = ")).str(rt).push(" AND ");
+            key_set(sql, set);
+        }
+        Driver::Targets(t) => {
+            sql.push("SELECT id FROM (");
+            t.refs.write_targets(sql, &t.sources, &t.target_type, after);
+            sql.push(") WHERE 1");
+        }
+    }
     for step in others {
         sql.push(" AND ");
         match step {
@@ -173,6 +190,11 @@ pub fn candidates(
             }
             Step::Ids(ids) => {
                 sql.in_list("id", ids, false);
+            }
+            Step::Targets(t) => {
+                sql.push("id IN (");
+                t.refs.write_targets(sql, &t.sources, &t.target_type, None);
+                sql.push(")");
             }
         }
     }

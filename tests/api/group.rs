@@ -466,3 +466,48 @@ async fn patches_of_sixteen_groups_in_one_gathering_become_one_insert() {
         assert_eq!(members_of(&app, &path).await, ["Patient/a".to_string(), format!("Patient/b{g}")]);
     }
 }
+
+/// `Patient?_has:Group:member:_id=` lists a Group's members (as of every acknowledged
+/// member change), combined with other parameters and paged; the Patient compartment's
+/// Groups and `Group?member=` come from the same member events.
+#[tokio::test]
+async fn patients_of_a_group_by_has() {
+    let app = spawn_app().await;
+    for (id, gender) in [("1", "female"), ("2", "male"), ("3", "female"), ("4", "female")] {
+        let mut p = patient(id);
+        p["id"] = json!(id);
+        p["gender"] = json!(gender);
+        assert!(app.put(&format!("Patient/{id}"), &p).await.status().is_success());
+    }
+    app.put("Group/h1", &group("h1", &["Patient/1", "Patient/2", "Patient/3"])).await;
+    app.put("Group/h2", &group("h2", &["Patient/4"])).await;
+    let ids = |b: Value| -> Vec<String> {
+        b["entry"]
+            .as_array()
+            .map(|e| e.iter().map(|x| x["resource"]["id"].as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    let b = json(app.get("Patient?_has:Group:member:_id=h1").await).await;
+    assert_eq!((ids(b.clone()), b["total"].as_u64()), (vec!["1".to_string(), "2".into(), "3".into()], Some(3)));
+    assert_eq!(ids(json(app.get("Patient?_has:Group:member:_id=h1&gender=female").await).await), ["1", "3"]);
+    assert_eq!(ids(json(app.get("Patient?_has:Group:member:_id=h1,h2&gender=female").await).await), ["1", "3", "4"]);
+    // A member change is seen at once.
+    patch_ok(&app, "Group/h1", json!([{ "op": "add", "path": "/member/-", "value": member("Patient/4") }])).await;
+    patch_ok(&app, "Group/h1", json!([{ "op": "remove", "path": "/member", "value": member("Patient/1") }])).await;
+    assert_eq!(ids(json(app.get("Patient?_has:Group:member:_id=h1").await).await), ["2", "3", "4"]);
+    // Paged one at a time.
+    let mut url = app.url("Patient?_has:Group:member:_id=h1&_count=1");
+    let mut seen = Vec::new();
+    loop {
+        let b = json(app.client.get(&url).send().await.unwrap()).await;
+        seen.extend(ids(b.clone()));
+        match b["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next") {
+            Some(l) => url = l["url"].as_str().unwrap().to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["2", "3", "4"]);
+    assert_eq!(ids(json(app.get("Patient/4/Group").await).await), ["h1", "h2"]);
+    assert_eq!(ids(json(app.get("Group?member=4").await).await), ["h1", "h2"]);
+    assert_eq!(ids(json(app.get("Patient?_has:Group:member:actual=true&gender=male").await).await), ["2"]);
+}

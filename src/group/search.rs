@@ -1,0 +1,62 @@
+//! A Group's members in search: `Group?member=`, the Patient compartment's Groups, and
+//! `Patient?_has:Group:member:_id=` (see `search::detached`), answered from the member
+//! state in ClickHouse after the pending member batches that matter are flushed.
+//!
+//! Read-your-writes: a batch still in MongoDB when the search starts is flushed first
+//! (`flusher`); a batch not seen pending was already in ClickHouse when it left MongoDB.
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+
+use super::flusher::Flusher;
+use crate::search::detached::DetachedReferences;
+use crate::search::sql::Sql;
+
+/// The member references of Groups, for search.
+pub struct Members {
+    pub ch: clickhouse::Client,
+    pub flusher: Arc<Flusher>,
+}
+
+impl DetachedReferences for Members {
+    fn covers(&self, source_type: &str, code: &str) -> bool {
+        source_type == "Group" && code == "member"
+    }
+
+    fn sources_of<'a>(&'a self, target: &'a str) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            let concerned = self.flusher.pending_touching(Some(target)).await.map_err(|e| e.to_string())?;
+            let (flushed, ids) =
+                tokio::join!(self.flusher.flush_each(&concerned), super::read::groups_of(&self.ch, target));
+            flushed.map_err(|e| e.to_string())?;
+            match concerned.is_empty() {
+                true => ids.map_err(|e| e.to_string()),
+                false => super::read::groups_of(&self.ch, target).await.map_err(|e| e.to_string()),
+            }
+        })
+    }
+
+    fn settle<'a>(&'a self, sources: &'a [String]) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let pending = self.flusher.pending_touching(None).await.map_err(|e| e.to_string())?;
+            let concerned: Vec<String> = pending.into_iter().filter(|g| sources.contains(g)).collect();
+            self.flusher.flush_each(&concerned).await.map_err(|e| e.to_string())
+        })
+    }
+
+    fn write_targets(&self, sql: &mut Sql, sources: &[String], target_type: &str, after: Option<&str>) {
+        // A range of `member_reference` within each group: the table's order, so a page
+        // after a cursor reads from there on.
+        let prefix = format!("{target_type}/");
+        let from = match after {
+            Some(a) => format!("{prefix}{a}\u{0}"),
+            None => prefix.clone(),
+        };
+        sql.push("SELECT substring(member_reference, ").u64(prefix.len() as u64 + 1);
+        sql.push(") AS id FROM Group_4_0_0_MemberState WHERE ").in_list("group_id", sources, false);
+        sql.push(" AND member_reference >= ").str(&from);
+        sql.push(" AND member_reference < ").str(&format!("{prefix}\u{10FFFF}"));
+        sql.push(" GROUP BY group_id, member_reference HAVING argMax(active, ver) = 1");
+    }
+}
