@@ -9,38 +9,53 @@ use serde_json::{json, Value};
 use super::search::{DEFAULT_COUNT, MAX_COUNT};
 use super::FHIR_JSON;
 use crate::model::datetime::format_instant;
+use crate::search::definitions::{registry, Definition, ParamType};
 use crate::state::AppState;
 
 /// Interactions every resource type supports.
 pub const TYPE_INTERACTIONS: &[&str] =
     &["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"];
 
-pub fn capability_statement_json(fhir_base: &str) -> Value {
-    let search_params = json!([
-        { "name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token",
-          "documentation": "Logical id; a comma-separated list matches any." },
-        { "name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated", "type": "date",
-          "documentation": "Prefixes eq, ne, lt, le, gt, ge, sa, eb; partial dates cover their whole range." },
-    ]);
-    let group_params = json!([
-        { "name": "member", "definition": "http://hl7.org/fhir/SearchParameter/Group-member", "type": "reference",
-          "documentation": "Current members only, from the ClickHouse reverse index." },
-        { "name": "name", "definition": "http://hl7.org/fhir/SearchParameter/Group-name", "type": "string",
-          "documentation": "Starts with, case-insensitive; :exact and :contains." },
-        { "name": "type", "definition": "http://hl7.org/fhir/SearchParameter/Group-type", "type": "token" },
-        { "name": "actual", "definition": "http://hl7.org/fhir/SearchParameter/Group-actual", "type": "token" },
-    ]);
-    let identifier = json!({ "name": "identifier", "type": "token",
-        "documentation": "system|value on the resource's identifier element" });
+/// Whether search supports a parameter (not `_text`/`_content`/`_query`, which no
+/// expression defines, nor the special ones like `near`).
+fn supported(d: &Definition) -> bool {
+    d.expression.is_some() && d.kind != ParamType::Special
+}
+
+/// The `_revinclude` values that bring resources referring to `rt`: `Source:param` for
+/// every reference parameter that may point to it.
+fn revincludes(rt: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for source in fhir_model::RESOURCE_TYPES {
+        for d in registry().of_type(source) {
+            if d.kind == ParamType::Reference
+                && supported(d)
+                && (d.targets.is_empty() || d.targets.iter().any(|t| t == rt))
+            {
+                out.push(format!("{source}:{}", d.code));
+            }
+        }
+    }
+    out
+}
+
+pub fn capability_statement_json(fhir_base: &str, max_conditional_delete: usize) -> Value {
     let resources: Vec<Value> = fhir_model::RESOURCE_TYPES
         .iter()
         .map(|rt| {
-            let mut params = search_params.as_array().cloned().unwrap_or_default();
-            params.push(identifier.clone());
-            if *rt == "Group" {
-                params.extend(group_params.as_array().cloned().unwrap_or_default());
-            }
-            json!({
+            let params: Vec<Value> = registry()
+                .of_type(rt)
+                .filter(|d| supported(d))
+                .map(|d| json!({ "name": d.code, "definition": d.url, "type": d.kind.as_str() }))
+                .collect();
+            let mut includes = vec!["*".to_string()];
+            includes.extend(
+                registry()
+                    .of_type(rt)
+                    .filter(|d| d.kind == ParamType::Reference && supported(d))
+                    .map(|d| format!("{rt}:{}", d.code)),
+            );
+            let mut resource = json!({
                 "type": rt,
                 "interaction": TYPE_INTERACTIONS.iter().map(|c| json!({ "code": c })).collect::<Vec<_>>(),
                 "versioning": "versioned-update",
@@ -48,10 +63,19 @@ pub fn capability_statement_json(fhir_base: &str) -> Value {
                 "updateCreate": true,
                 "conditionalCreate": true,
                 "conditionalRead": "not-supported",
-                "conditionalUpdate": false,
-                "conditionalDelete": "not-supported",
+                "conditionalUpdate": true,
+                "conditionalDelete": if max_conditional_delete > 1 { "multiple" } else { "single" },
+                "searchInclude": includes,
+                "searchRevInclude": revincludes(rt),
                 "searchParam": params,
-            })
+            });
+            if *rt == "Patient" {
+                resource["operation"] = json!([{
+                    "name": "everything",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"
+                }]);
+            }
+            resource
         })
         .collect();
     json!({
@@ -69,9 +93,20 @@ pub fn capability_statement_json(fhir_base: &str) -> Value {
             "mode": "server",
             "documentation": format!(
                 "Search pages hold {DEFAULT_COUNT} entries by default and at most {MAX_COUNT}; paging links use a cursor. \
-                 Unknown search parameters are ignored (reported in an OperationOutcome entry) unless Prefer: handling=strict."
+                 Every R4 search parameter with modifiers, prefixes, chains and _has. Unknown search parameters \
+                 are ignored (reported in an OperationOutcome entry) unless Prefer: handling=strict."
             ),
             "resource": resources,
+            "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
+            "searchParam": [
+                { "name": "_count", "type": "number", "documentation": format!("page size, at most {MAX_COUNT}") },
+                { "name": "_sort", "type": "string", "documentation": "any sortable parameter, several keys, - for descending" },
+                { "name": "_total", "type": "token", "documentation": "none, estimate, accurate (the default)" },
+                { "name": "_summary", "type": "token", "documentation": "count, text, data, false" },
+                { "name": "_elements", "type": "string" },
+                { "name": "_include", "type": "string", "documentation": ":iterate supported" },
+                { "name": "_revinclude", "type": "string", "documentation": ":iterate supported" },
+            ],
         }],
     })
 }
@@ -79,7 +114,7 @@ pub fn capability_statement_json(fhir_base: &str) -> Value {
 pub async fn capability_statement(State(state): State<AppState>) -> Response {
     let rendered = state
         .capability_statement
-        .get_or_init(|| capability_statement_json(&state.fhir_base()).to_string().into())
+        .get_or_init(|| capability_statement_json(&state.fhir_base(), state.max_conditional_delete).to_string().into())
         .to_string();
     let mut response = (StatusCode::OK, rendered).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
@@ -90,8 +125,19 @@ pub async fn capability_statement(State(state): State<AppState>) -> Response {
 mod tests {
     #[test]
     fn capability_statement_is_valid_r4() {
-        let cs = super::capability_statement_json("http://localhost/4_0_0");
+        let cs = super::capability_statement_json("http://localhost/4_0_0", 1);
         crate::model::validate::validate_resource("CapabilityStatement", &cs).unwrap();
         assert_eq!(cs["rest"][0]["resource"].as_array().unwrap().len(), 146);
+        let patient = cs["rest"][0]["resource"].as_array().unwrap().iter().find(|r| r["type"] == "Patient").unwrap();
+        let names: Vec<&str> =
+            patient["searchParam"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+        for n in ["family", "birthdate", "identifier", "general-practitioner", "_lastUpdated", "_tag"] {
+            assert!(names.contains(&n), "Patient lacks {n}");
+        }
+        assert!(!names.contains(&"_text"), "_text is not supported");
+        let revs = patient["searchRevInclude"].as_array().unwrap();
+        assert!(revs.iter().any(|r| r == "Observation:subject"));
+        assert!(patient["searchInclude"].as_array().unwrap().iter().any(|r| r == "Patient:general-practitioner"));
+        assert_eq!(cs["rest"][0]["compartment"][0], "http://hl7.org/fhir/CompartmentDefinition/patient");
     }
 }
