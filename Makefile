@@ -30,13 +30,14 @@ test:
 ## (BENCH_ARGS=--quick for a smoke run at a tenth of the sizes)
 BENCH_TARGET_DIR ?= $(HOME)/.cache/roster/target-bench
 bench:
-	CARGO_TARGET_DIR=$(BENCH_TARGET_DIR) cargo build --release --bin roster --example bench --example bench_events --example bench_writes
+	CARGO_TARGET_DIR=$(BENCH_TARGET_DIR) cargo build --release --bin roster --example bench --example bench_events --example bench_writes --example bench_search
 	$(SERVICES) stop test
 	rm -rf .local/test
 	$(SERVICES) start test
 	eval "$$($(SERVICES) env test)" && $(BENCH_TARGET_DIR)/release/examples/bench $(BENCH_ARGS) \
 	  && $(BENCH_TARGET_DIR)/release/examples/bench_events $(BENCH_ARGS) \
-	  && $(BENCH_TARGET_DIR)/release/examples/bench_writes $(BENCH_ARGS); \
+	  && $(BENCH_TARGET_DIR)/release/examples/bench_writes $(BENCH_ARGS) \
+	  && $(BENCH_TARGET_DIR)/release/examples/bench_search $(BENCH_ARGS); \
 	  status=$$?; $(SERVICES) stop test; exit $$status
 
 ## fuzz: the property tests (no parser input panics; a failed patch changes nothing) with

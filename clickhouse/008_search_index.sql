@@ -17,4 +17,7 @@ CREATE TABLE IF NOT EXISTS SearchIndex
     deleted  UInt8
 )
 ENGINE = ReplacingMergeTree(version, deleted)
-ORDER BY (rt, key, id);
+ORDER BY (rt, key, id)
+-- Small granules: most reads are a few keys' rows (a point lookup read 8,192 rows per part
+-- at the default; 1,024 halved the time of a first page, measured in docs/search.md).
+SETTINGS index_granularity = 1024;

@@ -140,6 +140,9 @@ pub struct FhirSettings {
     /// Most resources one conditional DELETE may delete (more matches: 412). Default 1:
     /// a condition that matches several is refused, as R4 allows.
     pub max_conditional_delete: Option<usize>,
+    /// For measurement only: `false` writes no search keys (searches then miss what is
+    /// written), to compare a write's cost with and without indexing. Default true.
+    pub search_indexing: Option<bool>,
 }
 
 /// The default of `fhir.max_patch_ops`.
@@ -347,6 +350,11 @@ pub const ENV_VARS: &[EnvVar] = &[
     var("ROSTER_FHIR_MAX_CONDITIONAL_DELETE", "most resources one conditional DELETE deletes (default 1)", |s, v| {
         parsed(v).map(|x| s.fhir.max_conditional_delete = Some(x))
     }),
+    var(
+        "ROSTER_FHIR_SEARCH_INDEXING",
+        "false only to measure writes without search indexing (default true)",
+        |s, v| parsed(v).map(|x| s.fhir.search_indexing = Some(x)),
+    ),
     var("ROSTER_GROUP_MAX_PATCH_OPS", "deprecated: ROSTER_FHIR_MAX_PATCH_OPS", |s, v| {
         parsed(v).map(|x| s.groups.max_patch_ops = Some(x))
     }),

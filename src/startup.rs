@@ -169,6 +169,12 @@ impl Application {
             None => None,
         };
         state.writer = state.writer.clone().with_hooks(builtin.extend(hooks));
+        if settings.fhir.search_indexing == Some(false) {
+            tracing::warn!(
+                "fhir.search_indexing is off: writes are not indexed and searches miss them (measurement only)"
+            );
+            state.writer = state.writer.clone().without_search_index();
+        }
         state.max_patch_ops = settings.max_patch_ops();
         state.max_conditional_delete = settings.fhir.max_conditional_delete.unwrap_or(1).max(1);
         state.mongo_ops = mongo_ops;

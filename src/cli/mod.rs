@@ -44,9 +44,6 @@ pub enum Command {
         /// Only this resource type.
         #[arg(long = "type", value_name = "TYPE")]
         resource_type: Option<String>,
-        /// Start over instead of resuming from the last checkpoint.
-        #[arg(long)]
-        restart: bool,
     },
     /// Projections (read models): list, status, rebuild, reset, run.
     Projection {
@@ -80,7 +77,7 @@ pub async fn run(cli: Cli) -> Result<(), BoxError> {
         }
         Command::Eventstore { json, command } => eventstore::run(&settings, command, json).await?,
         Command::Projection { json, command } => projection::run(&settings, command, json).await?,
-        Command::Reindex { resource_type, restart } => reindex(&settings, resource_type, restart).await?,
+        Command::Reindex { resource_type } => reindex(&settings, resource_type).await?,
         Command::Config => {
             let mut shown = settings.clone();
             if !shown.clickhouse.password.is_empty() {
@@ -93,7 +90,7 @@ pub async fn run(cli: Cli) -> Result<(), BoxError> {
 }
 
 /// `roster reindex`: every type (or one), each with a progress bar.
-async fn reindex(settings: &Settings, only: Option<String>, restart: bool) -> Result<(), BoxError> {
+async fn reindex(settings: &Settings, only: Option<String>) -> Result<(), BoxError> {
     use crate::search::reindex;
     let db = startup::mongo_database(settings).await?;
     crate::migrate::clickhouse(&settings.clickhouse).await?;
@@ -114,7 +111,7 @@ async fn reindex(settings: &Settings, only: Option<String>, restart: bool) -> Re
         }
         let bar = projection::progress_bar(rt, "resources");
         bar.set_length(n);
-        let done = reindex::reindex_type(&db, &ch, &base, rt, restart, &|scanned| bar.set_position(scanned)).await?;
+        let done = reindex::reindex_type(&db, &ch, &base, rt, &|scanned| bar.set_position(scanned)).await?;
         bar.finish();
         total.scanned += done.scanned;
         total.indexed += done.indexed;

@@ -248,6 +248,15 @@ async fn put_resource(
     Ok(written(state, rt, &outcome, status, headers::prefer_return(headers)))
 }
 
+/// The type and the condition of a conditional write (a 405 without a condition).
+fn type_and_condition<'a>(rt: &'a str, query: Option<String>, method: &str) -> Result<(&'a str, String), FhirError> {
+    let rt = known_type(rt)?;
+    match query.filter(|q| !q.is_empty()) {
+        Some(condition) => Ok((rt, condition)),
+        None => Err(FhirError::method_not_allowed(format!("{method} /{rt} needs an id or a search condition"))),
+    }
+}
+
 /// `PUT /{type}?condition` (R4 conditional update): no match creates (with the body's id,
 /// or a new one), one match updates it, several are a 412.
 pub async fn conditional_update(
@@ -258,11 +267,7 @@ pub async fn conditional_update(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, FhirError> {
-    let rt = known_type(&rt)?;
-    let condition = query.unwrap_or_default();
-    if condition.is_empty() {
-        return Err(FhirError::method_not_allowed(format!("PUT /{rt} needs an id or a search condition")));
-    }
+    let (rt, condition) = type_and_condition(&rt, query, "PUT")?;
     let if_match = headers::if_match(&headers)?;
     let (mut resource, detached) = resource_body(&state, rt, &headers, body).await?;
     let held = conditional::hold(&state, rt, &condition).await?;
@@ -345,11 +350,7 @@ pub async fn conditional_delete(
     Extension(ctx): Extension<RequestContext>,
     headers: HeaderMap,
 ) -> Result<Response, FhirError> {
-    let rt = known_type(&rt)?;
-    let condition = query.unwrap_or_default();
-    if condition.is_empty() {
-        return Err(FhirError::method_not_allowed(format!("DELETE /{rt} needs an id or a search condition")));
-    }
+    let (rt, condition) = type_and_condition(&rt, query, "DELETE")?;
     let max = state.max_conditional_delete;
     let found = search::conditional_matches(&state, rt, &condition, max + 1).await?;
     if found.len() > max {

@@ -73,28 +73,9 @@ pub async fn enumerated_count(
     Ok((rows > 0).then_some(count))
 }
 
-/// Most bytes of references sent in one query parameter: ClickHouse's HTTP interface
-/// refuses longer form fields ("Field value too long"; 128 KiB by default).
-const PARAMETER_BYTES: usize = 64 * 1024;
-
 /// Splits references into runs that each fit one query parameter.
 pub fn parameter_chunks(references: &[String]) -> impl Iterator<Item = &[String]> {
-    let mut rest = references;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut bytes = 0;
-        let mut n = 0;
-        // Each reference costs its quotes, escapes and a comma in the array literal.
-        while n < rest.len() && (n == 0 || bytes + rest[n].len() * 2 + 3 <= PARAMETER_BYTES) {
-            bytes += rest[n].len() * 2 + 3;
-            n += 1;
-        }
-        let (chunk, tail) = rest.split_at(n);
-        rest = tail;
-        Some(chunk)
-    })
+    crate::search::sql::chunks(references)
 }
 
 /// The state of the given members (absent: never a member). Keep `references` within
@@ -243,7 +224,9 @@ mod tests {
         let refs: Vec<String> = (0..20_000).map(|i| format!("Patient/some-long-identifier-{i:08}")).collect();
         let chunks: Vec<&[String]> = parameter_chunks(&refs).collect();
         assert!(chunks.len() > 1);
-        assert!(chunks.iter().all(|c| c.iter().map(|r| r.len() * 2 + 3).sum::<usize>() <= PARAMETER_BYTES));
+        assert!(chunks
+            .iter()
+            .all(|c| c.iter().map(|r| r.len() * 2 + 3).sum::<usize>() <= crate::search::sql::PARAMETER_BYTES));
         assert_eq!(chunks.concat(), refs);
         assert_eq!(parameter_chunks(&[]).count(), 0);
     }

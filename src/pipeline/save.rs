@@ -107,6 +107,11 @@ impl Writer {
         Writer { store, locks: WriteLocks::default(), hooks: Hooks::default(), behaviours, search_base: None }
     }
 
+    /// The same writer, indexing nothing (to measure what indexing costs a write).
+    pub fn without_search_index(self) -> Writer {
+        Writer { search_base: None, ..self }
+    }
+
     /// The same writer, indexing every write for search; `base` is this server's base URL.
     pub fn with_search_index(self, base: &str) -> Writer {
         Writer { search_base: Some(Arc::from(base)), ..self }

@@ -10,7 +10,7 @@ use super::plan::{KeyCond, KeySet, Step};
 
 /// Most bytes of strings sent in one array parameter (ClickHouse's HTTP interface refuses
 /// form fields over 128 KiB).
-const PARAMETER_BYTES: usize = 64 * 1024;
+pub const PARAMETER_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 enum Param {
@@ -86,7 +86,9 @@ impl Sql {
     }
 }
 
-fn chunks(values: &[String]) -> impl Iterator<Item = &[String]> {
+/// Splits strings into runs that each fit one query parameter (ClickHouse's HTTP interface
+/// refuses longer form fields, "Field value too long").
+pub fn chunks(values: &[String]) -> impl Iterator<Item = &[String]> {
     let mut rest = values;
     std::iter::from_fn(move || {
         if rest.is_empty() {
