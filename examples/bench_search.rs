@@ -43,7 +43,7 @@ fn stored(rt: &str, id: &str, resource: Value) -> Document {
 }
 
 fn patient(i: usize) -> Value {
-    json!({"name": [{"family": family(i), "given": ["Alex"]}], "gender": if i % 2 == 0 { "female" } else { "male" },
+    json!({"name": [{"family": family(i), "given": ["Alex"]}], "gender": if i.is_multiple_of(2) { "female" } else { "male" },
         "birthDate": format!("{}-0{}-1{}", 1930 + i % 90, 1 + i % 9, i % 10),
         "identifier": [{"system": "http://bench/mrn", "value": format!("MRN{i:07}")}]})
 }

@@ -45,18 +45,29 @@ impl DetachedReferences for Members {
         })
     }
 
-    fn write_targets(&self, sql: &mut Sql, sources: &[String], target_type: &str, after: Option<&str>) {
-        // A range of `member_reference` within each group: the table's order, so a page
-        // after a cursor reads from there on.
+    fn write_targets(
+        &self,
+        sql: &mut Sql,
+        sources: &[String],
+        target_type: &str,
+        after: Option<&str>,
+        limit: Option<u64>,
+    ) {
+        // A range of `member_reference` within each group, latest state per member
+        // (`FINAL`): the table's order, so a page after a cursor reads from there on and
+        // stops (a first page of a 1M-member Group reads a few granules, not 1M rows).
         let prefix = format!("{target_type}/");
         let from = match after {
             Some(a) => format!("{prefix}{a}\u{0}"),
             None => prefix.clone(),
         };
         sql.push("SELECT substring(member_reference, ").u64(prefix.len() as u64 + 1);
-        sql.push(") AS id FROM Group_4_0_0_MemberState WHERE ").in_list("group_id", sources, false);
+        sql.push(") AS id FROM Group_4_0_0_MemberState FINAL WHERE ").in_list("group_id", sources, false);
         sql.push(" AND member_reference >= ").str(&from);
         sql.push(" AND member_reference < ").str(&format!("{prefix}\u{10FFFF}"));
-        sql.push(" GROUP BY group_id, member_reference HAVING argMax(active, ver) = 1");
+        sql.push(" AND active");
+        if let Some(limit) = limit {
+            sql.push(" ORDER BY member_reference LIMIT ").u64(limit);
+        }
     }
 }

@@ -345,7 +345,7 @@ impl Engine {
             }
             let mut sql = Sql::default();
             sql.push("SELECT id FROM (");
-            t.refs.write_targets(&mut sql, &t.sources, &t.target_type, None);
+            t.refs.write_targets(&mut sql, &t.sources, &t.target_type, None, None);
             sql.push(") WHERE ").in_list("id", ids, false);
             let among: Vec<String> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
             t.among = Arc::new(among.into_iter().collect());
@@ -374,6 +374,25 @@ impl Engine {
     ) -> Result<Vec<Position>, FhirError> {
         let sorts: Vec<(KeySet, bool)> = req.sort.iter().filter_map(SortKey::keys).collect();
         let mut sql = Sql::default();
+        if let (true, Driver::Targets(t), true) = (sorts.is_empty(), &plan.driver, plan.rest.is_empty()) {
+            // Only a detached reference narrows it: a page of its targets, read in order.
+            let skip = overlay.ids.len() as u64;
+            sql.push("SELECT id FROM (");
+            t.refs.write_targets(
+                &mut sql,
+                &t.sources,
+                &t.target_type,
+                after.map(|a| a.id.as_str()),
+                Some(limit as u64 + skip),
+            );
+            sql.push(") WHERE 1");
+            if !overlay.ids.is_empty() {
+                sql.push(" AND ").in_list("id", &overlay.ids, true);
+            }
+            sql.push(" GROUP BY id ORDER BY id LIMIT ").u64(limit as u64).push(SMALL_QUERY);
+            let ids: Vec<String> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+            return Ok(ids.into_iter().map(|id| Position { parts: Vec::new(), id }).collect());
+        }
         if sorts.is_empty() {
             sql::candidates(
                 &mut sql,

@@ -115,10 +115,8 @@ pub async fn reindex_type(
                 batch.push((id, version, resource));
             }
         }
-        if batch.len() >= SEND {
-            if tx.send(std::mem::take(&mut batch)).await.is_err() {
-                break; // the indexer failed: its error is below
-            }
+        if batch.len() >= SEND && tx.send(std::mem::take(&mut batch)).await.is_err() {
+            break; // the indexer failed: its error is below
         }
         if done.scanned % SEND as u64 == 0 {
             progress(done.scanned);

@@ -173,7 +173,7 @@ pub fn candidates(
         }
         Driver::Targets(t) => {
             sql.push("SELECT id FROM (");
-            t.refs.write_targets(sql, &t.sources, &t.target_type, after);
+            t.refs.write_targets(sql, &t.sources, &t.target_type, after, None);
             sql.push(") WHERE 1");
         }
     }
@@ -195,7 +195,7 @@ pub fn candidates(
             }
             Step::Targets(t) => {
                 sql.push("id IN (");
-                t.refs.write_targets(sql, &t.sources, &t.target_type, None);
+                t.refs.write_targets(sql, &t.sources, &t.target_type, None, None);
                 sql.push(")");
             }
         }
