@@ -447,8 +447,7 @@ async fn includes(
         let mut added: Vec<(String, Version)> = Vec::new();
         for inc in params.includes.iter().filter(|i| round == 0 || i.iterate) {
             let mut wanted: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-            for (t, v) in frontier.iter().filter(|(t, _)| *t == inc.source) {
-                let _ = t;
+            for (_, v) in frontier.iter().filter(|(t, _)| *t == inc.source) {
                 for (ty, id) in targets_of(v, inc, &base) {
                     if seen.insert(format!("{ty}/{id}")) {
                         wanted.entry(ty).or_default().push(id);
