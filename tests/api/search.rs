@@ -13,15 +13,7 @@ async fn put_patient(app: &TestApp, id: &str) -> Value {
 }
 
 fn ids(bundle: &Value) -> Vec<String> {
-    bundle["entry"]
-        .as_array()
-        .map(|e| {
-            e.iter()
-                .filter(|e| e["search"]["mode"] == "match")
-                .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
+    match_ids(bundle)
 }
 
 fn next(bundle: &Value) -> Option<String> {

@@ -15,15 +15,7 @@ fn ids(bundle: &Value) -> Vec<String> {
 
 /// The ids found, in the bundle's order.
 fn ordered(bundle: &Value) -> Vec<String> {
-    bundle["entry"]
-        .as_array()
-        .map(|e| {
-            e.iter()
-                .filter(|e| e["search"]["mode"] == "match")
-                .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
+    match_ids(bundle)
 }
 
 fn included(bundle: &Value) -> Vec<String> {
