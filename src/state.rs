@@ -57,18 +57,15 @@ impl AppState {
         let flusher = Flusher::new(store.clone(), clickhouse.clone());
         let member_index = Arc::new(MemberIndex::new(groups.index_capacity));
         // The one place that names the types with their own behaviour.
-        let detached: Option<Arc<dyn crate::search::detached::DetachedReferences>> = match groups.members {
-            MemberStorage::Events => {
-                Some(Arc::new(crate::group::search::Members { ch: clickhouse.clone(), flusher: flusher.clone() }))
-            }
-            MemberStorage::Embedded => None,
-        };
-        let behaviours = match groups.members {
+        let (behaviours, detached): (_, Option<Arc<dyn crate::search::detached::DetachedReferences>>) = match groups
+            .members
+        {
             MemberStorage::Events => {
                 let group = GroupWrites::new(store.clone(), clickhouse.clone(), flusher.clone(), member_index.clone());
-                Behaviours::default().with("Group", Arc::new(group))
+                let members = crate::group::search::Members { ch: clickhouse.clone(), flusher: flusher.clone() };
+                (Behaviours::default().with("Group", Arc::new(group)), Some(Arc::new(members)))
             }
-            MemberStorage::Embedded => Behaviours::default(),
+            MemberStorage::Embedded => (Behaviours::default(), None),
         };
         let search = crate::search::flusher::SearchFlusher::new(clickhouse.clone());
         store.set_search_sink(Arc::new(crate::search::flusher::Sink(search)));

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::bundle::{searchset_entries, Entry, Links};
 use super::headers::fhir_json;
-use super::search::{engine, param, search, DEFAULT_COUNT, MAX_COUNT};
+use super::search::{abridge, engine, param, search, DEFAULT_COUNT, MAX_COUNT};
 use super::{known_type, valid_id};
 use crate::error::FhirError;
 use crate::search::definitions::registry;
@@ -152,13 +152,7 @@ async fn everything(
     let self_cursor: Option<Cursor> = param(query, "_cursor").and_then(|c| serde_json::from_str(&c).ok());
     let links = Links { self_link: link(self_cursor.as_ref()), next: next.as_ref().map(|c| link(Some(c))) };
     for (t, v) in &mut found {
-        let behaviour = state.writer.behaviour(t);
-        if behaviour.detached_element().is_some() {
-            let quantity = v.member_count.active();
-            if let Some(r) = v.resource.as_mut() {
-                behaviour.abridge(r, quantity);
-            }
-        }
+        abridge(state, t, v);
     }
     let entries: Vec<Entry> = found.iter().map(|(t, version)| Entry { rt: t, version, include: false }).collect();
     Ok(fhir_json(StatusCode::OK, &searchset_entries(&state.fhir_base(), &entries, None, &links, None)))

@@ -45,26 +45,31 @@ pub fn condition_key(rt: &str, condition: &str) -> String {
     if key.len() <= KEY_BYTES {
         return key;
     }
-    format!("{rt}#{:032x}", fnv1a_128(key.as_bytes()))
-}
-
-fn fnv1a_128(bytes: &[u8]) -> u128 {
-    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
-    for b in bytes {
-        h ^= u128::from(*b);
-        h = h.wrapping_mul(0x0000000001000000000000000000013B);
-    }
-    h
+    format!("{rt}#{:032x}", crate::model::digest128(&key))
 }
 
 /// A held condition: released on [`Held::release`] (or when its term ends).
-pub struct Held {
+struct Held {
     key: String,
     by: String,
 }
 
+/// Runs `work` holding the condition (see the module docs), and releases it whatever
+/// `work` returns.
+pub async fn holding<T>(
+    state: &AppState,
+    rt: &str,
+    condition: &str,
+    work: impl AsyncFnOnce() -> Result<T, FhirError>,
+) -> Result<T, FhirError> {
+    let held = hold(state, rt, condition).await?;
+    let done = work().await;
+    held.release(state).await;
+    done
+}
+
 /// Takes the lease of a condition, waiting while another request holds it.
-pub async fn hold(state: &AppState, rt: &str, condition: &str) -> Result<Held, FhirError> {
+async fn hold(state: &AppState, rt: &str, condition: &str) -> Result<Held, FhirError> {
     let key = condition_key(rt, condition);
     let by = uuid::Uuid::new_v4().to_string();
     let lease = Lease::new(state.store.database().collection(COLLECTION), "lease", TERM)
@@ -91,7 +96,7 @@ pub async fn hold(state: &AppState, rt: &str, condition: &str) -> Result<Held, F
 
 impl Held {
     /// Frees the condition (best effort: a lease left behind ends with its term).
-    pub async fn release(self, state: &AppState) {
+    async fn release(self, state: &AppState) {
         let coll = state.store.database().collection::<bson::Document>(COLLECTION);
         if let Err(e) = coll.delete_one(doc! { "_id": &self.key, "lease.by": &self.by }).await {
             tracing::warn!(key = self.key, error = %e, "a condition lease stays until its term ends");

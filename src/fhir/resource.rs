@@ -164,8 +164,7 @@ pub async fn create(
         let condition = search::condition_query(condition);
         // One request per condition at a time (see `conditional`): the search then sees
         // what an earlier one created.
-        let held = conditional::hold(&state, rt, condition).await?;
-        let done = async {
+        return conditional::holding(&state, rt, condition, async || {
             if let Some(existing) = search::conditional_match(&state, rt, condition).await? {
                 let location = format!("{}/{rt}/{}/_history/{}", state.fhir_base(), existing.id, existing.version);
                 return Ok(version_response(
@@ -177,10 +176,8 @@ pub async fn create(
                 ));
             }
             create_new(&state, &ctx, rt, resource, detached, prefer).await
-        }
+        })
         .await;
-        held.release(&state).await;
-        return done;
     }
     create_new(&state, &ctx, rt, resource, detached, prefer).await
 }
@@ -270,8 +267,7 @@ pub async fn conditional_update(
     let (rt, condition) = type_and_condition(&rt, query, "PUT")?;
     let if_match = headers::if_match(&headers)?;
     let (mut resource, detached) = resource_body(&state, rt, &headers, body).await?;
-    let held = conditional::hold(&state, rt, &condition).await?;
-    let done = async {
+    conditional::holding(&state, rt, &condition, async || {
         let found = search::conditional_matches(&state, rt, &condition, 2).await?;
         let id = match (found.as_slice(), resource.get("id").and_then(Value::as_str)) {
             ([], Some(id)) => valid_id(id)?.to_string(),
@@ -294,10 +290,8 @@ pub async fn conditional_update(
             obj.insert("id".into(), Value::String(id.clone()));
         }
         put_resource(&state, &ctx, rt, &id, if_match, resource, detached, &headers).await
-    }
-    .await;
-    held.release(&state).await;
-    done
+    })
+    .await
 }
 
 pub async fn patch(
@@ -342,7 +336,8 @@ pub async fn delete(
 }
 
 /// `DELETE /{type}?condition` (R4 conditional delete): deletes every match, at most
-/// `fhir.max_conditional_delete` of them (more: 412); none is a 204.
+/// `fhir.max_conditional_delete` of them (more: 412); when none matches, a 200 with an
+/// OperationOutcome saying so.
 pub async fn conditional_delete(
     State(state): State<AppState>,
     Path(rt): Path<String>,

@@ -11,7 +11,7 @@
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::bundle::{searchset_entries, Entry, Links};
 use super::headers::{self, fhir_json};
@@ -72,6 +72,16 @@ pub struct SearchParams {
 
 fn bad(msg: String) -> FhirError {
     FhirError::bad_request(msg)
+}
+
+impl Include {
+    /// The reference parameters it follows.
+    fn definitions(&self) -> Vec<std::sync::Arc<crate::search::definitions::Definition>> {
+        match &self.param {
+            Some(p) => registry().get(&self.source, p).into_iter().cloned().collect(),
+            None => registry().of_type(&self.source).filter(|d| d.kind == ParamType::Reference).cloned().collect(),
+        }
+    }
 }
 
 fn parse_include(name: &str, value: &str, rt: &str, rev: bool) -> Result<Include, FhirError> {
@@ -354,19 +364,13 @@ pub(super) async fn search(
 /// A version as a searchset shows it: a detached element left out (a Group's members),
 /// `_summary` and `_elements` applied.
 fn shape(state: &AppState, rt: &str, v: &mut Version, params: &SearchParams) {
-    let behaviour = state.writer.behaviour(rt);
-    let quantity = v.member_count.active();
+    abridge(state, rt, v);
     let Some(resource) = v.resource.as_mut() else { return };
-    if behaviour.detached_element().is_some() {
-        // Members are never inlined in a searchset (a page could hold millions): each Group
-        // carries its quantity (recorded with its version) and the SUBSETTED tag.
-        behaviour.abridge(resource, quantity);
-    }
     match params.summary {
         Summary::Text => keep_only(resource, &["text", "id", "meta"]),
         Summary::Data => {
             if resource.remove("text").is_some() {
-                mark_subsetted(resource);
+                crate::model::tag_subsetted(resource);
             }
         }
         Summary::False | Summary::Count => {}
@@ -374,6 +378,17 @@ fn shape(state: &AppState, rt: &str, v: &mut Version, params: &SearchParams) {
     if let Some(elements) = &params.elements {
         let keep: Vec<&str> = elements.iter().map(String::as_str).collect();
         keep_only(resource, &keep);
+    }
+}
+
+/// A version as any searchset shows it: without the element its type keeps apart.
+/// Members are never inlined (a page could hold millions): each Group carries its
+/// quantity (recorded with its version) and the SUBSETTED tag.
+pub(super) fn abridge(state: &AppState, rt: &str, v: &mut Version) {
+    let behaviour = state.writer.behaviour(rt);
+    let quantity = v.member_count.active();
+    if let (Some(_), Some(resource)) = (behaviour.detached_element(), v.resource.as_mut()) {
+        behaviour.abridge(resource, quantity);
     }
 }
 
@@ -386,20 +401,7 @@ fn keep_only(resource: &mut Map<String, Value>, keep: &[&str]) {
         matches!(name, "resourceType" | "id" | "meta") || keep.contains(&name)
     });
     if resource.len() < before {
-        mark_subsetted(resource);
-    }
-}
-
-fn mark_subsetted(resource: &mut Map<String, Value>) {
-    let meta = resource.entry("meta").or_insert_with(|| json!({}));
-    let Some(meta) = meta.as_object_mut() else { return };
-    let tags = meta.entry("tag").or_insert_with(|| json!([]));
-    let Some(tags) = tags.as_array_mut() else { return };
-    if !tags.iter().any(|t| t.get("code").and_then(Value::as_str) == Some("SUBSETTED")) {
-        tags.push(json!({
-            "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-            "code": "SUBSETTED"
-        }));
+        crate::model::tag_subsetted(resource);
     }
 }
 
@@ -407,12 +409,8 @@ fn mark_subsetted(resource: &mut Map<String, Value>) {
 fn targets_of(version: &Version, inc: &Include, base: &str) -> Vec<(String, String)> {
     let Some(resource) = version.resource.as_ref() else { return Vec::new() };
     let resource = Value::Object(resource.clone());
-    let defs: Vec<_> = match &inc.param {
-        Some(p) => registry().get(&inc.source, p).into_iter().cloned().collect(),
-        None => registry().of_type(&inc.source).filter(|d| d.kind == ParamType::Reference).cloned().collect(),
-    };
     let mut out = Vec::new();
-    for def in defs {
+    for def in inc.definitions() {
         for value in crate::search::extract::values_of(&def, &resource, base) {
             let crate::search::extract::IndexValue::Reference(r) = value else { continue };
             let (Some(target), Some(ty)) = (r.target, r.target_type) else { continue };
@@ -467,11 +465,7 @@ async fn includes(
             if refs.is_empty() {
                 continue;
             }
-            let defs: Vec<_> = match &inc.param {
-                Some(p) => registry().get(&inc.source, p).into_iter().cloned().collect(),
-                None => registry().of_type(&inc.source).filter(|d| d.kind == ParamType::Reference).cloned().collect(),
-            };
-            for def in defs {
+            for def in inc.definitions() {
                 let clause = Clause::Param { def, not: false, any: vec![Test::RefAny(refs.clone())] };
                 let req = Request {
                     rt: inc.source.clone(),

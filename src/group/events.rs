@@ -82,8 +82,7 @@ fn token(events: &[MemberEvent]) -> String {
     if all.len() <= TOKEN_MAX {
         return all;
     }
-    let fnv = |offset: u64| all.bytes().fold(offset, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    format!("{};+{}:{:016x}{:016x}", runs[0], runs.len(), fnv(0xcbf29ce484222325), fnv(0x84222325cbf29ce4))
+    format!("{};+{}:{:032x}", runs[0], runs.len(), crate::model::digest128(&all))
 }
 
 /// Longest deduplication token spelled out in full.

@@ -194,17 +194,7 @@ pub fn subsetted(resource: &mut Map<String, Value>, quantity: Option<u64>) {
     if let Some(q) = quantity {
         resource.insert("quantity".into(), json!(q));
     }
-    let meta = resource.entry("meta").or_insert_with(|| json!({}));
-    if let Some(meta) = meta.as_object_mut() {
-        let tags = meta.entry("tag").or_insert_with(|| json!([]));
-        if let Some(tags) = tags.as_array_mut() {
-            tags.push(json!({
-                "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-                "code": "SUBSETTED",
-                "display": "subsetted"
-            }));
-        }
-    }
+    crate::model::tag_subsetted(resource);
 }
 
 #[cfg(test)]

@@ -9,3 +9,26 @@ pub mod patch;
 pub mod patching;
 mod typed_elements;
 pub mod validate;
+
+/// A 128-bit digest of text: FNV-1a twice, with two offsets (high and low 64 bits). Stable
+/// across versions: deduplication tokens and event ids are made of it.
+pub fn digest128(text: &str) -> u128 {
+    let fnv = |offset: u64| text.bytes().fold(offset, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    (fnv(0xcbf29ce484222325) as u128) << 64 | fnv(0x84222325cbf29ce4) as u128
+}
+
+/// Tags a resource shown in part (FHIR's `SUBSETTED` tag in `meta.tag`), once.
+pub fn tag_subsetted(resource: &mut serde_json::Map<String, serde_json::Value>) {
+    use serde_json::{json, Value};
+    let meta = resource.entry("meta").or_insert_with(|| json!({}));
+    let Some(meta) = meta.as_object_mut() else { return };
+    let tags = meta.entry("tag").or_insert_with(|| json!([]));
+    let Some(tags) = tags.as_array_mut() else { return };
+    if !tags.iter().any(|t| t.get("code").and_then(Value::as_str) == Some("SUBSETTED")) {
+        tags.push(json!({
+            "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+            "code": "SUBSETTED",
+            "display": "subsetted"
+        }));
+    }
+}

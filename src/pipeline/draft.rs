@@ -129,12 +129,13 @@ pub(super) fn draft(d: &Drafting<'_>, loaded: &Loaded) -> Result<Content, Stop> 
 /// keys this write drops are removed from the index.
 fn base_keys(current: Option<&Version>, search_base: Option<&str>) -> Option<SearchKeys> {
     let c = current?;
-    match (&c.resource, search_base) {
-        (Some(resource), Some(base)) if c.search.keys.is_empty() && c.search.settled() => {
-            let keys = crate::search::index_keys(&Value::Object(resource.clone()), base);
-            Some(SearchKeys { keys, added: Vec::new(), removed: Vec::new() })
-        }
-        _ => Some(c.search.clone()),
+    match search_base {
+        Some(base) => Some(SearchKeys {
+            keys: crate::search::stored_keys(c, base),
+            added: c.search.added.clone(),
+            removed: c.search.removed.clone(),
+        }),
+        None => Some(c.search.clone()),
     }
 }
 

@@ -228,10 +228,8 @@ impl PostSaveHook for EventRecorder {
 /// which is what lets a replay skip what is already stored.
 pub fn event_id(rt: &str, id: &str, version: i64, event_type: &str, stream: &str) -> Uuid {
     let key = format!("{rt}\u{1f}{id}\u{1f}{version}\u{1f}{event_type}\u{1f}{stream}");
-    let fnv = |offset: u64| key.bytes().fold(offset, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    let (hi, lo) = (fnv(0xcbf29ce484222325), fnv(0x84222325cbf29ce4));
     // Version 8 (custom) UUID layout: the version and variant bits are set.
-    let mut bytes = ((hi as u128) << 64 | lo as u128).to_be_bytes();
+    let mut bytes = crate::model::digest128(&key).to_be_bytes();
     bytes[6] = (bytes[6] & 0x0f) | 0x80;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     Uuid::from_bytes(bytes)

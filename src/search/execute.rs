@@ -306,10 +306,8 @@ impl Engine {
     /// their content for a version stored before keys were; see `reindex`).
     async fn pending(&self, rt: &str) -> Result<Vec<Version>, FhirError> {
         let mut pending = self.store.search_pending(rt, PENDING_LIMIT).await?;
-        for v in pending.iter_mut().filter(|v| v.search.keys.is_empty()) {
-            if let Some(resource) = &v.resource {
-                v.search.keys = super::index_keys(&Value::Object(resource.clone()), &self.base);
-            }
+        for v in pending.iter_mut() {
+            v.search.keys = super::stored_keys(v, &self.base);
         }
         Ok(pending)
     }

@@ -33,6 +33,15 @@ pub fn index_keys(resource: &serde_json::Value, base: &str) -> Vec<String> {
     out
 }
 
+/// A stored version's keys: as stored (`_s`), or, for a version stored before keys were
+/// (`search::reindex` put those in the index only), from its content.
+pub fn stored_keys(v: &crate::store::Version, base: &str) -> Vec<String> {
+    match &v.resource {
+        Some(resource) if v.search.keys.is_empty() => index_keys(&serde_json::Value::Object(resource.clone()), base),
+        _ => v.search.keys.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Every HL7 R4 example indexes without a panic, and most yield keys.

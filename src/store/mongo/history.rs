@@ -176,18 +176,17 @@ impl ResourceStore {
 
     /// Writes every pending history copy of a type (start-up sweep, type history reads).
     pub async fn repair_history(&self, rt: &str) -> Result<usize, StoreError> {
-        let pending: Vec<Document> =
-            self.current(rt).find(doc! { "historyPending": true }).await?.try_collect().await?;
-        for doc in &pending {
-            self.finish_history(rt, doc).await?;
-        }
-        Ok(pending.len())
+        self.finish_pending(rt, doc! { "historyPending": true }).await
     }
 
     /// Finishes the pending versions of a type written longer than `age` ago (the sweep).
     pub async fn repair_history_older(&self, rt: &str, age: std::time::Duration) -> Result<usize, StoreError> {
         let before = DateTime::from_millis(DateTime::now().timestamp_millis() - age.as_millis() as i64);
-        let filter = doc! { "historyPending": true, "lastUpdated": { "$lt": before } };
+        self.finish_pending(rt, doc! { "historyPending": true, "lastUpdated": { "$lt": before } }).await
+    }
+
+    /// Finishes every pending version matching `filter`; how many there were.
+    async fn finish_pending(&self, rt: &str, filter: Document) -> Result<usize, StoreError> {
         let pending: Vec<Document> = self.current(rt).find(filter).await?.try_collect().await?;
         for doc in &pending {
             self.finish_history(rt, doc).await?;
