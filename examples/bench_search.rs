@@ -9,7 +9,10 @@
 //! (50k each), dates spread over 2015–2024, a quantity value. The Group's members are
 //! `Patient/pat000000…pat999999` (the first 100k exist).
 //!
-//! Run with `make bench`; `--quick` divides the sizes by 10.
+//! Run with `make bench`; `--quick` divides the sizes by 10. For work on the searches,
+//! `BENCH_SEARCH_DB=name` keeps the data in databases of that name: a later run with the
+//! same name skips loading, reindexing and the write-cost rows, and prints the searches
+//! without writing `docs/benchmarks.md`.
 
 mod common;
 
@@ -118,12 +121,21 @@ async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let scale = if quick { 10 } else { 1 };
     let (patients, observations, members) = (100_000 / scale, 1_000_000 / scale, 1_000_000 / scale);
-    let server = Server::start("events", "search", &[]);
-    let base = server.base.clone();
-    let db_name = format!("bench_search_{}", std::process::id());
+    let kept = std::env::var("BENCH_SEARCH_DB").ok();
+    let db_name = kept.clone().unwrap_or_else(|| format!("bench_search_{}", std::process::id()));
     let mongo = mongodb::Client::with_uri_str(std::env::var("ROSTER_MONGO_URI").unwrap()).await.unwrap();
     let db = mongo.database(&db_name);
+    let loaded = db.collection::<Document>("Group_4_0_0").count_documents(doc! {"_id": "big"}).await.unwrap_or(0) > 0;
+    let names = [("ROSTER_MONGO_DATABASE", db_name.as_str()), ("ROSTER_CLICKHOUSE_DATABASE", db_name.as_str())];
+    let server = Server::start("events", "search", &names);
+    let base = server.base.clone();
     let client = reqwest::Client::new();
+    let searches_only = kept.is_some() && loaded;
+    if searches_only {
+        eprintln!("search: reusing the data in {db_name}");
+        searches(&client, &base, quick, patients, observations, members).await;
+        return;
+    }
     // The server's start-up step ran on empty collections; what is loaded now is "old".
     tokio::time::sleep(Duration::from_secs(2)).await;
     eprintln!("search: loading {patients} Patients and {observations} Observations");
@@ -143,7 +155,6 @@ async fn main() {
         .unwrap();
     assert!(out.status.success(), "reindex failed");
     let reindex_s = started.elapsed().as_secs_f64();
-    let reindex_rate = (patients + observations) as f64 / reindex_s;
     eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
 
     eprintln!("search: a {members}-member Group");
@@ -159,9 +170,26 @@ async fn main() {
         .unwrap();
     assert!(r.status().is_success(), "PUT Group: {}", r.status());
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let rows = searches(&client, &base, quick, patients, observations, members).await;
+    if kept.is_none() {
+        write_cost_and_report(&client, &base, quick, (patients, observations, members), rows, reindex_s).await;
+    }
+}
 
+type Row = (String, f64, f64, String);
+
+/// The search rows (each timed over many values), printed as they finish.
+async fn searches(
+    client: &reqwest::Client,
+    base: &str,
+    quick: bool,
+    patients: usize,
+    observations: usize,
+    members: usize,
+) -> (usize, Vec<Row>) {
+    let (client, base) = (client.clone(), base.to_string());
     let n = if quick { 50 } else { 300 };
-    let mut rows: Vec<(String, f64, f64, String)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let (p50, p99, b) = timed(&client, &base, n, |i| format!("Patient?family={}", &family(i * 7)[..4])).await;
     rows.push((
         "`Patient?family=` (4-letter prefix, ~100 matches)".into(),
@@ -223,6 +251,22 @@ async fn main() {
         timed(&client, &base, n, |i| format!("Patient?_has:Group:member:_id=big&_id=pat{:06}", (i * 101) % patients))
             .await;
     rows.push(("… with `_id=` (one member)".into(), p50, p99, String::new()));
+    for (name, p50, p99, note) in &rows {
+        eprintln!("{name:<60} p50 {p50:>7.1} p99 {p99:>7.1}  {note}");
+    }
+    (n, rows)
+}
+
+/// The write cost of indexing, then the section of `docs/benchmarks.md`.
+async fn write_cost_and_report(
+    client: &reqwest::Client,
+    base: &str,
+    quick: bool,
+    (patients, observations, members): (usize, usize, usize),
+    (n, rows): (usize, Vec<Row>),
+    reindex_s: f64,
+) {
+    let reindex_rate = (patients + observations) as f64 / reindex_s;
 
     // Write cost: PUT p50 of updates, with indexing and without (a second server on its
     // own databases, same data shapes).
@@ -230,27 +274,27 @@ async fn main() {
     let writes = if quick { 100 } else { 500 };
     let plain = Server::start("events", "search_noindex", &[("ROSTER_FHIR_SEARCH_INDEXING", "false")]);
     let mut cost = Vec::new();
-    for (label, srv) in [("indexed", &base), ("not indexed", &plain.base)] {
+    for (label, srv) in [("indexed", base), ("not indexed", plain.base.as_str())] {
         // Created first, then updated: the rows are updates.
-        put_p50(&client, srv, "Patient", writes, |i| {
+        put_p50(client, srv, "Patient", writes, |i| {
             let mut p = patient(i);
             p["id"] = json!(format!("w{i:05}"));
             p
         })
         .await;
-        let pp = put_p50(&client, srv, "Patient", writes, |i| {
+        let pp = put_p50(client, srv, "Patient", writes, |i| {
             let mut p = patient(i + 1);
             p["id"] = json!(format!("w{i:05}"));
             p
         })
         .await;
-        put_p50(&client, srv, "Observation", writes, |i| {
+        put_p50(client, srv, "Observation", writes, |i| {
             let mut o = observation(i);
             o["id"] = json!(format!("w{i:05}"));
             o
         })
         .await;
-        let po = put_p50(&client, srv, "Observation", writes, |i| {
+        let po = put_p50(client, srv, "Observation", writes, |i| {
             let mut o = observation(i + 1);
             o["id"] = json!(format!("w{i:05}"));
             o

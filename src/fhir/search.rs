@@ -38,6 +38,8 @@ const IGNORED: &[&str] = &["_format", "_pretty"];
 enum Summary {
     #[default]
     False,
+    /// The type's summary elements only (R4 `isSummary`).
+    True,
     Count,
     Text,
     Data,
@@ -184,11 +186,14 @@ impl SearchParams {
                 "_summary" => {
                     p.summary = match value.as_str() {
                         "count" => Summary::Count,
+                        "true" => Summary::True,
                         "false" => Summary::False,
                         "text" => Summary::Text,
                         "data" => Summary::Data,
                         other => {
-                            return Err(bad(format!("_summary: '{other}' is not supported (count, text, data, false)")))
+                            return Err(bad(format!(
+                                "_summary: '{other}' is not supported (true, count, text, data, false)"
+                            )))
                         }
                     }
                 }
@@ -327,7 +332,7 @@ pub(super) async fn search(
         total: match (only_total, params.total) {
             (true, _) => Total::Accurate,
             (false, Some(t)) => t,
-            (false, None) => Total::Accurate,
+            (false, None) => Total::WhenCheap,
         },
     };
     let engine = engine(state);
@@ -367,6 +372,7 @@ fn shape(state: &AppState, rt: &str, v: &mut Version, params: &SearchParams) {
     abridge(state, rt, v);
     let Some(resource) = v.resource.as_mut() else { return };
     match params.summary {
+        Summary::True => keep_where(resource, |name| crate::model::is_summary_element(rt, name)),
         Summary::Text => keep_only(resource, &["text", "id", "meta"]),
         Summary::Data => {
             if resource.remove("text").is_some() {
@@ -395,10 +401,16 @@ pub(super) fn abridge(state: &AppState, rt: &str, v: &mut Version) {
 /// Keeps `keep` and what every resource must show (`resourceType`, `id`, `meta`), and
 /// tags the result SUBSETTED when anything went.
 fn keep_only(resource: &mut Map<String, Value>, keep: &[&str]) {
+    keep_where(resource, |name| keep.contains(&name.strip_prefix('_').unwrap_or(name)));
+}
+
+/// Keeps the elements `keep` accepts and `resourceType`, `id`, `meta`; tags the result
+/// SUBSETTED when anything went.
+fn keep_where(resource: &mut Map<String, Value>, keep: impl Fn(&str) -> bool) {
     let before = resource.len();
     resource.retain(|k, _| {
         let name = k.strip_prefix('_').unwrap_or(k);
-        matches!(name, "resourceType" | "id" | "meta") || keep.contains(&name)
+        matches!(name, "resourceType" | "id" | "meta") || keep(k)
     });
     if resource.len() < before {
         crate::model::tag_subsetted(resource);

@@ -119,6 +119,10 @@ impl Position {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Total {
     None,
+    /// Without `_total`: the count when it comes with the first page's query (or the page
+    /// holds every match), none where it would take a query of its own, such as a page of
+    /// a million-member Group's Patients (as Medplum and HAPI omit it unless asked).
+    WhenCheap,
     Accurate,
 }
 
@@ -162,6 +166,13 @@ fn unavailable(e: impl std::fmt::Display) -> FhirError {
 struct Ranked {
     id: String,
     s: Vec<String>,
+    total: u64,
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct Counted {
+    id: String,
+    total: u64,
 }
 
 /// The documents a search reads from MongoDB, and which of them are candidates.
@@ -173,20 +184,39 @@ struct Overlay {
 }
 
 impl Engine {
-    /// One page of a search.
+    /// One page of a search. The total comes with the first page's candidates (one query)
+    /// where it can; a later page's total is counted while the page is read.
     pub async fn search(&self, req: &Request) -> Result<Page, FhirError> {
         let clauses = self.resolve(&req.rt, &req.clauses).await?;
         let mut plan = Plan::new(&req.rt, &clauses);
         let overlay = self.overlay(&req.rt, &mut plan).await?;
-        // A first page that holds every match is its own total: no count query then.
-        let (matches, next) = match req.count {
-            0 => (Vec::new(), None),
-            n => self.page(req, &plan, &clauses, &overlay, n).await?,
+        let accurate = req.total == Total::Accurate;
+        let wanted = req.total != Total::None;
+        let first = req.cursor.is_none();
+        let page = async {
+            match req.count {
+                0 => Ok((Vec::new(), None, None)),
+                n => self.page(req, &plan, &clauses, &overlay, n, wanted && first).await,
+            }
         };
-        let total = match req.total {
-            Total::None => None,
-            Total::Accurate if req.count > 0 && req.cursor.is_none() && next.is_none() => Some(matches.len() as u64),
-            Total::Accurate => Some(self.count(&req.rt, &plan, &clauses, &overlay).await?),
+        // A later page counts while it is read (unless counting costs a read of every
+        // candidate and the client did not ask for it).
+        let cheap = !plan.pages_targets(req);
+        let count = async {
+            match (accurate || (wanted && cheap)) && (!first || req.count == 0) {
+                true => self.count(&req.rt, &plan, &clauses, &overlay).await.map(Some),
+                false => Ok(None),
+            }
+        };
+        let ((matches, next, indexed), counted) = tokio::try_join!(page, count)?;
+        let total = match (wanted, counted, indexed) {
+            (false, _, _) => None,
+            (true, Some(n), _) => Some(n),
+            // A first page that holds every match is its own total.
+            (true, None, _) if first && next.is_none() => Some(matches.len() as u64),
+            (true, None, Some(indexed)) => Some(indexed + self.pending_matches(&overlay, &clauses)),
+            (true, None, None) if accurate => Some(self.count(&req.rt, &plan, &clauses, &overlay).await?),
+            (true, None, None) => None,
         };
         Ok(Page { matches, total, next })
     }
@@ -357,11 +387,18 @@ impl Engine {
         sql::candidates(&mut sql, rt, &plan.driver, &plan.others(), &overlay.ids, None);
         sql.push(")");
         let indexed: u64 = sql.query(&self.ch).fetch_one().await.map_err(unavailable)?;
-        let pending = overlay.candidates.iter().filter(|v| satisfies(v, clauses, &self.base)).count() as u64;
-        Ok(indexed + pending)
+        Ok(indexed + self.pending_matches(overlay, clauses))
     }
 
-    /// Candidates in order after `after`, at most `limit`, from ClickHouse.
+    /// How many of the documents read from MongoDB match.
+    fn pending_matches(&self, overlay: &Overlay, clauses: &[Clause]) -> u64 {
+        overlay.candidates.iter().filter(|v| satisfies(v, clauses, &self.base)).count() as u64
+    }
+
+    /// Candidates in order after `after`, at most `limit`, from ClickHouse (see
+    /// [`Plan::pages_targets`] for how a detached reference alone is paged); with `total`
+    /// (on a first page), how many candidates there are in all, counted by the same query
+    /// (`None` where that would cost a read of every candidate the page does not need).
     async fn ranked(
         &self,
         req: &Request,
@@ -369,10 +406,12 @@ impl Engine {
         overlay: &Overlay,
         after: Option<&Position>,
         limit: usize,
-    ) -> Result<Vec<Position>, FhirError> {
+        total: bool,
+    ) -> Result<(Vec<Position>, Option<u64>), FhirError> {
+        let total = total && after.is_none();
         let sorts: Vec<(KeySet, bool)> = req.sort.iter().filter_map(SortKey::keys).collect();
         let mut sql = Sql::default();
-        if let (true, Driver::Targets(t), true) = (sorts.is_empty(), &plan.driver, plan.rest.is_empty()) {
+        if let (true, Driver::Targets(t)) = (plan.pages_targets(req), &plan.driver) {
             // Only a detached reference narrows it: a page of its targets, read in order.
             let skip = overlay.ids.len() as u64;
             sql.push("SELECT id FROM (");
@@ -389,9 +428,12 @@ impl Engine {
             }
             sql.push(" GROUP BY id ORDER BY id LIMIT ").u64(limit as u64).push(SMALL_QUERY);
             let ids: Vec<String> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
-            return Ok(ids.into_iter().map(|id| Position { parts: Vec::new(), id }).collect());
+            return Ok((ids.into_iter().map(|id| Position { parts: Vec::new(), id }).collect(), None));
         }
         if sorts.is_empty() {
+            // The window counts the grouped candidates before the limit: the total at
+            // no extra read.
+            sql.push("SELECT id, count() OVER () AS total FROM (");
             sql::candidates(
                 &mut sql,
                 &req.rt,
@@ -400,12 +442,14 @@ impl Engine {
                 &overlay.ids,
                 after.map(|a| a.id.as_str()),
             );
-            sql.push(" ORDER BY id LIMIT ").u64(limit as u64).push(SMALL_QUERY);
-            let ids: Vec<String> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
-            return Ok(ids.into_iter().map(|id| Position { parts: Vec::new(), id }).collect());
+            sql.push(") ORDER BY id LIMIT ").u64(limit as u64).push(SMALL_QUERY);
+            let rows: Vec<Counted> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+            let counted = total.then(|| rows.first().map_or(0, |r| r.total));
+            return Ok((rows.into_iter().map(|r| Position { parts: Vec::new(), id: r.id }).collect(), counted));
         }
         // Those with the first sort key, in order (unless the cursor is past them).
         let mut out = Vec::new();
+        let mut counted = None;
         let past_present = after.is_some_and(|a| a.parts[0].0);
         if !past_present {
             // `s` = [missing0, value0, missing1, value1, …] as strings ('1' = missing).
@@ -420,8 +464,15 @@ impl Engine {
                 sql::key_set(&mut sql, set);
                 sql.push(")");
             }
-            sql.push("] AS s");
-            sql.push(&format!(" FROM {TABLE} FINAL WHERE rt = ")).str(&req.rt).push(" AND (");
+            sql.push("] AS s, ");
+            if total {
+                sql.push("ifNull((SELECT count() FROM (");
+                sql::candidates(&mut sql, &req.rt, &plan.driver, &plan.others(), &overlay.ids, None);
+                sql.push(")), 0)");
+            } else {
+                sql.push("toUInt64(0)");
+            }
+            sql.push(&format!(" AS total FROM {TABLE} FINAL WHERE rt = ")).str(&req.rt).push(" AND (");
             for (i, (set, _)) in sorts.iter().enumerate() {
                 if i > 0 {
                     sql.push(" OR ");
@@ -441,6 +492,8 @@ impl Engine {
             }
             sql.push("id LIMIT ").u64(limit as u64).push(SMALL_QUERY);
             let rows: Vec<Ranked> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+            // No row: none has the sort key, so the second phase counts them all.
+            counted = rows.first().filter(|_| total).map(|r| r.total);
             out.extend(
                 rows.into_iter().map(|r| Position {
                     parts: r.s.chunks(2).map(|c| (c[0] == "1", c[1].clone())).collect(),
@@ -448,21 +501,25 @@ impl Engine {
                 }),
             );
             if out.len() >= limit {
-                return Ok(out);
+                return Ok((out, counted));
             }
         }
         // Then those without it, by id (their later sort keys do not order them).
         let mut sql = Sql::default();
         let after_id = after.filter(|a| a.parts[0].0).map(|a| a.id.as_str());
+        sql.push("SELECT id, count() OVER () AS total FROM (");
         sql::candidates(&mut sql, &req.rt, &plan.driver, &plan.others(), &overlay.ids, after_id);
         sql.push(" HAVING id NOT IN (");
         sql.push(&format!("SELECT id FROM {TABLE} FINAL WHERE rt = ")).str(&req.rt).push(" AND ");
         sql::key_set(&mut sql, &sorts[0].0);
-        sql.push(") ORDER BY id LIMIT ").u64((limit - out.len()) as u64).push(SMALL_QUERY);
-        let ids: Vec<String> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+        sql.push(")) ORDER BY id LIMIT ").u64((limit - out.len()) as u64).push(SMALL_QUERY);
+        let rows: Vec<Counted> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+        if total && counted.is_none() && out.is_empty() {
+            counted = Some(rows.first().map_or(0, |r| r.total));
+        }
         let missing = vec![(true, String::new()); sorts.len()];
-        out.extend(ids.into_iter().map(|id| Position { parts: missing.clone(), id }));
-        Ok(out)
+        out.extend(rows.into_iter().map(|r| Position { parts: missing.clone(), id: r.id }));
+        Ok((out, counted))
     }
 
     /// A page: candidates in order from both sources, read and checked, until the page is
@@ -474,15 +531,18 @@ impl Engine {
         clauses: &[Clause],
         overlay: &Overlay,
         count: usize,
-    ) -> Result<(Vec<Version>, Option<Position>), FhirError> {
+        total: bool,
+    ) -> Result<(Vec<Version>, Option<Position>, Option<u64>), FhirError> {
         let want = count + 1;
         let mut pending: Vec<(Position, &Version)> =
             overlay.candidates.iter().map(|v| (position_of(v, &req.sort), v)).collect();
         pending.sort_by(|a, b| a.0.cmp(&b.0, &req.sort));
         let mut after = req.cursor.clone();
         let mut found: Vec<(Position, Version)> = Vec::new();
-        for _ in 0..ROUNDS {
-            let indexed = self.ranked(req, plan, overlay, after.as_ref(), want).await?;
+        let mut counted = None;
+        for round in 0..ROUNDS {
+            let (indexed, n) = self.ranked(req, plan, overlay, after.as_ref(), want, total && round == 0).await?;
+            counted = counted.or(n);
             let exhausted = indexed.len() < want;
             let mut merged: Vec<(Position, Option<&Version>)> = indexed.into_iter().map(|p| (p, None)).collect();
             merged.extend(
@@ -510,11 +570,11 @@ impl Engine {
             if found.len() >= want || ends || after.is_none() {
                 let next = (found.len() > count).then(|| found[count - 1].0.clone());
                 found.truncate(count);
-                return Ok((found.into_iter().map(|(_, v)| v).collect(), next));
+                return Ok((found.into_iter().map(|(_, v)| v).collect(), next, counted));
             }
         }
         // Many candidates were rejected: a short page, continued where the rounds stopped.
-        Ok((found.into_iter().map(|(_, v)| v).collect(), after))
+        Ok((found.into_iter().map(|(_, v)| v).collect(), after, counted))
     }
 }
 
@@ -639,6 +699,13 @@ impl Plan {
             (None, None) => Driver::Keys(KeySet(vec![KeyCond::Eq(every_resource())])),
         };
         Plan { driver, rest: all }
+    }
+
+    /// Whether a page is a range of a detached reference's targets (nothing else narrows
+    /// the search and no sort orders it): a million-member Group's page reads a page,
+    /// while its count would read every member.
+    fn pages_targets(&self, req: &Request) -> bool {
+        matches!(self.driver, Driver::Targets(_)) && self.rest.is_empty() && req.sort.iter().all(|s| s.def.is_none())
     }
 
     fn others(&self) -> Vec<&Step> {

@@ -264,6 +264,12 @@ async fn includes_sorts_and_paging() {
     let p = &b["entry"][0]["resource"];
     assert_eq!(p["gender"], "female");
     assert!(p.get("name").is_none() && p["meta"]["tag"][0]["code"] == "SUBSETTED", "{p}");
+    // _summary=true: the type's summary elements (choice elements by their stem), no more.
+    let b = json(app.get("Observation?_id=o1&_summary=true").await).await;
+    let o = &b["entry"][0]["resource"];
+    assert!(o["code"].is_object() && o["status"].is_string() && o.get("valueQuantity").is_some(), "{o}");
+    assert!(o.get("category").is_none() && o["encounter"].is_object(), "{o}");
+    assert_eq!(o["meta"]["tag"][0]["code"], "SUBSETTED");
     // POST _search with a form body.
     let r = app
         .client
