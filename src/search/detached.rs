@@ -28,15 +28,17 @@ pub trait DetachedReferences: Send + Sync + 'static {
     fn settle<'a>(&'a self, sources: &'a [String]) -> BoxFuture<'a, Result<(), String>>;
 
     /// A subquery whose single column `id` lists the ids of `target_type` resources these
-    /// sources refer to, only those after `after` when given; with `limit`, the first
-    /// `limit` of them in ascending order (read in the table's order, so a page of a
-    /// million targets costs a page).
+    /// sources refer to, only those after `after` when given, only those `among` these
+    /// ids when given (looked up, not filtered from all); with `limit`, the first `limit`
+    /// of them in ascending order (read in the table's order, so a page of a million
+    /// targets costs a page).
     fn write_targets(
         &self,
         sql: &mut Sql,
         sources: &[String],
         target_type: &str,
         after: Option<&str>,
+        among: Option<&[String]>,
         limit: Option<u64>,
     );
 }

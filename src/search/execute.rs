@@ -121,7 +121,8 @@ pub enum Total {
     None,
     /// Without `_total`: the count when it comes with the first page's query (or the page
     /// holds every match), none where it would take a query of its own, such as a page of
-    /// a million-member Group's Patients (as Medplum and HAPI omit it unless asked).
+    /// a million-member Group's Patients or a page sorted by one parameter (as Medplum and
+    /// HAPI omit it unless asked).
     WhenCheap,
     Accurate,
 }
@@ -170,6 +171,12 @@ struct Ranked {
 }
 
 #[derive(Debug, clickhouse::Row, Deserialize)]
+struct Keyed {
+    id: String,
+    key: String,
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
 struct Counted {
     id: String,
     total: u64,
@@ -199,9 +206,9 @@ impl Engine {
                 n => self.page(req, &plan, &clauses, &overlay, n, wanted && first).await,
             }
         };
-        // A later page counts while it is read (unless counting costs a read of every
-        // candidate and the client did not ask for it).
-        let cheap = !plan.pages_targets(req);
+        // A later page counts while it is read (unless the first page's query does not
+        // count, and the client did not ask for it).
+        let cheap = plan.counts_with_page(req);
         let count = async {
             match (accurate || (wanted && cheap)) && (!first || req.count == 0) {
                 true => self.count(&req.rt, &plan, &clauses, &overlay).await.map(Some),
@@ -373,7 +380,7 @@ impl Engine {
             }
             let mut sql = Sql::default();
             sql.push("SELECT id FROM (");
-            t.refs.write_targets(&mut sql, &t.sources, &t.target_type, None, None);
+            t.refs.write_targets(&mut sql, &t.sources, &t.target_type, None, Some(ids), None);
             sql.push(") WHERE ").in_list("id", ids, false);
             let among: Vec<String> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
             t.among = Arc::new(among.into_iter().collect());
@@ -420,6 +427,7 @@ impl Engine {
                 &t.sources,
                 &t.target_type,
                 after.map(|a| a.id.as_str()),
+                None,
                 Some(limit as u64 + skip),
             );
             sql.push(") WHERE 1");
@@ -451,7 +459,12 @@ impl Engine {
         let mut out = Vec::new();
         let mut counted = None;
         let past_present = after.is_some_and(|a| a.parts[0].0);
-        if !past_present {
+        if !past_present && sorts.len() == 1 {
+            out = self.in_key_order(req, plan, overlay, after, limit, &sorts[0]).await?;
+            if out.len() >= limit {
+                return Ok((out, None));
+            }
+        } else if !past_present {
             // `s` = [missing0, value0, missing1, value1, …] as strings ('1' = missing).
             sql.push("SELECT id, [");
             for (i, (set, largest)) in sorts.iter().enumerate() {
@@ -522,6 +535,73 @@ impl Engine {
         Ok((out, counted))
     }
 
+    /// One sort key's part of a page: the rows of the sort's keys from the cursor on, in
+    /// the index's order, of resources among the candidates, at most `limit` rows.
+    ///
+    /// Read without `FINAL`, so ClickHouse reads in the table's order and stops after the
+    /// few granules the page needs, where merging would read every resource's key first
+    /// (measured at 1M Observations: 90 ms for a page by date, against 15 ms). The rows are
+    /// therefore positions, not yet answers: a resource appears at each of its values, and
+    /// at a value an unmerged older version had. `page` keeps a row only where it is the
+    /// document's own sort value (`position_of` on its keys), which is exactly one row per
+    /// matching resource at its place in the order, also after a cursor.
+    ///
+    /// A step on the sort's own parameter whose range runs to the sort's end (`ge`/`gt`
+    /// under a descending date sort, `le`/`lt` under an ascending one) narrows the read
+    /// instead of the candidates: the largest (smallest) value is in such a range exactly
+    /// when any value is.
+    async fn in_key_order(
+        &self,
+        req: &Request,
+        plan: &Plan,
+        overlay: &Overlay,
+        after: Option<&Position>,
+        limit: usize,
+        (set, largest): &(KeySet, bool),
+    ) -> Result<Vec<Position>, FhirError> {
+        let [KeyCond::Range(from, to)] = set.0.as_slice() else { return Ok(Vec::new()) };
+        let (mut from, mut to) = (from.clone(), to.clone());
+        let every = KeySet(vec![KeyCond::Eq(every_resource())]);
+        let mut steps = plan.steps();
+        steps.retain(|step| match step {
+            Step::With(set) if *set == every => false,
+            Step::With(KeySet(conds)) => match conds.as_slice() {
+                [KeyCond::Range(f, t)] if *largest && *t == to && *f >= from => {
+                    from = f.clone();
+                    false
+                }
+                [KeyCond::Range(f, t)] if !*largest && *f == from && *t <= to => {
+                    to = t.clone();
+                    false
+                }
+                _ => true,
+            },
+            _ => true,
+        });
+        let mut sql = Sql::default();
+        sql.push(&format!("SELECT id, key FROM {TABLE} WHERE rt = ")).str(&req.rt);
+        sql.push(" AND key >= ").str(&from).push(" AND key < ").str(&to).push(" AND deleted = 0");
+        if let Some(Position { parts, id }) = after {
+            let op = if *largest { "<" } else { ">" };
+            sql.push(&format!(" AND (key {op} ")).str(&parts[0].1);
+            sql.push(" OR (key = ").str(&parts[0].1).push(" AND id > ").str(id).push("))");
+        }
+        if let Some(rest) = Plan::of_steps(steps) {
+            sql.push(" AND id IN (");
+            sql::candidates(&mut sql, &req.rt, &rest.driver, &rest.others(), &[], None);
+            sql.push(")");
+        }
+        if !overlay.ids.is_empty() {
+            sql.push(" AND ").in_list("id", &overlay.ids, true);
+        }
+        sql.push(&format!(" ORDER BY key {}, id LIMIT ", if *largest { "DESC" } else { "ASC" }));
+        sql.u64(limit as u64).push(SMALL_QUERY);
+        // Unmerged copies of a row stay: `page` merges equal positions (dropping them here
+        // would make a full page look like the last).
+        let rows: Vec<Keyed> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+        Ok(rows.into_iter().map(|r| Position { parts: vec![(false, r.key)], id: r.id }).collect())
+    }
+
     /// A page: candidates in order from both sources, read and checked, until the page is
     /// full, the candidates end, or [`ROUNDS`] rounds.
     async fn page(
@@ -535,7 +615,8 @@ impl Engine {
     ) -> Result<(Vec<Version>, Option<Position>, Option<u64>), FhirError> {
         let want = count + 1;
         let mut pending: Vec<(Position, &Version)> =
-            overlay.candidates.iter().map(|v| (position_of(v, &req.sort), v)).collect();
+            overlay.candidates.iter().map(|v| (position_of(&v.id, &v.search.keys, &req.sort), v)).collect();
+        let sorted = req.sort.iter().any(|s| s.def.is_some());
         pending.sort_by(|a, b| a.0.cmp(&b.0, &req.sort));
         let mut after = req.cursor.clone();
         let mut found: Vec<(Position, Version)> = Vec::new();
@@ -553,16 +634,23 @@ impl Engine {
                     .map(|(p, v)| (p.clone(), Some(*v))),
             );
             merged.sort_by(|a, b| a.0.cmp(&b.0, &req.sort));
+            merged.dedup_by(|a, b| a.0 == b.0);
             merged.truncate(want);
             let ends = exhausted && merged.len() < want;
             let to_read: Vec<String> = merged.iter().filter(|(_, v)| v.is_none()).map(|(p, _)| p.id.clone()).collect();
-            let mut read = self.store.by_ids(&req.rt, &to_read).await?;
+            let read = self.store.by_ids(&req.rt, &to_read).await?;
             for (p, v) in &merged {
                 let version = match v {
                     Some(v) => Some((*v).clone()),
-                    None => read.iter().position(|r| r.id == p.id).map(|i| read.swap_remove(i)),
+                    // A resource may have several rows (see `in_key_order`).
+                    None => read.iter().find(|r| r.id == p.id).cloned(),
                 };
-                if let Some(version) = version.filter(|v| !v.deleted && satisfies(v, clauses, &self.base)) {
+                // A sorted row stands where the document's own sort value puts it, or not at
+                // all (see `in_key_order`).
+                let placed =
+                    |v: &Version| !sorted || position_of(&v.id, &super::stored_keys(v, &self.base), &req.sort) == *p;
+                if let Some(version) = version.filter(|v| !v.deleted && placed(v) && satisfies(v, clauses, &self.base))
+                {
                     found.push((p.clone(), version));
                 }
             }
@@ -610,13 +698,13 @@ fn after_condition(sql: &mut Sql, sorts: &[(KeySet, bool)], after: &Position) {
     sql.push(")");
 }
 
-/// A pending version's position, from its own keys (as ClickHouse computes it).
-fn position_of(v: &Version, sort: &[SortKey]) -> Position {
+/// A version's position, from its own keys (as ClickHouse computes it).
+fn position_of(id: &str, keys: &[String], sort: &[SortKey]) -> Position {
     let parts: Vec<(bool, String)> = sort
         .iter()
         .filter_map(SortKey::keys)
         .map(|(set, largest)| {
-            let matching = v.search.keys.iter().filter(|k| set.0.iter().any(|c| c.matches(k)));
+            let matching = keys.iter().filter(|k| set.0.iter().any(|c| c.matches(k)));
             let value = if largest { matching.max() } else { matching.min() };
             match value {
                 Some(k) => (false, k.clone()),
@@ -627,9 +715,9 @@ fn position_of(v: &Version, sort: &[SortKey]) -> Position {
     // Without the first sort key, only the id orders it (as ClickHouse's second phase).
     if parts.first().is_some_and(|p| p.0) {
         let missing = vec![(true, String::new()); parts.len()];
-        return Position { parts: missing, id: v.id.clone() };
+        return Position { parts: missing, id: id.to_string() };
     }
-    Position { parts, id: v.id.clone() }
+    Position { parts, id: id.to_string() }
 }
 
 /// Whether a version satisfies every clause (chains and `_has` resolved).
@@ -687,8 +775,21 @@ struct Plan {
 
 impl Plan {
     fn new(rt: &str, clauses: &[Clause]) -> Plan {
-        let mut all: Vec<Step> = clauses.iter().flat_map(|c| steps(rt, c)).collect();
-        let with = all.iter().position(|s| matches!(s, Step::With(_)));
+        let all: Vec<Step> = clauses.iter().flat_map(|c| steps(rt, c)).collect();
+        Plan::of_steps(all)
+            .unwrap_or(Plan { driver: Driver::Keys(KeySet(vec![KeyCond::Eq(every_resource())])), rest: Vec::new() })
+    }
+
+    /// A plan of these steps; `None` when there are none (every resource).
+    fn of_steps(mut all: Vec<Step>) -> Option<Plan> {
+        // The narrowest "with" step drives (see `KeySet::breadth`); the first of equals.
+        let with = (0..all.len())
+            .filter_map(|i| match &all[i] {
+                Step::With(set) => Some((set.breadth(), i)),
+                _ => None,
+            })
+            .min()
+            .map(|(_, i)| i);
         let targets = all.iter().position(|s| matches!(s, Step::Targets(_)));
         let driver = match (with, targets) {
             (Some(i), _) | (None, Some(i)) => match all.remove(i) {
@@ -696,9 +797,19 @@ impl Plan {
                 Step::Targets(t) => Driver::Targets(t),
                 _ => unreachable!("found as With or Targets"),
             },
+            (None, None) if all.is_empty() => return None,
             (None, None) => Driver::Keys(KeySet(vec![KeyCond::Eq(every_resource())])),
         };
-        Plan { driver, rest: all }
+        Some(Plan { driver, rest: all })
+    }
+
+    /// Every step, the driver's first.
+    fn steps(&self) -> Vec<Step> {
+        let driver = match &self.driver {
+            Driver::Keys(set) => Step::With(set.clone()),
+            Driver::Targets(t) => Step::Targets(t.clone()),
+        };
+        std::iter::once(driver).chain(self.rest.iter().cloned()).collect()
     }
 
     /// Whether a page is a range of a detached reference's targets (nothing else narrows
@@ -706,6 +817,13 @@ impl Plan {
     /// while its count would read every member.
     fn pages_targets(&self, req: &Request) -> bool {
         matches!(self.driver, Driver::Targets(_)) && self.rest.is_empty() && req.sort.iter().all(|s| s.def.is_none())
+    }
+
+    /// Whether the first page's query counts the candidates too: not where the page is
+    /// read in an order that stops early (a detached reference's targets, one sort key),
+    /// as counting would read every candidate.
+    fn counts_with_page(&self, req: &Request) -> bool {
+        !self.pages_targets(req) && req.sort.iter().filter(|s| s.def.is_some()).count() != 1
     }
 
     fn others(&self) -> Vec<&Step> {

@@ -50,6 +50,34 @@ impl KeyCond {
 pub struct KeySet(pub Vec<KeyCond>);
 
 impl KeySet {
+    /// How many resources a set of this shape usually finds, as a rank (lower = fewer),
+    /// for choosing which step drives a search when there are no statistics: a
+    /// reference or an identifier names a few resources; an exact string, a string
+    /// prefix a few more; a code or a status many; a range of dates or numbers, or
+    /// "has a value", most. A set is as wide as its widest condition.
+    pub fn breadth(&self) -> u8 {
+        self.0
+            .iter()
+            .map(|c| {
+                let k = match c {
+                    KeyCond::Eq(k) => k,
+                    KeyCond::Range(from, _) | KeyCond::Contains { from, .. } => from,
+                };
+                let (code, rest) = k.split_once(US).unwrap_or((k, ""));
+                match (c, rest.chars().next()) {
+                    (_, Some('*')) => 4,
+                    (KeyCond::Eq(_), Some('r' | 'i')) => 0,
+                    (KeyCond::Eq(_), _) if code == "identifier" || code == "_id" => 0,
+                    (KeyCond::Eq(_), Some('e')) => 1,
+                    (KeyCond::Range(..), Some('p')) => 1,
+                    (KeyCond::Eq(_), _) => 2,
+                    _ => 3,
+                }
+            })
+            .max()
+            .unwrap_or(4)
+    }
+
     /// Whether any key (sorted) satisfies a condition.
     pub fn any(&self, keys: &[String]) -> bool {
         self.0.iter().any(|c| match c {
@@ -272,6 +300,28 @@ mod tests {
         let clause = parse_clause(rt, name, value, "http://h/fhir", 0).unwrap().unwrap();
         let keys = crate::search::index_keys(&resource, "http://h/fhir");
         steps(rt, &clause).iter().all(|s| s.holds("x", &keys))
+    }
+
+    fn breadth(rt: &str, name: &str, value: &str) -> u8 {
+        let clause = parse_clause(rt, name, value, "http://h/fhir", 0).unwrap().unwrap();
+        match steps(rt, &clause).as_slice() {
+            [Step::With(set)] => set.breadth(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn references_and_identifiers_drive_before_codes_and_ranges() {
+        let subject = breadth("Observation", "subject", "Patient/1");
+        let identifier = breadth("Observation", "identifier", "http://x|1");
+        let family = breadth("Patient", "family", "smi");
+        let code = breadth("Observation", "code", "http://loinc.org|1-1");
+        let date = breadth("Observation", "date", "ge2024-01-01");
+        let present = breadth("Observation", "code:missing", "false");
+        assert!(subject == identifier && identifier < family && family < code, "{subject} {family} {code}");
+        assert!(code < date && date < present, "{code} {date} {present}");
+        // A set is as wide as its widest value.
+        assert_eq!(breadth("Observation", "subject", "Patient/1,Patient/2"), subject);
     }
 
     #[test]
