@@ -39,6 +39,8 @@ pub const MAX_IDS: usize = 10_000;
 const PENDING_LIMIT: i64 = 5_000;
 /// Most rounds of candidates for one page (when the matcher rejects many).
 const ROUNDS: usize = 5;
+/// Most given ids whose documents a search reads to count them when not asked to.
+const CHEAP_IDS: usize = 1_000;
 /// Most sort keys.
 pub const MAX_SORTS: usize = 5;
 /// Settings of the page queries: most read a few granules, where more threads only cost
@@ -183,6 +185,7 @@ struct Counted {
 }
 
 /// The documents a search reads from MongoDB, and which of them are candidates.
+#[derive(Default)]
 struct Overlay {
     /// Every pending id (left out of ClickHouse's answer).
     ids: Vec<String>,
@@ -196,7 +199,11 @@ impl Engine {
     pub async fn search(&self, req: &Request) -> Result<Page, FhirError> {
         let clauses = self.resolve(&req.rt, &req.clauses).await?;
         let mut plan = Plan::new(&req.rt, &clauses);
-        let overlay = self.overlay(&req.rt, &mut plan).await?;
+        // A page of given ids reads their documents, pending or not: nothing to overlay.
+        let overlay = match plan.ids_page(req) {
+            Some(_) => Overlay::default(),
+            None => self.overlay(&req.rt, &mut plan).await?,
+        };
         let accurate = req.total == Total::Accurate;
         let wanted = req.total != Total::None;
         let first = req.cursor.is_none();
@@ -222,7 +229,9 @@ impl Engine {
             // A first page that holds every match is its own total.
             (true, None, _) if first && next.is_none() => Some(matches.len() as u64),
             (true, None, Some(indexed)) => Some(indexed + self.pending_matches(&overlay, &clauses)),
-            (true, None, None) if accurate => Some(self.count(&req.rt, &plan, &clauses, &overlay).await?),
+            (true, None, None) if accurate || plan.ids_page(req).is_some_and(|ids| ids.len() <= CHEAP_IDS) => {
+                Some(self.count(&req.rt, &plan, &clauses, &overlay).await?)
+            }
             (true, None, None) => None,
         };
         Ok(Page { matches, total, next })
@@ -290,6 +299,15 @@ impl Engine {
     async fn ids(&self, rt: &str, clauses: &[Clause]) -> Result<Vec<String>, FhirError> {
         let clauses = self.resolve(rt, clauses).await?;
         let mut plan = Plan::new(rt, &clauses);
+        if let Some(ids) = plan.only_ids().filter(|ids| ids.len() <= CHEAP_IDS) {
+            // `_id=` alone (`_has:Group:member:_id=G`): those that exist, read.
+            let read = self.store.by_ids(rt, ids).await?;
+            return Ok(read
+                .into_iter()
+                .filter(|v| !v.deleted && satisfies(v, &clauses, &self.base))
+                .map(|v| v.id)
+                .collect());
+        }
         let overlay = self.overlay(rt, &mut plan).await?;
         let mut sql = Sql::default();
         sql::candidates(&mut sql, rt, &plan.driver, &plan.others(), &overlay.ids, None);
@@ -389,6 +407,15 @@ impl Engine {
     }
 
     async fn count(&self, rt: &str, plan: &Plan, clauses: &[Clause], overlay: &Overlay) -> Result<u64, FhirError> {
+        if let Some(ids) = plan.only_ids() {
+            // Given ids: those whose documents exist and match (read, as their page is).
+            let mut n = 0;
+            for chunk in ids.chunks(1_000) {
+                let read = self.store.by_ids(rt, chunk).await?;
+                n += read.iter().filter(|v| !v.deleted && satisfies(v, clauses, &self.base)).count() as u64;
+            }
+            return Ok(n);
+        }
         let mut sql = Sql::default();
         sql.push("SELECT count() FROM (");
         sql::candidates(&mut sql, rt, &plan.driver, &plan.others(), &overlay.ids, None);
@@ -417,6 +444,15 @@ impl Engine {
     ) -> Result<(Vec<Position>, Option<u64>), FhirError> {
         let total = total && after.is_none();
         let sorts: Vec<(KeySet, bool)> = req.sort.iter().filter_map(SortKey::keys).collect();
+        if let Some(ids) = plan.ids_page(req) {
+            // `_id=` alone (or what a member index resolved to): the candidates are the
+            // ids themselves; reading their documents tells which exist and match.
+            let mut page: Vec<&String> = ids.iter().filter(|id| after.is_none_or(|a| **id > a.id)).collect();
+            page.sort_unstable();
+            page.dedup();
+            page.truncate(limit);
+            return Ok((page.into_iter().map(|id| Position { parts: Vec::new(), id: id.clone() }).collect(), None));
+        }
         let mut sql = Sql::default();
         if let (true, Driver::Targets(t)) = (plan.pages_targets(req), &plan.driver) {
             // Only a detached reference narrows it: a page of its targets, read in order.
@@ -817,6 +853,20 @@ impl Plan {
     /// while its count would read every member.
     fn pages_targets(&self, req: &Request) -> bool {
         matches!(self.driver, Driver::Targets(_)) && self.rest.is_empty() && req.sort.iter().all(|s| s.def.is_none())
+    }
+
+    /// The ids of a plan that is only `_id=` (or ids a detached reference resolved to):
+    /// its candidates are known without a lookup.
+    fn only_ids(&self) -> Option<&[String]> {
+        match (&self.driver, self.rest.as_slice()) {
+            (Driver::Keys(KeySet(set)), [Step::Ids(ids)]) if *set == [KeyCond::Eq(every_resource())] => Some(ids),
+            _ => None,
+        }
+    }
+
+    /// [`Self::only_ids`] of an unsorted search: its pages are read from the ids alone.
+    fn ids_page(&self, req: &Request) -> Option<&[String]> {
+        self.only_ids().filter(|_| req.sort.iter().all(|s| s.def.is_none()))
     }
 
     /// Whether the first page's query counts the candidates too: not where the page is
