@@ -294,12 +294,7 @@ impl Engine {
         let mut plan = Plan::new(rt, &clauses);
         if let Some(ids) = plan.only_ids().filter(|ids| ids.len() <= CHEAP_IDS) {
             // `_id=` alone (`_has:Group:member:_id=G`): those that exist, read.
-            let read = self.store.by_ids(rt, ids).await?;
-            return Ok(read
-                .into_iter()
-                .filter(|v| !v.deleted && satisfies(v, &clauses, &self.base))
-                .map(|v| v.id)
-                .collect());
+            return self.existing(rt, ids, &clauses).await;
         }
         let overlay = self.overlay(rt, &mut plan).await?;
         let mut sql = Sql::default();
@@ -402,12 +397,7 @@ impl Engine {
     async fn count(&self, rt: &str, plan: &Plan, clauses: &[Clause], overlay: &Overlay) -> Result<u64, FhirError> {
         if let Some(ids) = plan.only_ids() {
             // Given ids: those whose documents exist and match (read, as their page is).
-            let mut n = 0;
-            for chunk in ids.chunks(1_000) {
-                let read = self.store.by_ids(rt, chunk).await?;
-                n += read.iter().filter(|v| !v.deleted && satisfies(v, clauses, &self.base)).count() as u64;
-            }
-            return Ok(n);
+            return Ok(self.existing(rt, ids, clauses).await?.len() as u64);
         }
         let mut sql = Sql::default();
         sql.push("SELECT count() FROM (");
@@ -415,6 +405,17 @@ impl Engine {
         sql.push(")");
         let indexed: u64 = sql.query(&self.ch).fetch_one().await.map_err(unavailable)?;
         Ok(indexed + self.pending_matches(overlay, clauses))
+    }
+
+    /// Of these ids of `rt`, those whose current documents exist and match, read from
+    /// MongoDB a thousand at a time.
+    async fn existing(&self, rt: &str, ids: &[String], clauses: &[Clause]) -> Result<Vec<String>, FhirError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(1_000) {
+            let read = self.store.by_ids(rt, chunk).await?;
+            out.extend(read.into_iter().filter(|v| !v.deleted && satisfies(v, clauses, &self.base)).map(|v| v.id));
+        }
+        Ok(out)
     }
 
     /// How many of the documents read from MongoDB match.
@@ -547,8 +548,7 @@ impl Engine {
         sql.push("SELECT id, count() OVER () AS total FROM (");
         sql::candidates(&mut sql, &req.rt, &plan.driver, &plan.others(), &overlay.ids, after_id);
         sql.push(" HAVING id NOT IN (");
-        sql.push(&format!("SELECT id FROM {TABLE} FINAL WHERE rt = ")).str(&req.rt).push(" AND ");
-        sql::key_set(&mut sql, &sorts[0].0);
+        sql::ids_with(&mut sql, &req.rt, &sorts[0].0);
         sql.push(")) ORDER BY id LIMIT ").u64((limit - out.len()) as u64).push(SMALL_QUERY);
         let rows: Vec<Counted> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
         if total && counted.is_none() && out.is_empty() {
@@ -594,12 +594,11 @@ impl Engine {
             merged.truncate(want);
             let ends = exhausted && merged.len() < want;
             let to_read: Vec<String> = merged.iter().filter(|(_, v)| v.is_none()).map(|(p, _)| p.id.clone()).collect();
-            let read = self.store.by_ids(&req.rt, &to_read).await?;
+            let mut read = self.store.by_ids(&req.rt, &to_read).await?;
             for (p, v) in &merged {
                 let version = match v {
                     Some(v) => Some((*v).clone()),
-                    // A resource may have several rows.
-                    None => read.iter().find(|r| r.id == p.id).cloned(),
+                    None => read.iter().position(|r| r.id == p.id).map(|i| read.swap_remove(i)),
                 };
                 // A sorted row stands where the document's own sort value puts it, or not at
                 // all (a document changed since its row was read waits for the next page).

@@ -143,7 +143,7 @@ pub fn key_set(sql: &mut Sql, set: &KeySet) {
 }
 
 /// The ids of `rt` with a key in the set (a subquery).
-fn ids_with(sql: &mut Sql, rt: &str, set: &KeySet) {
+pub fn ids_with(sql: &mut Sql, rt: &str, set: &KeySet) {
     sql.push(&format!("SELECT id FROM {TABLE} FINAL WHERE rt = ")).str(rt).push(" AND ");
     key_set(sql, set);
 }
@@ -153,17 +153,13 @@ fn ids_with(sql: &mut Sql, rt: &str, set: &KeySet) {
 fn nested(sql: &mut Sql, rt: &str, driver: &Driver, withs: &[&KeySet], others: &[&Step], after: Option<&str>) {
     match withs.split_last() {
         Some((outer, inner)) => {
-            sql.push(&format!("SELECT id FROM {TABLE} FINAL WHERE rt = ")).str(rt).push(" AND ");
-            key_set(sql, outer);
+            ids_with(sql, rt, outer);
             sql.push(" AND id IN (");
             nested(sql, rt, driver, inner, others, after);
             sql.push(")");
         }
         None => match driver {
-            Driver::Keys(set) => {
-                sql.push(&format!("SELECT id FROM {TABLE} FINAL WHERE rt = ")).str(rt).push(" AND ");
-                key_set(sql, set);
-            }
+            Driver::Keys(set) => ids_with(sql, rt, set),
             Driver::Targets(t) => {
                 sql.push("SELECT id FROM (");
                 t.refs.write_targets(sql, &t.sources, &t.target_type, after, ids_among(others), None);
@@ -209,22 +205,19 @@ pub fn candidates(
         others.iter().filter_map(|s| if let Step::With(set) = s { Some(set) } else { None }).collect();
     nested(sql, rt, driver, &withs, others, after);
     for step in others {
-        if matches!(step, Step::With(_)) {
-            continue;
-        }
-        sql.push(" AND ");
         match step {
+            // Nested above.
             Step::With(_) => {}
             Step::Without(set) => {
-                sql.push("id NOT IN (");
+                sql.push(" AND id NOT IN (");
                 ids_with(sql, rt, set);
                 sql.push(")");
             }
             Step::Ids(ids) => {
-                sql.in_list("id", ids, false);
+                sql.push(" AND ").in_list("id", ids, false);
             }
             Step::Targets(t) => {
-                sql.push("id IN (");
+                sql.push(" AND id IN (");
                 t.refs.write_targets(sql, &t.sources, &t.target_type, None, ids_among(others), None);
                 sql.push(")");
             }
