@@ -219,9 +219,14 @@ pub fn recording_hooks() -> (Hooks, Arc<RecordingHook>) {
     (Hooks::default().with(hook.clone()), hook)
 }
 
-/// `../shared` beside the checkout.
+/// `../shared` beside the checkout: found from the checkout cargo runs the tests in (its
+/// `CARGO_MANIFEST_DIR` at run time), not the one the binary was compiled in: a test binary
+/// built in another clone that shares the target directory is reused as is.
 pub fn shared_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
+    let checkout = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    checkout.join("../shared")
 }
 
 /// The ids of a searchset's matches, in the bundle's order.

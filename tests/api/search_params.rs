@@ -350,7 +350,7 @@ async fn searches_read_their_writes_across_the_index_flush() {
 async fn every_parameter_of_the_hl7_examples_finds_its_resource() {
     use roster::search::extract::{values_of, IndexValue};
     let app = spawn_app().await;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fhir-r4-examples");
+    let dir = shared_dir().join("fhir-r4-examples");
     let mut stored = Vec::new();
     let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     paths.sort();
