@@ -60,6 +60,14 @@ pub(super) fn copy_history_later(store: &ResourceStore, rt: &str, committed: Doc
             }
             tokio::time::sleep(QUIET_BEFORE_COPY).await;
             if store.superseded(&rt, &id, version) {
+                // The next version carries this one's keys; but in a stream none would
+                // reach the index until it pauses, and every commit would carry the
+                // keys changed since (see `SearchKeys::next`): now and then one goes.
+                if store.claim_search_flush(&rt, &id) {
+                    if let Err(e) = store.flush_search(&rt, &committed).await {
+                        tracing::warn!(resource_type = rt, id, version, error = %e, "search keys stay pending");
+                    }
+                }
                 return;
             }
         }

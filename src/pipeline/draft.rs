@@ -39,6 +39,9 @@ pub(super) struct Drafting<'a> {
     /// This server's base URL when writes are indexed for search (its absolute references
     /// are indexed as relative ones).
     pub search_base: Option<&'a str>,
+    /// The highest version of the resource whose search keys this process put in the index
+    /// (see `SearchKeys::next`).
+    pub search_indexed: Option<i64>,
 }
 
 /// Checks a POST/PUT body before any attempt: it does not depend on the current version.
@@ -120,7 +123,10 @@ pub(super) fn draft(d: &Drafting<'_>, loaded: &Loaded) -> Result<Content, Stop> 
         document = Some(doc);
         stored = Some(obj);
     }
-    let search = search_keys.map(|keys| SearchKeys::next(base_keys(current, d.search_base).as_ref(), keys));
+    // An indexed version newer than the base means the base is stale (its commit will fail).
+    let indexed = d.search_indexed.filter(|f| current.is_some_and(|c| *f <= c.version));
+    let search =
+        search_keys.map(|keys| SearchKeys::next(base_keys(current, d.search_base).as_ref(), keys, version, indexed));
     Ok(Content { interaction, version, last_updated, resource: stored, document, search })
 }
 
@@ -134,6 +140,7 @@ fn base_keys(current: Option<&Version>, search_base: Option<&str>) -> Option<Sea
             keys: crate::search::stored_keys(c, base),
             added: c.search.added.clone(),
             removed: c.search.removed.clone(),
+            changed: c.search.changed.clone(),
         }),
         None => Some(c.search.clone()),
     }

@@ -224,6 +224,7 @@ impl Writer {
             writes,
             if_match: p.if_match,
             search_base: self.search_base.as_deref(),
+            search_indexed: self.search_base.as_ref().and_then(|_| self.store.search_indexed(rt, id)),
         };
         let mut content = draft::draft(&drafting, &loaded)?;
         let draft = Draft {

@@ -9,6 +9,7 @@
 //!            historyPending?: true, resource?: { ...FHIR JSON... },
 //!            versionLog?: "[[versionId, lastUpdated ms, method, memberCount?]…]",
 //!            _s?: [search key…], searchAdded?: [key…], searchRemoved?: [key…],
+//!            searchChangedAt?: [versionId…] (aligned with searchAdded then searchRemoved),
 //!            Groups only: memberCount, outbox?: [batch…], outboxPending?, flushLease? }
 //! history: { _id: "<id>/<versionId>", id, versionId, lastUpdated, deleted, method,
 //!            resource? }
@@ -20,7 +21,8 @@
 //!    from the same base can never both succeed; the client is answered;
 //! 2. the history copy is inserted (idempotent: its `_id` is the version);
 //! 3. the version's search keys reach ClickHouse's index (`searchAdded`/`searchRemoved`:
-//!    the change since the last flush, accumulated over versions), concurrently with 2;
+//!    the keys changed since the last version known to be indexed, accumulated over
+//!    versions, with the version of each one's last change), concurrently with 2;
 //! 4. `historyPending` is cleared, with the two search fields (skipped when a newer version
 //!    followed: its commit overwrote the flag).
 //!

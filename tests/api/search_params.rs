@@ -617,3 +617,35 @@ async fn reindex_indexes_data_written_before_the_index() {
     let text = String::from_utf8_lossy(&again.stdout);
     assert!(text.contains("scanned 2500 resources, indexed 0"), "{text}");
 }
+
+/// A stream of member-only PATCHes (each changes the Group's `_lastUpdated`, none pauses
+/// for its keys to reach the index) keeps what each commit carries as pending keys bounded,
+/// and afterwards the index holds the Group at its last `_lastUpdated` only.
+#[tokio::test]
+async fn a_member_patch_stream_keeps_its_pending_keys_bounded() {
+    let app = spawn_app().await;
+    put(&app, json!({"resourceType": "Group", "id": "stream", "type": "person", "actual": true})).await;
+    let first = json(app.get("Group/stream").await).await["meta"]["lastUpdated"].as_str().unwrap().to_string();
+    let mut longest = 0;
+    let groups = app.mongo.collection::<bson::Document>("Group_4_0_0");
+    for i in 0..300 {
+        let ops =
+            json!([{"op": "add", "path": "/member/-", "value": {"entity": {"reference": format!("Patient/s{i}")}}}]);
+        assert_eq!(app.patch("Group/stream", &ops).await.status(), 200);
+        if i % 25 == 24 {
+            let doc = groups.find_one(bson::doc! {"_id": "stream"}).await.unwrap().unwrap();
+            let removed = doc.get_array("searchRemoved").map_or(0, |a| a.len());
+            longest = longest.max(removed);
+        }
+    }
+    // Two `_lastUpdated` keys leave with every version: without the bound, 598 by now.
+    assert!(longest < 300, "a commit carried {longest} pending removals");
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await; // quiet: flushed
+    let doc = groups.find_one(bson::doc! {"_id": "stream"}).await.unwrap().unwrap();
+    assert!(!doc.contains_key("historyPending"), "the last version reached the index");
+    let last = json(app.get("Group/stream").await).await["meta"]["lastUpdated"].as_str().unwrap().to_string();
+    let q = |p: &str, t: &str| format!("Group?_lastUpdated={p}{}", t.replace('+', "%2B"));
+    assert_eq!(find(&app, &q("eq", &last)).await, v(&["stream"]));
+    assert_eq!(find(&app, &q("le", &first)).await, v(&[]), "no earlier version's key is left");
+    assert_eq!(find(&app, &q("lt", &last)).await, v(&[]));
+}

@@ -317,7 +317,8 @@ pub(super) fn clears(db: Database) -> Coalescer<Clear, Result<bool, StoreError>>
                 let ids: Vec<&str> = members.iter().map(|&i| clears[i].id.as_str()).collect();
                 let mut filter = doc! { "_id": { "$in": ids }, "versionId": version };
                 // The search keys went to the index before any clear (see `store`).
-                let mut unset = doc! { "historyPending": "", "searchAdded": "", "searchRemoved": "" };
+                let mut unset =
+                    doc! { "historyPending": "", "searchAdded": "", "searchRemoved": "", "searchChangedAt": "" };
                 if events {
                     filter.insert("eventsVersions", vec![version]);
                     unset.insert("eventsPending", "");

@@ -35,6 +35,12 @@ pub struct ResourceStore {
     log_copied: Arc<Mutex<HashMap<ResourceKey, (i64, i64)>>>,
     /// Resources whose log is being copied early right now (one copy at a time each).
     log_copying: Arc<Mutex<HashSet<ResourceKey>>>,
+    /// Per resource, the highest version whose search keys this process's flush put in the
+    /// index (see `SearchKeys::next`).
+    indexed: Arc<Mutex<HashMap<ResourceKey, i64>>>,
+    /// Per resource, when a superseded version's keys last went to the index (see
+    /// [`Self::claim_search_flush`]).
+    search_claims: Arc<Mutex<HashMap<ResourceKey, std::time::Instant>>>,
     /// Per Group, the highest version whose pending member batch this process's flusher
     /// pulled from `outbox` (see [`Self::batches_flushed`]).
     flushed: Arc<Mutex<HashMap<ResourceKey, i64>>>,
@@ -63,6 +69,10 @@ type InFlight = (i64, tokio::sync::watch::Receiver<bool>);
 
 /// MongoDB's largest document.
 const MAX_DOCUMENT: usize = 16 << 20;
+
+/// How often a resource written in a stream has its keys flushed although superseded (see
+/// [`ResourceStore::claim_search_flush`]).
+const SEARCH_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Documents kept in [`ResourceStore::recent`] before it starts over.
 const RECENT_DOCS: usize = 4_096;
@@ -102,6 +112,8 @@ impl ResourceStore {
             log_copied: Arc::default(),
             log_copying: Arc::default(),
             flushed: Arc::default(),
+            indexed: Arc::default(),
+            search_claims: Arc::default(),
             search: Arc::default(),
         }
     }
@@ -126,8 +138,39 @@ impl ResourceStore {
             added: keys.added,
             removed: keys.removed,
         };
+        let (id, version) = (pending.id.clone(), pending.version);
         sink.index(rt, vec![pending]).await.map_err(StoreError::SearchIndex)?;
+        remember(&self.indexed, ResourceKey::new(rt, &id), version);
         Ok(true)
+    }
+
+    /// The highest version of a resource whose search keys this process put in the index
+    /// (see `SearchKeys::next`).
+    pub fn search_indexed(&self, rt: &str, id: &str) -> Option<i64> {
+        self.indexed.lock().unwrap_or_else(|e| e.into_inner()).get(&ResourceKey::new(rt, id)).copied()
+    }
+
+    /// Whether a superseded version's keys should go to the index anyway, claimed for the
+    /// caller: none of the resource's went for [`SEARCH_FLUSH_EVERY`]. Under a stream of
+    /// member-only PATCHes every version is superseded before its turn; this bounds what
+    /// each commit carries as pending keys to the changes of about that interval.
+    pub fn claim_search_flush(&self, rt: &str, id: &str) -> bool {
+        let mut claims = self.search_claims.lock().unwrap_or_else(|e| e.into_inner());
+        if claims.len() >= RECENT_DOCS {
+            claims.retain(|_, at| at.elapsed() < SEARCH_FLUSH_EVERY);
+        }
+        let now = std::time::Instant::now();
+        match claims.entry(ResourceKey::new(rt, id)) {
+            std::collections::hash_map::Entry::Occupied(e) if e.get().elapsed() < SEARCH_FLUSH_EVERY => false,
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                e.insert(now);
+                true
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(now);
+                true
+            }
+        }
     }
 
     pub fn database(&self) -> &Database {
@@ -262,6 +305,9 @@ impl ResourceStore {
             current.insert("_s", &search.keys);
             current.insert("searchAdded", &search.added);
             current.insert("searchRemoved", &search.removed);
+            // Always written: a stale array left by an earlier version could align with
+            // other keys.
+            current.insert("searchChangedAt", search.changed_at().unwrap_or_default());
         }
         if let Some(count) = c.member_count.recorded() {
             current.insert("memberCount", member_count_bson(count));
@@ -458,6 +504,7 @@ fn history_entry(current: &Document, logged: Option<&LogEntry>) -> Result<Docume
         "_s",
         "searchAdded",
         "searchRemoved",
+        "searchChangedAt",
     ] {
         entry.remove(internal);
     }
@@ -531,7 +578,15 @@ pub(super) fn search_keys_of(doc: &Document) -> SearchKeys {
             .map(|a| a.iter().filter_map(|b| b.as_str().map(str::to_string)).collect())
             .unwrap_or_default()
     };
-    SearchKeys { keys: strings("_s"), added: strings("searchAdded"), removed: strings("searchRemoved") }
+    let changed_at: Vec<i64> =
+        doc.get_array("searchChangedAt").map(|a| a.iter().filter_map(bson::Bson::as_i64).collect()).unwrap_or_default();
+    SearchKeys {
+        keys: strings("_s"),
+        added: strings("searchAdded"),
+        removed: strings("searchRemoved"),
+        changed: Default::default(),
+    }
+    .with_changed_at(&changed_at)
 }
 
 /// The member batches pending in a stored Group document (`outbox`, oldest first; their

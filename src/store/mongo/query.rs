@@ -45,7 +45,7 @@ impl ResourceStore {
 
 /// Fields a search never needs from a document.
 fn search_projection() -> Document {
-    doc! { "searchAdded": 0, "searchRemoved": 0, "outbox": 0, "versionLog": 0 }
+    doc! { "searchAdded": 0, "searchRemoved": 0, "searchChangedAt": 0, "outbox": 0, "versionLog": 0 }
 }
 
 impl ResourceStore {

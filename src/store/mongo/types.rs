@@ -33,33 +33,85 @@ pub struct Version {
 
 /// A version's search index keys (`_s`; see `search::keys`), and the change ClickHouse's
 /// index may not have yet: keys to add (`searchAdded`) and keys to drop (`searchRemoved`),
-/// accumulated over every version since the last flush. Both are empty once a flush
-/// cleared them, which happens only together with `historyPending` (see `store`).
+/// every key whose presence changed since the last version known to be in the index.
+/// Both are empty once a flush cleared them, which happens only together with
+/// `historyPending` (see `store`).
+///
+/// Why `changed`: a stream of member-only Group PATCHes changes `_lastUpdated` on every
+/// version and flushes none of them (each is superseded before its turn), so without it the
+/// lists grew by two keys per write (hundreds of keys rewritten in every commit). With the
+/// version of each key's last change, a write whose process has put a version `F` of the
+/// resource in the index keeps only the keys changed after `F` (see [`Self::next`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SearchKeys {
     pub keys: Vec<String>,
     pub added: Vec<String>,
     pub removed: Vec<String>,
+    /// The version at which each key of `added`/`removed` last changed (`searchChangedAt`,
+    /// aligned with `added` then `removed`). A key missing here (documents written before
+    /// it was recorded) stays until a flush clears the lists.
+    pub changed: std::collections::BTreeMap<String, i64>,
 }
 
 impl SearchKeys {
-    /// The state after a write whose keys are `new` (sorted, distinct) over `base`: every
-    /// new key ClickHouse may lack is added (all of them when the base has no keys: it was
-    /// never indexed), every base key or pending removal not in `new` is dropped.
-    pub fn next(base: Option<&SearchKeys>, new: Vec<String>) -> SearchKeys {
+    /// The state after version `version`, whose keys are `new` (sorted, distinct), over
+    /// `base`: every key whose presence changed since the last indexed version is added
+    /// (when in `new`) or removed (when not); all of them when the base has no keys (it was
+    /// never indexed).
+    ///
+    /// `indexed`: a version of the resource whose keys this process put in the index
+    /// (its flush answered). Every row a version writes agrees with that version's keys, and
+    /// a row of a newer version wins over an older one in `ReplacingMergeTree(version)`; so
+    /// once version `F` is in, a key that did not change after `F` has in the index the
+    /// presence it has now, whatever older or in-between rows arrive later, and only keys
+    /// changed after `F` need rows. Keys without a known change version are kept.
+    pub fn next(base: Option<&SearchKeys>, new: Vec<String>, version: i64, indexed: Option<i64>) -> SearchKeys {
         use std::collections::BTreeSet;
         let Some(base) = base else {
-            return SearchKeys { added: new.clone(), keys: new, removed: Vec::new() };
+            let changed = new.iter().map(|k| (k.clone(), version)).collect();
+            return SearchKeys { added: new.clone(), keys: new, removed: Vec::new(), changed };
         };
         let new_set: BTreeSet<&String> = new.iter().collect();
         let old: BTreeSet<&String> = base.keys.iter().collect();
-        let mut added: BTreeSet<&String> = base.added.iter().filter(|k| new_set.contains(k)).collect();
-        added.extend(new.iter().filter(|k| !old.contains(k)));
-        let mut removed: BTreeSet<&String> = base.removed.iter().filter(|k| !new_set.contains(k)).collect();
-        removed.extend(base.keys.iter().filter(|k| !new_set.contains(k)));
+        let pending = |k: &&String| match (indexed, base.changed.get(*k)) {
+            (Some(f), Some(at)) => *at > f,
+            _ => true,
+        };
+        let mut changed = std::collections::BTreeMap::new();
+        let mut added: BTreeSet<&String> = base.added.iter().filter(pending).filter(|k| new_set.contains(k)).collect();
+        let mut removed: BTreeSet<&String> =
+            base.removed.iter().filter(pending).filter(|k| !new_set.contains(k)).collect();
+        for k in added.iter().chain(&removed) {
+            if let Some(at) = base.changed.get(*k) {
+                changed.insert((*k).clone(), *at);
+            }
+        }
+        for k in new.iter().filter(|k| !old.contains(k)) {
+            added.insert(k);
+            changed.insert(k.clone(), version);
+        }
+        for k in base.keys.iter().filter(|k| !new_set.contains(k)) {
+            removed.insert(k);
+            changed.insert(k.clone(), version);
+        }
         let added = added.into_iter().cloned().collect();
         let removed = removed.into_iter().cloned().collect();
-        SearchKeys { keys: new, added, removed }
+        SearchKeys { keys: new, added, removed, changed }
+    }
+
+    /// The change versions aligned with `added` then `removed`, as stored
+    /// (`searchChangedAt`); `None` when one is unknown (then none is stored).
+    pub fn changed_at(&self) -> Option<Vec<i64>> {
+        self.added.iter().chain(&self.removed).map(|k| self.changed.get(k).copied()).collect()
+    }
+
+    /// The lists with their stored change versions (see [`Self::changed_at`]); versions
+    /// that do not align are ignored (every key then stays until a flush clears them).
+    pub fn with_changed_at(mut self, at: &[i64]) -> SearchKeys {
+        if at.len() == self.added.len() + self.removed.len() {
+            self.changed = self.added.iter().chain(&self.removed).cloned().zip(at.iter().copied()).collect();
+        }
+        self
     }
 
     /// Nothing for ClickHouse to do.
@@ -281,32 +333,80 @@ mod search_keys_tests {
 
     #[test]
     fn a_first_version_adds_every_key() {
-        let s = SearchKeys::next(None, v(&["a", "b"]));
+        let s = SearchKeys::next(None, v(&["a", "b"]), 1, None);
         assert_eq!((s.added, s.removed), (v(&["a", "b"]), v(&[])));
     }
 
     #[test]
     fn a_flushed_base_gives_the_difference() {
-        let base = SearchKeys { keys: v(&["a", "b"]), added: v(&[]), removed: v(&[]) };
-        let s = SearchKeys::next(Some(&base), v(&["b", "c"]));
+        let base = SearchKeys { keys: v(&["a", "b"]), ..Default::default() };
+        let s = SearchKeys::next(Some(&base), v(&["b", "c"]), 2, None);
         assert_eq!((s.added, s.removed), (v(&["c"]), v(&["a"])));
     }
 
     #[test]
     fn pending_changes_accumulate_until_a_flush() {
         // Given a version that added `c` and removed `a`, not yet flushed,
-        let base = SearchKeys { keys: v(&["b", "c"]), added: v(&["c"]), removed: v(&["a"]) };
+        let base = SearchKeys { keys: v(&["b", "c"]), added: v(&["c"]), removed: v(&["a"]), ..Default::default() };
         // when the next version drops `c` and brings `a` back,
-        let s = SearchKeys::next(Some(&base), v(&["a", "b"]));
+        let s = SearchKeys::next(Some(&base), v(&["a", "b"]), 3, None);
         // then `a` is added again and `c` removed: whatever the index took of the first.
         assert_eq!((s.added, s.removed), (v(&["a"]), v(&["c"])));
     }
 
     #[test]
     fn a_delete_removes_every_key() {
-        let base = SearchKeys { keys: v(&["a", "b"]), added: v(&["b"]), removed: v(&["z"]) };
-        let s = SearchKeys::next(Some(&base), v(&[]));
+        let base = SearchKeys { keys: v(&["a", "b"]), added: v(&["b"]), removed: v(&["z"]), ..Default::default() };
+        let s = SearchKeys::next(Some(&base), v(&[]), 4, Some(3));
         assert!(!s.settled());
         assert_eq!((s.added, s.removed), (v(&[]), v(&["a", "b", "z"])));
+    }
+
+    /// The keys of a version after `n` writes that each change only `_lastUpdated`
+    /// (`l1`, `l2`, …) over the constant key `g`, with a flush of version `indexed_at`
+    /// answered before the write after it.
+    fn stream(n: i64, indexed_at: Option<i64>) -> SearchKeys {
+        let mut s = SearchKeys::next(None, v(&["g", "l1"]), 1, None);
+        for version in 2..=n {
+            let indexed = indexed_at.filter(|f| *f < version);
+            s = SearchKeys::next(Some(&s), v(&["g", &format!("l{version}")]), version, indexed);
+        }
+        s
+    }
+
+    #[test]
+    fn without_a_flush_a_stream_keeps_every_change() {
+        let s = stream(50, None);
+        assert_eq!(s.added, v(&["g", "l50"]));
+        assert_eq!(s.removed.len(), 49, "every earlier lastUpdated key: the index may hold any of them");
+    }
+
+    #[test]
+    fn keys_that_did_not_change_after_an_indexed_version_are_dropped() {
+        // Given a stream in which version 40 reached the index,
+        let s = stream(50, Some(40));
+        // then only what changed after it is pending: version 40's key and later ones.
+        assert_eq!(s.added, v(&["l50"]));
+        let expected: Vec<String> = (40..50).map(|i| format!("l{i}")).collect();
+        let mut removed = s.removed.clone();
+        removed.sort();
+        let mut expected_sorted = expected;
+        expected_sorted.sort();
+        assert_eq!(removed, expected_sorted);
+        assert_eq!(s.changed["l40"], 41, "l40 left the keys with version 41");
+    }
+
+    #[test]
+    fn change_versions_round_trip_aligned_and_unknown_ones_are_kept() {
+        let s = stream(5, None);
+        let at = s.changed_at().expect("every key has its version");
+        let stored = SearchKeys { changed: Default::default(), ..s.clone() }.with_changed_at(&at);
+        assert_eq!(stored, s);
+        // A document without versions (written before they were recorded) keeps its lists.
+        let old = SearchKeys { changed: Default::default(), ..s.clone() };
+        let next = SearchKeys::next(Some(&old), v(&["g", "l6"]), 6, Some(5));
+        assert!(next.removed.contains(&"l1".to_string()) && next.added.contains(&"g".to_string()));
+        // Misaligned versions are ignored.
+        assert!(SearchKeys { changed: Default::default(), ..s }.with_changed_at(&[1]).changed.is_empty());
     }
 }
