@@ -39,6 +39,10 @@ pub const MAX_IDS: usize = 10_000;
 const PENDING_LIMIT: i64 = 5_000;
 /// Most rounds of candidates for one page (when the matcher rejects many).
 const ROUNDS: usize = 5;
+/// Most rounds while a page is still empty (see `Engine::page`).
+const MAX_ROUNDS: usize = 8;
+/// Most candidate rows one round asks for.
+const MAX_BATCH: usize = 1_000;
 /// Most given ids whose documents a search reads to count them when not asked to.
 const CHEAP_IDS: usize = 1_000;
 /// Most sort keys.
@@ -123,7 +127,8 @@ pub enum Total {
     None,
     /// Without `_total`: the count when it comes with the first page's query (or the page
     /// holds every match), none where it would take a query of its own, such as a page of
-    /// a million-member Group's Patients (as Medplum and HAPI omit it unless asked).
+    /// a million-member Group's Patients or a page sorted by one parameter (as Medplum and
+    /// HAPI omit it unless asked).
     WhenCheap,
     Accurate,
 }
@@ -172,6 +177,12 @@ struct Ranked {
 }
 
 #[derive(Debug, clickhouse::Row, Deserialize)]
+struct Keyed {
+    id: String,
+    key: String,
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
 struct Counted {
     id: String,
     total: u64,
@@ -200,17 +211,17 @@ impl Engine {
         let accurate = req.total == Total::Accurate;
         let wanted = req.total != Total::None;
         let first = req.cursor.is_none();
+        // Whether the first page's query counts; a later page, or a first page whose query
+        // does not when the client asked for the total, counts while the page is read.
+        let cheap = plan.counts_with_page(req);
         let page = async {
             match req.count {
                 0 => Ok((Vec::new(), None, None)),
-                n => self.page(req, &plan, &clauses, &overlay, n, wanted && first).await,
+                n => self.page(req, &plan, &clauses, &overlay, n, wanted && first && cheap).await,
             }
         };
-        // A later page counts while it is read (unless the first page's query does not
-        // count, and the client did not ask for it).
-        let cheap = plan.counts_with_page(req);
         let count = async {
-            match (accurate || (wanted && cheap)) && (!first || req.count == 0) {
+            match (accurate || (wanted && cheap)) && (!first || req.count == 0 || !cheap) {
                 true => self.count(&req.rt, &plan, &clauses, &overlay).await.map(Some),
                 false => Ok(None),
             }
@@ -489,7 +500,12 @@ impl Engine {
         let mut out = Vec::new();
         let mut counted = None;
         let past_present = after.is_some_and(|a| a.parts[0].0);
-        if !past_present {
+        if !past_present && sorts.len() == 1 {
+            out = self.in_key_order(req, plan, overlay, after, limit, &sorts[0]).await?;
+            if out.len() >= limit {
+                return Ok((out, None));
+            }
+        } else if !past_present {
             // `s` = [missing0, value0, missing1, value1, …] as strings ('1' = missing).
             sql.push("SELECT id, [");
             for (i, (set, largest)) in sorts.iter().enumerate() {
@@ -559,8 +575,83 @@ impl Engine {
         Ok((out, counted))
     }
 
+    /// One sort key's part of a page: the rows of the sort's keys from the cursor on, in
+    /// the index's order, of resources among the candidates, at most `limit` rows.
+    ///
+    /// Read without `FINAL`, so ClickHouse reads in the table's order and stops after the
+    /// few granules the page needs, where merging would read every resource's key first
+    /// (measured at 1M Observations: 90 ms for a page by date, against 15 ms). The rows are
+    /// therefore positions, not yet answers: a resource appears at each of its values, and
+    /// at a value an unmerged older version had. `page` keeps a row only where it is the
+    /// document's own sort value (`position_of` on its keys), which is exactly one row per
+    /// matching resource at its place in the order, also after a cursor.
+    ///
+    /// A step on the sort's own parameter whose range runs to the sort's end (`ge`/`gt`
+    /// under a descending date sort, `le`/`lt` under an ascending one) narrows the read
+    /// instead of the candidates: the largest (smallest) value is in such a range exactly
+    /// when any value is.
+    async fn in_key_order(
+        &self,
+        req: &Request,
+        plan: &Plan,
+        overlay: &Overlay,
+        after: Option<&Position>,
+        limit: usize,
+        (set, largest): &(KeySet, bool),
+    ) -> Result<Vec<Position>, FhirError> {
+        let [KeyCond::Range(from, to)] = set.0.as_slice() else { return Ok(Vec::new()) };
+        let (mut from, mut to) = (from.clone(), to.clone());
+        let every = KeySet(vec![KeyCond::Eq(every_resource())]);
+        let mut steps = plan.steps();
+        steps.retain(|step| match step {
+            Step::With(set) if *set == every => false,
+            Step::With(KeySet(conds)) => match conds.as_slice() {
+                [KeyCond::Range(f, t)] if *largest && *t == to && *f >= from => {
+                    from = f.clone();
+                    false
+                }
+                [KeyCond::Range(f, t)] if !*largest && *f == from && *t <= to => {
+                    to = t.clone();
+                    false
+                }
+                _ => true,
+            },
+            _ => true,
+        });
+        let mut sql = Sql::default();
+        sql.push(&format!("SELECT id, key FROM {TABLE} WHERE rt = ")).str(&req.rt);
+        sql.push(" AND key >= ").str(&from).push(" AND key < ").str(&to).push(" AND deleted = 0");
+        if let Some(Position { parts, id }) = after {
+            let op = if *largest { "<" } else { ">" };
+            sql.push(&format!(" AND (key {op} ")).str(&parts[0].1);
+            sql.push(" OR (key = ").str(&parts[0].1).push(" AND id > ").str(id).push("))");
+        }
+        if let Some(rest) = Plan::of_steps(steps) {
+            sql.push(" AND id IN (");
+            sql::candidates(&mut sql, &req.rt, &rest.driver, &rest.others(), &[], None);
+            sql.push(")");
+        }
+        if !overlay.ids.is_empty() {
+            sql.push(" AND ").in_list("id", &overlay.ids, true);
+        }
+        sql.push(&format!(" ORDER BY key {}, id LIMIT ", if *largest { "DESC" } else { "ASC" }));
+        sql.u64(limit as u64).push(SMALL_QUERY);
+        // Unmerged copies of a row stay: `page` merges equal positions (dropping them here
+        // would make a full page look like the last).
+        let rows: Vec<Keyed> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+        Ok(rows.into_iter().map(|r| Position { parts: vec![(false, r.key)], id: r.id }).collect())
+    }
+
     /// A page: candidates in order from both sources, read and checked, until the page is
-    /// full, the candidates end, or [`ROUNDS`] rounds.
+    /// full, the candidates end, or [`ROUNDS`] rounds (more while the page is still empty: an
+    /// empty page with a `next` link ends most clients' paging).
+    ///
+    /// Each round asks for four times the rows of the one before (up to [`MAX_BATCH`]): rows
+    /// are rejected where the matcher disagrees with the index, and, in a one-key sort read
+    /// in the index's order (see `in_key_order`), at every value an older version of a
+    /// resource had until ClickHouse merges its rows away: a resource written many times
+    /// leaves many such rows, which a page of `_count=1` would otherwise step through two at
+    /// a time.
     async fn page(
         &self,
         req: &Request,
@@ -578,27 +669,38 @@ impl Engine {
         let mut after = req.cursor.clone();
         let mut found: Vec<(Position, Version)> = Vec::new();
         let mut counted = None;
-        for round in 0..ROUNDS {
-            let (indexed, n) = self.ranked(req, plan, overlay, after.as_ref(), want, total && round == 0).await?;
+        let mut batch = want;
+        for round in 0..MAX_ROUNDS {
+            if round >= ROUNDS && !found.is_empty() {
+                break;
+            }
+            let (indexed, n) = self.ranked(req, plan, overlay, after.as_ref(), batch, total && round == 0).await?;
             counted = counted.or(n);
-            let exhausted = indexed.len() < want;
+            let exhausted = indexed.len() < batch;
             let mut merged: Vec<(Position, Option<&Version>)> = indexed.into_iter().map(|p| (p, None)).collect();
             merged.extend(
                 pending
                     .iter()
                     .filter(|(p, _)| after.as_ref().is_none_or(|a| p.cmp(a, &req.sort) == Ordering::Greater))
-                    .take(want)
+                    .take(batch)
                     .map(|(p, v)| (p.clone(), Some(*v))),
             );
             merged.sort_by(|a, b| a.0.cmp(&b.0, &req.sort));
-            merged.truncate(want);
-            let ends = exhausted && merged.len() < want;
-            let to_read: Vec<String> = merged.iter().filter(|(_, v)| v.is_none()).map(|(p, _)| p.id.clone()).collect();
-            let mut read = self.store.by_ids(&req.rt, &to_read).await?;
+            // Unmerged copies of a row (see `in_key_order`) are one position.
+            merged.dedup_by(|a, b| a.0 == b.0);
+            merged.truncate(batch);
+            let ends = exhausted && merged.len() < batch;
+            let mut to_read: Vec<String> =
+                merged.iter().filter(|(_, v)| v.is_none()).map(|(p, _)| p.id.clone()).collect();
+            to_read.sort_unstable();
+            to_read.dedup();
+            let read = self.store.by_ids(&req.rt, &to_read).await?;
             for (p, v) in &merged {
+                // A resource may have rows at several positions: the one its document puts
+                // it at is kept.
                 let version = match v {
                     Some(v) => Some((*v).clone()),
-                    None => read.iter().position(|r| r.id == p.id).map(|i| read.swap_remove(i)),
+                    None => read.iter().find(|r| r.id == p.id).cloned(),
                 };
                 // A sorted row stands where the document's own sort value puts it, or not at
                 // all (a document changed since its row was read waits for the next page).
@@ -615,6 +717,7 @@ impl Engine {
                 found.truncate(count);
                 return Ok((found.into_iter().map(|(_, v)| v).collect(), next, counted));
             }
+            batch = (batch * 4).min(MAX_BATCH.max(want));
         }
         // Many candidates were rejected: a short page, continued where the rounds stopped.
         Ok((found.into_iter().map(|(_, v)| v).collect(), after, counted))
@@ -758,6 +861,15 @@ impl Plan {
         Some(Plan { driver, rest: all })
     }
 
+    /// Every step, the driver's first.
+    fn steps(&self) -> Vec<Step> {
+        let driver = match &self.driver {
+            Driver::Keys(set) => Step::With(set.clone()),
+            Driver::Targets(t) => Step::Targets(t.clone()),
+        };
+        std::iter::once(driver).chain(self.rest.iter().cloned()).collect()
+    }
+
     /// Whether a page is a range of a detached reference's targets (nothing else narrows
     /// the search and no sort orders it): a million-member Group's page reads a page,
     /// while its count would read every member.
@@ -780,10 +892,10 @@ impl Plan {
     }
 
     /// Whether the first page's query counts the candidates too: not where the page is
-    /// read in an order that stops early (a detached reference's targets), as counting
-    /// would read every candidate.
+    /// read in an order that stops early (a detached reference's targets, one sort key),
+    /// as counting would read every candidate.
     fn counts_with_page(&self, req: &Request) -> bool {
-        !self.pages_targets(req)
+        !self.pages_targets(req) && req.sort.iter().filter(|s| s.def.is_some()).count() != 1
     }
 
     fn others(&self) -> Vec<&Step> {
