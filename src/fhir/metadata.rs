@@ -43,11 +43,14 @@ pub fn capability_statement_json(fhir_base: &str, max_conditional_delete: usize)
     let resources: Vec<Value> = fhir_model::RESOURCE_TYPES
         .iter()
         .map(|rt| {
-            let params: Vec<Value> = registry()
+            let mut params: Vec<Value> = registry()
                 .of_type(rt)
                 .filter(|d| supported(d))
                 .map(|d| json!({ "name": d.code, "definition": d.url, "type": d.kind.as_str() }))
                 .collect();
+            // No SearchParameter defines it (search.html#list): a List's entries.
+            params.push(json!({ "name": "_list", "type": "special",
+                "documentation": "Resources that are entries of the given List ids (not functional lists)" }));
             let mut includes = vec!["*".to_string()];
             includes.extend(
                 registry()

@@ -287,11 +287,39 @@ impl Engine {
                         Clause::Ids(sources)
                     }
                     Clause::AnyOf(parts) => Clause::AnyOf(self.resolve(rt, parts).await?),
+                    Clause::List(lists) => Clause::Ids(self.list_entries(rt, lists).await?),
                     other => other.clone(),
                 });
             }
             Ok(out)
         })
+    }
+
+    /// The ids of `rt` that are entries (`List.entry.item`, not flagged `deleted`) of these
+    /// Lists; a List that does not exist has none. An item refers as `rt/id`, as this
+    /// server's absolute URL, or with a version (`/_history/n`, which `_list` ignores).
+    async fn list_entries(&self, rt: &str, lists: &[String]) -> Result<Vec<String>, FhirError> {
+        let mut ids = Vec::new();
+        for list in self.store.by_ids("List", lists).await? {
+            let Some(resource) = list.resource.as_ref().filter(|_| !list.deleted) else { continue };
+            let entries = resource.get("entry").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            for entry in entries {
+                if entry.get("deleted").and_then(Value::as_bool) == Some(true) {
+                    continue;
+                }
+                let Some(reference) = entry.pointer("/item/reference").and_then(Value::as_str) else { continue };
+                let local = reference.strip_prefix(&*self.base).map_or(reference, |r| r.trim_start_matches('/'));
+                let local = local.split("/_history/").next().unwrap_or(local);
+                if let Some((ty, id)) = local.split_once('/') {
+                    if ty == rt && !id.contains('/') {
+                        ids.push(id.to_string());
+                    }
+                }
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
     }
 
     fn detached_for(&self, source_type: &str, code: &str) -> Option<Arc<dyn DetachedReferences>> {
@@ -801,7 +829,7 @@ fn holds(v: &Version, resource: &Value, c: &Clause, base: &str) -> bool {
             }
             None => true,
         },
-        Clause::Chain { .. } | Clause::Has(_) => true,
+        Clause::Chain { .. } | Clause::Has(_) | Clause::List(_) => true,
         Clause::AnyOf(parts) => parts.iter().any(|p| holds(v, resource, p, base)),
         // Checked when the candidate was found (by the subquery, or by `Plan::holds`).
         Clause::Targets(_) => true,

@@ -136,7 +136,7 @@ pub fn steps(rt: &str, clause: &Clause) -> Vec<Step> {
             None => Vec::new(),
         },
         // Resolved by the executor before planning.
-        Clause::Chain { .. } | Clause::Has(_) => Vec::new(),
+        Clause::Chain { .. } | Clause::Has(_) | Clause::List(_) => Vec::new(),
         // One "with" step for the union, when each part is one; else the matcher decides.
         Clause::AnyOf(parts) => {
             let mut union = Vec::new();

@@ -163,6 +163,9 @@ pub enum Clause {
     AnyOf(Vec<Clause>),
     /// Among the resources a detached reference points to (see `detached`).
     Targets(super::detached::Targets),
+    /// `_list`: among the resources these `List`s have as entries (resolved to [`Clause::Ids`]
+    /// before planning).
+    List(Vec<String>),
 }
 
 /// The clause "in `Patient/{id}`'s compartment" for resources of `rt` (`None` when `rt` is
@@ -383,6 +386,9 @@ pub fn parse_clause(rt: &str, name: &str, value: &str, base: &str, depth: usize)
     if let Some(rest) = name.strip_prefix("_has:") {
         return has_clause(rt, rest, value, base, depth).map(Some);
     }
+    if name == "_list" || name.starts_with("_list:") {
+        return list_clause(name, value).map(Some);
+    }
     // `subject:Patient.name` / `subject.name`: the first `.` ends the parameter.
     let (head, chained) = match name.split_once('.') {
         Some((h, c)) => (h, Some(c)),
@@ -456,6 +462,26 @@ pub fn parse_clause(rt: &str, name: &str, value: &str, base: &str, depth: usize)
         return Ok(Some(Clause::LastUpdated(any)));
     }
     Ok(Some(Clause::Param { def: def.clone(), not: modifier == Some("not"), any }))
+}
+
+/// `_list=ID[,ID…]` (FHIR search §3.1.1.5.7): the resources that are entries of these
+/// Lists. Functional lists (`$current-problems`, …) name a patient's lists that this server
+/// does not keep: refused by name rather than answered empty.
+fn list_clause(name: &str, value: &str) -> Result<Clause, FhirError> {
+    if name != "_list" {
+        return Err(bad(format!("{name}: _list takes no modifier")));
+    }
+    let ids = split_escaped(value, ',');
+    if ids.len() > MAX_VALUES {
+        return Err(bad(format!("_list: at most {MAX_VALUES} values may be ORed")));
+    }
+    if let Some(f) = ids.iter().find(|v| v.starts_with('$')) {
+        return Err(bad(format!("_list: functional lists such as '{f}' are not supported; give a List id")));
+    }
+    if let Some(bad_id) = ids.iter().find(|v| !crate::model::validate::is_valid_id(v)) {
+        return Err(bad(format!("_list: '{bad_id}' is not a valid List id")));
+    }
+    Ok(Clause::List(ids))
 }
 
 fn chain_applies(ty: &str, chained: &str) -> bool {

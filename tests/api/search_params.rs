@@ -697,3 +697,41 @@ async fn paging_a_sort_steps_over_the_values_of_older_versions() {
     }
     ch.query("SYSTEM START MERGES SearchIndex").execute().await.unwrap();
 }
+
+/// `_list`: the resources of the searched type that are entries of the List (by relative
+/// or absolute reference, with or without a version; entries flagged `deleted` left out).
+#[tokio::test]
+async fn list_finds_the_entries_of_a_list() {
+    let app = spawn_app().await;
+    load_clinic(&app).await;
+    put(
+        &app,
+        json!({"resourceType": "List", "id": "l1", "status": "current", "mode": "working", "entry": [
+            {"item": {"reference": "Patient/p1"}},
+            {"item": {"reference": format!("{}/Patient/p2/_history/1", app.fhir)}},
+            {"item": {"reference": "Patient/p3"}, "deleted": true},
+            {"item": {"reference": "Observation/o1"}},
+            {"item": {"display": "no reference"}}]}),
+    )
+    .await;
+    put(
+        &app,
+        json!({"resourceType": "List", "id": "l2", "status": "current", "mode": "working",
+        "entry": [{"item": {"reference": "Patient/p3"}}]}),
+    )
+    .await;
+    assert_eq!(find(&app, "Patient?_list=l1").await, v(&["p1", "p2"]));
+    assert_eq!(find(&app, "Patient?_list=l1&gender=male").await, v(&["p2"]));
+    assert_eq!(find(&app, "Patient?_list=l1,l2").await, v(&["p1", "p2", "p3"]));
+    assert_eq!(find(&app, "Observation?_list=l1").await, v(&["o1"]));
+    assert_eq!(find(&app, "Patient?_list=nowhere").await, v(&[]));
+    let b = json(app.get("Patient?_list=l1&_count=1").await).await;
+    assert_eq!(b["total"], 2);
+    for (query, says) in [("Patient?_list=$current-problems", "functional lists"), ("Patient?_list:not=l1", "modifier")]
+    {
+        let r = app.get(query).await;
+        assert_eq!(r.status(), 400, "{query}");
+        let body = json(r).await;
+        assert!(body["issue"][0]["diagnostics"].as_str().unwrap().contains(says), "{query}: {body}");
+    }
+}
