@@ -127,11 +127,30 @@ pub fn values_of(d: &Definition, resource: &Value, base: &str) -> Vec<IndexValue
         }
         return values;
     }
+    // A `code` element's codes have the system its required binding names (FHIR search:
+    // the system is implicit), so `gender=<administrative-gender>|male` finds `male`.
+    let rt = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+    let implicit = (d.kind == ParamType::Token).then(|| implicit_system(rt, &d.code)).flatten();
     for item in &items {
+        let start = values.len();
         typed(d.kind, item, resource, base, &mut values);
+        if let (Some(implicit), Item::Node { ty: "code", .. }) = (implicit, item) {
+            for v in &mut values[start..] {
+                if let IndexValue::Token { system: system @ None, .. } = v {
+                    *system = Some(implicit.to_string());
+                }
+            }
+        }
     }
     values.dedup();
     values
+}
+
+/// The implicit code system of a token parameter over `code` elements of `rt` (see
+/// `scripts/gen_implicit_systems.py`).
+pub fn implicit_system(rt: &str, code: &str) -> Option<&'static str> {
+    let table = super::implicit_systems::IMPLICIT_SYSTEMS;
+    table.binary_search_by(|(t, c, _)| (*t, *c).cmp(&(rt, code))).ok().map(|i| table[i].2)
 }
 
 fn text(v: &Value, key: &str) -> Option<String> {
@@ -438,11 +457,24 @@ mod tests {
     }
 
     #[test]
+    fn the_implicit_systems_are_sorted_and_found() {
+        let table = super::super::implicit_systems::IMPLICIT_SYSTEMS;
+        assert!(table.windows(2).all(|w| (w[0].0, w[0].1) < (w[1].0, w[1].1)));
+        assert_eq!(implicit_system("Observation", "status"), Some("http://hl7.org/fhir/observation-status"));
+        assert_eq!(implicit_system("Observation", "code"), None, "a CodeableConcept has its own");
+    }
+
+    #[test]
     fn tokens_of_each_shape() {
         let p = json!({"resourceType": "Patient", "gender": "male", "active": true,
             "identifier": [{"system": "s", "value": "v", "type": {"coding": [{"system": "t", "code": "MR"}], "text": "MRN"}}],
             "telecom": [{"system": "email", "value": "a@b.c"}]});
-        assert_eq!(of(&p, "gender"), vec![IndexValue::Token { system: None, code: Some("male".into()), text: None }]);
+        let gender = Some("http://hl7.org/fhir/administrative-gender".to_string());
+        assert_eq!(
+            of(&p, "gender"),
+            vec![IndexValue::Token { system: gender, code: Some("male".into()), text: None }],
+            "a code element's system is its binding's"
+        );
         assert_eq!(of(&p, "active"), vec![IndexValue::Token { system: None, code: Some("true".into()), text: None }]);
         let ids = of(&p, "identifier");
         assert_eq!(

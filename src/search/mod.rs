@@ -12,6 +12,7 @@ pub mod execute;
 pub mod extract;
 pub(crate) mod fhirpath;
 pub mod flusher;
+mod implicit_systems;
 pub mod keys;
 pub mod matcher;
 pub mod plan;

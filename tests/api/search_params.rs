@@ -127,6 +127,12 @@ async fn strings_tokens_and_identifiers() {
     assert_eq!(find(&app, "Patient?family=smith,zoe").await, v(&["p1", "p2", "p3"]), "comma is OR");
     assert_eq!(find(&app, "Patient?family=smith&gender=female").await, v(&["p3"]), "repeated is AND");
     assert_eq!(find(&app, "Patient?gender=female").await, v(&["p1", "p3"]));
+    // A `code` element's system is implicit: its required binding's.
+    let g = "http://hl7.org/fhir/administrative-gender";
+    assert_eq!(find(&app, &format!("Patient?gender={g}|female")).await, v(&["p1", "p3"]));
+    assert_eq!(find(&app, &format!("Patient?gender={g}|")).await, v(&["p1", "p2", "p3"]));
+    assert_eq!(find(&app, "Patient?gender=http://other|female").await, v(&[]));
+    assert_eq!(find(&app, "Patient?gender=|female").await, v(&[]), "|code wants no system; it has one");
     assert_eq!(find(&app, "Patient?gender:not=female").await, v(&["p2"]));
     assert_eq!(find(&app, "Patient?active=true").await, v(&["p1"]));
     assert_eq!(find(&app, "Patient?active:not=true").await, v(&["p2", "p3"]), ":not includes missing");
