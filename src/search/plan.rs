@@ -335,7 +335,9 @@ mod tests {
         assert!(!holds("Patient", "family:exact", "zoë smith", p.clone()));
         assert!(holds("Patient", "family:contains", "smi", p.clone()));
         assert!(holds("Patient", "gender", "female", p.clone()));
-        assert!(holds("Patient", "gender", "|female", p.clone()));
+        // A code element's system is its binding's (implicit): `|female` wants none.
+        assert!(!holds("Patient", "gender", "|female", p.clone()));
+        assert!(holds("Patient", "gender", "http://hl7.org/fhir/administrative-gender|female", p.clone()));
         assert!(!holds("Patient", "gender", "male", p.clone()));
         assert!(holds("Patient", "gender:not", "male", p.clone()));
         assert!(!holds("Patient", "gender:not", "female", p.clone()));
