@@ -127,8 +127,7 @@ pub enum Total {
     None,
     /// Without `_total`: the count when it comes with the first page's query (or the page
     /// holds every match), none where it would take a query of its own, such as a page of
-    /// a million-member Group's Patients or a page sorted by one parameter (as Medplum and
-    /// HAPI omit it unless asked).
+    /// a million-member Group's Patients (as Medplum and HAPI omit it unless asked).
     WhenCheap,
     Accurate,
 }
@@ -174,12 +173,6 @@ struct Ranked {
     id: String,
     s: Vec<String>,
     total: u64,
-}
-
-#[derive(Debug, clickhouse::Row, Deserialize)]
-struct Keyed {
-    id: String,
-    key: String,
 }
 
 #[derive(Debug, clickhouse::Row, Deserialize)]
@@ -528,12 +521,7 @@ impl Engine {
         let mut out = Vec::new();
         let mut counted = None;
         let past_present = after.is_some_and(|a| a.parts[0].0);
-        if !past_present && sorts.len() == 1 {
-            out = self.in_key_order(req, plan, overlay, after, limit, &sorts[0]).await?;
-            if out.len() >= limit {
-                return Ok((out, None));
-            }
-        } else if !past_present {
+        if !past_present {
             // `s` = [missing0, value0, missing1, value1, …] as strings ('1' = missing).
             sql.push("SELECT id, [");
             for (i, (set, largest)) in sorts.iter().enumerate() {
@@ -603,83 +591,14 @@ impl Engine {
         Ok((out, counted))
     }
 
-    /// One sort key's part of a page: the rows of the sort's keys from the cursor on, in
-    /// the index's order, of resources among the candidates, at most `limit` rows.
-    ///
-    /// Read without `FINAL`, so ClickHouse reads in the table's order and stops after the
-    /// few granules the page needs, where merging would read every resource's key first
-    /// (measured at 1M Observations: 90 ms for a page by date, against 15 ms). The rows are
-    /// therefore positions, not yet answers: a resource appears at each of its values, and
-    /// at a value an unmerged older version had. `page` keeps a row only where it is the
-    /// document's own sort value (`position_of` on its keys), which is exactly one row per
-    /// matching resource at its place in the order, also after a cursor.
-    ///
-    /// A step on the sort's own parameter whose range runs to the sort's end (`ge`/`gt`
-    /// under a descending date sort, `le`/`lt` under an ascending one) narrows the read
-    /// instead of the candidates: the largest (smallest) value is in such a range exactly
-    /// when any value is.
-    async fn in_key_order(
-        &self,
-        req: &Request,
-        plan: &Plan,
-        overlay: &Overlay,
-        after: Option<&Position>,
-        limit: usize,
-        (set, largest): &(KeySet, bool),
-    ) -> Result<Vec<Position>, FhirError> {
-        let [KeyCond::Range(from, to)] = set.0.as_slice() else { return Ok(Vec::new()) };
-        let (mut from, mut to) = (from.clone(), to.clone());
-        let every = KeySet(vec![KeyCond::Eq(every_resource())]);
-        let mut steps = plan.steps();
-        steps.retain(|step| match step {
-            Step::With(set) if *set == every => false,
-            Step::With(KeySet(conds)) => match conds.as_slice() {
-                [KeyCond::Range(f, t)] if *largest && *t == to && *f >= from => {
-                    from = f.clone();
-                    false
-                }
-                [KeyCond::Range(f, t)] if !*largest && *f == from && *t <= to => {
-                    to = t.clone();
-                    false
-                }
-                _ => true,
-            },
-            _ => true,
-        });
-        let mut sql = Sql::default();
-        sql.push(&format!("SELECT id, key FROM {TABLE} WHERE rt = ")).str(&req.rt);
-        sql.push(" AND key >= ").str(&from).push(" AND key < ").str(&to).push(" AND deleted = 0");
-        if let Some(Position { parts, id }) = after {
-            let op = if *largest { "<" } else { ">" };
-            sql.push(&format!(" AND (key {op} ")).str(&parts[0].1);
-            sql.push(" OR (key = ").str(&parts[0].1).push(" AND id > ").str(id).push("))");
-        }
-        if let Some(rest) = Plan::of_steps(steps) {
-            sql.push(" AND id IN (");
-            sql::candidates(&mut sql, &req.rt, &rest.driver, &rest.others(), &[], None);
-            sql.push(")");
-        }
-        if !overlay.ids.is_empty() {
-            sql.push(" AND ").in_list("id", &overlay.ids, true);
-        }
-        sql.push(&format!(" ORDER BY key {}, id LIMIT ", if *largest { "DESC" } else { "ASC" }));
-        sql.u64(limit as u64).push(SMALL_QUERY);
-        // Unmerged copies of a row stay: `page` merges equal positions (dropping them here
-        // would make a full page look like the last).
-        let rows: Vec<Keyed> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
-        Ok(rows.into_iter().map(|r| Position { parts: vec![(false, r.key)], id: r.id }).collect())
-    }
-
     /// A page: candidates in order from both sources, read and checked, until the page is
     /// full, the candidates end, or [`ROUNDS`] rounds (more while the page is still empty: an
     /// empty page with a `next` link ends most clients' paging).
     ///
     /// Each round asks for four times the rows of the one before (up to [`MAX_BATCH`]): rows
-    /// are rejected where the matcher disagrees with the index, and, in a one-key sort read
-    /// in the index's order (see `in_key_order`), at every value an older version of a
-    /// resource had until ClickHouse merges its rows away: a resource written many times
-    /// leaves many such rows, which a page of `_count=1` would otherwise step through two at
-    /// a time.
+    /// are rejected where the matcher disagrees with the index (and, in a read without
+    /// `FINAL`, at every value an older version of a resource had until ClickHouse merges
+    /// its rows away, which a page of `_count=1` would otherwise step through two at a time).
     async fn page(
         &self,
         req: &Request,
@@ -714,7 +633,7 @@ impl Engine {
                     .map(|(p, v)| (p.clone(), Some(*v))),
             );
             merged.sort_by(|a, b| a.0.cmp(&b.0, &req.sort));
-            // Unmerged copies of a row (see `in_key_order`) are one position.
+            // Unmerged copies of a row are one position.
             merged.dedup_by(|a, b| a.0 == b.0);
             merged.truncate(batch);
             let ends = exhausted && merged.len() < batch;
@@ -889,15 +808,6 @@ impl Plan {
         Some(Plan { driver, rest: all })
     }
 
-    /// Every step, the driver's first.
-    fn steps(&self) -> Vec<Step> {
-        let driver = match &self.driver {
-            Driver::Keys(set) => Step::With(set.clone()),
-            Driver::Targets(t) => Step::Targets(t.clone()),
-        };
-        std::iter::once(driver).chain(self.rest.iter().cloned()).collect()
-    }
-
     /// Whether a page is a range of a detached reference's targets (nothing else narrows
     /// the search and no sort orders it): a million-member Group's page reads a page,
     /// while its count would read every member.
@@ -920,10 +830,10 @@ impl Plan {
     }
 
     /// Whether the first page's query counts the candidates too: not where the page is
-    /// read in an order that stops early (a detached reference's targets, one sort key),
-    /// as counting would read every candidate.
+    /// read in an order that stops early (a detached reference's targets), as counting
+    /// would read every candidate.
     fn counts_with_page(&self, req: &Request) -> bool {
-        !self.pages_targets(req) && req.sort.iter().filter(|s| s.def.is_some()).count() != 1
+        !self.pages_targets(req)
     }
 
     fn others(&self) -> Vec<&Step> {
