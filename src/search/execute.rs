@@ -301,12 +301,12 @@ impl Engine {
                     continue;
                 }
                 let Some(reference) = entry.pointer("/item/reference").and_then(Value::as_str) else { continue };
-                let local = reference.strip_prefix(&*self.base).map_or(reference, |r| r.trim_start_matches('/'));
-                let local = local.split("/_history/").next().unwrap_or(local);
-                if let Some((ty, id)) = local.split_once('/') {
-                    if ty == rt && !id.contains('/') {
-                        ids.push(id.to_string());
-                    }
+                // `Type/id` when the reference is relative or this server's (see `extract`).
+                let (target, ty, _) = super::extract::split_reference(reference, &self.base);
+                if let Some(id) =
+                    target.strip_prefix(rt).and_then(|t| t.strip_prefix('/')).filter(|_| ty.as_deref() == Some(rt))
+                {
+                    ids.push(id.to_string());
                 }
             }
         }
