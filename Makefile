@@ -4,6 +4,9 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/roster/target
 export CARGO_TARGET_DIR
 SERVICES := scripts/services.sh
+# `make test` keeps the suite's output here and repeats its failures last (CI shows the tail).
+TEST_LOG := .local/test-output.log
+SHELL := /bin/bash
 
 .PHONY: run test bench fuzz services-up services-down fmt lint
 
@@ -21,10 +24,12 @@ test:
 	$(SERVICES) stop test
 	rm -rf .local/test
 	$(SERVICES) start test
-	eval "$$($(SERVICES) env test)" && cargo test --workspace --no-fail-fast -- --test-threads=$${TEST_THREADS:-8} --show-output; \
-	  status=$$?; \
+	eval "$$($(SERVICES) env test)" && cargo test --workspace --no-fail-fast -- --test-threads=$${TEST_THREADS:-8} --show-output \
+	  2>&1 | tee $(TEST_LOG); status=$${PIPESTATUS[0]}; \
 	  eval "$$($(SERVICES) env test)" && cargo test --test api -- --ignored --exact costs::mongodb_commands_per_write --show-output \
-	  || status=1; [ -n "$$KEEP_SERVICES" ] || $(SERVICES) stop test; exit $$status
+	  || status=1; [ -n "$$KEEP_SERVICES" ] || $(SERVICES) stop test; \
+	  if [ $$status != 0 ]; then echo "== failures of the suite (from $(TEST_LOG)) =="; \
+	    awk '/^failures:$$/{f=1} f{print} /^test result:/{f=0}' $(TEST_LOG) | tail -n 300; fi; exit $$status
 
 ## bench: release build, fresh services (the test profile's ports and data), results in docs/benchmarks.md
 ## (BENCH_ARGS=--quick for a smoke run at a tenth of the sizes)
