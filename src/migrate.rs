@@ -243,4 +243,25 @@ mod tests {
             serde_json::from_str::<MongoMigration>(text).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }
+
+    /// The build script lists the migration directories only when cargo thinks they
+    /// changed (by file times): a build of another checkout in the same target directory
+    /// can leave this checkout's binary with that checkout's list (it once lacked a
+    /// migration, and `roster reindex` then failed for want of its table).
+    #[test]
+    fn the_embedded_list_is_this_checkouts() {
+        // Read at run time: a test binary may be reused by another checkout as it is.
+        let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"));
+        for (dir, ext, embedded) in
+            [("clickhouse", ".sql", CLICKHOUSE_MIGRATIONS), ("mongo", ".json", MONGO_MIGRATIONS)]
+        {
+            let mut on_disk: Vec<String> = std::fs::read_dir(root.join(dir))
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(ext).map(str::to_string))
+                .collect();
+            on_disk.sort();
+            let embedded: Vec<&str> = embedded.iter().map(|(name, _)| *name).collect();
+            assert_eq!(embedded, on_disk, "{dir}/: rebuild after `touch {dir}/*`");
+        }
+    }
 }

@@ -194,13 +194,16 @@ impl Engine {
     /// One page of a search. The total comes with the first page's candidates (one query)
     /// where it can; a later page's total is counted while the page is read.
     pub async fn search(&self, req: &Request) -> Result<Page, FhirError> {
+        let started = std::time::Instant::now();
         let clauses = self.resolve(&req.rt, &req.clauses).await?;
+        let resolved_at = started.elapsed();
         let mut plan = Plan::new(&req.rt, &clauses);
         // A page of given ids reads their documents, pending or not: nothing to overlay.
         let overlay = match plan.ids_page(req) {
             Some(_) => Overlay::default(),
             None => self.overlay(&req.rt, &mut plan).await?,
         };
+        let overlaid_at = started.elapsed();
         let accurate = req.total == Total::Accurate;
         let wanted = req.total != Total::None;
         let first = req.cursor.is_none();
@@ -231,6 +234,15 @@ impl Engine {
             }
             (true, None, None) => None,
         };
+        // Where a search's time goes (`ROSTER_LOG=roster::search=debug`), cumulative.
+        tracing::debug!(
+            resource_type = req.rt,
+            resolved_us = resolved_at.as_micros() as u64,
+            overlaid_us = overlaid_at.as_micros() as u64,
+            paged_us = started.elapsed().as_micros() as u64,
+            pending = overlay.ids.len(),
+            "search timings"
+        );
         Ok(Page { matches, total, next })
     }
 
@@ -621,7 +633,9 @@ impl Engine {
             if round >= ROUNDS && !found.is_empty() {
                 break;
             }
+            let round_started = std::time::Instant::now();
             let (indexed, n) = self.ranked(req, plan, overlay, after.as_ref(), batch, total && round == 0).await?;
+            let ranked_at = round_started.elapsed();
             counted = counted.or(n);
             let exhausted = indexed.len() < batch;
             let mut merged: Vec<(Position, Option<&Version>)> = indexed.into_iter().map(|p| (p, None)).collect();
@@ -642,6 +656,14 @@ impl Engine {
             to_read.sort_unstable();
             to_read.dedup();
             let read = self.store.by_ids(&req.rt, &to_read).await?;
+            tracing::debug!(
+                round,
+                batch,
+                rows = merged.len(),
+                ranked_us = ranked_at.as_micros() as u64,
+                read_us = round_started.elapsed().as_micros() as u64,
+                "search round"
+            );
             for (p, v) in &merged {
                 // A resource may have rows at several positions: the one its document puts
                 // it at is kept.
