@@ -74,6 +74,8 @@ impl Sql {
 
     /// A query of this SQL on `ch`, parameters bound.
     pub fn query(&self, ch: &clickhouse::Client) -> Query {
+        // The text, without its parameters (`ROSTER_LOG=roster::search::sql=trace`).
+        tracing::trace!(sql = %self.text, "search query");
         let mut q = ch.query(&self.text);
         for (name, p) in &self.params {
             q = match p {
