@@ -187,6 +187,17 @@ struct Ranked {
     total: u64,
 }
 
+/// What one round of a page reads from the index: for this search, with this plan and
+/// overlay, the candidates after `after`, at most `limit`.
+#[derive(Clone, Copy)]
+struct Round<'a> {
+    req: &'a Request,
+    plan: &'a Plan,
+    overlay: &'a Overlay,
+    after: Option<&'a Position>,
+    limit: usize,
+}
+
 /// One round's candidates from the index, in the search's order.
 struct Candidates {
     positions: Vec<Position>,
@@ -506,15 +517,8 @@ impl Engine {
     /// [`Plan::pages_targets`] for how a detached reference alone is paged); with `total`
     /// (on a first page), how many candidates there are in all, counted by the same query
     /// (`None` where that would cost a read of every candidate the page does not need).
-    async fn ranked(
-        &self,
-        req: &Request,
-        plan: &Plan,
-        overlay: &Overlay,
-        after: Option<&Position>,
-        limit: usize,
-        total: bool,
-    ) -> Result<Candidates, FhirError> {
+    async fn ranked(&self, round: Round<'_>, total: bool) -> Result<Candidates, FhirError> {
+        let Round { req, plan, overlay, after, limit } = round;
         let total = total && after.is_none();
         let sorts: Vec<(KeySet, bool)> = req.sort.iter().filter_map(SortKey::keys).collect();
         if let Some(ids) = plan.ids_page(req) {
@@ -573,7 +577,7 @@ impl Engine {
         let mut counted = None;
         let past_present = after.is_some_and(|a| a.parts[0].0);
         if !past_present && sorts.len() == 1 {
-            let (rows, more) = self.in_key_order(req, plan, overlay, after, limit, &sorts[0]).await?;
+            let (rows, more) = self.in_key_order(round, &sorts[0]).await?;
             if more {
                 return Ok(Candidates { positions: rows, more, total: None });
             }
@@ -672,13 +676,10 @@ impl Engine {
     /// when any value is.
     async fn in_key_order(
         &self,
-        req: &Request,
-        plan: &Plan,
-        overlay: &Overlay,
-        after: Option<&Position>,
-        limit: usize,
+        round: Round<'_>,
         (set, largest): &(KeySet, bool),
     ) -> Result<(Vec<Position>, bool), FhirError> {
+        let Round { req, plan, overlay, after, limit } = round;
         let [KeyCond::Range(from, to)] = set.0.as_slice() else { return Ok((Vec::new(), false)) };
         let (mut from, mut to) = (from.clone(), to.clone());
         let every = KeySet(vec![KeyCond::Eq(every_resource())]);
@@ -755,7 +756,8 @@ impl Engine {
                 break;
             }
             let round_started = std::time::Instant::now();
-            let indexed = self.ranked(req, plan, overlay, after.as_ref(), batch, total && round == 0).await?;
+            let asked = Round { req, plan, overlay, after: after.as_ref(), limit: batch };
+            let indexed = self.ranked(asked, total && round == 0).await?;
             let ranked_at = round_started.elapsed();
             counted = counted.or(indexed.total);
             let (merged, ends) =

@@ -686,20 +686,8 @@ async fn paging_a_sort_steps_over_the_values_of_older_versions() {
         .unwrap();
     assert!(stale > 20, "the older versions' rows are unmerged: {stale}");
     for (sort, expected) in [("_lastUpdated", ["a", "b"]), ("-_lastUpdated", ["b", "a"])] {
-        let mut url = app.url(&format!("Patient?_lastUpdated=ge{}&_sort={sort}&_count=1", first.replace('+', "%2B")));
-        let mut seen = Vec::new();
-        for _ in 0..4 {
-            let b = json(app.client.get(&url).send().await.unwrap()).await;
-            let page = ordered(&b);
-            let next = b["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").cloned();
-            assert!(!page.is_empty() || next.is_none(), "{sort}: an empty page with a next link after {seen:?}");
-            seen.extend(page);
-            match next {
-                Some(l) => url = l["url"].as_str().unwrap().to_string(),
-                None => break,
-            }
-        }
-        assert_eq!(seen, expected, "{sort}");
+        let query = format!("Patient?_lastUpdated=ge{}&_sort={sort}", first.replace('+', "%2B"));
+        assert_eq!(paged(&app, &query, 1).await, expected, "{sort}");
     }
     ch.query("SYSTEM START MERGES SearchIndex").execute().await.unwrap();
 }
