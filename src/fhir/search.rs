@@ -134,9 +134,6 @@ fn parse_sort(rt: &str, value: &str) -> Result<Vec<SortKey>, FhirError> {
             None => (false, part),
         };
         if code == "_id" {
-            if descending {
-                return Err(bad("_sort: -_id is not supported (_id sorts ascending)".into()));
-            }
             out.push(SortKey { def: None, descending });
             continue;
         }
@@ -151,12 +148,17 @@ fn parse_sort(rt: &str, value: &str) -> Result<Vec<SortKey>, FhirError> {
     if out.len() > execute::MAX_SORTS {
         return Err(bad(format!("_sort: at most {} keys", execute::MAX_SORTS)));
     }
-    // `_id` ends every order anyway.
-    while out.last().is_some_and(|s| s.def.is_none()) {
-        out.pop();
-    }
-    if out.iter().any(|s| s.def.is_none()) {
+    // `_id` ends every order anyway: named last, it sets the direction of ids (see
+    // `execute::ids_descending`); alone, only ascending (the order without `_sort`).
+    if out.iter().rev().skip(1).any(|s| s.def.is_none()) {
         return Err(bad("_sort: _id may only be the last key".into()));
+    }
+    match out.as_slice() {
+        [only] if only.def.is_none() && only.descending => {
+            return Err(bad("_sort: -_id is supported only after another key (_id alone sorts ascending)".into()))
+        }
+        [only] if only.def.is_none() => out.clear(),
+        _ => {}
     }
     Ok(out)
 }
@@ -320,7 +322,7 @@ pub(super) async fn search(
     let count = params.count.unwrap_or(DEFAULT_COUNT);
     let only_total = params.summary == Summary::Count || count == 0;
     let cursor = match &params.cursor {
-        Some(c) => Some(Position::decode(c, params.sort.len())?),
+        Some(c) => Some(Position::decode(c, params.sort.iter().filter(|s| s.def.is_some()).count())?),
         None => None,
     };
     let request = Request {
@@ -611,8 +613,14 @@ mod tests {
             false,
         )
         .unwrap();
-        assert_eq!(p.sort.len(), 2);
+        assert_eq!(p.sort.len(), 3);
         assert!(p.sort[0].descending && !p.sort[1].descending);
+        assert!(p.sort[2].def.is_none() && !p.sort[2].descending, "a named _id stays: it orders the ids");
+        assert!(parse("_sort=-date,-_id", false).is_err(), "no date on Patient");
+        assert!(parse("_sort=-birthdate,-_id", false).unwrap().sort[1].descending);
+        assert!(parse("_sort=-_id", false).is_err());
+        assert!(parse("_sort=_id", false).unwrap().sort.is_empty());
+        assert!(parse("_sort=_id,family", false).is_err());
         assert_eq!(p.includes[0].param.as_deref(), Some("general-practitioner"));
         assert_eq!(p.revincludes[0].source, "Observation");
     }

@@ -124,12 +124,16 @@ impl Position {
     }
 }
 
-/// Whether ids end the order descending: they follow the first sort parameter's
-/// direction, so a descending sort reads the index backwards in its own order (`key DESC,
-/// id DESC`; ClickHouse cannot read `key DESC, id` in order: 48 ms for a page of 1M
-/// Observations' dates against 14.5 ms). R4 leaves the order of equal values open.
+/// Whether ids end the order descending: as `_id` says when named last (`_sort=-date,_id`),
+/// else the first sort parameter's way, so a descending sort reads the index backwards in
+/// its own order (`key DESC, id DESC`; ClickHouse cannot read `key DESC, id` in order:
+/// 48 ms for a page of 1M Observations' dates against 14.5 ms). R4 leaves the order of
+/// equal values open.
 fn ids_descending(sorts: &[SortKey]) -> bool {
-    sorts.iter().find(|s| s.def.is_some()).is_some_and(|s| s.descending)
+    match sorts.last() {
+        Some(named) if named.def.is_none() => named.descending,
+        _ => sorts.iter().find(|s| s.def.is_some()).is_some_and(|s| s.descending),
+    }
 }
 
 /// Whether to count the matches.
@@ -521,6 +525,7 @@ impl Engine {
         let Round { req, plan, overlay, after, limit } = round;
         let total = total && after.is_none();
         let sorts: Vec<(KeySet, bool)> = req.sort.iter().filter_map(SortKey::keys).collect();
+        let ids_desc = ids_descending(&req.sort);
         if let Some(ids) = plan.ids_page(req) {
             // `_id=` alone (or what a member index resolved to): the candidates are the
             // ids themselves; reading their documents tells which exist and match.
@@ -615,13 +620,13 @@ impl Engine {
             sql.push(") GROUP BY id HAVING s[1] = '0'");
             if let Some(after) = after {
                 sql.push(" AND ");
-                after_condition(&mut sql, &sorts, after);
+                after_condition(&mut sql, &sorts, ids_desc, after);
             }
             sql.push(" ORDER BY ");
             for (i, (_, largest)) in sorts.iter().enumerate() {
                 sql.push(&format!("s[{}], s[{}]{}, ", 2 * i + 1, 2 * i + 2, if *largest { " DESC" } else { "" }));
             }
-            sql.push(if sorts[0].1 { "id DESC LIMIT " } else { "id LIMIT " }).u64(limit as u64).push(SMALL_QUERY);
+            sql.push(if ids_desc { "id DESC LIMIT " } else { "id LIMIT " }).u64(limit as u64).push(SMALL_QUERY);
             let rows: Vec<Ranked> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
             // No row: none has the sort key, so the second phase counts them all.
             counted = rows.first().filter(|_| total).map(|r| r.total);
@@ -637,7 +642,7 @@ impl Engine {
         }
         // Then those without it, by id (their later sort keys do not order them).
         let mut sql = Sql::default();
-        let descending = sorts[0].1;
+        let descending = ids_desc;
         sql.push("SELECT id, count() OVER () AS total FROM (");
         sql::candidates(&mut sql, &req.rt, &plan.driver, &plan.others(), &overlay.ids, None);
         sql.push(" HAVING id NOT IN (");
@@ -702,11 +707,14 @@ impl Engine {
         let mut sql = Sql::default();
         sql.push(&format!("SELECT id, key FROM {TABLE} WHERE rt = ")).str(&req.rt);
         sql.push(" AND key >= ").str(&from).push(" AND key < ").str(&to).push(" AND deleted = 0");
-        // Ids run the sort's way (see `ids_descending`): the table's order, or its reverse.
-        let (op, order) = if *largest { ("<", "key DESC, id DESC") } else { (">", "key, id") };
+        // Ids run their own way (see `ids_descending`): usually the key's, so the read is
+        // the table's order or its reverse.
+        let ids_desc = ids_descending(&req.sort);
+        let (key_op, key_order) = if *largest { ("<", "DESC") } else { (">", "ASC") };
+        let (id_op, id_order) = if ids_desc { ("<", "DESC") } else { (">", "ASC") };
         if let Some(Position { parts, id }) = after {
-            sql.push(&format!(" AND (key {op} ")).str(&parts[0].1);
-            sql.push(" OR (key = ").str(&parts[0].1).push(&format!(" AND id {op} ")).str(id).push("))");
+            sql.push(&format!(" AND (key {key_op} ")).str(&parts[0].1);
+            sql.push(" OR (key = ").str(&parts[0].1).push(&format!(" AND id {id_op} ")).str(id).push("))");
         }
         if let Some(rest) = Plan::of_steps(steps) {
             sql.push(" AND id IN (");
@@ -716,7 +724,7 @@ impl Engine {
         if !overlay.ids.is_empty() {
             sql.push(" AND ").in_list("id", &overlay.ids, true);
         }
-        sql.push(&format!(" ORDER BY {order} LIMIT ")).u64(limit as u64).push(SMALL_QUERY);
+        sql.push(&format!(" ORDER BY key {key_order}, id {id_order} LIMIT ")).u64(limit as u64).push(SMALL_QUERY);
         // Unmerged copies of a row stay: `page` merges equal positions.
         let rows: Vec<Keyed> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
         let more = rows.len() >= limit;
@@ -844,7 +852,7 @@ fn merge_round<T: Copy>(
 }
 
 /// `HAVING`: after a position, in the order `s[1], s[2] [DESC], …, id`.
-fn after_condition(sql: &mut Sql, sorts: &[(KeySet, bool)], after: &Position) {
+fn after_condition(sql: &mut Sql, sorts: &[(KeySet, bool)], ids_desc: bool, after: &Position) {
     // Components in order: (expression, descending, value).
     let mut parts: Vec<(String, bool, String)> = Vec::new();
     for (i, (_, largest)) in sorts.iter().enumerate() {
@@ -852,7 +860,7 @@ fn after_condition(sql: &mut Sql, sorts: &[(KeySet, bool)], after: &Position) {
         parts.push((format!("s[{}]", 2 * i + 1), false, if *missing { "1" } else { "0" }.to_string()));
         parts.push((format!("s[{}]", 2 * i + 2), *largest, value.clone()));
     }
-    parts.push(("id".into(), sorts.first().is_some_and(|(_, descending)| *descending), after.id.clone()));
+    parts.push(("id".into(), ids_desc, after.id.clone()));
     sql.push("(");
     for k in 0..parts.len() {
         if k > 0 {
