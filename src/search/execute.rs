@@ -642,16 +642,15 @@ impl Engine {
         }
         // Then those without it, by id (their later sort keys do not order them).
         let mut sql = Sql::default();
-        let descending = ids_desc;
         sql.push("SELECT id, count() OVER () AS total FROM (");
         sql::candidates(&mut sql, &req.rt, &plan.driver, &plan.others(), &overlay.ids, None);
         sql.push(" HAVING id NOT IN (");
         sql::ids_with(&mut sql, &req.rt, &sorts[0].0);
         sql.push("))");
         if let Some(after) = after.filter(|a| a.parts[0].0) {
-            sql.push(if descending { " WHERE id < " } else { " WHERE id > " }).str(&after.id);
+            sql.push(if ids_desc { " WHERE id < " } else { " WHERE id > " }).str(&after.id);
         }
-        sql.push(if descending { " ORDER BY id DESC LIMIT " } else { " ORDER BY id LIMIT " });
+        sql.push(if ids_desc { " ORDER BY id DESC LIMIT " } else { " ORDER BY id LIMIT " });
         sql.u64((limit - out.len()) as u64).push(SMALL_QUERY);
         let rows: Vec<Counted> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
         if total && counted.is_none() && out.is_empty() {
@@ -851,7 +850,8 @@ fn merge_round<T: Copy>(
     (merged, ends)
 }
 
-/// `HAVING`: after a position, in the order `s[1], s[2] [DESC], …, id`.
+/// `HAVING`: after a position, in the order `s[1], s[2] [DESC], …, id [DESC]` (ids as
+/// `ids_descending` says).
 fn after_condition(sql: &mut Sql, sorts: &[(KeySet, bool)], ids_desc: bool, after: &Position) {
     // Components in order: (expression, descending, value).
     let mut parts: Vec<(String, bool, String)> = Vec::new();

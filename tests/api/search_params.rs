@@ -712,9 +712,8 @@ async fn paged(app: &TestApp, query: &str, count: usize) -> Vec<String> {
 
 /// Equal values come in id order, ids running the first sort parameter's way (a
 /// descending sort reads the index backwards) unless `_id` is named last, each resource
-/// once whatever the page size
-/// (a value's ids span page and read boundaries), both while the documents are still
-/// pending (read from MongoDB) and once they are in the index.
+/// once whatever the page size (a value's ids span page and read boundaries), both while
+/// the documents are still pending (read from MongoDB) and once they are in the index.
 #[tokio::test]
 async fn equal_sort_values_keep_an_id_order_across_pages() {
     let app = spawn_app().await;
