@@ -143,6 +143,9 @@ pub struct FhirSettings {
     /// For measurement only: `false` writes no search keys (searches then miss what is
     /// written), to compare a write's cost with and without indexing. Default true.
     pub search_indexing: Option<bool>,
+    /// Most ids a chain or `_has` step resolves to as a list of keys to look up; an inner
+    /// search that matches more stays a subquery of the outer one. Default 10,000.
+    pub search_listed_ids: Option<usize>,
 }
 
 /// The default of `fhir.max_patch_ops`.
@@ -354,6 +357,11 @@ pub const ENV_VARS: &[EnvVar] = &[
         "ROSTER_FHIR_SEARCH_INDEXING",
         "false only to measure writes without search indexing (default true)",
         |s, v| parsed(v).map(|x| s.fhir.search_indexing = Some(x)),
+    ),
+    var(
+        "ROSTER_FHIR_SEARCH_LISTED_IDS",
+        "most ids a chain or _has step lists before it becomes a subquery (default 10000)",
+        |s, v| parsed(v).map(|x| s.fhir.search_listed_ids = Some(x)),
     ),
     var("ROSTER_GROUP_MAX_PATCH_OPS", "deprecated: ROSTER_FHIR_MAX_PATCH_OPS", |s, v| {
         parsed(v).map(|x| s.groups.max_patch_ops = Some(x))

@@ -28,6 +28,8 @@ pub struct AppState {
     pub max_patch_ops: usize,
     /// Most resources one conditional DELETE deletes (`fhir.max_conditional_delete`).
     pub max_conditional_delete: usize,
+    /// Most ids a chain or `_has` step lists (`fhir.search_listed_ids`).
+    pub search_listed_ids: usize,
     /// Who is an active member of recently written groups (see `group::index`).
     pub member_index: Arc<MemberIndex>,
     /// Moves pending member batches into ClickHouse (see `group::flusher`).
@@ -96,6 +98,7 @@ impl AppState {
             capability_statement: Arc::default(),
             max_patch_ops: groups.max_patch_ops.unwrap_or(crate::config::DEFAULT_MAX_PATCH_OPS),
             max_conditional_delete: 1,
+            search_listed_ids: crate::search::execute::LISTED_IDS,
             member_index,
         }
     }

@@ -259,6 +259,7 @@ pub fn engine(state: &AppState) -> Engine {
         store: state.store.clone(),
         base: state.fhir_base().into(),
         detached: state.detached.clone(),
+        listed_ids: state.search_listed_ids,
     }
 }
 

@@ -12,8 +12,14 @@
 //! the request path. Read-your-writes comes from the overlay: a document leaves
 //! `historyPending` only once its keys are in ClickHouse.
 //!
-//! Bounds: chains and `_has` resolve to at most [`MAX_IDS`] ids per step (a 400 beyond);
-//! at most [`PENDING_LIMIT`] pending documents are read per search (beyond, they are
+//! Chains and `_has`: an inner search that matches at most `Engine::listed_ids`
+//! resources (`fhir.search_listed_ids`, default [`LISTED_IDS`]) becomes a list of ids or
+//! references, looked up by key; a larger one stays a ClickHouse subquery inside the
+//! outer search (`KeyCond::Refers`, `Step::IdsIn`), with the pending documents of the
+//! inner type evaluated here as everywhere else. A `_has` over a detached reference
+//! (a Group's members) takes at most that many sources (a 400 beyond).
+//!
+//! Bounds: at most [`PENDING_LIMIT`] pending documents are read per search (beyond, they are
 //! flushed first); a page takes at most [`ROUNDS`] rounds of candidates.
 
 use std::cmp::Ordering;
@@ -27,14 +33,16 @@ use super::detached::{DetachedReferences, Targets};
 use super::flusher::TABLE;
 use super::keys::{after_prefix, key};
 use super::matcher::any_matches;
-use super::plan::{every_resource, steps, KeyCond, KeySet, Step};
+use super::plan::{every_resource, key_set, steps, IdQuery, KeyCond, KeySet, Step};
 use super::query::{Clause, Test};
 use super::sql::{self, Driver, Sql};
 use crate::error::FhirError;
 use crate::store::{ResourceStore, Version};
 
-/// Most ids one chain or `_has` step may resolve to.
-pub const MAX_IDS: usize = 10_000;
+/// The default of `fhir.search_listed_ids`: most ids a chain or `_has` step resolves to
+/// as a list (beyond, it stays a subquery). A list of keys is a primary-key lookup each;
+/// a subquery reads the inner search's rows in the same query.
+pub const LISTED_IDS: usize = 10_000;
 /// Most pending documents read by one search.
 const PENDING_LIMIT: i64 = 5_000;
 /// Most rounds of candidates for one page (when the matcher rejects many).
@@ -178,6 +186,17 @@ pub struct Engine {
     pub base: Arc<str>,
     /// References kept out of stored content, answered by their type (see `detached`).
     pub detached: Option<Arc<dyn DetachedReferences>>,
+    /// Most ids a chain or `_has` step resolves to as a list (see the module docs).
+    pub listed_ids: usize,
+}
+
+/// What the inner search of a chain or `_has` resolved to.
+enum Resolved {
+    /// Its candidates, at most `Engine::listed_ids`.
+    Ids(Vec<String>),
+    /// More: the indexed candidates as a subquery (`SELECT id …`, pending documents left
+    /// out), and the pending documents that are candidates.
+    Query { sql: Sql, pending: Vec<Version> },
 }
 
 fn unavailable(e: impl std::fmt::Display) -> FhirError {
@@ -308,16 +327,34 @@ impl Engine {
                 out.push(match c {
                     Clause::Chain { def, chain } => {
                         let mut targets = Vec::new();
+                        let mut queries = Vec::new();
                         for t in &chain.types {
-                            let ids = self.ids(t, std::slice::from_ref(&chain.inner)).await?;
-                            targets.extend(ids.into_iter().map(|id| format!("{t}/{id}")));
+                            match self.resolved(t, std::slice::from_ref(&chain.inner)).await? {
+                                Resolved::Ids(ids) => targets.extend(ids.into_iter().map(|id| format!("{t}/{id}"))),
+                                Resolved::Query { sql, pending } => {
+                                    targets.extend(pending.iter().map(|v| format!("{t}/{}", v.id)));
+                                    queries.push(KeyCond::Refers {
+                                        prefix: key(&def.code, 'r', &format!("{t}/")),
+                                        inner: Arc::new(sql),
+                                        found: Default::default(),
+                                    });
+                                }
+                            }
                         }
-                        Clause::Param { def: def.clone(), not: false, any: vec![Test::RefAny(targets)] }
+                        let any = vec![Test::RefAny(targets)];
+                        match queries.is_empty() {
+                            true => Clause::Param { def: def.clone(), not: false, any },
+                            false => {
+                                let KeySet(mut conds) = key_set(def, &any);
+                                conds.extend(queries);
+                                Clause::Keys(KeySet(conds))
+                            }
+                        }
                     }
                     Clause::Has(h) => {
-                        let sources = self.ids(&h.source_type, std::slice::from_ref(&h.inner)).await?;
-                        match self.detached_for(&h.source_type, &h.reference.code) {
-                            Some(refs) => {
+                        let sources = self.resolved(&h.source_type, std::slice::from_ref(&h.inner)).await?;
+                        match (self.detached_for(&h.source_type, &h.reference.code), sources) {
+                            (Some(refs), Resolved::Ids(sources)) => {
                                 refs.settle(&sources).await.map_err(unavailable)?;
                                 Clause::Targets(Targets {
                                     refs,
@@ -326,9 +363,13 @@ impl Engine {
                                     among: Default::default(),
                                 })
                             }
-                            None => {
-                                Clause::Ids(self.referenced(&h.source_type, &sources, &h.reference.code, rt).await?)
+                            (Some(_), Resolved::Query { .. }) => {
+                                return Err(FhirError::bad_request(format!(
+                                    "a _has condition on {} matches more than {} resources; narrow it",
+                                    h.source_type, self.listed_ids
+                                )))
                             }
+                            (None, sources) => self.referenced(&h.source_type, sources, &h.reference.code, rt).await?,
                         }
                     }
                     Clause::Param { def, not: false, any } if self.detached_for(rt, &def.code).is_some() => {
@@ -381,62 +422,74 @@ impl Engine {
         self.detached.as_ref().filter(|d| d.covers(source_type, code)).cloned()
     }
 
-    /// The ids of `rt` whose keys satisfy the clauses (candidates, not checked by the
-    /// matcher), at most [`MAX_IDS`].
-    async fn ids(&self, rt: &str, clauses: &[Clause]) -> Result<Vec<String>, FhirError> {
+    /// The candidates of `rt` under these clauses (not checked by the matcher): a list
+    /// when there are at most `listed_ids`, else a subquery and the pending candidates.
+    async fn resolved(&self, rt: &str, clauses: &[Clause]) -> Result<Resolved, FhirError> {
         let clauses = self.resolve(rt, clauses).await?;
         let mut plan = Plan::new(rt, &clauses);
         if let Some(ids) = plan.only_ids().filter(|ids| ids.len() <= CHEAP_IDS) {
             // `_id=` alone (`_has:Group:member:_id=G`): those that exist, read.
-            return self.existing(rt, ids, &clauses).await;
+            return Ok(Resolved::Ids(self.existing(rt, ids, &clauses).await?));
         }
         let overlay = self.overlay(rt, &mut plan).await?;
         let mut sql = Sql::default();
         sql::candidates(&mut sql, rt, &plan.driver, &plan.others(), &overlay.ids, None);
-        sql.push(" ORDER BY id LIMIT ").u64(MAX_IDS as u64 + 1);
-        let mut ids: Vec<String> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
-        ids.extend(overlay.candidates.iter().map(|v| v.id.clone()));
-        if ids.len() > MAX_IDS {
-            return Err(FhirError::bad_request(format!(
-                "a chained or _has condition on {rt} matches more than {MAX_IDS} resources; narrow it"
-            )));
+        let mut listed = sql.clone();
+        listed.push(" LIMIT ").u64(self.listed_ids as u64 + 1);
+        let mut ids: Vec<String> = listed.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+        if ids.len() + overlay.candidates.len() > self.listed_ids {
+            return Ok(Resolved::Query { sql, pending: overlay.candidates });
         }
-        Ok(ids)
+        ids.extend(overlay.candidates.iter().map(|v| v.id.clone()));
+        Ok(Resolved::Ids(ids))
     }
 
-    /// The ids of `target` that `source` resources (these ids) reference through `code`.
-    async fn referenced(
-        &self,
-        source: &str,
-        ids: &[String],
-        code: &str,
-        target: &str,
-    ) -> Result<Vec<String>, FhirError> {
+    /// The `target` resources that these `source` resources reference through `code`: a
+    /// list of ids when there are at most `listed_ids`, else a subquery.
+    async fn referenced(&self, source: &str, sources: Resolved, code: &str, target: &str) -> Result<Clause, FhirError> {
         let prefix = key(code, 'r', &format!("{target}/"));
-        let set = KeySet(vec![KeyCond::Range(prefix.clone(), after_prefix(&prefix))]);
-        let pending = self.pending(source).await?;
-        let pending_ids: Vec<String> = pending.iter().map(|v| v.id.clone()).collect();
+        // `Type/id/_history/n` keys sit beside the `Type/id` key of the same reference.
+        let id_of = |k: &str| k.strip_prefix(prefix.as_str()).filter(|id| !id.contains('/')).map(str::to_string);
         let mut sql = Sql::default();
-        sql.push(&format!("SELECT DISTINCT key FROM {TABLE} FINAL WHERE rt = ")).str(source).push(" AND ");
-        sql::key_set(&mut sql, &set);
-        sql.push(" AND ").in_list("id", ids, false);
-        if !pending_ids.is_empty() {
-            sql.push(" AND ").in_list("id", &pending_ids, true);
+        sql.push("SELECT target AS id FROM (SELECT substring(key, ").u64(prefix.len() as u64 + 1);
+        sql.push(&format!(") AS target FROM {TABLE} FINAL WHERE rt = ")).str(source).push(" AND ");
+        sql::key_set(&mut sql, &KeySet(vec![KeyCond::Range(prefix.clone(), after_prefix(&prefix))]));
+        sql.push(" AND position(key, '/', ").u64(prefix.len() as u64 + 1).push(") = 0 AND ");
+        // The pending sources' targets come from their own keys; the index's rows of
+        // them may be outdated, so the subquery leaves them out.
+        let pending: Vec<Version> = match sources {
+            Resolved::Ids(ids) => {
+                let pending = self.pending(source).await?;
+                let pending_ids: Vec<String> = pending.iter().map(|v| v.id.clone()).collect();
+                sql.in_list("id", &ids, false);
+                if !pending_ids.is_empty() {
+                    sql.push(" AND ").in_list("id", &pending_ids, true);
+                }
+                let ids: std::collections::HashSet<String> = ids.into_iter().collect();
+                pending.into_iter().filter(|v| !v.deleted && ids.contains(&v.id)).collect()
+            }
+            Resolved::Query { sql: inner, pending } => {
+                sql.push("id IN (").append(&inner).push(")");
+                pending
+            }
+        };
+        sql.push(")");
+        let known: std::collections::HashSet<String> =
+            pending.iter().flat_map(|v| v.search.keys.iter().filter_map(|k| id_of(k))).collect();
+        let mut listed = Sql::default();
+        listed.push("SELECT DISTINCT id FROM (").append(&sql).push(") LIMIT ").u64(self.listed_ids as u64 + 1);
+        let mut ids: Vec<String> = listed.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+        if ids.len() + known.len() > self.listed_ids {
+            return Ok(Clause::IdsIn(IdQuery {
+                sql: Arc::new(sql),
+                known: Arc::new(known),
+                among: Default::default(),
+            }));
         }
-        sql.push(" LIMIT ").u64(MAX_IDS as u64 + 1);
-        let mut keys: Vec<String> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
-        for v in pending.iter().filter(|v| !v.deleted && ids.contains(&v.id)) {
-            keys.extend(v.search.keys.iter().filter(|k| k.starts_with(&prefix)).cloned());
-        }
-        let mut out: Vec<String> = keys.iter().filter_map(|k| k.strip_prefix(&prefix)).map(str::to_string).collect();
-        out.sort_unstable();
-        out.dedup();
-        if out.len() > MAX_IDS {
-            return Err(FhirError::bad_request(format!(
-                "a _has condition refers to more than {MAX_IDS} {target} resources; narrow it"
-            )));
-        }
-        Ok(out)
+        ids.extend(known);
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(Clause::Ids(ids))
     }
 
     /// The documents of `rt` whose keys may not be in the index, with their keys (from
@@ -459,6 +512,7 @@ impl Engine {
         }
         let ids: Vec<String> = pending.iter().map(|v| v.id.clone()).collect();
         self.fill_targets(plan, &ids).await?;
+        self.fill_subqueries(plan, &pending).await?;
         let candidates = pending.into_iter().filter(|v| !v.deleted && plan.holds(&v.id, &v.search.keys)).collect();
         Ok(Overlay { ids, candidates })
     }
@@ -486,6 +540,51 @@ impl Engine {
             t.among = Arc::new(among.into_iter().collect());
         }
         Ok(())
+    }
+
+    /// What each subquery of the plan finds among the pending documents: the ids their
+    /// keys refer to (`KeyCond::Refers`), their own ids (`Step::IdsIn`).
+    async fn fill_subqueries(&self, plan: &mut Plan, pending: &[Version]) -> Result<(), FhirError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = pending.iter().map(|v| v.id.clone()).collect();
+        let driver = match &mut plan.driver {
+            Driver::Keys(set) => Some(set),
+            Driver::Targets(_) => None,
+        };
+        let mut sets = Vec::new();
+        for step in plan.rest.iter_mut() {
+            match step {
+                Step::With(set) | Step::Without(set) => sets.push(set),
+                Step::IdsIn(q) => q.among = Arc::new(self.found(&q.sql, &ids).await?),
+                Step::Ids(_) | Step::Targets(_) => {}
+            }
+        }
+        for cond in driver.into_iter().chain(sets).flat_map(|set| set.0.iter_mut()) {
+            if let KeyCond::Refers { prefix, inner, found } = cond {
+                let mut named: Vec<String> = pending
+                    .iter()
+                    .flat_map(|v| v.search.keys.iter().filter_map(|k| k.strip_prefix(prefix.as_str())))
+                    .map(str::to_string)
+                    .collect();
+                named.sort_unstable();
+                named.dedup();
+                *found = Arc::new(self.found(inner, &named).await?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Which of these ids a subquery (`SELECT id …`) finds.
+    async fn found(&self, subquery: &Sql, ids: &[String]) -> Result<std::collections::HashSet<String>, FhirError> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let mut sql = Sql::default();
+        sql.push("SELECT DISTINCT id FROM (").append(subquery).push(") WHERE ").in_list("id", ids, false);
+        let found: Vec<String> = sql.query(&self.ch).fetch_all().await.map_err(unavailable)?;
+        Ok(found.into_iter().collect())
     }
 
     async fn count(&self, rt: &str, plan: &Plan, clauses: &[Clause], overlay: &Overlay) -> Result<u64, FhirError> {
@@ -931,7 +1030,7 @@ fn holds(v: &Version, resource: &Value, c: &Clause, base: &str) -> bool {
         Clause::Chain { .. } | Clause::Has(_) | Clause::List(_) => true,
         Clause::AnyOf(parts) => parts.iter().any(|p| holds(v, resource, p, base)),
         // Checked when the candidate was found (by the subquery, or by `Plan::holds`).
-        Clause::Targets(_) => true,
+        Clause::Targets(_) | Clause::Keys(_) | Clause::IdsIn(_) => true,
     }
 }
 

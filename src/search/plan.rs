@@ -7,9 +7,13 @@
 //! `ap`), the matcher decides on the document. A negation (`:not`, `:missing=true`) is
 //! planned as "no key in the set" only where the keys are exact, else left to the matcher.
 
+use std::collections::HashSet;
+use std::sync::Arc;
+
 use super::definitions::{registry, Definition, ParamType};
 use super::keys::{after_prefix, component_forms_of_test, key, sortable_f64, sortable_i64, US};
 use super::query::{Clause, Prefix, RefTarget, Test};
+use super::sql::Sql;
 
 /// One condition on a key.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +27,15 @@ pub enum KeyCond {
         to: String,
         needle: String,
         skip: usize,
+    },
+    /// `prefix` followed by an id that `inner` (a `SELECT id …` subquery) finds: a chain
+    /// whose inner search matches more resources than a list of keys should hold.
+    Refers {
+        prefix: String,
+        inner: Arc<Sql>,
+        /// Of the ids after `prefix` in the keys of the documents a search evaluates
+        /// itself (pending ones), those `inner` finds (filled by the engine first).
+        found: Arc<HashSet<String>>,
     },
 }
 
@@ -40,6 +53,9 @@ impl KeyCond {
                 k >= from.as_str()
                     && k < to.as_str()
                     && k.get(*skip..).is_some_and(|rest| rest.contains(needle.as_str()))
+            }
+            KeyCond::Refers { prefix, found, .. } => {
+                k.strip_prefix(prefix.as_str()).is_some_and(|id| found.contains(id))
             }
         }
     }
@@ -62,6 +78,8 @@ impl KeySet {
                 let k = match c {
                     KeyCond::Eq(k) => k,
                     KeyCond::Range(from, _) | KeyCond::Contains { from, .. } => from,
+                    // As many as the inner search finds: too many to list.
+                    KeyCond::Refers { .. } => return 3,
                 };
                 let (code, rest) = k.split_once(US).unwrap_or((k, ""));
                 match (c, rest.chars().next()) {
@@ -98,6 +116,21 @@ pub enum Step {
     Ids(Vec<String>),
     /// Resources a detached reference points to.
     Targets(super::detached::Targets),
+    /// Resources a subquery finds.
+    IdsIn(IdQuery),
+}
+
+/// The ids of the searched type a subquery finds (a `_has` whose sources are too many to
+/// list), and those known from documents evaluated in Rust.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdQuery {
+    /// `SELECT id …` over what ClickHouse holds.
+    pub sql: Arc<Sql>,
+    /// Ids found by pending documents (the subquery leaves those out).
+    pub known: Arc<HashSet<String>>,
+    /// Of the documents a search evaluates itself, those the subquery finds (filled by
+    /// the engine first).
+    pub among: Arc<HashSet<String>>,
 }
 
 impl Step {
@@ -108,6 +141,7 @@ impl Step {
             Step::Without(s) => !s.any(keys),
             Step::Ids(ids) => ids.iter().any(|i| i == id),
             Step::Targets(t) => t.among.contains(id),
+            Step::IdsIn(q) => q.known.contains(id) || q.among.contains(id),
         }
     }
 }
@@ -131,6 +165,8 @@ pub fn steps(rt: &str, clause: &Clause) -> Vec<Step> {
         }
         Clause::Ids(ids) => vec![Step::Ids(ids.clone())],
         Clause::Targets(t) => vec![Step::Targets(t.clone())],
+        Clause::Keys(set) => vec![Step::With(set.clone())],
+        Clause::IdsIn(q) => vec![Step::IdsIn(q.clone())],
         Clause::LastUpdated(any) => match registry().get(rt, "_lastUpdated") {
             Some(def) => vec![Step::With(key_set(def, any))],
             None => Vec::new(),

@@ -163,6 +163,11 @@ pub enum Clause {
     AnyOf(Vec<Clause>),
     /// Among the resources a detached reference points to (see `detached`).
     Targets(super::detached::Targets),
+    /// Resources with a key in the set, decided by the keys alone (a chain whose inner
+    /// search matched too many to list, as a subquery).
+    Keys(super::plan::KeySet),
+    /// Among the ids a subquery finds (a `_has` whose sources are too many to list).
+    IdsIn(super::plan::IdQuery),
     /// `_list`: among the resources these `List`s have as entries (resolved to [`Clause::Ids`]
     /// before planning).
     List(Vec<String>),

@@ -12,7 +12,7 @@ use super::plan::{KeyCond, KeySet, Step};
 /// form fields over 128 KiB).
 pub const PARAMETER_BYTES: usize = 64 * 1024;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 enum Param {
     Str(String),
     Strs(Vec<String>),
@@ -20,7 +20,7 @@ enum Param {
 }
 
 /// SQL text and its parameters.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sql {
     pub text: String,
     params: Vec<(String, Param)>,
@@ -48,6 +48,35 @@ impl Sql {
 
     pub fn push(&mut self, text: &str) -> &mut Self {
         self.text.push_str(text);
+        self
+    }
+
+    /// Appends another query's text with its parameters, renamed after this one's (a
+    /// subquery built on its own, e.g. a chain's inner search).
+    pub fn append(&mut self, other: &Sql) -> &mut Self {
+        let offset = self.params.len();
+        let mut rest = other.text.as_str();
+        // Placeholders are `{pN:Type}`; the fixed fragments never contain `{p`.
+        while let Some(at) = rest.find("{p") {
+            self.text.push_str(&rest[..at]);
+            let tail = &rest[at + 2..];
+            let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+            let n = tail[..digits].parse::<usize>().ok().filter(|_| tail[digits..].starts_with(':'));
+            match n {
+                Some(n) => {
+                    self.text.push_str(&format!("{{p{}", n + offset));
+                    rest = &tail[digits..];
+                }
+                None => {
+                    self.text.push_str("{p");
+                    rest = tail;
+                }
+            }
+        }
+        self.text.push_str(rest);
+        for (i, (_, p)) in other.params.iter().enumerate() {
+            self.params.push((format!("p{}", i + offset), p.clone()));
+        }
         self
     }
 
@@ -138,6 +167,9 @@ pub fn key_set(sql: &mut Sql, set: &KeySet) {
                 sql.push("(key >= ").str(from).push(" AND key < ").str(to).push(" AND position(key, ").str(needle);
                 sql.push(", ").u64(*skip as u64 + 1).push(") > 0)");
             }
+            KeyCond::Refers { prefix, inner, .. } => {
+                sql.push("key IN (SELECT concat(").str(prefix).push(", id) FROM (").append(inner).push("))");
+            }
             KeyCond::Eq(_) => {}
         }
     }
@@ -223,6 +255,14 @@ pub fn candidates(
                 t.refs.write_targets(sql, &t.sources, &t.target_type, None, ids_among(others), None);
                 sql.push(")");
             }
+            Step::IdsIn(q) => {
+                sql.push(" AND (id IN (").append(&q.sql).push(")");
+                if !q.known.is_empty() {
+                    let known: Vec<String> = q.known.iter().cloned().collect();
+                    sql.push(" OR ").in_list("id", &known, false);
+                }
+                sql.push(")");
+            }
         }
     }
     if !excluded.is_empty() {
@@ -244,5 +284,23 @@ mod tests {
         let mut s = Sql::default();
         s.in_list("id", &ids, true);
         assert!(s.params.len() > 1 && s.text.contains(" AND "));
+    }
+
+    #[test]
+    fn an_appended_query_keeps_its_parameters_under_new_names() {
+        let mut inner = Sql::default();
+        inner.push("SELECT id FROM t WHERE key = ").str("k").push(" AND n < ").u64(7);
+        let mut outer = Sql::default();
+        outer.push("SELECT id FROM t WHERE rt = ").str("Patient").push(" AND id IN (").append(&inner).push(")");
+        outer.push(" AND id > ").str("a");
+        assert_eq!(
+            outer.text,
+            "SELECT id FROM t WHERE rt = {p0:String} AND id IN (SELECT id FROM t WHERE key = {p1:String} \
+             AND n < {p2:UInt64}) AND id > {p3:String}"
+        );
+        let names: Vec<&str> = outer.params.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["p0", "p1", "p2", "p3"]);
+        assert_eq!(outer.params[1].1, Param::Str("k".into()));
+        assert_eq!(outer.params[2].1, Param::U64(7));
     }
 }
