@@ -244,6 +244,30 @@ async fn searches(
         p99,
         format!("{} included", entries(&b, "include")),
     ));
+    // Inner searches too large to list (50k Observations of a code, 50k female Patients):
+    // they stay subqueries of the outer search.
+    let (p50, p99, b) = timed(&client, &base, n / 3, |i| {
+        format!("Patient?_has:Observation:subject:code=http://loinc.org|{}-{}&_count=20", 1000 + i % CODES, i % CODES)
+    })
+    .await;
+    rows.push((
+        "`Patient?_has:Observation:subject:code=` (subquery)".into(),
+        p50,
+        p99,
+        format!("{} sources, {} per page", observations / CODES, entries(&b, "match")),
+    ));
+    let (p50, p99, b) = timed(&client, &base, n / 3, |i| {
+        let c = 2 * (i % (CODES / 2));
+        format!("Observation?subject:Patient.gender=female&code=http://loinc.org|{}-{c}&_count=50", 1000 + c)
+    })
+    .await;
+    assert_eq!(entries(&b, "match"), 50);
+    rows.push((
+        "chain `Observation?subject:Patient.gender=&code=` (subquery)".into(),
+        p50,
+        p99,
+        format!("{} Patients, {} per code", patients / 2, observations / CODES),
+    ));
     let (p50, p99, b) = timed(&client, &base, n, |_| "Patient?_has:Group:member:_id=big".to_string()).await;
     assert_eq!(entries(&b, "match"), 20);
     rows.push((format!("`Patient?_has:Group:member:_id=` ({members} members)"), p50, p99, "first page of 20".into()));

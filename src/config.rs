@@ -146,6 +146,8 @@ pub struct FhirSettings {
     /// Most ids a chain or `_has` step resolves to as a list of keys to look up; an inner
     /// search that matches more stays a subquery of the outer one. Default 10,000.
     pub search_listed_ids: Option<usize>,
+    /// Most entries in one batch or transaction Bundle (more: 413). Default 10,000.
+    pub max_bundle_entries: Option<usize>,
 }
 
 /// The default of `fhir.max_patch_ops`.
@@ -358,6 +360,9 @@ pub const ENV_VARS: &[EnvVar] = &[
         "false only to measure writes without search indexing (default true)",
         |s, v| parsed(v).map(|x| s.fhir.search_indexing = Some(x)),
     ),
+    var("ROSTER_FHIR_MAX_BUNDLE_ENTRIES", "most entries in one batch or transaction Bundle (default 10000)", |s, v| {
+        parsed(v).map(|x| s.fhir.max_bundle_entries = Some(x))
+    }),
     var(
         "ROSTER_FHIR_SEARCH_LISTED_IDS",
         "most ids a chain or _has step lists before it becomes a subquery (default 10000)",

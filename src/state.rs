@@ -30,6 +30,8 @@ pub struct AppState {
     pub max_conditional_delete: usize,
     /// Most ids a chain or `_has` step lists (`fhir.search_listed_ids`).
     pub search_listed_ids: usize,
+    /// Most entries in one Bundle posted to the base (`fhir.max_bundle_entries`).
+    pub max_bundle_entries: usize,
     /// Who is an active member of recently written groups (see `group::index`).
     pub member_index: Arc<MemberIndex>,
     /// Moves pending member batches into ClickHouse (see `group::flusher`).
@@ -99,6 +101,7 @@ impl AppState {
             max_patch_ops: groups.max_patch_ops.unwrap_or(crate::config::DEFAULT_MAX_PATCH_OPS),
             max_conditional_delete: 1,
             search_listed_ids: crate::search::execute::LISTED_IDS,
+            max_bundle_entries: crate::fhir::batch::MAX_BUNDLE_ENTRIES,
             member_index,
         }
     }

@@ -100,6 +100,8 @@ pub fn capability_statement_json(fhir_base: &str, max_conditional_delete: usize)
                  are ignored (reported in an OperationOutcome entry) unless Prefer: handling=strict."
             ),
             "resource": resources,
+            // `batch`: POST a Bundle to the base (`fhir::batch`).
+            "interaction": [{ "code": "batch" }],
             "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
             "searchParam": [
                 { "name": "_count", "type": "number", "documentation": format!("page size, at most {MAX_COUNT}") },

@@ -1,5 +1,6 @@
 //! FHIR R4 REST API under `/4_0_0`.
 
+pub mod batch;
 pub mod bundle;
 pub mod compartment;
 pub mod conditional;
@@ -39,6 +40,8 @@ pub const PATCH_CONTENT_TYPES: &[&str] = &[
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/4_0_0/metadata", get(metadata::capability_statement))
+        .route("/4_0_0", axum::routing::post(batch::bundle))
+        .route("/4_0_0/", axum::routing::post(batch::bundle))
         .route(
             "/4_0_0/{rt}",
             get(search::search_type)

@@ -1,6 +1,7 @@
 //! Black-box tests over HTTP against real MongoDB and ClickHouse servers (see `make test`).
 //! One test binary (faster to link than one per file), one module per topic.
 
+mod bundle;
 mod cli;
 mod concurrency;
 mod costs;

@@ -1,0 +1,391 @@
+//! `POST /4_0_0` with a Bundle (R4 http.html#transaction).
+//!
+//! A `batch`: each entry is a request of its own, dispatched through the same routes as
+//! a standalone request, so validation, conditional headers (`ifMatch`, `ifNoneMatch`,
+//! `ifNoneExist`, `ifModifiedSince`), conditional URLs, hooks and Group member events
+//! behave exactly as they do outside a Bundle; its response becomes the entry of a
+//! `batch-response`, in request order. Entries are independent: one that fails gets its
+//! own status and OperationOutcome and the others still run. References between entries
+//! (`urn:uuid:`) are not resolved: R4 allows interdependencies only in a transaction.
+//!
+//! Order: entries run in R4's transaction order (DELETE, POST, PUT/PATCH, GET/HEAD; request
+//! order within each), one at a time, so a batch reads the same way a transaction would.
+//!
+//! Bounds: at most `fhir.max_bundle_entries` entries (413 beyond); the body limit holds
+//! for the whole Bundle; an entry's response body is kept up to [`MAX_ENTRY_BODY`] (a
+//! larger one, e.g. a read of a million-member Group, is answered in the entry with a 413
+//! OperationOutcome: read it on its own).
+//!
+//! Failure modes: each entry is a complete write with that write's own guarantees; a
+//! server killed during a batch leaves the entries done so far written and the rest not.
+//! The client, having no response, sends it again; conditional entries make that safe.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use axum::{Extension, Router};
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+use tower::ServiceExt;
+
+use super::format::{self, Format};
+use super::{headers, RESOURCE_CONTENT_TYPES};
+use crate::error::{FhirError, IssueCode};
+use crate::model::datetime::format_instant;
+use crate::pipeline::RequestContext;
+use crate::state::AppState;
+
+/// Largest response body kept for one entry.
+pub const MAX_ENTRY_BODY: usize = 64 * 1024 * 1024;
+
+/// The default of `fhir.max_bundle_entries`.
+pub const MAX_BUNDLE_ENTRIES: usize = 10_000;
+
+/// One entry's request, checked.
+#[derive(Debug)]
+struct Entry {
+    method: Method,
+    /// Relative to the FHIR base, no leading `/` (`Patient/1`, `Patient?identifier=x`).
+    url: String,
+    body: Option<(String, Vec<u8>)>,
+    conditions: Vec<(HeaderName, String)>,
+}
+
+pub async fn bundle(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestContext>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, FhirError> {
+    headers::require_content_type(&headers, RESOURCE_CONTENT_TYPES)?;
+    let bytes = headers::read_body(&headers, body, state.body_limit).await?;
+    format::require_content(&bytes)?;
+    let bundle = format::decode(format::body_format(&headers).unwrap_or(Format::Json), &bytes)?;
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(FhirError::bad_request(
+            "POST to the FHIR base takes a Bundle of type batch or transaction (resourceType must be Bundle)",
+        ));
+    }
+    let entries = match bundle.get("entry") {
+        None => &Vec::new(),
+        Some(Value::Array(entries)) => entries,
+        Some(_) => return Err(FhirError::bad_request("Bundle.entry must be an array").at("Bundle.entry")),
+    };
+    if entries.len() > state.max_bundle_entries {
+        return Err(FhirError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            IssueCode::TooCostly,
+            format!(
+                "the Bundle has {} entries; at most {} are accepted in one Bundle (fhir.max_bundle_entries): split it",
+                entries.len(),
+                state.max_bundle_entries
+            ),
+        ));
+    }
+    match bundle.get("type").and_then(Value::as_str) {
+        Some("batch") => Ok(headers::fhir_json(StatusCode::OK, &batch(&state, &ctx, &headers, entries).await)),
+        Some("transaction") => Err(FhirError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            IssueCode::NotSupported,
+            "transaction Bundles are not supported yet; send a Bundle of type batch",
+        )),
+        Some(other) => Err(FhirError::bad_request(format!(
+            "a Bundle of type '{other}' cannot be processed: POST a batch or a transaction"
+        ))
+        .at("Bundle.type")),
+        None => Err(FhirError::bad_request("Bundle.type is required (batch or transaction)").at("Bundle.type")),
+    }
+}
+
+/// Runs a batch's entries and answers them in a `batch-response`.
+async fn batch(state: &AppState, ctx: &RequestContext, outer: &HeaderMap, entries: &[Value]) -> Value {
+    let router = super::routes().with_state(state.clone());
+    let base = state.fhir_base();
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by_key(|&i| rank(entries[i].pointer("/request/method").and_then(Value::as_str)));
+    let mut responses = vec![Value::Null; entries.len()];
+    for i in order {
+        let entry_ctx = RequestContext::new(format!("{}/{i}", ctx.request_id), ctx.actor.clone());
+        responses[i] = match parse_entry(&entries[i], &base) {
+            Ok(entry) => run(&router, entry_ctx, outer, &entry, &base).await,
+            Err(e) => failed(&e.at(format!("Bundle.entry[{i}]"))),
+        };
+    }
+    json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "meta": {"lastUpdated": format_instant(time::OffsetDateTime::now_utc())},
+        "type": "batch-response",
+        "entry": responses,
+    })
+}
+
+/// R4's processing order: DELETE, POST, PUT/PATCH, GET/HEAD (an unknown method last; its
+/// entry fails).
+fn rank(method: Option<&str>) -> u8 {
+    match method {
+        Some("DELETE") => 0,
+        Some("POST") => 1,
+        Some("PUT" | "PATCH") => 2,
+        Some("GET" | "HEAD") => 3,
+        _ => 4,
+    }
+}
+
+/// An entry's request, or why it cannot be run.
+fn parse_entry(entry: &Value, base: &str) -> Result<Entry, FhirError> {
+    let bad = |msg: String| FhirError::bad_request(msg);
+    let request = entry.get("request").ok_or_else(|| bad("the entry has no request".into()))?;
+    let method = match request.get("method").and_then(Value::as_str) {
+        Some(m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE")) => {
+            Method::from_bytes(m.as_bytes()).expect("known")
+        }
+        Some(other) => {
+            return Err(bad(format!("request.method '{other}' is not one of GET HEAD POST PUT PATCH DELETE")))
+        }
+        None => return Err(bad("request.method is required".into())),
+    };
+    let url = request.get("url").and_then(Value::as_str).ok_or_else(|| bad("request.url is required".into()))?;
+    let url = relative_url(url, base)?;
+    if url.is_empty() || url.starts_with('?') || url.starts_with("_history") {
+        return Err(bad(format!(
+            "request.url '{url}' names no resource type: an entry cannot be a Bundle or a system-level request"
+        )));
+    }
+    let resource = entry.get("resource");
+    let body = match (&method, resource) {
+        (&Method::POST | &Method::PUT, Some(r)) => {
+            Some(("application/fhir+json".to_string(), serde_json::to_vec(r).unwrap_or_default()))
+        }
+        (&Method::POST | &Method::PUT, None) => return Err(bad(format!("a {method} entry needs a resource"))),
+        (&Method::PATCH, Some(r)) => Some(patch_body(r)?),
+        (&Method::PATCH, None) => {
+            return Err(bad(
+                "a PATCH entry needs a resource: a Binary (JSON Patch) or a Parameters (FHIRPath Patch)".into()
+            ))
+        }
+        _ => None,
+    };
+    let mut conditions = Vec::new();
+    for (field, name) in [
+        ("ifMatch", header::IF_MATCH),
+        ("ifNoneMatch", header::IF_NONE_MATCH),
+        ("ifModifiedSince", header::IF_MODIFIED_SINCE),
+        ("ifNoneExist", HeaderName::from_static("if-none-exist")),
+    ] {
+        match request.get(field) {
+            None => {}
+            Some(Value::String(v)) => conditions.push((name, v.clone())),
+            Some(_) => return Err(bad(format!("request.{field} must be a string"))),
+        }
+    }
+    Ok(Entry { method, url, body, conditions })
+}
+
+/// A PATCH entry's body: a `Binary` carries a patch document in `data` (its `contentType`
+/// says which kind); a `Parameters` is a FHIRPath Patch.
+fn patch_body(resource: &Value) -> Result<(String, Vec<u8>), FhirError> {
+    match resource.get("resourceType").and_then(Value::as_str) {
+        Some("Binary") => {
+            let content_type =
+                resource.get("contentType").and_then(Value::as_str).unwrap_or("application/json-patch+json");
+            let data = resource.get("data").and_then(Value::as_str).unwrap_or_default();
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .map_err(|e| FhirError::bad_request(format!("the PATCH entry's Binary.data is not base64: {e}")))?;
+            Ok((content_type.to_string(), bytes))
+        }
+        Some("Parameters") => Ok(("application/fhir+json".into(), serde_json::to_vec(resource).unwrap_or_default())),
+        _ => Err(FhirError::bad_request(
+            "a PATCH entry's resource must be a Binary (JSON Patch) or a Parameters (FHIRPath Patch)",
+        )),
+    }
+}
+
+/// `request.url` relative to the FHIR base: as given (a leading `/` dropped), or an
+/// absolute URL of this server with the base cut off.
+fn relative_url(url: &str, base: &str) -> Result<String, FhirError> {
+    if let Some(rest) = url.strip_prefix(base) {
+        if rest.is_empty() || rest.starts_with('/') || rest.starts_with('?') {
+            return Ok(rest.trim_start_matches('/').to_string());
+        }
+    }
+    if url.contains("://") {
+        return Err(FhirError::bad_request(format!("request.url '{url}' is not on this server ({base})")));
+    }
+    Ok(url.trim_start_matches('/').to_string())
+}
+
+/// Percent-encodes what a request line may not carry as is (spaces, non-ASCII, quotes,
+/// `|`, `#`), leaving the URL's own syntax (`/ ? & = % : ,`) alone: the search decodes
+/// either form the same way.
+fn uri_safe(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    for b in url.bytes() {
+        match b {
+            b'!' | b'$'..=b';' | b'=' | b'?'..=b'Z' | b'_' | b'a'..=b'z' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Runs one entry through the routes and makes its response entry.
+async fn run(router: &Router, ctx: RequestContext, outer: &HeaderMap, entry: &Entry, base: &str) -> Value {
+    let uri = format!("/4_0_0/{}", uri_safe(&entry.url));
+    let mut request = Request::builder().method(entry.method.clone()).uri(&uri);
+    request = request.header(header::ACCEPT, "application/fhir+json");
+    if let Some(prefer) = outer.get("prefer") {
+        request = request.header("prefer", prefer);
+    }
+    for (name, value) in &entry.conditions {
+        match HeaderValue::from_str(value) {
+            Ok(v) => request = request.header(name, v),
+            Err(_) => {
+                return failed(&FhirError::bad_request(format!("the entry's {name} is not a valid header value")))
+            }
+        }
+    }
+    let body = match &entry.body {
+        Some((content_type, bytes)) => {
+            request = request.header(header::CONTENT_TYPE, content_type.as_str());
+            Body::from(bytes.clone())
+        }
+        None => Body::empty(),
+    };
+    let mut request = match request.body(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return failed(&FhirError::bad_request(format!("request.url '{}' is not a valid URL: {e}", entry.url)))
+        }
+    };
+    request.extensions_mut().insert(ctx);
+    let response = match router.clone().oneshot(request).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    response_entry(response, base).await
+}
+
+/// An entry's response from a response of the routes.
+async fn response_entry(response: Response, base: &str) -> Value {
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    let header = |name: &HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let mut out = Map::new();
+    out.insert("status".into(), json!(status_line(status)));
+    if let Some(location) = header(&header::LOCATION).or_else(|| header(&header::CONTENT_LOCATION)) {
+        out.insert("location".into(), json!(location));
+    }
+    if let Some(etag) = header(&header::ETAG) {
+        out.insert("etag".into(), json!(etag));
+    }
+    if let Some(instant) = header(&header::LAST_MODIFIED).and_then(|d| instant_of_http_date(&d)) {
+        out.insert("lastModified".into(), json!(instant));
+    }
+    let bytes: Bytes = match axum::body::to_bytes(body, MAX_ENTRY_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return failed(&FhirError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                IssueCode::TooCostly,
+                format!("the entry's response is larger than {MAX_ENTRY_BODY} bytes: send it as a request of its own"),
+            ))
+        }
+    };
+    let resource: Option<Value> = (!bytes.is_empty()).then(|| serde_json::from_slice(&bytes).ok()).flatten();
+    let mut entry = Map::new();
+    match resource {
+        Some(r) if r.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome") => {
+            out.insert("outcome".into(), r);
+        }
+        Some(r) => {
+            if let (Some(rt), Some(id)) =
+                (r.get("resourceType").and_then(Value::as_str), r.get("id").and_then(Value::as_str))
+            {
+                if rt != "Bundle" {
+                    entry.insert("fullUrl".into(), json!(format!("{base}/{rt}/{id}")));
+                }
+            }
+            entry.insert("resource".into(), r);
+        }
+        None => {}
+    }
+    if !entry.contains_key("fullUrl") {
+        if let Some(full) = out.get("location").and_then(Value::as_str).and_then(|l| full_url_of(l, base)) {
+            entry.insert("fullUrl".into(), json!(full));
+        }
+    }
+    entry.insert("response".into(), Value::Object(out));
+    Value::Object(entry)
+}
+
+/// `{base}/{type}/{id}` of a location (`…/{type}/{id}/_history/{v}`).
+fn full_url_of(location: &str, base: &str) -> Option<String> {
+    let rest = location.strip_prefix(base)?.trim_start_matches('/');
+    let mut parts = rest.split('/');
+    let (rt, id) = (parts.next()?, parts.next()?);
+    (!rt.is_empty() && !id.is_empty()).then(|| format!("{base}/{rt}/{id}"))
+}
+
+/// An entry that failed before it ran.
+fn failed(e: &FhirError) -> Value {
+    json!({"response": {"status": status_line(e.status), "outcome": e.to_operation_outcome()}})
+}
+
+/// `201 Created`.
+fn status_line(status: StatusCode) -> String {
+    match status.canonical_reason() {
+        Some(reason) => format!("{} {reason}", status.as_u16()),
+        None => status.as_u16().to_string(),
+    }
+}
+
+/// An HTTP date (`Last-Modified`) as a FHIR instant.
+fn instant_of_http_date(date: &str) -> Option<String> {
+    let t = httpdate::parse_http_date(date).ok()?;
+    Some(format_instant(time::OffsetDateTime::from(t)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_taken_relative_to_the_base() {
+        let base = "http://h/4_0_0";
+        assert_eq!(relative_url("Patient/1", base).unwrap(), "Patient/1");
+        assert_eq!(relative_url("/Patient?name=x", base).unwrap(), "Patient?name=x");
+        assert_eq!(relative_url("http://h/4_0_0/Patient/1", base).unwrap(), "Patient/1");
+        assert!(relative_url("http://other/4_0_0/Patient/1", base).is_err());
+        assert!(relative_url("http://h/4_0_0x/Patient/1", base).is_err());
+    }
+
+    #[test]
+    fn processing_follows_r4s_order() {
+        let methods = ["GET", "PUT", "POST", "DELETE", "PATCH", "HEAD"];
+        let mut order: Vec<usize> = (0..methods.len()).collect();
+        order.sort_by_key(|&i| rank(Some(methods[i])));
+        let sorted: Vec<&str> = order.iter().map(|&i| methods[i]).collect();
+        assert_eq!(sorted, ["DELETE", "POST", "PUT", "PATCH", "GET", "HEAD"]);
+    }
+
+    #[test]
+    fn a_url_is_made_safe_for_a_request_line_without_changing_its_syntax() {
+        assert_eq!(uri_safe("Patient?name=Zoë Smith&identifier=a|b"), "Patient?name=Zo%C3%AB%20Smith&identifier=a%7Cb");
+        assert_eq!(uri_safe("Observation?code=1%2C2"), "Observation?code=1%2C2");
+    }
+
+    #[test]
+    fn a_patch_entry_carries_a_binary_or_parameters() {
+        let ops = r#"[{"op":"replace","path":"/active","value":false}]"#;
+        let binary = json!({"resourceType": "Binary", "contentType": "application/json-patch+json",
+            "data": base64::engine::general_purpose::STANDARD.encode(ops)});
+        assert_eq!(patch_body(&binary).unwrap(), ("application/json-patch+json".to_string(), ops.as_bytes().to_vec()));
+        assert!(patch_body(&json!({"resourceType": "Binary", "data": "%%%"})).is_err());
+        assert!(patch_body(&json!({"resourceType": "Patient"})).is_err());
+        let http = instant_of_http_date("Thu, 03 Dec 2026 20:24:04 GMT").unwrap();
+        assert_eq!(http, "2026-12-03T20:24:04.000Z");
+    }
+}
