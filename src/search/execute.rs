@@ -53,6 +53,9 @@ const MAX_ROUNDS: usize = 8;
 const MAX_BATCH: usize = 1_000;
 /// Most given ids whose documents a search reads to count them when not asked to.
 const CHEAP_IDS: usize = 1_000;
+/// Most ids a count reads the documents of; more are counted in the index (when nothing
+/// but ids is asked).
+const COUNT_BY_READING: usize = 50;
 /// Most sort keys.
 pub const MAX_SORTS: usize = 5;
 /// Settings of the page queries: most read a few granules, where more threads only cost
@@ -589,15 +592,27 @@ impl Engine {
 
     async fn count(&self, rt: &str, plan: &Plan, clauses: &[Clause], overlay: &Overlay) -> Result<u64, FhirError> {
         if let Some(ids) = plan.only_ids() {
-            // Given ids: those whose documents exist and match (read, as their page is).
-            return Ok(self.existing(rt, ids, clauses).await?.len() as u64);
+            let only_ids = clauses.iter().all(|c| matches!(c, Clause::Ids(_)));
+            if ids.len() <= COUNT_BY_READING || !only_ids {
+                // Given ids: those whose documents exist and match (read, as their page is).
+                return Ok(self.existing(rt, ids, clauses).await?.len() as u64);
+            }
+            // Many ids and nothing else (what a `_has` resolved to): the index counts those
+            // that exist (reading 500 documents took 300–600 ms), the pending ones are read.
+            let mut plan = Plan::new(rt, clauses);
+            let overlay = self.overlay(rt, &mut plan).await?;
+            return Ok(self.count_indexed(rt, &plan, &overlay).await? + self.pending_matches(&overlay, clauses));
         }
+        Ok(self.count_indexed(rt, plan, overlay).await? + self.pending_matches(overlay, clauses))
+    }
+
+    /// The candidates in the index (the overlay's documents left out).
+    async fn count_indexed(&self, rt: &str, plan: &Plan, overlay: &Overlay) -> Result<u64, FhirError> {
         let mut sql = Sql::default();
         sql.push("SELECT count() FROM (");
         sql::candidates(&mut sql, rt, &plan.driver, &plan.others(), &overlay.ids, None);
         sql.push(")");
-        let indexed: u64 = sql.query(&self.ch).fetch_one().await.map_err(unavailable)?;
-        Ok(indexed + self.pending_matches(overlay, clauses))
+        sql.query(&self.ch).fetch_one().await.map_err(unavailable)
     }
 
     /// Of these ids of `rt`, those whose current documents exist and match, read from

@@ -847,3 +847,31 @@ async fn list_finds_the_entries_of_a_list() {
         assert!(body["issue"][0]["diagnostics"].as_str().unwrap().contains(says), "{query}: {body}");
     }
 }
+
+/// A count of many given ids (more than a count reads documents for) comes from the index
+/// and the pending documents: deleted and missing ids are not counted, pending or indexed.
+#[tokio::test]
+async fn many_given_ids_are_counted_without_reading_each() {
+    let app = spawn_app().await;
+    let ids: Vec<String> = (0..60).map(|i| format!("n{i:02}")).collect();
+    for id in &ids {
+        put(&app, json!({"resourceType": "Patient", "id": id, "active": true})).await;
+    }
+    for id in &ids[..5] {
+        assert!(app.delete(&format!("Patient/{id}")).await.status().is_success());
+    }
+    let mut asked = ids.clone();
+    asked.extend(["missing1".to_string(), "missing2".to_string()]);
+    let query = format!("Patient?_id={}&_count=10", asked.join(","));
+    for state in ["just written", "indexed"] {
+        let b = json(app.get(&query).await).await;
+        assert_eq!(b["total"], 55, "{state}");
+        assert_eq!(match_ids(&b).len(), 10, "{state}");
+        let b = json(app.get(&format!("{query}&active=true")).await).await;
+        assert_eq!(b["total"], 55, "{state}: with another clause the documents are read");
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    }
+    // A change after indexing is counted at once.
+    assert!(app.delete("Patient/n10").await.status().is_success());
+    assert_eq!(json(app.get(&query).await).await["total"], 54);
+}
