@@ -79,9 +79,15 @@ pub fn searchset_entries(
 
 /// A `history` Bundle, newest first.
 pub fn history(fhir_base: &str, rt: &str, entries: &[Version], total: u64, l: &Links) -> Value {
+    let entries: Vec<(&str, &Version)> = entries.iter().map(|v| (rt, v)).collect();
+    history_of(fhir_base, &entries, total, l)
+}
+
+/// A `history` Bundle of entries of any types, newest first.
+pub fn history_of(fhir_base: &str, entries: &[(&str, &Version)], total: u64, l: &Links) -> Value {
     let items: Vec<Value> = entries
         .iter()
-        .map(|v| {
+        .map(|&(rt, v)| {
             let (url, status) = match v.method.as_str() {
                 "POST" => (rt.to_string(), "201 Created"),
                 "DELETE" => (format!("{rt}/{}", v.id), "204 No Content"),

@@ -100,8 +100,8 @@ pub fn capability_statement_json(fhir_base: &str, max_conditional_delete: usize)
                  are ignored (reported in an OperationOutcome entry) unless Prefer: handling=strict."
             ),
             "resource": resources,
-            // `batch`: POST a Bundle to the base (`fhir::batch`).
-            "interaction": [{ "code": "batch" }],
+            // `batch`: POST a Bundle to the base (`fhir::batch`); `GET /_history`.
+            "interaction": [{ "code": "batch" }, { "code": "history-system" }],
             "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
             "searchParam": [
                 { "name": "_count", "type": "number", "documentation": format!("page size, at most {MAX_COUNT}") },

@@ -40,6 +40,7 @@ pub const PATCH_CONTENT_TYPES: &[&str] = &[
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/4_0_0/metadata", get(metadata::capability_statement))
+        .route("/4_0_0/_history", get(history::system_history))
         .route("/4_0_0", axum::routing::post(batch::bundle))
         .route("/4_0_0/", axum::routing::post(batch::bundle))
         .route(

@@ -184,3 +184,66 @@ async fn the_bundle_itself_is_checked() {
     let b = json(post_bundle(&app, &nested).await).await;
     assert!(status(&b["entry"][0]).starts_with("400"), "{b}");
 }
+
+/// `GET /_history`: every type's versions, newest first, paged with a cursor that neither
+/// skips nor repeats across types and equal instants; `_since` narrows it.
+#[tokio::test]
+async fn system_history_merges_every_type_newest_first() {
+    let app = spawn_app().await;
+    let mut written = Vec::new();
+    let bundle = batch(
+        (0..4)
+            .flat_map(|i| {
+                [
+                    json!({"resource": {"resourceType": "Patient", "id": format!("h{i}")},
+                           "request": {"method": "PUT", "url": format!("Patient/h{i}")}}),
+                    json!({"resource": {"resourceType": "Observation", "id": format!("h{i}"), "status": "final",
+                            "code": {"text": "x"}}, "request": {"method": "PUT", "url": format!("Observation/h{i}")}}),
+                ]
+            })
+            .collect(),
+    );
+    assert_eq!(post_bundle(&app, &bundle).await.status(), 200);
+    for i in 0..4 {
+        written.push(format!("Patient/h{i}/1"));
+        written.push(format!("Observation/h{i}/1"));
+    }
+    let since = json(app.get("Patient/h3").await).await["meta"]["lastUpdated"].as_str().unwrap().to_string();
+    app.put("Patient/h0", &json!({"resourceType": "Patient", "id": "h0", "active": true})).await;
+    written.push("Patient/h0/2".into());
+
+    let first = json(app.get("_history?_count=1").await).await;
+    assert_eq!(first["type"], "history");
+    assert_eq!(first["total"], 9);
+    assert_eq!(first["entry"][0]["fullUrl"], app.url("Patient/h0"), "the newest first: {first}");
+    assert_eq!(first["entry"][0]["response"]["etag"], "W/\"2\"");
+    let mut url = app.url("_history?_count=3");
+    let mut seen = Vec::new();
+    let mut last_updated = Vec::new();
+    for _ in 0..10 {
+        let b = json(app.client.get(&url).send().await.unwrap()).await;
+        for e in b["entry"].as_array().into_iter().flatten() {
+            let r = &e["resource"];
+            seen.push(format!(
+                "{}/{}/{}",
+                r["resourceType"].as_str().unwrap(),
+                r["id"].as_str().unwrap(),
+                r["meta"]["versionId"].as_str().unwrap()
+            ));
+            last_updated.push(e["response"]["lastModified"].as_str().unwrap().to_string());
+        }
+        match b["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next") {
+            Some(l) => url = l["url"].as_str().unwrap().to_string(),
+            None => break,
+        }
+    }
+    let mut sorted_seen = seen.clone();
+    sorted_seen.sort();
+    written.sort();
+    assert_eq!(sorted_seen, written, "every version once: {seen:?}");
+    assert!(last_updated.windows(2).all(|w| w[0] >= w[1]), "newest first: {last_updated:?}");
+    let recent = json(app.get(&format!("_history?_since={since}")).await).await;
+    let n = recent["total"].as_u64().unwrap();
+    assert!((2..9).contains(&n), "_since keeps the later versions only: {n}");
+    assert_outcome(app.get("_history?_cursor=nonsense").await, 400).await;
+}

@@ -194,6 +194,19 @@ impl ResourceStore {
         Ok(pending.len())
     }
 
+    /// The types that have a history collection, sorted.
+    pub async fn history_types(&self) -> Result<Vec<String>, StoreError> {
+        let names = self.database().list_collection_names().await?;
+        let mut types: Vec<String> = names
+            .iter()
+            .filter_map(|n| n.strip_suffix(&history_collection("")))
+            .filter(|rt| fhir_model::is_resource_type(rt))
+            .map(str::to_string)
+            .collect();
+        types.sort_unstable();
+        Ok(types)
+    }
+
     /// History entries, newest first. `id` narrows to one resource; `since` keeps entries
     /// at or after an instant; `before` is the paging cursor (`(lastUpdated, _id)` of the
     /// last entry seen).
