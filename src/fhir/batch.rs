@@ -85,16 +85,38 @@ pub async fn bundle(
     }
     match bundle.get("type").and_then(Value::as_str) {
         Some("batch") => Ok(headers::fhir_json(StatusCode::OK, &batch(&state, &ctx, &headers, entries).await)),
-        Some("transaction") => Err(FhirError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            IssueCode::NotSupported,
-            "transaction Bundles are not supported yet; send a Bundle of type batch",
-        )),
+        Some("transaction") => {
+            // Decided in full first (a 4xx names what cannot be); the atomic commit is
+            // not built yet (docs/transactions.md), so nothing is written.
+            super::transaction::prepare(entries, &state.fhir_base(), &Searches(&state)).await?;
+            Err(FhirError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                IssueCode::NotSupported,
+                "transaction Bundles are checked but not yet committed (nothing was written); send a Bundle of type batch",
+            ))
+        }
         Some(other) => Err(FhirError::bad_request(format!(
             "a Bundle of type '{other}' cannot be processed: POST a batch or a transaction"
         ))
         .at("Bundle.type")),
         None => Err(FhirError::bad_request("Bundle.type is required (batch or transaction)").at("Bundle.type")),
+    }
+}
+
+/// Conditions answered by the search engine.
+struct Searches<'a>(&'a AppState);
+
+impl super::transaction::Matches for Searches<'_> {
+    fn matches<'a>(
+        &'a self,
+        rt: &'a str,
+        condition: &'a str,
+        limit: usize,
+    ) -> futures_util::future::BoxFuture<'a, Result<Vec<String>, FhirError>> {
+        Box::pin(async move {
+            let found = super::search::conditional_matches(self.0, rt, condition, limit).await?;
+            Ok(found.into_iter().map(|v| v.id).collect())
+        })
     }
 }
 
@@ -205,7 +227,7 @@ fn patch_body(resource: &Value) -> Result<(String, Vec<u8>), FhirError> {
 
 /// `request.url` relative to the FHIR base: as given (a leading `/` dropped), or an
 /// absolute URL of this server with the base cut off.
-fn relative_url(url: &str, base: &str) -> Result<String, FhirError> {
+pub(crate) fn relative_url(url: &str, base: &str) -> Result<String, FhirError> {
     if let Some(rest) = url.strip_prefix(base) {
         if rest.is_empty() || rest.starts_with('/') || rest.starts_with('?') {
             return Ok(rest.trim_start_matches('/').to_string());

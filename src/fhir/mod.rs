@@ -11,6 +11,7 @@ pub mod history;
 pub mod metadata;
 pub mod resource;
 pub mod search;
+pub mod transaction;
 
 use axum::extract::Request;
 use axum::routing::get;

@@ -53,7 +53,7 @@ async fn a_batch_runs_every_entry_on_its_own_and_answers_in_request_order() {
         json!({"request": {"method": "GET", "url": "Patient?family=batchley"}}),
         // 8: a conditional create that finds an existing resource: nothing created.
         json!({"resource": {"resourceType": "Patient", "active": true},
-               "request": {"method": "POST", "url": "Patient", "ifNoneExist": "_id=old"}}),
+               "request": {"method": "POST", "url": "Patient", "ifNoneExist": "Patient?_id=old"}}),
         // 9: a delete, run first.
         json!({"request": {"method": "DELETE", "url": "Patient/gone"}}),
     ]);
@@ -246,4 +246,30 @@ async fn system_history_merges_every_type_newest_first() {
     let n = recent["total"].as_u64().unwrap();
     assert!((2..9).contains(&n), "_since keeps the later versions only: {n}");
     assert_outcome(app.get("_history?_cursor=nonsense").await, 400).await;
+}
+
+/// A transaction is decided in full before anything is written: what cannot be is a 4xx
+/// naming the entry; until the atomic commit exists, a valid one is a 501 and writes
+/// nothing.
+#[tokio::test]
+async fn a_transaction_is_checked_whole_and_writes_nothing_yet() {
+    let app = spawn_app().await;
+    let tx = |entries: Vec<Value>| json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+    let patient = json!({"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Patient"},
+        "request": {"method": "POST", "url": "Patient"}});
+    let o = assert_outcome(post_bundle(&app, &tx(vec![patient.clone(), patient.clone()])).await, 400).await;
+    assert!(o["diagnostics"].as_str().unwrap().contains("fullUrl"), "{o}");
+    assert_eq!(o["expression"][0], "Bundle.entry[1]");
+    let dangling = json!({"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        "subject": {"reference": "urn:uuid:2"}}, "request": {"method": "POST", "url": "Observation"}});
+    let o = assert_outcome(post_bundle(&app, &tx(vec![patient.clone(), dangling])).await, 400).await;
+    assert!(o["diagnostics"].as_str().unwrap().contains("urn:uuid:2"), "{o}");
+    let conditional = json!({"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        "subject": {"reference": "Patient?identifier=http://x|nobody"}}, "request": {"method": "POST", "url": "Observation"}});
+    assert_outcome(post_bundle(&app, &tx(vec![conditional])).await, 412).await;
+    let valid = json!({"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        "subject": {"reference": "urn:uuid:1"}}, "request": {"method": "POST", "url": "Observation"}});
+    assert_outcome(post_bundle(&app, &tx(vec![patient, valid])).await, 501).await;
+    let all = json(app.get("Patient?_total=accurate").await).await;
+    assert_eq!(all["total"], 0, "nothing written: {all}");
 }
