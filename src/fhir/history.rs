@@ -26,6 +26,21 @@ struct HistoryParams {
     cursor: Option<(DateTime, String)>,
 }
 
+impl HistoryParams {
+    /// A page's link: these parameters, at `cursor`.
+    fn link(&self, base: &str, cursor: Option<String>) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        if let Some(s) = &self.since_raw {
+            q.append_pair("_since", s);
+        }
+        q.append_pair("_count", &self.count.to_string());
+        if let Some(c) = cursor {
+            q.append_pair("_cursor", &c);
+        }
+        format!("{base}?{}", q.finish())
+    }
+}
+
 /// The parameters; `cursor_tag` is the level's cursor prefix (`h` type and instance, `s`
 /// system).
 fn parse(query: &str, strict: bool, cursor_tag: &str) -> Result<HistoryParams, FhirError> {
@@ -103,17 +118,7 @@ async fn respond(
         Some(id) => format!("{}/{rt}/{id}/_history", state.fhir_base()),
         None => format!("{}/{rt}/_history", state.fhir_base()),
     };
-    let link = |cursor: Option<String>| {
-        let mut q = form_urlencoded::Serializer::new(String::new());
-        if let Some(s) = &p.since_raw {
-            q.append_pair("_since", s);
-        }
-        q.append_pair("_count", &p.count.to_string());
-        if let Some(c) = cursor {
-            q.append_pair("_cursor", &c);
-        }
-        format!("{base}?{}", q.finish())
-    };
+    let link = |cursor: Option<String>| p.link(&base, cursor);
     let next = entries
         .last()
         .filter(|_| more)
@@ -164,17 +169,7 @@ pub async fn system_history(
         }
     }
     let base = format!("{}/_history", state.fhir_base());
-    let link = |cursor: Option<String>| {
-        let mut q = form_urlencoded::Serializer::new(String::new());
-        if let Some(s) = &p.since_raw {
-            q.append_pair("_since", s);
-        }
-        q.append_pair("_count", &p.count.to_string());
-        if let Some(c) = cursor {
-            q.append_pair("_cursor", &c);
-        }
-        format!("{base}?{}", q.finish())
-    };
+    let link = |cursor: Option<String>| p.link(&base, cursor);
     let next = merged.last().filter(|_| more).map(|(rt, v)| {
         link(Some(format!("s:{}:{rt}:{}", v.last_updated.timestamp_millis(), history_key(&v.id, v.version))))
     });
