@@ -150,6 +150,9 @@ pub struct FhirSettings {
     pub max_bundle_entries: Option<usize>,
 }
 
+/// The default of `fhir.max_bundle_entries`.
+pub const DEFAULT_MAX_BUNDLE_ENTRIES: usize = 10_000;
+
 /// The default of `fhir.max_patch_ops`.
 pub const DEFAULT_MAX_PATCH_OPS: usize = 100_000;
 

@@ -177,7 +177,8 @@ impl Application {
         }
         state.max_patch_ops = settings.max_patch_ops();
         state.max_conditional_delete = settings.fhir.max_conditional_delete.unwrap_or(1).max(1);
-        state.max_bundle_entries = settings.fhir.max_bundle_entries.unwrap_or(crate::fhir::batch::MAX_BUNDLE_ENTRIES);
+        state.max_bundle_entries =
+            settings.fhir.max_bundle_entries.unwrap_or(crate::config::DEFAULT_MAX_BUNDLE_ENTRIES);
         state.search_listed_ids = settings.fhir.search_listed_ids.unwrap_or(crate::search::execute::LISTED_IDS);
         state.mongo_ops = mongo_ops;
         if settings.groups.max_patch_ops.is_some() {

@@ -101,7 +101,7 @@ impl AppState {
             max_patch_ops: groups.max_patch_ops.unwrap_or(crate::config::DEFAULT_MAX_PATCH_OPS),
             max_conditional_delete: 1,
             search_listed_ids: crate::search::execute::LISTED_IDS,
-            max_bundle_entries: crate::fhir::batch::MAX_BUNDLE_ENTRIES,
+            max_bundle_entries: crate::config::DEFAULT_MAX_BUNDLE_ENTRIES,
             member_index,
         }
     }

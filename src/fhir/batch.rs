@@ -1,8 +1,9 @@
 //! `POST /4_0_0` with a Bundle (R4 http.html#transaction).
 //!
 //! A `batch`: each entry is a request of its own, dispatched through the same routes as
-//! a standalone request, so validation, conditional headers (`ifMatch`, `ifNoneMatch`,
-//! `ifNoneExist`, `ifModifiedSince`), conditional URLs, hooks and Group member events
+//! a standalone request, so validation, conditional headers (`ifMatch`, `ifNoneExist`;
+//! `ifNoneMatch` and `ifModifiedSince` are passed on as headers, which this server's
+//! handlers do not act on yet), conditional URLs, hooks and Group member events
 //! behave exactly as they do outside a Bundle; its response becomes the entry of a
 //! `batch-response`, in request order. Entries are independent: one that fails gets its
 //! own status and OperationOutcome and the others still run. References between entries
@@ -12,9 +13,10 @@
 //! order within each), one at a time, so a batch reads the same way a transaction would.
 //!
 //! Bounds: at most `fhir.max_bundle_entries` entries (413 beyond); the body limit holds
-//! for the whole Bundle; an entry's response body is kept up to [`MAX_ENTRY_BODY`] (a
-//! larger one, e.g. a read of a million-member Group, is answered in the entry with a 413
-//! OperationOutcome: read it on its own).
+//! for the whole Bundle; response bodies are kept up to [`MAX_ENTRY_BODY`] per entry and
+//! [`MAX_BATCH_BODY`] for the batch (beyond, e.g. a read of a million-member Group, the
+//! entry keeps its status, location and etag with a warning outcome instead of its body:
+//! the write happened, and a client must not take it for a failure).
 //!
 //! Failure modes: each entry is a complete write with that write's own guarantees; a
 //! server killed during a batch leaves the entries done so far written and the rest not.
@@ -39,8 +41,9 @@ use crate::state::AppState;
 /// Largest response body kept for one entry.
 pub const MAX_ENTRY_BODY: usize = 64 * 1024 * 1024;
 
-/// The default of `fhir.max_bundle_entries`.
-pub const MAX_BUNDLE_ENTRIES: usize = 10_000;
+/// Most response body kept for all the entries of one batch (an XML or pretty answer is
+/// converted in memory up to 256 MiB).
+pub const MAX_BATCH_BODY: usize = 128 * 1024 * 1024;
 
 /// One entry's request, checked.
 #[derive(Debug)]
@@ -127,10 +130,11 @@ async fn batch(state: &AppState, ctx: &RequestContext, outer: &HeaderMap, entrie
     let mut order: Vec<usize> = (0..entries.len()).collect();
     order.sort_by_key(|&i| rank(entries[i].pointer("/request/method").and_then(Value::as_str)));
     let mut responses = vec![Value::Null; entries.len()];
+    let mut budget = MAX_BATCH_BODY;
     for i in order {
         let entry_ctx = RequestContext::new(format!("{}/{i}", ctx.request_id), ctx.actor.clone());
         responses[i] = match parse_entry(&entries[i], &base) {
-            Ok(entry) => run(&router, entry_ctx, outer, &entry, &base).await,
+            Ok(entry) => run(&router, entry_ctx, outer, &entry, &base, &mut budget).await,
             Err(e) => failed(&e.at(format!("Bundle.entry[{i}]"))),
         };
     }
@@ -170,12 +174,22 @@ fn parse_entry(entry: &Value, base: &str) -> Result<Entry, FhirError> {
     };
     let url = request.get("url").and_then(Value::as_str).ok_or_else(|| bad("request.url is required".into()))?;
     let url = relative_url(url, base)?;
-    if url.is_empty() || url.starts_with('?') || url.starts_with("_history") {
+    if url.is_empty() || url.starts_with('?') {
         return Err(bad(format!(
             "request.url '{url}' names no resource type: an entry cannot be a Bundle or a system-level request"
         )));
     }
     let resource = entry.get("resource");
+    // R4: a batch has no dependencies between entries, and conditional references belong
+    // to transactions; stored as given they would point nowhere.
+    for reference in resource.map(super::transaction::references).unwrap_or_default() {
+        let conditional = reference.split_once('?').is_some_and(|(t, _)| fhir_model::is_resource_type(t));
+        if reference.starts_with("urn:") || conditional {
+            return Err(bad(format!(
+                "the reference '{reference}' can only be resolved in a transaction, not in a batch"
+            )));
+        }
+    }
     let body = match (&method, resource) {
         (&Method::POST | &Method::PUT, Some(r)) => {
             Some(("application/fhir+json".to_string(), serde_json::to_vec(r).unwrap_or_default()))
@@ -253,16 +267,37 @@ fn uri_safe(url: &str) -> String {
     out
 }
 
+/// The URL without `_format`/`_pretty`: an entry's answer is JSON inside the batch's,
+/// which has the format the batch asked for.
+fn without_format(url: &str) -> String {
+    let Some((path, query)) = url.split_once('?') else { return url.to_string() };
+    let kept: Vec<&str> =
+        query.split('&').filter(|p| !p.starts_with("_format=") && !p.starts_with("_pretty=")).collect();
+    match kept.is_empty() {
+        true => path.to_string(),
+        false => format!("{path}?{}", kept.join("&")),
+    }
+}
+
 /// Runs one entry through the routes and makes its response entry.
-async fn run(router: &Router, ctx: RequestContext, outer: &HeaderMap, entry: &Entry, base: &str) -> Value {
-    let uri = format!("/4_0_0/{}", uri_safe(&entry.url));
+async fn run(
+    router: &Router,
+    ctx: RequestContext,
+    outer: &HeaderMap,
+    entry: &Entry,
+    base: &str,
+    budget: &mut usize,
+) -> Value {
+    let uri = format!("/4_0_0/{}", uri_safe(&without_format(&entry.url)));
     let mut request = Request::builder().method(entry.method.clone()).uri(&uri);
     request = request.header(header::ACCEPT, "application/fhir+json");
     if let Some(prefer) = outer.get("prefer") {
         request = request.header("prefer", prefer);
     }
     for (name, value) in &entry.conditions {
-        match HeaderValue::from_str(value) {
+        // A search condition may hold any character; a header only visible ASCII.
+        let value = if *name == "if-none-exist" { uri_safe(value) } else { value.clone() };
+        match HeaderValue::from_str(&value) {
             Ok(v) => request = request.header(name, v),
             Err(_) => {
                 return failed(&FhirError::bad_request(format!("the entry's {name} is not a valid header value")))
@@ -287,11 +322,13 @@ async fn run(router: &Router, ctx: RequestContext, outer: &HeaderMap, entry: &En
         Ok(r) => r,
         Err(never) => match never {},
     };
-    response_entry(response, base).await
+    response_entry(response, base, budget).await
 }
 
-/// An entry's response from a response of the routes.
-async fn response_entry(response: Response, base: &str) -> Value {
+/// An entry's response from a response of the routes. Its body is kept within `budget`
+/// (what is left of the batch's) and [`MAX_ENTRY_BODY`]; beyond, the entry keeps its
+/// status, location and etag (the write happened) with a warning instead of the body.
+async fn response_entry(response: Response, base: &str, budget: &mut usize) -> Value {
     let (parts, body) = response.into_parts();
     let status = parts.status;
     let header = |name: &HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -306,17 +343,29 @@ async fn response_entry(response: Response, base: &str) -> Value {
     if let Some(instant) = header(&header::LAST_MODIFIED).and_then(|d| instant_of_http_date(&d)) {
         out.insert("lastModified".into(), json!(instant));
     }
-    let bytes: Bytes = match axum::body::to_bytes(body, MAX_ENTRY_BODY).await {
+    let limit = MAX_ENTRY_BODY.min(*budget);
+    let bytes: Bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(_) => {
-            return failed(&FhirError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
+            let warning = crate::error::operation_outcome(
+                "warning",
                 IssueCode::TooCostly,
-                format!("the entry's response is larger than {MAX_ENTRY_BODY} bytes: send it as a request of its own"),
-            ))
+                &format!(
+                    "the entry's response body is larger than this batch has room for ({limit} bytes); \
+                     it was left out: read the resource on its own"
+                ),
+                None,
+            );
+            out.insert("outcome".into(), warning);
+            Bytes::new()
         }
     };
+    *budget = budget.saturating_sub(bytes.len());
     let resource: Option<Value> = (!bytes.is_empty()).then(|| serde_json::from_slice(&bytes).ok()).flatten();
+    // Last-Modified has seconds; the resource's own instant has milliseconds.
+    if let Some(at) = resource.as_ref().and_then(|r| r.pointer("/meta/lastUpdated")).and_then(Value::as_str) {
+        out.insert("lastModified".into(), json!(at));
+    }
     let mut entry = Map::new();
     match resource {
         Some(r) if r.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome") => {
@@ -373,6 +422,30 @@ fn instant_of_http_date(date: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_body_beyond_the_budget_keeps_the_entrys_status_and_location() {
+        let response = Response::builder()
+            .status(201)
+            .header("location", "http://h/4_0_0/Patient/1/_history/1")
+            .header("etag", "W/\"1\"")
+            .body(Body::from(r#"{"resourceType":"Patient","id":"1"}"#))
+            .unwrap();
+        let mut budget = 10;
+        let e = response_entry(response, "http://h/4_0_0", &mut budget).await;
+        assert_eq!(e["response"]["status"], "201 Created");
+        assert_eq!(e["response"]["etag"], "W/\"1\"");
+        assert_eq!(e["response"]["outcome"]["issue"][0]["severity"], "warning");
+        assert_eq!(e["fullUrl"], "http://h/4_0_0/Patient/1");
+        assert!(e.get("resource").is_none());
+        // Within the budget, the body is kept and counted.
+        let response =
+            Response::builder().status(200).body(Body::from(r#"{"resourceType":"Patient","id":"1"}"#)).unwrap();
+        let mut budget = 1_000;
+        let e = response_entry(response, "http://h/4_0_0", &mut budget).await;
+        assert_eq!(e["resource"]["id"], "1");
+        assert!(budget < 1_000);
+    }
 
     #[test]
     fn urls_are_taken_relative_to_the_base() {

@@ -252,7 +252,7 @@ async fn one_or_none(search: &dyn Matches, i: usize, rt: &str, condition: &str) 
 }
 
 /// Every `reference` string in a resource (any depth), each once.
-fn references(resource: &Value) -> Vec<String> {
+pub(crate) fn references(resource: &Value) -> Vec<String> {
     let mut out = HashSet::new();
     fn walk(v: &Value, out: &mut HashSet<String>) {
         match v {

@@ -273,3 +273,28 @@ async fn a_transaction_is_checked_whole_and_writes_nothing_yet() {
     let all = json(app.get("Patient?_total=accurate").await).await;
     assert_eq!(all["total"], 0, "nothing written: {all}");
 }
+
+/// R4 keeps dependencies between entries and conditional references to transactions; an
+/// entry's `_format` does not change its answer; `_history` runs as an entry.
+#[tokio::test]
+async fn a_batch_entry_stands_alone() {
+    let app = spawn_app().await;
+    let dependent = batch(vec![
+        json!({"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}}),
+        json!({"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+               "subject": {"reference": "urn:uuid:1"}}, "request": {"method": "POST", "url": "Observation"}}),
+        json!({"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+               "subject": {"reference": "Patient?identifier=x|1"}}, "request": {"method": "POST", "url": "Observation"}}),
+        // `_format` in an entry's URL does not change the entry's answer; `_history` runs.
+        json!({"request": {"method": "GET", "url": "Patient?_format=xml&_total=accurate"}}),
+        json!({"request": {"method": "GET", "url": "_history"}}),
+    ]);
+    let b = json(post_bundle(&app, &dependent).await).await;
+    let e = b["entry"].as_array().unwrap();
+    assert_eq!(status(&e[0]), "201 Created", "{b}");
+    assert!(e[0]["response"]["lastModified"].as_str().unwrap().contains('.'), "milliseconds: {}", e[0]);
+    assert!(status(&e[1]).starts_with("400") && status(&e[2]).starts_with("400"), "{b}");
+    assert!(e[1]["response"]["outcome"]["issue"][0]["diagnostics"].as_str().unwrap().contains("transaction"));
+    assert_eq!((status(&e[3]), &e[3]["resource"]["total"]), ("200 OK", &json!(1)), "{}", e[3]);
+    assert_eq!((status(&e[4]), &e[4]["resource"]["type"]), ("200 OK", &json!("history")), "{}", e[4]);
+}
